@@ -1,0 +1,36 @@
+"""Error types with messages meant for users, and the one-line reporting used by every CLI."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+from apt_model.i18n import tr
+
+
+class VBError(Exception):
+    """Base of every error that the package reports to a user as one clear line."""
+
+
+class VBConfigError(VBError, ValueError):
+    """A bad option, mode, `.vbrc` file or environment variable."""
+
+
+class VBDeviceError(VBError, RuntimeError):
+    """An unknown or unusable device."""
+
+
+class VBDataError(VBError, OSError):
+    """A missing or unreadable data path, or an unwritable output folder."""
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+    """Run a command-line entry point; report a `VBError` as one line on stderr and exit 2."""
+    try:
+        return int(main(argv) or 0)
+    except VBError as exc:
+        print(tr("错误: ", "error: ") + str(exc), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(tr("已中断", "interrupted"), file=sys.stderr)
+        return 130

@@ -1,0 +1,412 @@
+"""Really-packed 4-bit floating-point weights: NVFP4 and MXFP4.
+
+Both formats store E2M1 elements (two per byte) plus one scale per block of the
+reduction (last) dimension:
+
+* NVFP4: blocks of 16, FP8 E4M3 block scales and one FP32 per-tensor scale.
+* MXFP4 (OCP MX v1.0): blocks of 32, E8M0 power-of-two block scales.
+
+The numerics are bit-for-bit those of torchao 0.18's emulated reference
+(``NVFP4Tensor.to_nvfp4`` with a per-tensor scale, ``MXTensor.to_mx`` with the
+FLOOR scale mode), so weights produced here can be checked against, or handed
+to, that ecosystem. torchao is only used by the tests, never imported here.
+
+Everything is vectorised torch code without host synchronisation, because
+``fake_quantize_fp4`` runs on every training step for every FP4 linear weight
+and ``FP4Weight.dequantize`` on every inference forward.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from apt_model.errors import VBConfigError
+
+__all__ = [
+    "E2M1_VALUES",
+    "FP4_FORMATS",
+    "MXFP4_BLOCK",
+    "NVFP4_BLOCK",
+    "FP4Weight",
+    "e2m1_decode",
+    "e2m1_encode",
+    "fake_quantize_fp4",
+    "fp4_nbytes",
+    "pack_nibbles",
+    "quantize_fp4",
+    "quantize_mxfp4",
+    "quantize_nvfp4",
+    "unpack_nibbles",
+]
+
+NVFP4_BLOCK = 16
+MXFP4_BLOCK = 32
+FP4_FORMATS = ("nvfp4", "mxfp4")
+
+# Index = 4-bit code: bit 3 is the sign, bits 0-2 the magnitude. Code 8 is -0.0,
+# which is what the hardware (and torchao) decode it to.
+E2M1_VALUES = torch.tensor(
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+    dtype=torch.float32,
+)
+
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+# NVFP4 block scales are clamped to the smallest *normal* E4M3 value, as torchao does,
+# so the subnormal E4M3 scales are never produced.
+E4M3_MIN_NORMAL = 2.0**-6
+E8M0_BIAS = 127
+E8M0_NAN = 255
+# log2 of the largest power of two in E2M1 (4.0): MX FLOOR scale = 2^(floor(log2 amax) - 2).
+E2M1_MAX_POW2 = 2
+E2M1_EXP_BIAS = 1
+# Floor of the default NVFP4 tensor scale: keeps (1 / tensor_scale) / smallest block scale
+# (2^120 * 2^6) finite, so no element is scaled to inf or 0 * inf = NaN.
+NVFP4_MIN_TENSOR_SCALE = 2.0**-120
+F32_MIN_NORMAL = 2.0**-126
+_F32_MANT_BITS = 23
+
+
+# --------------------------------------------------------------------------- elements
+
+
+def _e2m1_grid(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Round magnitudes ``a`` (already clamped to [0, 6]) onto the E2M1 grid.
+
+    The grid is uniform within each binade group: spacing 0.5 below 2, 1 in [2, 4)
+    and 2 in [4, 6]. Rounding ``a / step`` with ``torch.round`` (round-half-even) is
+    exactly round-to-nearest-even on the code, because the code parity equals the
+    parity of the multiple of ``step``. Returns ``(multiple, step, code_offset)``;
+    the value is ``multiple * step`` and the magnitude code ``multiple + code_offset``.
+    """
+    ge2 = a >= 2.0
+    ge4 = a >= 4.0
+    step = torch.where(ge4, 2.0, torch.where(ge2, 1.0, 0.5))
+    multiple = torch.round(a / step)
+    offset = (ge2.to(torch.uint8) + ge4.to(torch.uint8)) * 2
+    return multiple, step, offset
+
+
+def _e2m1_round(y: Tensor) -> Tensor:
+    """Nearest E2M1 value of fp32 ``y`` (ties to even, saturating at ±6, keeps -0.0 and NaN)."""
+    multiple, step, _ = _e2m1_grid(y.abs().clamp(max=E2M1_MAX))
+    return torch.copysign(multiple * step, y)
+
+
+def _nan_magnitude_code(bits: Tensor) -> Tensor:
+    """Magnitude code torchao's bit-level cast assigns to a NaN with fp32 bits ``bits``.
+
+    E2M1 has no NaN; torchao rounds the NaN's bit pattern as if it were a normal
+    number and keeps the low byte, giving 2, 3 or 4 depending on the payload.
+    The block scale is NaN in that case anyway, so the whole block decodes to NaN;
+    reproducing the code keeps the packed bytes identical to the reference.
+    """
+    mag = bits & 0x7FFFFFFF
+    shift = _F32_MANT_BITS - 1
+    rebias = (E2M1_EXP_BIAS - E8M0_BIAS) << _F32_MANT_BITS  # exponent bias 127 -> 1
+    rounded = mag + (rebias + (1 << (shift - 1)) - 1) + ((mag >> shift) & 1)
+    return (rounded >> shift) & 0xFF
+
+
+def e2m1_encode(x: Tensor) -> Tensor:
+    """Encode already-scaled floats to 4-bit E2M1 codes (uint8, one code per element).
+
+    Round to nearest, ties to even, saturating at ±6; the sign bit is kept for
+    -0.0 and for negatives that round to zero, and infinities saturate.
+    """
+    x = x.float()
+    multiple, _, offset = _e2m1_grid(x.abs().clamp(max=E2M1_MAX))
+    nan = torch.isnan(x)
+    magnitude = torch.where(nan, 0.0, multiple).to(torch.uint8) + offset
+    magnitude = torch.where(nan, _nan_magnitude_code(x.view(torch.int32)).to(torch.uint8), magnitude)
+    return magnitude | (torch.signbit(x).to(torch.uint8) << 3)
+
+
+@functools.lru_cache(maxsize=16)
+def _code_values(device: torch.device) -> Tensor:
+    """E2M1_VALUES on ``device`` (cached so decoding never copies the table again)."""
+    return E2M1_VALUES.to(device)
+
+
+@functools.lru_cache(maxsize=16)
+def _byte_values(device: torch.device) -> Tensor:
+    """For every packed byte, its two decoded fp32 values: one gather dequantizes a byte."""
+    codes = unpack_nibbles(torch.arange(256, dtype=torch.uint8).reshape(256, 1))  # [256, 2]
+    return E2M1_VALUES[codes.long()].to(device)
+
+
+def e2m1_decode(codes: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Decode 4-bit codes (uint8, values 0..15) to floats (exact in every float dtype)."""
+    return _code_values(codes.device)[codes.int()].to(dtype)
+
+
+def pack_nibbles(codes: Tensor) -> Tensor:
+    """Pack uint8 codes ``[..., K]`` (K even) into ``[..., K // 2]`` bytes.
+
+    Element ``2i`` goes into the low nibble and ``2i + 1`` into the high nibble,
+    the order torchao and the Blackwell FP4 GEMMs use.
+    """
+    if codes.shape[-1] % 2:
+        raise ValueError(f"pack_nibbles needs an even last dimension, got shape {tuple(codes.shape)}")
+    pairs = codes.to(torch.uint8).reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
+    return (pairs[..., 0] & 0x0F) | (pairs[..., 1] << 4)
+
+
+def unpack_nibbles(packed: Tensor) -> Tensor:
+    """Inverse of :func:`pack_nibbles`: ``[..., M]`` bytes to ``[..., 2 * M]`` codes."""
+    pairs = torch.stack((packed & 0x0F, packed >> 4), dim=-1)
+    return pairs.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def _check_format(fmt: str) -> str:
+    if fmt not in FP4_FORMATS:
+        raise VBConfigError(f"unknown FP4 format {fmt!r}; expected one of {', '.join(FP4_FORMATS)}")
+    return fmt
+
+
+def _block_size(fmt: str) -> int:
+    return NVFP4_BLOCK if _check_format(fmt) == "nvfp4" else MXFP4_BLOCK
+
+
+def _padded(k: int, block: int) -> int:
+    return -(-k // block) * block
+
+
+def fp4_nbytes(shape: tuple[int, ...], fmt: str) -> int:
+    """Bytes an :class:`FP4Weight` of this original shape stores (what ``nbytes()`` returns)."""
+    block = _block_size(fmt)
+    if len(shape) == 0:
+        raise ValueError("an FP4 weight needs at least one dimension")
+    k = shape[-1]
+    n = math.prod(shape[:-1])
+    kp = _padded(k, block)
+    tensor_scale = 4 if fmt == "nvfp4" else 0
+    return n * kp // 2 + n * (kp // block) + tensor_scale
+
+
+def _blocks(w: Tensor, block: int) -> Tensor:
+    """``w`` as fp32 ``[N, K_padded / block, block]``: leading dims flattened, K zero-padded.
+
+    Zero padding never changes a block maximum, so the padded elements only cost
+    storage; they are trimmed again on dequantization.
+    """
+    if w.dim() == 0:
+        raise ValueError("an FP4 weight needs at least one dimension")
+    if not w.is_floating_point():
+        raise TypeError(f"FP4 quantization needs a floating-point tensor, got {w.dtype}")
+    k = w.shape[-1]
+    x = w.detach().reshape(math.prod(w.shape[:-1]), k).float()
+    pad = _padded(k, block) - k
+    if pad:
+        x = F.pad(x, (0, pad))
+    return x.reshape(x.shape[0], -1, block)
+
+
+def _default_tensor_scale(x: Tensor) -> Tensor:
+    """torchao's ``per_tensor_amax_to_scale``: amax / (448 * 6), in fp32, floored at 2^-120.
+
+    The floor is the one deliberate difference from torchao and only acts when
+    amax < 2e-33. Without it an all-zero weight (e.g. a zero-initialised
+    projection) gets scale 0, block scales 0/0 = NaN and fake-quantizes to NaN,
+    and a tensor of tiny values overflows the reciprocal scale to inf. With it,
+    zeros encode exactly and such tensors just flush to zero.
+    """
+    amax = x.abs().amax() if x.numel() else x.new_zeros(())
+    return (amax / (E4M3_MAX * E2M1_MAX)).clamp(min=NVFP4_MIN_TENSOR_SCALE)
+
+
+def _nvfp4_scale(x: Tensor, tensor_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """NVFP4 two-level scaling of blocks ``x`` (fp32 ``[N, B, 16]``).
+
+    Returns the E4M3 block scales, the elements scaled into E2M1 range (fp32,
+    not yet rounded) and the per-block dequantization multiplier. The operation
+    order is torchao's (divide, clamp, cast; multiply by a reciprocal) so every
+    rounding step matches.
+    """
+    block_amax = x.abs().amax(dim=-1)
+    scales = (block_amax / E2M1_MAX / tensor_scale).clamp(E4M3_MIN_NORMAL, E4M3_MAX)
+    scales = scales.to(torch.float8_e4m3fn)
+    scales_f32 = scales.float()
+    scaled = x * ((1.0 / tensor_scale) / scales_f32).unsqueeze(-1)
+    return scales, scaled, tensor_scale * scales_f32
+
+
+def _nvfp4_multiplier(scales: Tensor, tensor_scale: Tensor) -> Tensor:
+    return tensor_scale * scales.float()
+
+
+def _mxfp4_scale(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """MXFP4 FLOOR scaling of blocks ``x`` (fp32 ``[N, B, 32]``).
+
+    Scale = 2^(floor(log2(block amax)) - 2), read off the fp32 exponent field and
+    stored as a biased E8M0 byte (255 = NaN block). Like torchao, the divisor is
+    clamped to the smallest normal fp32 (so a scale byte of 0 divides by 2^-126
+    but decodes as 2^-127), which only affects blocks whose max is below 2^-124.
+    """
+    block_amax = x.abs().amax(dim=-1)
+    exponent = ((block_amax.view(torch.int32) >> _F32_MANT_BITS) & 0xFF) - E8M0_BIAS
+    biased = (exponent - E2M1_MAX_POW2).clamp(-E8M0_BIAS, E8M0_BIAS + 1) + E8M0_BIAS
+    biased = torch.where(torch.isnan(block_amax), E8M0_NAN, biased)
+    divisor = (biased << _F32_MANT_BITS).view(torch.float32).clamp(min=F32_MIN_NORMAL)
+    scaled = x / divisor.unsqueeze(-1)
+    biased = biased.to(torch.uint8)
+    return biased, scaled, _mxfp4_multiplier(biased)
+
+
+def _mxfp4_multiplier(scales: Tensor) -> Tensor:
+    """Exact fp32 value 2^(e - 127) of E8M0 bytes ``scales`` (NaN for 255), built from bits."""
+    e = scales.to(torch.int32)
+    bits = torch.where(e == 0, 1 << (_F32_MANT_BITS - 1), e << _F32_MANT_BITS)  # 2^-127 is subnormal
+    return torch.where(e == E8M0_NAN, math.nan, bits.view(torch.float32))
+
+
+def _scale_blocks(
+    x: Tensor, fmt: str, tensor_scale: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """(block scales, scaled elements, tensor scale, dequant multiplier) of blocks ``x``."""
+    if fmt == "mxfp4":
+        scales, scaled, mult = _mxfp4_scale(x)
+        return scales, scaled, None, mult
+    if tensor_scale is None:
+        tensor_scale = _default_tensor_scale(x)
+    else:
+        tensor_scale = torch.as_tensor(tensor_scale, dtype=torch.float32, device=x.device).reshape(())
+    scales, scaled, mult = _nvfp4_scale(x, tensor_scale)
+    return scales, scaled, tensor_scale, mult
+
+
+# --------------------------------------------------------------------------- container
+
+
+@dataclass
+class FP4Weight:
+    """A weight stored really packed: 4-bit codes two per byte, plus its scales.
+
+    ``packed`` is uint8 ``[N, K_padded / 2]``, ``scales`` is float8_e4m3fn (NVFP4) or
+    E8M0 bytes in uint8 (MXFP4) of shape ``[N, K_padded / block]``; ``shape`` is the
+    original shape, whose leading dimensions were flattened into N.
+    """
+
+    fmt: str
+    packed: Tensor
+    scales: Tensor
+    tensor_scale: Tensor | None
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        _check_format(self.fmt)
+        self.shape = tuple(int(s) for s in self.shape)
+        if not self.shape:
+            raise ValueError("an FP4 weight needs at least one dimension")
+        n, kp = math.prod(self.shape[:-1]), _padded(self.shape[-1], self.block_size)
+        expected = {
+            "packed": ((n, kp // 2), torch.uint8),
+            "scales": ((n, kp // self.block_size), torch.float8_e4m3fn if self.fmt == "nvfp4" else torch.uint8),
+        }
+        for name, (shape, dtype) in expected.items():
+            t = getattr(self, name)
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise ValueError(
+                    f"{self.fmt} weight of shape {self.shape}: {name} must be {dtype} {shape}, "
+                    f"got {t.dtype} {tuple(t.shape)}"
+                )
+        if (self.fmt == "nvfp4") != (self.tensor_scale is not None):
+            raise ValueError(f"{self.fmt}: tensor_scale must be {'given' if self.fmt == 'nvfp4' else 'None'}")
+
+    @property
+    def block_size(self) -> int:
+        return _block_size(self.fmt)
+
+    def _multiplier(self) -> Tensor:
+        if self.fmt == "nvfp4":
+            return _nvfp4_multiplier(self.scales, self.tensor_scale)
+        return _mxfp4_multiplier(self.scales)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The weight in ``dtype`` and its original shape (computed in fp32, then cast once)."""
+        n = self.packed.shape[0]
+        values = _byte_values(self.packed.device)[self.packed.int()]  # [N, Kp/2, 2]
+        values = values.reshape(n, -1, self.block_size) * self._multiplier().unsqueeze(-1)
+        return values.reshape(n, -1)[:, : self.shape[-1]].reshape(self.shape).to(dtype)
+
+    def nbytes(self) -> int:
+        """Bytes actually stored: packed codes, block scales and the tensor scale."""
+        return sum(t.numel() * t.element_size() for t in self.state_tensors().values())
+
+    def to(self, device: torch.device | str) -> FP4Weight:
+        """The same weight with its tensors on ``device``."""
+        return FP4Weight(
+            self.fmt,
+            self.packed.to(device),
+            self.scales.to(device),
+            None if self.tensor_scale is None else self.tensor_scale.to(device),
+            self.shape,
+        )
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The tensors to save; with ``fmt`` and ``shape`` they rebuild the weight."""
+        tensors = {"packed": self.packed, "scales": self.scales}
+        if self.tensor_scale is not None:
+            tensors["tensor_scale"] = self.tensor_scale
+        return tensors
+
+    @classmethod
+    def from_state_tensors(
+        cls, fmt: str, shape: tuple[int, ...] | torch.Size, tensors: dict[str, Tensor]
+    ) -> FP4Weight:
+        """Rebuild a weight saved with :meth:`state_tensors` (validates shapes and dtypes)."""
+        return cls(fmt, tensors["packed"], tensors["scales"], tensors.get("tensor_scale"), tuple(shape))
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def _quantize(w: Tensor, fmt: str, tensor_scale: Tensor | None = None) -> FP4Weight:
+    with torch.no_grad():
+        x = _blocks(w, _block_size(fmt))
+        scales, scaled, tensor_scale, _ = _scale_blocks(x, fmt, tensor_scale)
+        packed = pack_nibbles(e2m1_encode(scaled).reshape(x.shape[0], -1))
+    return FP4Weight(fmt, packed, scales, tensor_scale, tuple(w.shape))
+
+
+def quantize_nvfp4(w: Tensor, tensor_scale: Tensor | None = None) -> FP4Weight:
+    """NVFP4: 16-element blocks, E4M3 block scales and an FP32 tensor scale.
+
+    ``tensor_scale`` defaults to amax(|w|) / (448 * 6), so the largest block scale
+    uses the whole E4M3 range.
+    """
+    return _quantize(w, "nvfp4", tensor_scale)
+
+
+def quantize_mxfp4(w: Tensor) -> FP4Weight:
+    """MXFP4 (OCP MX v1.0): 32-element blocks with E8M0 (FLOOR) power-of-two scales."""
+    return _quantize(w, "mxfp4")
+
+
+def quantize_fp4(w: Tensor, fmt: str) -> FP4Weight:
+    """Quantize ``w`` to ``fmt`` ("nvfp4" or "mxfp4")."""
+    return _quantize(w, _check_format(fmt))
+
+
+def fake_quantize_fp4(w: Tensor, fmt: str) -> Tensor:
+    """``quantize_fp4(w, fmt).dequantize(w.dtype)``, bit for bit, without packing.
+
+    The elements are rounded straight to their E2M1 values instead of going
+    through codes and bytes, which saves four kernels per call. No autograd graph
+    is recorded; the caller adds the straight-through gradient.
+    """
+    block = _block_size(fmt)
+    with torch.no_grad():
+        x = _blocks(w, block)
+        _, scaled, _, mult = _scale_blocks(x, fmt, None)
+        values = _e2m1_round(scaled) * mult.unsqueeze(-1)
+        return values.reshape(x.shape[0], -1)[:, : w.shape[-1]].reshape(w.shape).to(w.dtype)

@@ -1,0 +1,15 @@
+"""User-facing message language: the seed's Chinese by default, English with ``VB_LANG=en``."""
+
+from __future__ import annotations
+
+import os
+
+
+def language() -> str:
+    """The message language in force now ("zh" or "en"); read on every call so tests can switch."""
+    return "en" if os.environ.get("VB_LANG", "").lower().startswith("en") else "zh"
+
+
+def tr(zh: str, en: str) -> str:
+    """Pick the Chinese or English wording of one message."""
+    return en if language() == "en" else zh

@@ -1,0 +1,297 @@
+"""Virtual Blackwell configuration: the four modes, `.vbrc` files, environment variables and
+the one precedence rule
+
+    explicit arguments > CLI flags > environment > `.vbrc` > defaults
+
+Every resolved value remembers where it came from, so ``vb info`` can say why it is set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from apt_model.errors import VBConfigError
+from apt_model.i18n import tr
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    """Which optimizations a mode switches on (the seed's mode table)."""
+
+    fp4: bool
+    fused_attention: bool
+    mixed_precision: bool
+    gradient_checkpointing: bool
+
+
+MODES: dict[str, ModeSpec] = {
+    "full": ModeSpec(fp4=True, fused_attention=True, mixed_precision=True, gradient_checkpointing=True),
+    "speed": ModeSpec(fp4=True, fused_attention=False, mixed_precision=False, gradient_checkpointing=False),
+    "memory": ModeSpec(fp4=False, fused_attention=True, mixed_precision=True, gradient_checkpointing=True),
+    "balanced": ModeSpec(fp4=False, fused_attention=True, mixed_precision=True, gradient_checkpointing=False),
+}
+
+FP4_FORMATS = ("nvfp4", "mxfp4")
+VGPU_LEVEL_KEYS = ("capacity_mb", "device", "speed_gbps", "path")
+SWITCHES = tuple(f.name for f in fields(ModeSpec))
+
+
+@dataclass(frozen=True)
+class VGPULevel:
+    """One level of the virtual VRAM stack: a compute device, host RAM ("cpu") or disk ("ssd")."""
+
+    capacity_mb: float
+    device: str
+    speed_gbps: float
+    path: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.device if self.device in ("cpu", "ssd") else "accelerator"
+
+
+@dataclass(frozen=True)
+class VGPUConfig:
+    levels: tuple[VGPULevel, ...]
+
+
+@dataclass(frozen=True)
+class VBConfig:
+    """The effective settings. ``None`` for a switch means "as the mode says"."""
+
+    enabled: bool = False
+    mode: str = "balanced"
+    auto_patch: bool = True
+    auto_estimate: bool = True
+    verbose: bool = True
+    device: str = "auto"
+    fp4: bool | None = None
+    fused_attention: bool | None = None
+    mixed_precision: bool | None = None
+    gradient_checkpointing: bool | None = None
+    fp4_format: str = "nvfp4"
+    fp4_skip: tuple[str, ...] = ("lm_head", "*.lm_head")
+    fp4_min_features: int = 64
+    checkpoint_blocks: tuple[str, ...] = ()
+    vgpu_config: VGPUConfig | None = None
+
+    def switch(self, name: str) -> bool:
+        """An optimization switch after applying the mode (an explicit True/False wins)."""
+        value = getattr(self, name)
+        return getattr(MODES[self.mode], name) if value is None else bool(value)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["fp4_skip"] = list(self.fp4_skip)
+        out["checkpoint_blocks"] = list(self.checkpoint_blocks)
+        if self.vgpu_config is not None:
+            out["vgpu_config"] = {"levels": [asdict(lv) for lv in self.vgpu_config.levels]}
+        out["effective"] = {name: self.switch(name) for name in SWITCHES}
+        return out
+
+
+OPTION_NAMES = tuple(f.name for f in fields(VBConfig))
+
+ENV_VARS: dict[str, str] = {
+    "ENABLE_VIRTUAL_BLACKWELL": "enabled",
+    "VB_MODE": "mode",
+    "VB_AUTO_PATCH": "auto_patch",
+    "VB_AUTO_ESTIMATE": "auto_estimate",
+    "VB_VERBOSE": "verbose",
+    "VB_DEVICE": "device",
+    "VB_FP4_FORMAT": "fp4_format",
+}
+VBRC_ENV = "VB_CONFIG"
+VBRC_NAME = ".vbrc"
+
+
+def _bad(zh: str, en: str) -> VBConfigError:
+    return VBConfigError(tr(zh, en))
+
+
+def _as_bool(key: str, value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off", ""):
+            return False
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise _bad(f"{where}: '{key}' 应为布尔值，收到 {value!r}", f"{where}: '{key}' must be a boolean, got {value!r}")
+
+
+def _as_number(key: str, value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(f"{where}: '{key}' 应为数字，收到 {value!r}", f"{where}: '{key}' must be a number, got {value!r}")
+    if not value > 0:
+        raise _bad(f"{where}: '{key}' 必须为正数，收到 {value!r}", f"{where}: '{key}' must be positive, got {value!r}")
+    return float(value)
+
+
+def _as_names(key: str, value: Any, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise _bad(f"{where}: '{key}' 应为字符串列表", f"{where}: '{key}' must be a list of strings")
+    return tuple(v.strip() for v in value)
+
+
+def _check_device_name(name: str, where: str) -> str:
+    if name in ("auto", "ssd"):
+        return name
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        raise _bad(f"{where}: 未知设备 '{name}'", f"{where}: unknown device '{name}'") from None
+    return name
+
+
+def parse_vgpu_config(value: Any, where: str) -> VGPUConfig | None:
+    """Validate ``vgpu_config`` ({"levels": [{capacity_mb, device, speed_gbps[, path]}, ...]})."""
+    if value is None:
+        return None
+    if isinstance(value, VGPUConfig):
+        return value
+    if not isinstance(value, Mapping) or set(value) != {"levels"}:
+        raise _bad(f"{where}: vgpu_config 应为 {{\"levels\": [...]}}", f"{where}: vgpu_config must be {{\"levels\": [...]}}")
+    raw_levels = value["levels"]
+    if not isinstance(raw_levels, list) or not raw_levels:
+        raise _bad(f"{where}: vgpu_config.levels 应为非空列表", f"{where}: vgpu_config.levels must be a non-empty list")
+    levels = []
+    for i, raw in enumerate(raw_levels):
+        at = f"{where}: vgpu_config.levels[{i}]"
+        if not isinstance(raw, Mapping):
+            raise _bad(f"{at} 应为对象", f"{at} must be an object")
+        unknown = sorted(set(raw) - set(VGPU_LEVEL_KEYS))
+        if unknown:
+            raise _bad(f"{at}: 未知键 {unknown}，可用: {list(VGPU_LEVEL_KEYS)}",
+                       f"{at}: unknown key(s) {unknown}; valid: {list(VGPU_LEVEL_KEYS)}")
+        missing = [k for k in ("capacity_mb", "device", "speed_gbps") if k not in raw]
+        if missing:
+            raise _bad(f"{at}: 缺少 {missing}", f"{at}: missing {missing}")
+        device = raw["device"]
+        if not isinstance(device, str):
+            raise _bad(f"{at}: device 应为字符串", f"{at}: device must be a string")
+        path = raw.get("path")
+        if path is not None and not isinstance(path, str):
+            raise _bad(f"{at}: path 应为字符串", f"{at}: path must be a string")
+        levels.append(VGPULevel(
+            capacity_mb=_as_number("capacity_mb", raw["capacity_mb"], at),
+            device=_check_device_name(device, at),
+            speed_gbps=_as_number("speed_gbps", raw["speed_gbps"], at),
+            path=path,
+        ))
+    return VGPUConfig(levels=tuple(levels))
+
+
+def validate_option(key: str, value: Any, where: str) -> Any:
+    """Check one option's value and return it in canonical form."""
+    if key not in OPTION_NAMES:
+        raise _bad(f"{where}: 未知选项 '{key}'，可用: {', '.join(OPTION_NAMES)}",
+                   f"{where}: unknown option '{key}'; valid: {', '.join(OPTION_NAMES)}")
+    if key == "mode":
+        if not isinstance(value, str) or value.lower() not in MODES:
+            raise _bad(f"{where}: 未知模式 {value!r}，可用: {', '.join(MODES)}",
+                       f"{where}: unknown mode {value!r}; valid: {', '.join(MODES)}")
+        return value.lower()
+    if key == "fp4_format":
+        if not isinstance(value, str) or value.lower() not in FP4_FORMATS:
+            raise _bad(f"{where}: 未知FP4格式 {value!r}，可用: {', '.join(FP4_FORMATS)}",
+                       f"{where}: unknown FP4 format {value!r}; valid: {', '.join(FP4_FORMATS)}")
+        return value.lower()
+    if key in ("enabled", "auto_patch", "auto_estimate", "verbose"):
+        return _as_bool(key, value, where)
+    if key in SWITCHES:
+        return None if value is None else _as_bool(key, value, where)
+    if key == "device":
+        if not isinstance(value, str):
+            raise _bad(f"{where}: device 应为字符串", f"{where}: device must be a string")
+        return _check_device_name(value, where)
+    if key in ("fp4_skip", "checkpoint_blocks"):
+        return _as_names(key, value, where)
+    if key == "fp4_min_features":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise _bad(f"{where}: fp4_min_features 应为非负整数", f"{where}: fp4_min_features must be a non-negative integer")
+        return value
+    return parse_vgpu_config(value, where)
+
+
+def find_vbrc(cwd: str | os.PathLike | None = None) -> Path | None:
+    """The `.vbrc` in force: named by $VB_CONFIG, else ./.vbrc, else ~/.vbrc."""
+    named = os.environ.get(VBRC_ENV)
+    if named:
+        path = Path(named).expanduser()
+        if not path.is_file():
+            raise _bad(f"{VBRC_ENV}={named}: 文件不存在", f"{VBRC_ENV}={named}: no such file")
+        return path
+    for folder in (Path(cwd) if cwd else Path.cwd(), Path.home()):
+        candidate = folder / VBRC_NAME
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_vbrc(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate one `.vbrc` (JSON object with the seed's keys)."""
+    where = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise _bad(f"{where}: 无法读取 ({exc.strerror})", f"{where}: cannot read ({exc.strerror})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _bad(f"{where}: JSON格式错误，第{exc.lineno}行第{exc.colno}列: {exc.msg}",
+                   f"{where}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise _bad(f"{where}: 顶层应为JSON对象", f"{where}: the top level must be a JSON object")
+    return {key: validate_option(key, value, where) for key, value in data.items()}
+
+
+def read_env() -> dict[str, tuple[Any, str]]:
+    """Options set through environment variables, each with its variable's name."""
+    out: dict[str, tuple[Any, str]] = {}
+    for var, key in ENV_VARS.items():
+        raw = os.environ.get(var)
+        if raw is None or (raw == "" and key != "enabled"):
+            continue
+        out[key] = (validate_option(key, raw, f"${var}"), f"env:{var}")
+    return out
+
+
+@dataclass
+class ResolvedConfig:
+    config: VBConfig
+    sources: dict[str, str] = field(default_factory=dict)
+    vbrc_path: Path | None = None
+
+
+def resolve(explicit: Mapping[str, Any] | None = None, cli: Mapping[str, Any] | None = None,
+            cwd: str | os.PathLike | None = None) -> ResolvedConfig:
+    """Merge all layers by the precedence rule, validating each layer."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {name: "default" for name in OPTION_NAMES}
+    vbrc_path = find_vbrc(cwd)
+    if vbrc_path is not None:
+        for key, value in load_vbrc(vbrc_path).items():
+            values[key], sources[key] = value, f".vbrc:{vbrc_path}"
+    for key, (value, src) in read_env().items():
+        values[key], sources[key] = value, src
+    for layer, name in ((cli, "cli"), (explicit, "argument")):
+        for key, value in (layer or {}).items():
+            values[key], sources[key] = validate_option(key, value, name), name
+    config = VBConfig(**values)
+    for switch in SWITCHES:
+        if getattr(config, switch) is None:
+            sources[switch] = f"mode:{config.mode}"
+    return ResolvedConfig(config=config, sources=sources, vbrc_path=vbrc_path)

@@ -1,0 +1,157 @@
+"""Real counters behind ``vb.print_stats`` / ``vb.get_stats``.
+
+Everything here is measured from the optimized models themselves (their layers and
+parameter bytes), the device allocator (peak memory) and the optimizers that step them.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from apt_model import accelerator
+from apt_model.formats.fp4 import fp4_nbytes
+from apt_model.i18n import tr
+from apt_model.optimization.config import VBConfig
+from apt_model.optimization.engine import report_of
+from apt_model.optimization.fp4_linear import FP4Linear
+
+
+class StatsRegistry:
+    """The models VB optimized in this process and the optimizer steps taken on them."""
+
+    def __init__(self) -> None:
+        self._models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self._param_ids: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+        self.steps = 0
+        self._hook = None
+
+    def track(self, model: nn.Module) -> None:
+        self._models.add(model)
+        for param in model.parameters():
+            self._param_ids[id(param)] = param
+        if self._hook is None:
+            self._hook = register_optimizer_step_post_hook(self._on_step)
+
+    def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if self._param_ids.get(id(param)) is param:
+                    self.steps += 1
+                    return
+
+    def models(self) -> list[nn.Module]:
+        return list(self._models)
+
+    def reset(self) -> None:
+        self.steps = 0
+        self._models = weakref.WeakSet()
+        self._param_ids = weakref.WeakValueDictionary()
+
+
+REGISTRY = StatsRegistry()
+
+
+def _unique_params(model: nn.Module) -> list[torch.Tensor]:
+    return list({id(p): p for p in model.parameters()}.values())
+
+
+def _bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def collect(config: VBConfig | None, enabled: bool) -> dict[str, Any]:
+    """The numbers behind ``print_stats``."""
+    models = REGISTRY.models()
+    layers = {"linear_total": 0, "linear_optimized": 0, "fp4": 0, "autocast": 0,
+              "attention_fused": 0, "checkpointed_blocks": 0}
+    param_bytes = compute_bytes = 0
+    devices: list[torch.device] = []
+    for model in models:
+        report = report_of(model)
+        if report is None:
+            continue
+        layers["linear_total"] += report.linear_total
+        layers["linear_optimized"] += report.linears_optimized
+        layers["fp4"] += report.fp4_layers
+        layers["autocast"] += report.autocast_linears
+        layers["attention_fused"] += report.attention_fused
+        layers["checkpointed_blocks"] += report.checkpointed_blocks
+        params = _unique_params(model)
+        param_bytes += sum(_bytes(p) for p in params)
+        fp4_weights = {}
+        for module in model.modules():
+            if isinstance(module, FP4Linear):
+                fp4_weights[id(module.weight)] = fp4_nbytes(tuple(module.weight.shape), module.fmt)
+        compute_bytes += sum(fp4_weights.get(id(p), _bytes(p)) for p in params)
+        if params and params[0].device not in devices:
+            devices.append(params[0].device)
+    device = devices[0] if devices else accelerator.default_device()
+    peak = accelerator.max_memory_allocated(device) if device.type != "cpu" else None
+    levels = list(config.vgpu_config.levels) if config and config.vgpu_config else []
+    return {
+        "enabled": enabled,
+        "mode": config.mode if (config and enabled) else None,
+        "fp4_format": config.fp4_format if (config and layers["fp4"]) else None,
+        "device": str(device),
+        "models": len(models),
+        "layers": layers,
+        "param_bytes_before": param_bytes,
+        "param_bytes_after": compute_bytes,
+        "peak_memory_bytes": peak,
+        "steps": REGISTRY.steps,
+        "vgpu": {
+            "active": False,
+            "configured_levels": [
+                {"capacity_mb": lv.capacity_mb, "device": lv.device, "speed_gbps": lv.speed_gbps} for lv in levels
+            ],
+        },
+    }
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def render(stats: dict[str, Any]) -> str:
+    """``print_stats`` text: the seed's Chinese by default, English with VB_LANG=en."""
+    lay = stats["layers"]
+    state = tr("已启用", "enabled") if stats["enabled"] else tr("未启用", "disabled")
+    lines = [
+        tr("虚拟Blackwell统计:", "Virtual Blackwell stats:"),
+        tr(f"  状态: {state}  模式: {stats['mode'] or '-'}  设备: {stats['device']}",
+           f"  state: {state}  mode: {stats['mode'] or '-'}  device: {stats['device']}"),
+        tr(f"  已优化模型: {stats['models']}", f"  models optimized: {stats['models']}"),
+        tr(f"  线性层: {lay['linear_optimized']}/{lay['linear_total']} 已优化 (FP4: {lay['fp4']}"
+           f"{' ' + stats['fp4_format'] if stats['fp4_format'] else ''}, bf16混合精度: {lay['autocast']})",
+           f"  linear layers: {lay['linear_optimized']}/{lay['linear_total']} optimized (FP4: {lay['fp4']}"
+           f"{' ' + stats['fp4_format'] if stats['fp4_format'] else ''}, bf16 autocast: {lay['autocast']})"),
+        tr(f"  融合注意力模块: {lay['attention_fused']}  梯度检查点块: {lay['checkpointed_blocks']}",
+           f"  fused attention modules: {lay['attention_fused']}  checkpointed blocks: {lay['checkpointed_blocks']}"),
+        tr(f"  参数字节: {_fmt_bytes(stats['param_bytes_before'])} → 计算用权重 {_fmt_bytes(stats['param_bytes_after'])}",
+           f"  parameter bytes: {_fmt_bytes(stats['param_bytes_before'])} → compute weights "
+           f"{_fmt_bytes(stats['param_bytes_after'])}"),
+        tr(f"  峰值显存: {_fmt_bytes(stats['peak_memory_bytes'])}", f"  peak device memory: {_fmt_bytes(stats['peak_memory_bytes'])}"),
+        tr(f"  训练步数: {stats['steps']}", f"  optimizer steps: {stats['steps']}"),
+        tr("VGPU堆叠统计:", "VGPU stack stats:"),
+    ]
+    levels = stats["vgpu"]["configured_levels"]
+    if levels:
+        desc = ", ".join(f"L{i} {lv['device']} {lv['capacity_mb']:.0f}MB" for i, lv in enumerate(levels))
+        lines.append(tr(f"  未启用分层: 已配置 {len(levels)} 级 ({desc})，但VGPU分层尚未实现，所有参数留在计算设备上",
+                        f"  no tiering active: {len(levels)} levels configured ({desc}), but VGPU tiering is "
+                        "not implemented yet; all parameters stay on the compute device"))
+    else:
+        lines.append(tr("  未启用分层（未配置vgpu_config），所有参数留在计算设备上",
+                        "  no tiering active (no vgpu_config); all parameters stay on the compute device"))
+    return "\n".join(lines)

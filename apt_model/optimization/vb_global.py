@@ -1,0 +1,127 @@
+"""The public switch of Virtual Blackwell.
+
+    import apt_model.optimization.vb_global as vb
+    vb.enable_balanced_mode()          # models built from now on come out optimized
+    model = APTLargeModel(config)
+    vb.print_stats()
+
+Options (``vb.enable(**options)``), the ``.vbrc`` keys and the environment variables are
+validated and merged by one rule: explicit arguments > CLI flags > environment > ``.vbrc``
+> defaults (see ``apt_model.optimization.config``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from torch import nn
+
+from apt_model.i18n import tr
+from apt_model.optimization import config as _config
+from apt_model.optimization import engine, stats
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+_active: _config.ResolvedConfig | None = None
+_cli_options: dict[str, Any] = {}
+
+
+def set_cli_options(**options: Any) -> None:
+    """Record options given as command-line flags (they rank below explicit arguments)."""
+    for key, value in options.items():
+        _config.validate_option(key, value, "cli")
+    _cli_options.clear()
+    _cli_options.update(options)
+
+
+def enable(**options: Any) -> dict[str, Any]:
+    """Turn VB on with the given options; returns the effective configuration."""
+    global _active
+    resolved = _config.resolve(explicit={**options, "enabled": True}, cli=_cli_options)
+    _active = resolved
+    if resolved.config.auto_patch:
+        from apt_model.optimization import vb_autopatch
+
+        vb_autopatch.install()
+    if resolved.config.verbose:
+        print(tr(f"✅ 虚拟Blackwell已启用 (模式: {resolved.config.mode})",
+                 f"✅ Virtual Blackwell enabled (mode: {resolved.config.mode})"))
+    return get_config()
+
+
+def enable_full_optimization(**options: Any) -> dict[str, Any]:
+    """FP4 weights + fused attention + bf16 + checkpointing."""
+    return enable(mode="full", **options)
+
+
+def enable_speed_mode(**options: Any) -> dict[str, Any]:
+    """FP4 weights only (inference speed)."""
+    return enable(mode="speed", **options)
+
+
+def enable_memory_mode(**options: Any) -> dict[str, Any]:
+    """Fused attention + bf16 + checkpointing, full-precision master weights."""
+    return enable(mode="memory", **options)
+
+
+def enable_balanced_mode(**options: Any) -> dict[str, Any]:
+    """Fused attention + bf16 (the recommended default)."""
+    return enable(mode="balanced", **options)
+
+
+def disable() -> None:
+    """Turn VB off: models built afterwards are plain (already optimized ones stay as they are)."""
+    global _active
+    _active = None
+
+
+def is_enabled() -> bool:
+    return _active is not None
+
+
+def active_config() -> _config.VBConfig | None:
+    """The configuration in force, or None when VB is off."""
+    return _active.config if _active else None
+
+
+def get_config() -> dict[str, Any]:
+    """The effective configuration as a dict (what VB would use if it is off)."""
+    resolved = _active or _config.resolve(cli=_cli_options)
+    out = resolved.config.to_dict()
+    out["enabled"] = is_enabled()
+    return out
+
+
+def explain_config() -> dict[str, tuple[Any, str]]:
+    """Each option's effective value and where it came from (argument, cli, env, .vbrc, default)."""
+    resolved = _active or _config.resolve(cli=_cli_options)
+    values = resolved.config.to_dict()
+    values["enabled"] = is_enabled()
+    return {key: (values[key], resolved.sources[key]) for key in _config.OPTION_NAMES}
+
+
+def optimize(model: ModelT, **options: Any) -> ModelT:
+    """Optimize any ``nn.Module`` now, with the active configuration (plus ``options``)."""
+    if _active is not None and not options:
+        cfg = _active.config
+    else:
+        cfg = _config.resolve(explicit={**options, "enabled": True}, cli=_cli_options).config
+    engine.optimize(model, cfg)
+    stats.REGISTRY.track(model)
+    return model
+
+
+def register_model_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """Make instances of ``cls`` built while VB is on come out optimized (usable as a decorator)."""
+    from apt_model.optimization import vb_autopatch
+
+    return vb_autopatch.register(cls)
+
+
+def get_stats() -> dict[str, Any]:
+    """The numbers behind ``print_stats``: layers, bytes, peak memory, steps, VGPU."""
+    return stats.collect(active_config(), is_enabled())
+
+
+def print_stats() -> None:
+    print(stats.render(get_stats()))

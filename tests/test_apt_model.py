@@ -1,0 +1,430 @@
+"""Tests of the APT model: presets, attention paths, cache, generation, loss, ties, training."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import apt_model.modeling.apt_model as apt_module
+from apt_model.errors import VBConfigError
+from apt_model.modeling import (
+    PRESETS,
+    APTAttention,
+    APTBlock,
+    APTConfig,
+    APTLargeModel,
+    APTModel,
+    KVCache,
+)
+
+IMPLS = ["eager", "sdpa"]
+
+
+def tiny(seed: int = 0, randomize_gates: bool = True, **overrides) -> APTModel:
+    """A tiny fp32 model; gates made non-zero so the autopoietic term is exercised too."""
+    torch.manual_seed(seed)
+    model = APTModel(APTConfig.from_preset("tiny", **overrides))
+    if randomize_gates:
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attn.ap_gate.normal_(0.0, 0.5)
+    return model
+
+
+def ids(batch: int = 2, length: int = 16, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, length), generator=g)
+
+
+class SDPASpy:
+    """Records every call to F.scaled_dot_product_attention, then runs the real one."""
+
+    def __init__(self) -> None:
+        self.real = F.scaled_dot_product_attention
+        self.calls: list[dict] = []
+
+    def __call__(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
+        self.calls.append(dict(q=q, k=k, attn_mask=attn_mask, is_causal=is_causal))
+        return self.real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kw)
+
+
+@pytest.fixture
+def sdpa_spy(monkeypatch: pytest.MonkeyPatch) -> SDPASpy:
+    spy = SDPASpy()
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return spy
+
+
+# ---- config and presets ----------------------------------------------------------------------
+
+
+def test_presets_exist_and_have_fp4_friendly_dims() -> None:
+    assert {"tiny", "small", "medium", "large", "xl"} <= set(PRESETS)
+    for name in PRESETS:
+        c = APTConfig.from_preset(name)
+        assert c.vocab_size == 256
+        assert c.d_model % 32 == 0 and c.d_ff % 32 == 0, name
+        assert c.head_dim % 8 == 0, name
+        if name in ("medium", "large", "xl"):
+            assert c.head_dim >= 64, name
+
+
+@pytest.mark.parametrize("name,low,high", [
+    ("tiny", 0.5e6, 1.5e6), ("small", 10e6, 25e6), ("medium", 85e6, 120e6),
+    ("large", 300e6, 400e6), ("xl", 1.2e9, 1.5e9),
+])
+def test_preset_sizes_and_exact_counts(name: str, low: float, high: float) -> None:
+    config = APTConfig.from_preset(name)
+    assert low <= config.num_parameters() <= high
+    with torch.device("meta"):  # real structure, no memory: exact count even for xl
+        model = APTModel(config)
+    assert model.num_parameters() == config.num_parameters()
+    # The documented table must be the computed count.
+    assert f"{config.num_parameters():,}" in apt_module.__doc__
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_num_parameters_real_instances(name: str) -> None:
+    model = APTModel(APTConfig.from_preset(name))
+    by_hand = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    assert model.num_parameters() == model.config.num_parameters() == by_hand
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(tie_embeddings=False), dict(ap_rank=8, vocab_size=300, n_layers=3), dict(d_ff=100),
+])
+def test_num_parameters_formula_other_shapes(overrides: dict) -> None:
+    model = APTModel(APTConfig.from_preset("tiny", **overrides))
+    assert model.num_parameters() == model.config.num_parameters()
+
+
+def test_default_models_use_small_and_large() -> None:
+    assert APTModel().config == APTConfig.from_preset("small")
+    with torch.device("meta"):
+        large = APTLargeModel()
+    assert large.config == APTConfig.from_preset("large")
+    config = APTConfig.from_preset("tiny")
+    assert APTLargeModel(config).config == config
+    assert APTModel(config, n_layers=2).config.n_layers == 2
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_bad_preset_name_lists_valid_names(monkeypatch: pytest.MonkeyPatch, lang: str) -> None:
+    monkeypatch.setenv("VB_LANG", lang)
+    with pytest.raises(VBConfigError) as info:
+        APTConfig.from_preset("huge")
+    message = str(info.value)
+    assert "huge" in message
+    for name in PRESETS:
+        assert name in message
+    assert isinstance(info.value, ValueError)
+
+
+def test_bad_config_values_raise() -> None:
+    with pytest.raises(VBConfigError, match="no_such_field"):
+        APTConfig.from_preset("tiny", no_such_field=1)
+    with pytest.raises(VBConfigError):
+        APTConfig.from_preset("tiny", n_heads=3)  # 128 does not split into 3 heads
+    with pytest.raises(VBConfigError, match="flash"):
+        APTConfig.from_preset("tiny", attn_implementation="flash")
+
+
+# ---- attention ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_causal_masking(impl: str) -> None:
+    model = tiny(attn_implementation=impl).eval()
+    a = ids(length=12)
+    b = a.clone()
+    b[:, 7] = (b[:, 7] + 1) % 256
+    la, lb = model(a).logits, model(b).logits
+    torch.testing.assert_close(la[:, :7], lb[:, :7], rtol=0, atol=1e-6)
+    assert (la[:, 7:] - lb[:, 7:]).abs().max() > 1e-3  # the change is seen from position 7 on
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cached_chunks_match_full_forward(impl: str) -> None:
+    model = tiny(attn_implementation=impl).eval()
+    x = ids(length=12)
+    full = model(x).logits
+    out1 = model(x[:, :5], use_cache=True)
+    cache = out1.past_key_values
+    assert isinstance(cache, KVCache) and cache.length == 5
+    out2 = model(x[:, 5:11], past_key_values=cache, use_cache=True)  # multi-token chunk
+    out3 = model(x[:, 11:], past_key_values=cache, use_cache=True)  # single decode step
+    assert cache.length == 12
+    stitched = torch.cat([out1.logits, out2.logits, out3.logits], dim=1)
+    torch.testing.assert_close(stitched, full, rtol=0, atol=1e-5)
+
+
+def test_eager_and_sdpa_agree_fp32_logits_and_grads() -> None:
+    x = ids(length=24)
+    results = {}
+    for impl in IMPLS:
+        model = tiny(attn_implementation=impl)
+        out = model(x, labels=x)
+        out.loss.backward()
+        results[impl] = (out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    (le, ge), (ls, gs) = results["eager"], results["sdpa"]
+    torch.testing.assert_close(le, ls, rtol=0, atol=1e-5)
+    assert ge.keys() == gs.keys()
+    for name in ge:
+        torch.testing.assert_close(ge[name], gs[name], rtol=0, atol=1e-5, msg=name)
+    assert ge["blocks.0.attn.ap_down.weight"].abs().max() > 0  # the gated term really trains
+
+
+def test_sdpa_path_calls_sdpa_with_the_right_masks(sdpa_spy: SDPASpy) -> None:
+    model = tiny(attn_implementation="sdpa").eval()
+    n = model.config.n_layers
+    x = ids(length=10)
+
+    model(x)  # no cache: built-in causal mask
+    assert len(sdpa_spy.calls) == n
+    assert all(c["is_causal"] and c["attn_mask"] is None for c in sdpa_spy.calls)
+
+    sdpa_spy.calls.clear()
+    cache = model(x[:, :4], use_cache=True).past_key_values
+    model(x[:, 4:9], past_key_values=cache)  # chunk after a prefix: explicit boolean mask
+    chunk_calls = sdpa_spy.calls[n:]
+    assert len(chunk_calls) == n
+    for c in chunk_calls:
+        assert not c["is_causal"]
+        assert c["attn_mask"].dtype == torch.bool and c["attn_mask"].shape == (5, 9)
+
+    sdpa_spy.calls.clear()
+    model(x[:, 9:], past_key_values=cache)  # one-token decode: no mask at all
+    assert len(sdpa_spy.calls) == n
+    assert all(not c["is_causal"] and c["attn_mask"] is None for c in sdpa_spy.calls)
+
+
+def test_eager_path_does_not_call_sdpa(sdpa_spy: SDPASpy) -> None:
+    model = tiny(attn_implementation="eager")
+    model(ids(), labels=ids()).loss.backward()
+    assert sdpa_spy.calls == []
+
+
+def test_q_and_k_stay_bf16_under_autocast(sdpa_spy: SDPASpy) -> None:
+    model = tiny(attn_implementation="sdpa")
+    x = ids()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, labels=x)
+    assert sdpa_spy.calls
+    for c in sdpa_spy.calls:
+        assert c["q"].dtype == torch.bfloat16 and c["k"].dtype == torch.bfloat16
+    assert out.logits.dtype == torch.float32  # labels given: logits upcast for the loss
+    assert torch.isfinite(out.loss)
+
+
+def test_set_attn_implementation(sdpa_spy: SDPASpy) -> None:
+    model = tiny(attn_implementation="eager")
+    model.set_attn_implementation("sdpa")
+    attns = [m for m in model.modules() if isinstance(m, APTAttention)]
+    assert len(attns) == model.config.n_layers
+    assert all(m.attn_implementation == "sdpa" for m in attns)
+    model(ids())
+    assert len(sdpa_spy.calls) == model.config.n_layers
+    with pytest.raises(VBConfigError, match="flash2"):
+        model.set_attn_implementation("flash2")
+    # the plain attribute is what counts, read at every forward
+    for m in attns:
+        m.attn_implementation = "eager"
+    sdpa_spy.calls.clear()
+    model(ids())
+    assert sdpa_spy.calls == []
+
+
+# ---- blocks and checkpointing ---------------------------------------------------------------
+
+
+def test_blocks_convention_and_checkpoint_wrapping() -> None:
+    model = tiny()
+    assert APTModel._no_split_modules == ["APTBlock"]
+    assert all(type(b) is APTBlock for b in model.blocks)
+    x = ids()
+    model(x, labels=x).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    for block in model.blocks:  # what the optimizer does from outside
+        inner = block.forward
+        block.forward = lambda *a, _f=inner: checkpoint(_f, *a, use_reentrant=False)
+    model(x, labels=x).loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[name], rtol=0, atol=1e-6, msg=name)
+
+
+# ---- loss ------------------------------------------------------------------------------------
+
+
+def test_loss_is_shifted_cross_entropy_with_ignore_index() -> None:
+    model = tiny()
+    x = ids(length=10)
+    labels = x.clone()
+    labels[0, 3] = -100
+    labels[1, -1] = -100
+    out = model(x, labels=labels)
+    logits = model(x).logits
+    manual = F.cross_entropy(logits[:, :-1].reshape(-1, 256), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, manual, rtol=0, atol=1e-6)
+    unshifted = F.cross_entropy(logits.reshape(-1, 256), labels.reshape(-1), ignore_index=-100)
+    assert (out.loss - unshifted).abs() > 1e-4
+
+
+def test_too_long_input_raises() -> None:
+    model = tiny(max_seq_len=32)
+    model(ids(length=32))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(ids(length=33))
+    cache = model(ids(length=30), use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(ids(length=3), past_key_values=cache)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model.generate(ids(length=30), max_new_tokens=3)
+
+
+# ---- generation -------------------------------------------------------------------------------
+
+
+def greedy_without_cache(model: APTModel, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    tokens = prompt
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = model(tokens).logits[:, -1].argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, nxt], dim=1)
+    return tokens
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_generate_with_cache_matches_uncached_greedy(impl: str) -> None:
+    model = tiny(attn_implementation=impl).eval()
+    prompt = ids(batch=3, length=5)
+    got = model.generate(prompt, max_new_tokens=15, do_sample=False)
+    assert got.shape == (3, 20)
+    assert torch.equal(got, greedy_without_cache(model, prompt, 15))
+    assert torch.equal(model.generate(prompt, 15, temperature=0.0), got)
+    assert torch.equal(model.generate(prompt, 15, top_k=1), got)
+
+
+def test_generate_goes_through_self_call_and_uses_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny()
+    seen: list[tuple[tuple[int, ...], int]] = []
+    real_forward = model.forward
+
+    def wrapped(input_ids, labels=None, past_key_values=None, use_cache=False):
+        seen.append((tuple(input_ids.shape), 0 if past_key_values is None else past_key_values.length))
+        return real_forward(input_ids, labels, past_key_values, use_cache)
+
+    monkeypatch.setattr(model, "forward", wrapped)  # replaced on the instance, as the optimizer does
+    calls_through_module_call: list[int] = []  # hooks fire only via nn.Module.__call__
+    model.register_forward_pre_hook(lambda m, a: calls_through_module_call.append(1))
+    model.generate(ids(batch=2, length=6), max_new_tokens=5, do_sample=False)
+    assert seen == [((2, 6), 0), ((2, 1), 6), ((2, 1), 7), ((2, 1), 8), ((2, 1), 9)]
+    assert len(calls_through_module_call) == len(seen)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_generate_restores_training_mode(training: bool) -> None:
+    model = tiny(dropout=0.1)
+    model.train(training)
+    modes: list[bool] = []
+    model.blocks[0].register_forward_pre_hook(lambda m, a: modes.append(m.training))
+    model.generate(ids(length=4), max_new_tokens=3)
+    assert modes and not any(modes)  # eval during generation (no dropout)
+    assert model.training is training
+    assert all(m.training is training for m in model.modules())
+
+
+def test_sampling_is_reproducible_and_respects_top_k() -> None:
+    model = tiny()
+    prompt = ids(length=4)
+    a = model.generate(prompt, 12, temperature=1.5, generator=torch.Generator().manual_seed(7))
+    b = model.generate(prompt, 12, temperature=1.5, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    greedy = model.generate(prompt, 12, do_sample=False)
+    assert not torch.equal(a, greedy)  # with 256 choices at T=1.5, sampling differs
+
+
+def test_generate_stops_and_pads_at_eos() -> None:
+    model = tiny()
+    prompt = ids(batch=2, length=4)
+    greedy = model.generate(prompt, 8, do_sample=False)
+    eos = int(greedy[0, 5])  # row 0 emits this as its second new token
+    out = model.generate(prompt, 8, do_sample=False, eos_token_id=eos)
+    assert out[0, 5] == eos
+    assert (out[0, 6:] == eos).all()
+    row1 = greedy[1, 4:].tolist()
+    if eos in row1:  # row 1 may hit it too; then everything stops at its first eos
+        assert out.shape[1] == 4 + max(2, row1.index(eos) + 1)
+    else:
+        assert torch.equal(out[1], greedy[1])
+
+
+# ---- weights ---------------------------------------------------------------------------------
+
+
+def test_tied_weights_survive_load_state_dict() -> None:
+    a, b = tiny(seed=0), tiny(seed=1)
+    assert a.lm_head.weight is a.embed.weight
+    assert not torch.equal(a.embed.weight, b.embed.weight)
+    a.load_state_dict(b.state_dict())
+    assert a.lm_head.weight is a.embed.weight
+    assert torch.equal(a.embed.weight, b.embed.weight)
+    untied = tiny(tie_embeddings=False)
+    assert untied.lm_head.weight is not untied.embed.weight
+
+
+def test_state_dict_keys_are_stable() -> None:
+    model = tiny(n_layers=1)
+    expected = [
+        "embed.weight",
+        "blocks.0.attn_norm.weight",
+        "blocks.0.attn.ap_gate",
+        "blocks.0.attn.q_proj.weight",
+        "blocks.0.attn.k_proj.weight",
+        "blocks.0.attn.v_proj.weight",
+        "blocks.0.attn.o_proj.weight",
+        "blocks.0.attn.ap_down.weight",
+        "blocks.0.attn.ap_up.weight",
+        "blocks.0.mlp_norm.weight",
+        "blocks.0.mlp.w_gate.weight",
+        "blocks.0.mlp.w_up.weight",
+        "blocks.0.mlp.w_down.weight",
+        "norm.weight",
+        "lm_head.weight",
+    ]
+    assert list(model.state_dict()) == expected
+
+
+def test_initialisation() -> None:
+    torch.manual_seed(0)
+    model = APTModel(APTConfig.from_preset("tiny"))
+    std = model.config.init_std
+    residual_std = std / math.sqrt(2 * model.config.n_layers)
+    for block in model.blocks:
+        assert torch.equal(block.attn.ap_gate, torch.zeros_like(block.attn.ap_gate))
+        assert torch.equal(block.attn_norm.weight, torch.ones_like(block.attn_norm.weight))
+        assert abs(block.attn.q_proj.weight.std().item() - std) < 0.1 * std
+        assert abs(block.attn.o_proj.weight.std().item() - residual_std) < 0.1 * residual_std
+        assert abs(block.mlp.w_down.weight.std().item() - residual_std) < 0.1 * residual_std
+    assert abs(model.embed.weight.std().item() - std) < 0.1 * std
+
+
+def test_adamw_learns_a_repeated_sequence() -> None:
+    model = tiny(randomize_gates=False, n_layers=2)
+    pattern = torch.tensor([5, 17, 99, 200, 3, 42, 8, 150])
+    x = pattern.repeat(4)[None].repeat(2, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = model(x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 5.0  # ~ln(256) at start
+    assert losses[-1] < 0.3 * losses[0]
+    assert any(b.attn.ap_gate.abs().max() > 0 for b in model.blocks)  # the gate left zero
