@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +65,7 @@ E4M3_MAX = 448.0
 E4M3_MIN_NORMAL = 2.0**-6
 E8M0_BIAS = 127
 E8M0_NAN = 255
+F32_EXP_BIAS = 127
 # log2 of the largest power of two in E2M1 (4.0): MX FLOOR scale = 2^(floor(log2 amax) - 2).
 E2M1_MAX_POW2 = 2
 E2M1_EXP_BIAS = 1
@@ -93,10 +96,10 @@ def _e2m1_grid(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return multiple, step, offset
 
 
-def _e2m1_round(y: Tensor) -> Tensor:
-    """Nearest E2M1 value of fp32 ``y`` (ties to even, saturating at ±6, keeps -0.0 and NaN)."""
-    multiple, step, _ = _e2m1_grid(y.abs().clamp(max=E2M1_MAX))
-    return torch.copysign(multiple * step, y)
+def _e2m1_round_magnitude(a: Tensor) -> Tensor:
+    """Nearest E2M1 magnitude of ``a`` (>= 0 or NaN; ties to even, saturating at 6)."""
+    multiple, step, _ = _e2m1_grid(a.clamp(max=E2M1_MAX))
+    return multiple.mul_(step)
 
 
 def _nan_magnitude_code(bits: Tensor) -> Tensor:
@@ -109,7 +112,7 @@ def _nan_magnitude_code(bits: Tensor) -> Tensor:
     """
     mag = bits & 0x7FFFFFFF
     shift = _F32_MANT_BITS - 1
-    rebias = (E2M1_EXP_BIAS - E8M0_BIAS) << _F32_MANT_BITS  # exponent bias 127 -> 1
+    rebias = (E2M1_EXP_BIAS - F32_EXP_BIAS) << _F32_MANT_BITS
     rounded = mag + (rebias + (1 << (shift - 1)) - 1) + ((mag >> shift) & 1)
     return (rounded >> shift) & 0xFF
 
@@ -211,7 +214,7 @@ def _blocks(w: Tensor, block: int) -> Tensor:
     return x.reshape(x.shape[0], -1, block)
 
 
-def _default_tensor_scale(x: Tensor) -> Tensor:
+def _default_tensor_scale(block_amax: Tensor) -> Tensor:
     """torchao's ``per_tensor_amax_to_scale``: amax / (448 * 6), in fp32, floored at 2^-120.
 
     The floor is the one deliberate difference from torchao and only acts when
@@ -220,46 +223,50 @@ def _default_tensor_scale(x: Tensor) -> Tensor:
     and a tensor of tiny values overflows the reciprocal scale to inf. With it,
     zeros encode exactly and such tensors just flush to zero.
     """
-    amax = x.abs().amax() if x.numel() else x.new_zeros(())
+    amax = block_amax.amax() if block_amax.numel() else block_amax.new_zeros(())
     return (amax / (E4M3_MAX * E2M1_MAX)).clamp(min=NVFP4_MIN_TENSOR_SCALE)
 
 
-def _nvfp4_scale(x: Tensor, tensor_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """NVFP4 two-level scaling of blocks ``x`` (fp32 ``[N, B, 16]``).
+class _Scaling(NamedTuple):
+    """How one tensor's blocks are scaled into E2M1 range and back."""
 
-    Returns the E4M3 block scales, the elements scaled into E2M1 range (fp32,
-    not yet rounded) and the per-block dequantization multiplier. The operation
-    order is torchao's (divide, clamp, cast; multiply by a reciprocal) so every
-    rounding step matches.
+    scales: Tensor  # stored block scales, [N, B]
+    tensor_scale: Tensor | None
+    to_e2m1_range: Callable[[Tensor], Tensor]  # elements [N, B, block] -> scaled, not rounded
+    multiplier: Tensor  # fp32 [N, B]: decoded element * multiplier = dequantized value
+
+
+def _nvfp4_scaling(block_amax: Tensor, tensor_scale: Tensor) -> _Scaling:
+    """NVFP4 two-level scaling, in torchao's operation order so every rounding matches.
+
+    Block scale = block_amax / 6 / tensor_scale, clamped to the normal E4M3 range and
+    cast to E4M3; elements are multiplied by (1 / tensor_scale) / block_scale.
     """
-    block_amax = x.abs().amax(dim=-1)
     scales = (block_amax / E2M1_MAX / tensor_scale).clamp(E4M3_MIN_NORMAL, E4M3_MAX)
     scales = scales.to(torch.float8_e4m3fn)
-    scales_f32 = scales.float()
-    scaled = x * ((1.0 / tensor_scale) / scales_f32).unsqueeze(-1)
-    return scales, scaled, tensor_scale * scales_f32
+    reciprocal = ((1.0 / tensor_scale) / scales.float()).unsqueeze(-1)
+    return _Scaling(scales, tensor_scale, lambda t: t * reciprocal, _nvfp4_multiplier(scales, tensor_scale))
 
 
 def _nvfp4_multiplier(scales: Tensor, tensor_scale: Tensor) -> Tensor:
+    """Per-block fp32 dequantization factor, rounded as torchao rounds it."""
     return tensor_scale * scales.float()
 
 
-def _mxfp4_scale(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """MXFP4 FLOOR scaling of blocks ``x`` (fp32 ``[N, B, 32]``).
+def _mxfp4_scaling(block_amax: Tensor) -> _Scaling:
+    """MXFP4 FLOOR scaling: 2^(floor(log2(block amax)) - 2) as a biased E8M0 byte.
 
-    Scale = 2^(floor(log2(block amax)) - 2), read off the fp32 exponent field and
-    stored as a biased E8M0 byte (255 = NaN block). Like torchao, the divisor is
-    clamped to the smallest normal fp32 (so a scale byte of 0 divides by 2^-126
-    but decodes as 2^-127), which only affects blocks whose max is below 2^-124.
+    The exponent is read off the fp32 bits (255 marks a NaN block). Like torchao,
+    the divisor is clamped to the smallest normal fp32, so a scale byte of 0
+    divides by 2^-126 but decodes as 2^-127; only blocks whose max is below
+    2^-124 are affected.
     """
-    block_amax = x.abs().amax(dim=-1)
-    exponent = ((block_amax.view(torch.int32) >> _F32_MANT_BITS) & 0xFF) - E8M0_BIAS
+    exponent = ((block_amax.view(torch.int32) >> _F32_MANT_BITS) & 0xFF) - F32_EXP_BIAS
     biased = (exponent - E2M1_MAX_POW2).clamp(-E8M0_BIAS, E8M0_BIAS + 1) + E8M0_BIAS
     biased = torch.where(torch.isnan(block_amax), E8M0_NAN, biased)
-    divisor = (biased << _F32_MANT_BITS).view(torch.float32).clamp(min=F32_MIN_NORMAL)
-    scaled = x / divisor.unsqueeze(-1)
-    biased = biased.to(torch.uint8)
-    return biased, scaled, _mxfp4_multiplier(biased)
+    divisor = (biased << _F32_MANT_BITS).view(torch.float32).clamp(min=F32_MIN_NORMAL).unsqueeze(-1)
+    scales = biased.to(torch.uint8)
+    return _Scaling(scales, None, lambda t: t / divisor, _mxfp4_multiplier(scales))
 
 
 def _mxfp4_multiplier(scales: Tensor) -> Tensor:
@@ -269,19 +276,16 @@ def _mxfp4_multiplier(scales: Tensor) -> Tensor:
     return torch.where(e == E8M0_NAN, math.nan, bits.view(torch.float32))
 
 
-def _scale_blocks(
-    x: Tensor, fmt: str, tensor_scale: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-    """(block scales, scaled elements, tensor scale, dequant multiplier) of blocks ``x``."""
+def _scaling(x: Tensor, x_abs: Tensor, fmt: str, tensor_scale: Tensor | None) -> _Scaling:
+    """The scaling of blocks ``x`` (fp32 ``[N, B, block]``, with ``x_abs = |x|``)."""
+    block_amax = x_abs.amax(dim=-1)
     if fmt == "mxfp4":
-        scales, scaled, mult = _mxfp4_scale(x)
-        return scales, scaled, None, mult
+        return _mxfp4_scaling(block_amax)
     if tensor_scale is None:
-        tensor_scale = _default_tensor_scale(x)
+        tensor_scale = _default_tensor_scale(block_amax)
     else:
         tensor_scale = torch.as_tensor(tensor_scale, dtype=torch.float32, device=x.device).reshape(())
-    scales, scaled, mult = _nvfp4_scale(x, tensor_scale)
-    return scales, scaled, tensor_scale, mult
+    return _nvfp4_scaling(block_amax, tensor_scale)
 
 
 # --------------------------------------------------------------------------- container
@@ -373,9 +377,10 @@ class FP4Weight:
 def _quantize(w: Tensor, fmt: str, tensor_scale: Tensor | None = None) -> FP4Weight:
     with torch.no_grad():
         x = _blocks(w, _block_size(fmt))
-        scales, scaled, tensor_scale, _ = _scale_blocks(x, fmt, tensor_scale)
-        packed = pack_nibbles(e2m1_encode(scaled).reshape(x.shape[0], -1))
-    return FP4Weight(fmt, packed, scales, tensor_scale, tuple(w.shape))
+        scaling = _scaling(x, x.abs(), fmt, tensor_scale)
+        codes = e2m1_encode(scaling.to_e2m1_range(x))
+        packed = pack_nibbles(codes.reshape(x.shape[0], -1))
+    return FP4Weight(fmt, packed, scaling.scales, scaling.tensor_scale, tuple(w.shape))
 
 
 def quantize_nvfp4(w: Tensor, tensor_scale: Tensor | None = None) -> FP4Weight:
@@ -400,13 +405,17 @@ def quantize_fp4(w: Tensor, fmt: str) -> FP4Weight:
 def fake_quantize_fp4(w: Tensor, fmt: str) -> Tensor:
     """``quantize_fp4(w, fmt).dequantize(w.dtype)``, bit for bit, without packing.
 
-    The elements are rounded straight to their E2M1 values instead of going
-    through codes and bytes, which saves four kernels per call. No autograd graph
-    is recorded; the caller adds the straight-through gradient.
+    This is the per-step hot path, so it skips codes and bytes: magnitudes are
+    rounded straight to E2M1 values and the sign is copied back (scaling by a
+    positive factor commutes with abs). A NaN element makes its block scale NaN,
+    so the few elements whose rounding differs from the code path (NaN ones)
+    still come out NaN either way. No autograd graph is recorded; the caller
+    adds the straight-through gradient.
     """
-    block = _block_size(fmt)
     with torch.no_grad():
-        x = _blocks(w, block)
-        _, scaled, _, mult = _scale_blocks(x, fmt, None)
-        values = _e2m1_round(scaled) * mult.unsqueeze(-1)
+        x = _blocks(w, _block_size(fmt))
+        x_abs = x.abs()
+        scaling = _scaling(x, x_abs, fmt, None)
+        values = _e2m1_round_magnitude(scaling.to_e2m1_range(x_abs)).copysign_(x)
+        values = values.mul_(scaling.multiplier.unsqueeze(-1))
         return values.reshape(x.shape[0], -1)[:, : w.shape[-1]].reshape(w.shape).to(w.dtype)
