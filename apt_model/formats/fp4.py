@@ -158,7 +158,7 @@ def pack_nibbles(codes: Tensor) -> Tensor:
     if codes.shape[-1] % 2:
         raise ValueError(f"pack_nibbles needs an even last dimension, got shape {tuple(codes.shape)}")
     pairs = codes.to(torch.uint8).reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
-    return (pairs[..., 0] & 0x0F) | (pairs[..., 1] << 4)
+    return (pairs[..., 1] & 0x0F) | (pairs[..., 0] << 4)
 
 
 def unpack_nibbles(packed: Tensor) -> Tensor:

@@ -1,35 +1,69 @@
 """Route attention through ``scaled_dot_product_attention`` (flash / memory-efficient kernels).
 
 Modules that expose ``attn_implementation`` (APT's attention) are switched from "eager" to
-"sdpa"; Hugging Face models are switched through ``set_attn_implementation``.
+"sdpa". Hugging Face models are switched to "vb_sdpa": their SDPA path, except that under
+autocast query/key/value are brought to the autocast dtype first. (Hugging Face applies
+rotary embeddings in the hidden states' dtype, fp32 under autocast, which would keep SDPA
+off its flash kernel.)
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
+import torch
 from torch import nn
+
+HF_IMPLEMENTATION = "vb_sdpa"
 
 
 def _is_hf_model(model: nn.Module) -> bool:
     return hasattr(getattr(model, "config", None), "_attn_implementation")
 
 
-def _hf_attention_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if type(m).__name__.endswith("Attention")]
+def _vb_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = (t.to(dtype) for t in (query, key, value))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register_hf_implementation() -> bool:
+    """Make "vb_sdpa" known to transformers (its attention and mask registries)."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:
+        return False
+    AttentionInterface.register(HF_IMPLEMENTATION, _vb_sdpa)
+    AttentionMaskInterface.register(HF_IMPLEMENTATION, sdpa_mask)
+    return True
+
+
+def _switch_hf_model(model: nn.Module) -> int:
+    target = HF_IMPLEMENTATION if _register_hf_implementation() else "sdpa"
+    for name in (target, "sdpa"):
+        if model.config._attn_implementation in (HF_IMPLEMENTATION, "sdpa"):
+            break
+        with contextlib.suppress(ValueError, ImportError, AttributeError, KeyError):
+            model.set_attn_implementation(name)
+    if model.config._attn_implementation not in (HF_IMPLEMENTATION, "sdpa"):
+        return 0
+    return sum(type(m).__name__.endswith("Attention") for m in model.modules())
 
 
 def use_fused_attention(model: nn.Module) -> int:
     """Switch every eager attention to SDPA; returns how many attention modules now use it."""
-    switched = 0
     if _is_hf_model(model):
-        if model.config._attn_implementation != "sdpa":
-            with contextlib.suppress(ValueError, ImportError, AttributeError):
-                model.set_attn_implementation("sdpa")
-        if model.config._attn_implementation == "sdpa":
-            switched += len(_hf_attention_modules(model))
+        return _switch_hf_model(model)
+    switched = 0
     for module in model.modules():
-        if getattr(module, "attn_implementation", None) in ("eager", "sdpa") and not _is_hf_model(module):
+        if getattr(module, "attn_implementation", None) in ("eager", "sdpa"):
             module.attn_implementation = "sdpa"
             switched += 1
     return switched
