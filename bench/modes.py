@@ -79,8 +79,16 @@ def run_variant(args: argparse.Namespace) -> dict:
         losses.append(float(loss))
         if i >= args.warmup:
             times.append(start.elapsed_time(end))
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = sorted({e.name[:60] for e in prof.events() if any(
+        k in e.name.lower() for k in ("flash", "fmha", "attention", "softmax"))})
     return {
         "variant": variant,
+        "attention_kernels": kernels,
         "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
         "step_ms": statistics.median(times),

@@ -184,7 +184,9 @@ def test_nibble_order_matches_torchao(torchao_mx):
     _, _, kernels = torchao_mx
     codes = torch.randint(0, 16, (6, 20), generator=_gen(8), dtype=torch.uint8)
     assert torch.equal(pack_nibbles(codes), kernels.pack_uint4(codes))
-    assert torch.equal(unpack_nibbles(pack_nibbles(codes)), kernels.unpack_uint4(kernels.pack_uint4(codes)))
+    assert torch.equal(
+        unpack_nibbles(pack_nibbles(codes)), kernels.unpack_uint4(kernels.pack_uint4(codes))
+    )
 
 
 @pytest.mark.parametrize("fmt", FP4_FORMATS)
@@ -288,9 +290,7 @@ def test_all_zero_and_tiny_tensors_do_not_become_nan():
 # --------------------------------------------------------------------------- storage
 
 
-@pytest.mark.parametrize(
-    ("fmt", "bits"), [("nvfp4", 4.5), ("mxfp4", 4.25)]
-)
+@pytest.mark.parametrize(("fmt", "bits"), [("nvfp4", 4.5), ("mxfp4", 4.25)])
 def test_bits_per_weight(fmt, bits):
     x = _normal((256, 1024))
     q = quantize_fp4(x, fmt)
@@ -315,12 +315,16 @@ def test_padding_of_k(fmt):
     x = _normal((6, 40), seed=13)
     kp = -(-40 // block) * block
     q = quantize_fp4(x, fmt)
-    assert q.shape == (6, 40) and q.packed.shape == (6, kp // 2) and q.scales.shape == (6, kp // block)
+    assert (
+        q.shape == (6, 40) and q.packed.shape == (6, kp // 2) and q.scales.shape == (6, kp // block)
+    )
     assert (unpack_nibbles(q.packed)[:, 40:] == 0).all()  # padding encodes as +0
     deq = q.dequantize()
     assert deq.shape == (6, 40)
     padded = quantize_fp4(torch.nn.functional.pad(x, (0, kp - 40)), fmt)
-    assert torch.equal(padded.packed, q.packed) and torch.equal(padded.scales.view(torch.uint8), q.scales.view(torch.uint8))
+    assert torch.equal(padded.packed, q.packed) and torch.equal(
+        padded.scales.view(torch.uint8), q.scales.view(torch.uint8)
+    )
     assert _same_bits(padded.dequantize()[:, :40], deq)
 
 
@@ -329,7 +333,9 @@ def test_state_tensors_round_trip(fmt):
     x = _normal((2, 3, 40), seed=14)
     q = quantize_fp4(x, fmt)
     state = q.state_tensors()
-    assert set(state) == ({"packed", "scales", "tensor_scale"} if fmt == "nvfp4" else {"packed", "scales"})
+    assert set(state) == (
+        {"packed", "scales", "tensor_scale"} if fmt == "nvfp4" else {"packed", "scales"}
+    )
     buf = io.BytesIO()
     torch.save(state, buf)
     buf.seek(0)
@@ -460,7 +466,11 @@ def test_relative_error_on_gaussian(fmt, limit):
 @pytest.mark.parametrize("dist", DISTRIBUTIONS)
 def test_fake_quantize_equals_dequantize_of_quantize(fmt, dtype, dist):
     for i, shape in enumerate([(16, 128), (5, 40), (2, 3, 50)]):
-        w = DISTRIBUTIONS[dist]((math.prod(shape[:-1]), shape[-1]), seed=20 + i).reshape(shape).to(dtype)
+        w = (
+            DISTRIBUTIONS[dist]((math.prod(shape[:-1]), shape[-1]), seed=20 + i)
+            .reshape(shape)
+            .to(dtype)
+        )
         fq = fake_quantize_fp4(w, fmt)
         assert fq.dtype == dtype and fq.shape == w.shape
         assert _same_bits(fq, quantize_fp4(w, fmt).dequantize(dtype))

@@ -127,7 +127,9 @@ def e2m1_encode(x: Tensor) -> Tensor:
     multiple, _, offset = _e2m1_grid(x.abs().clamp(max=E2M1_MAX))
     nan = torch.isnan(x)
     magnitude = torch.where(nan, 0.0, multiple).to(torch.uint8) + offset
-    magnitude = torch.where(nan, _nan_magnitude_code(x.view(torch.int32)).to(torch.uint8), magnitude)
+    magnitude = torch.where(
+        nan, _nan_magnitude_code(x.view(torch.int32)).to(torch.uint8), magnitude
+    )
     return magnitude | (torch.signbit(x).to(torch.uint8) << 3)
 
 
@@ -156,9 +158,11 @@ def pack_nibbles(codes: Tensor) -> Tensor:
     the order torchao and the Blackwell FP4 GEMMs use.
     """
     if codes.shape[-1] % 2:
-        raise ValueError(f"pack_nibbles needs an even last dimension, got shape {tuple(codes.shape)}")
+        raise ValueError(
+            f"pack_nibbles needs an even last dimension, got shape {tuple(codes.shape)}"
+        )
     pairs = codes.to(torch.uint8).reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
-    return (pairs[..., 1] & 0x0F) | (pairs[..., 0] << 4)
+    return (pairs[..., 0] & 0x0F) | (pairs[..., 1] << 4)
 
 
 def unpack_nibbles(packed: Tensor) -> Tensor:
@@ -245,7 +249,9 @@ def _nvfp4_scaling(block_amax: Tensor, tensor_scale: Tensor) -> _Scaling:
     scales = (block_amax / E2M1_MAX / tensor_scale).clamp(E4M3_MIN_NORMAL, E4M3_MAX)
     scales = scales.to(torch.float8_e4m3fn)
     reciprocal = ((1.0 / tensor_scale) / scales.float()).unsqueeze(-1)
-    return _Scaling(scales, tensor_scale, lambda t: t * reciprocal, _nvfp4_multiplier(scales, tensor_scale))
+    return _Scaling(
+        scales, tensor_scale, lambda t: t * reciprocal, _nvfp4_multiplier(scales, tensor_scale)
+    )
 
 
 def _nvfp4_multiplier(scales: Tensor, tensor_scale: Tensor) -> Tensor:
@@ -272,7 +278,9 @@ def _mxfp4_scaling(block_amax: Tensor) -> _Scaling:
 def _mxfp4_multiplier(scales: Tensor) -> Tensor:
     """Exact fp32 value 2^(e - 127) of E8M0 bytes ``scales`` (NaN for 255), built from bits."""
     e = scales.to(torch.int32)
-    bits = torch.where(e == 0, 1 << (_F32_MANT_BITS - 1), e << _F32_MANT_BITS)  # 2^-127 is subnormal
+    bits = torch.where(
+        e == 0, 1 << (_F32_MANT_BITS - 1), e << _F32_MANT_BITS
+    )  # 2^-127 is subnormal
     return torch.where(e == E8M0_NAN, math.nan, bits.view(torch.float32))
 
 
@@ -284,7 +292,9 @@ def _scaling(x: Tensor, x_abs: Tensor, fmt: str, tensor_scale: Tensor | None) ->
     if tensor_scale is None:
         tensor_scale = _default_tensor_scale(block_amax)
     else:
-        tensor_scale = torch.as_tensor(tensor_scale, dtype=torch.float32, device=x.device).reshape(())
+        tensor_scale = torch.as_tensor(tensor_scale, dtype=torch.float32, device=x.device).reshape(
+            ()
+        )
     return _nvfp4_scaling(block_amax, tensor_scale)
 
 
@@ -314,7 +324,10 @@ class FP4Weight:
         n, kp = math.prod(self.shape[:-1]), _padded(self.shape[-1], self.block_size)
         expected = {
             "packed": ((n, kp // 2), torch.uint8),
-            "scales": ((n, kp // self.block_size), torch.float8_e4m3fn if self.fmt == "nvfp4" else torch.uint8),
+            "scales": (
+                (n, kp // self.block_size),
+                torch.float8_e4m3fn if self.fmt == "nvfp4" else torch.uint8,
+            ),
         }
         for name, (shape, dtype) in expected.items():
             t = getattr(self, name)
@@ -324,7 +337,9 @@ class FP4Weight:
                     f"got {t.dtype} {tuple(t.shape)}"
                 )
         if (self.fmt == "nvfp4") != (self.tensor_scale is not None):
-            raise ValueError(f"{self.fmt}: tensor_scale must be {'given' if self.fmt == 'nvfp4' else 'None'}")
+            raise ValueError(
+                f"{self.fmt}: tensor_scale must be {'given' if self.fmt == 'nvfp4' else 'None'}"
+            )
 
     @property
     def block_size(self) -> int:
@@ -368,7 +383,9 @@ class FP4Weight:
         cls, fmt: str, shape: tuple[int, ...] | torch.Size, tensors: dict[str, Tensor]
     ) -> FP4Weight:
         """Rebuild a weight saved with :meth:`state_tensors` (validates shapes and dtypes)."""
-        return cls(fmt, tensors["packed"], tensors["scales"], tensors.get("tensor_scale"), tuple(shape))
+        return cls(
+            fmt, tensors["packed"], tensors["scales"], tensors.get("tensor_scale"), tuple(shape)
+        )
 
 
 # --------------------------------------------------------------------------- entry points

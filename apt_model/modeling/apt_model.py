@@ -221,9 +221,6 @@ class KVCache:
     def length(self) -> int:
         return self.layers[0].length if self.layers else 0
 
-    def __len__(self) -> int:
-        return len(self.layers)
-
     def __getitem__(self, i: int) -> LayerKVCache:
         return self.layers[i]
 
@@ -314,7 +311,11 @@ class APTAttention(nn.Module):
 
 
 class APTBlock(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    Positional tensor arguments only, so ``torch.utils.checkpoint`` can wrap ``forward``. Do
+    not checkpoint a block while it fills a KV cache: the recomputation would append twice.
+    """
 
     def __init__(self, config: APTConfig) -> None:
         super().__init__()
@@ -457,7 +458,8 @@ class APTModel(nn.Module):
         The prompt runs once (prefill), then one token per step against the KV cache. Greedy
         when ``do_sample`` is False or ``temperature`` is 0. Sequences that produced
         ``eos_token_id`` are padded with it; generation stops once all of them have. The model
-        is called through ``self(...)`` so a forward wrapped from outside is used.
+        is called through ``self(...)`` so a forward wrapped from outside is used. A 1-D
+        prompt is treated as a batch of one.
         """
         if input_ids.dim() == 1:
             input_ids = input_ids[None]

@@ -1,0 +1,300 @@
+"""Tests of the training stack: corpus, checkpoints, the trainer, resume, launchers, errors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import apt_model.training.checkpoint as ckpt_module
+from apt_model.errors import VBDataError, run_cli
+from apt_model.modeling.apt_model import APTConfig, APTModel
+from apt_model.optimization import vb_global
+from apt_model.training import launcher
+from apt_model.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from apt_model.training.data import ByteCorpus, decode, default_corpus_text, encode, load_text
+from apt_model.training.gpt_trainer import GPTTrainer
+from apt_model.training.trainer import TrainConfig, Trainer, lr_at
+
+REPO = Path(__file__).resolve().parents[1]
+# Small enough for a 2-core CPU, large enough that the byte loss visibly falls.
+FAST = dict(batch_size=8, seq_len=32, eval_batches=2, sample_tokens=16, progress=False, warmup=5)
+FAST_FLAGS = ["--batch-size", "8", "--seq-len", "32", "--sample-tokens", "16", "--warmup", "5", "--no-progress"]
+
+
+def script_env() -> dict[str, str]:
+    """The scripts' environment: this checkout importable, no VB switched on from outside."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ENABLE_VIRTUAL_BLACKWELL", "VB_MODE", "VB_CONFIG")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_script(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env or script_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(autouse=True)
+def vb_off_english(monkeypatch):
+    """English messages to match on; VB switched on by a test must not leak into the next."""
+    monkeypatch.setenv("VB_LANG", "en")
+    vb_global.disable()
+    yield
+    vb_global.disable()
+
+
+# ---- data --------------------------------------------------------------------------------
+
+
+def test_default_corpus_is_real_pydoc_text_and_deterministic():
+    from pydoc_data.topics import topics
+
+    text = default_corpus_text()
+    assert text == "\n\n".join(topics[k] for k in sorted(topics))
+    assert len(text) > 400_000 and 'The "assert" statement' in text
+    a, b = ByteCorpus.load(), ByteCorpus.load()
+    total = len(a.train) + len(a.val)
+    assert total == len(text.encode("utf-8"))
+    assert len(a.val) == int(total * 0.1)
+    assert torch.equal(a.train, b.train) and torch.equal(a.val, b.val)
+    assert torch.equal(torch.cat([a.train, a.val]), encode(text))
+    assert decode(a.val[:0]) == "" and decode(encode("héllo ✓")) == "héllo ✓"
+    assert decode([0xE2, 0x9C]) == "\ufffd"  # cut mid-character: replaced, not an error
+
+
+def test_batches_are_seeded_windows_of_the_split():
+    corpus = ByteCorpus.load()
+    x = corpus.get_batch("train", 4, 16, torch.Generator().manual_seed(3))
+    y = corpus.get_batch("train", 4, 16, torch.Generator().manual_seed(3))
+    assert x.shape == (4, 17) and x.dtype == torch.long and torch.equal(x, y)
+    text = bytes(corpus.train.tolist())
+    assert all(bytes(row.tolist()) in text for row in x)
+    assert corpus.steps_per_epoch(4, 16) == len(corpus.train) // 64
+
+
+def test_data_from_files_and_folders(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / "a.txt").write_text("alpha text\n")
+    (tmp_path / "sub" / "b.md").write_text("# beta ✓\n")
+    (tmp_path / "sub" / "c.py").write_text("print('gamma')\n")
+    (tmp_path / "sub" / "noise.txt").write_bytes(b"\x00\x01binary")
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n")
+    (tmp_path / ".hidden" / "x.txt").write_text("hidden")
+    text = load_text([tmp_path])
+    assert text == "alpha text\n\n\n# beta ✓\n\n\nprint('gamma')\n"
+    assert load_text([tmp_path / "a.txt", tmp_path / "sub" / "b.md"]) == "alpha text\n\n\n# beta ✓\n"
+    corpus = ByteCorpus.from_text("x" * 1000, source="t")
+    assert (len(corpus.train), len(corpus.val)) == (900, 100)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty_folder", "binary_only", "empty_file", "binary_file"])
+def test_bad_data_paths_are_clear_errors(tmp_path, case):
+    target = tmp_path / "data"
+    if case == "empty_folder":
+        target.mkdir()
+    elif case == "binary_only":
+        target.mkdir()
+        (target / "blob.bin").write_bytes(b"\x00" * 10)
+        (target / "fake.txt").write_bytes(b"\xff\xfe\x00x")
+    elif case == "empty_file":
+        target.write_text("")
+    elif case == "binary_file":
+        target.write_bytes(b"\x00\x01\x02")
+    with pytest.raises(VBDataError, match="data (path|folder|file)"):
+        load_text([target])
+
+
+def test_too_little_data_for_the_window_is_a_clear_error():
+    with pytest.raises(VBDataError, match="seq-len"):
+        ByteCorpus.from_text("short text " * 5, source="t").check_fits(64)
+
+
+# ---- checkpoints -------------------------------------------------------------------------
+
+
+def tiny_state(step: int) -> dict:
+    torch.manual_seed(step)
+    model = APTModel(APTConfig.from_preset("tiny"))
+    return {"model": model.state_dict(), "step": step, "note": f"step {step}"}
+
+
+def test_checkpoint_roundtrip_keeps_tied_weights_and_prunes(tmp_path):
+    root = tmp_path / "checkpoints"
+    states = [tiny_state(s) for s in (1, 2, 3)]
+    for state in states:
+        save_checkpoint(root, state, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["ckpt-00000002", "ckpt-00000003", "latest"]
+    loaded = load_checkpoint(root)
+    assert loaded["step"] == 3 and loaded["note"] == "step 3"
+    assert loaded["model"]["lm_head.weight"] is loaded["model"]["embed.weight"]
+    for name, tensor in states[-1]["model"].items():
+        assert torch.equal(loaded["model"][name], tensor), name
+    model = APTModel(APTConfig.from_preset("tiny"))
+    model.load_state_dict(loaded["model"])
+    assert model.lm_head.weight is model.embed.weight
+    # the same step saved again replaces the folder in place
+    save_checkpoint(root, {**states[-1], "note": "again"})
+    assert load_checkpoint(root)["note"] == "again"
+
+
+@pytest.mark.parametrize("failing", ["weights", "trainer_state"])
+def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch, failing):
+    root = tmp_path / "checkpoints"
+    save_checkpoint(root, tiny_state(1))
+
+    def disk_full(_obj, target, *args, **kwargs):
+        Path(target if isinstance(target, (str, Path)) else target.name).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    if failing == "weights":
+        monkeypatch.setattr(ckpt_module, "save_file", disk_full)
+    else:
+        monkeypatch.setattr(ckpt_module.torch, "save", disk_full)
+    with pytest.raises(VBDataError, match="ckpt-00000002") as info:
+        save_checkpoint(root, tiny_state(2))
+    assert "No space left" in str(info.value)
+    assert sorted(p.name for p in root.iterdir()) == ["ckpt-00000001", "latest"]
+    assert latest_checkpoint(root).name == "ckpt-00000001"
+    assert load_checkpoint(root)["step"] == 1
+
+
+def test_half_written_or_dangling_checkpoints_are_never_picked(tmp_path):
+    root = tmp_path / "checkpoints"
+    save_checkpoint(root, tiny_state(1))
+    crashed = root / "ckpt-00000005.tmp"  # a save killed mid-way
+    crashed.mkdir()
+    (crashed / "model.safetensors").write_bytes(b"garbage")
+    assert latest_checkpoint(root).name == "ckpt-00000001"
+    (root / "latest").write_text("ckpt-00000007\n")  # crash between the two renames
+    assert load_checkpoint(root)["step"] == 1
+    with pytest.raises(VBDataError, match="checkpoint"):
+        load_checkpoint(tmp_path / "nothing-here")
+
+
+# ---- trainer -----------------------------------------------------------------------------
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = TrainConfig(lr=1.0, warmup=4, min_lr_ratio=0.1)
+    lrs = [lr_at(s, 20, cfg) for s in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:], strict=False)) and lrs[-1] >= 0.1
+
+
+def test_resume_is_bit_identical(tmp_path):
+    """2N steps in one go == N steps, a crash, and --resume; dropout on, so RNG restore counts."""
+    n = 6
+    cfg = TrainConfig(max_steps=2 * n, save_interval=n, eval_interval=n, out_dir=str(tmp_path / "run"), **FAST)
+
+    def factory() -> APTModel:
+        return APTModel(APTConfig.from_preset("tiny", dropout=0.1))
+
+    full = Trainer(cfg, factory).run()
+    assert len(full.losses) == 2 * n
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / f"ckpt-{2 * n:08d}")  # "crashed" before saving it
+    cfg.resume = True
+    resumed = Trainer(cfg, factory).run()
+    assert resumed.losses == full.losses  # exact float equality, step by step
+    assert resumed.val_loss == full.val_loss and resumed.sample == full.sample
+
+
+def test_launcher_run_learns_and_checkpoints(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = run_cli(launcher.main, ["--max-steps", "40", "--eval-interval", "0", "--out", str(out), *FAST_FLAGS])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    state = load_checkpoint(out / "checkpoints")
+    losses = state["losses"]
+    assert state["step"] == 40 and len(losses) == 40
+    assert sum(losses[-5:]) / 5 < 0.7 * losses[0], losses
+    assert state["train_config"]["preset"] == "tiny" and state["vb_config"] is None
+    assert "ckpt-00000040" in stdout
+    # a second fresh run in the same folder sets the old checkpoints aside
+    assert run_cli(launcher.main, ["--max-steps", "2", "--out", str(out), *FAST_FLAGS]) == 0
+    assert load_checkpoint(out / "checkpoints")["step"] == 2
+    assert load_checkpoint(out / "checkpoints.prev")["step"] == 40
+
+
+def test_gpt_trainer_on_tiny_hf_gpt2(tmp_path):
+    transformers = pytest.importorskip("transformers")
+
+    def factory():
+        config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=256, n_positions=128)
+        return transformers.GPT2LMHeadModel(config)
+
+    cfg = TrainConfig(max_steps=12, lr=3e-3, out_dir=str(tmp_path / "gpt"), **FAST)
+    result = GPTTrainer(cfg, factory).run()
+    assert result.steps == 12 and result.losses[-1] < result.losses[0]
+    assert result.sample.startswith(decode(ByteCorpus.load().val[:32]))
+    state = load_checkpoint(tmp_path / "gpt" / "checkpoints")
+    assert state["model_class"] == "GPT2LMHeadModel"
+    fresh = factory()
+    fresh.load_state_dict(state["model"])
+
+
+# ---- launchers and bad input ---------------------------------------------------------------
+
+
+BAD_INPUTS = {
+    "unknown preset": ["--config", "gigantic"],
+    "zero batch": ["--batch-size", "0"],
+    "negative steps": ["--max-steps", "-5"],
+    "missing data": ["--data", "/no/such/corpus"],
+    "unknown device": ["--device", "quantum:0"],
+    "unavailable device": ["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:999"],
+    "unknown backend": ["--backend", "deepspeed"],
+    "not an int": ["--seq-len", "long"],
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_exit_2(name, tmp_path, capsys):
+    rc = run_cli(launcher.main, ["--max-steps", "1", "--out", str(tmp_path / "o"), *BAD_INPUTS[name]])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_unwritable_out_is_one_line_and_exit_2(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert run_cli(launcher.main, ["--out", str(blocker / "run"), "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(blocker / "run") in err
+
+
+def test_train_script_bad_input_exits_2_with_one_line():
+    proc = run_script("training/train.py", "--vb-mode", "turbo")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "turbo" in proc.stderr
+
+
+def test_train_script_with_vb_learns_and_reports(tmp_path):
+    out = tmp_path / "vb"
+    proc = run_script("training/train.py", "--backend", "playground", "--enable-vb", "--vb-mode", "balanced",
+                      "--config", "tiny", "--max-steps", "30", "--eval-interval", "0", "--out", str(out), *FAST_FLAGS)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Virtual Blackwell stats" in proc.stdout and "ckpt-00000030" in proc.stdout
+    state = load_checkpoint(out / "checkpoints")
+    assert state["vb_config"]["enabled"] and state["vb_config"]["mode"] == "balanced"
+    assert sum(state["losses"][-5:]) / 5 < 0.75 * state["losses"][0]
+
+
+def test_env_auto_enable_honours_vb_mode(tmp_path):
+    env = {**script_env(), "ENABLE_VIRTUAL_BLACKWELL": "1", "VB_MODE": "memory"}
+    proc = run_script("training/train.py", "--max-steps", "2", "--out", str(tmp_path / "env"), *FAST_FLAGS, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Virtual Blackwell stats" in proc.stdout
+    assert load_checkpoint(tmp_path / "env" / "checkpoints")["vb_config"]["mode"] == "memory"
+
+
+def test_train_vb_apt_script_enables_vb_by_default(tmp_path):
+    proc = run_script("training/train_vb_apt.py", "--config", "tiny", "--max-steps", "2",
+                      "--out", str(tmp_path / "apt"), *FAST_FLAGS)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert load_checkpoint(tmp_path / "apt" / "checkpoints")["vb_config"]["mode"] == "balanced"
