@@ -3,7 +3,9 @@
 
 The ``parse_args``/``main`` structure and the VB block are the integration recipe from the
 user's guide, kept as written; the flags and the training itself live in
-``apt_model.training.launcher`` so ``vb train`` and ``train_vb_apt.py`` share them.
+``apt_model.training.launcher`` so ``vb train`` and ``train_vb_apt.py`` share them. The
+launcher is imported inside the functions, under ``run_cli``: importing it reads the VB
+environment variables, and a bad one must be a one-line error, not a traceback.
 """
 # ruff: noqa: F401  (the recipe imports vb_autopatch for its side effect: patching APT)
 
@@ -11,14 +13,14 @@ import argparse
 import sys
 
 from apt_model.errors import run_cli
-from apt_model.training import launcher
 
 
 def parse_args():
     parser = argparse.ArgumentParser()
 
     # ... 其他参数
-    launcher.add_training_arguments(parser)
+    from apt_model.training.launcher import add_training_arguments
+    add_training_arguments(parser)
 
     # 虚拟Blackwell
     parser.add_argument('--enable-vb', action='store_true',
@@ -47,7 +49,8 @@ def main():
             vb.enable_balanced_mode()
 
     # ... 后续训练代码
-    return launcher.run(args)
+    from apt_model.training.launcher import run
+    return run(args)
 
 
 if __name__ == "__main__":

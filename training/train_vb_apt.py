@@ -4,14 +4,22 @@
     python training/train_vb_apt.py --config medium --epochs 20
 
 Same flags as training/train.py; defaults suited to a real run: the "small" preset, 256-token
-windows, output in runs/vb-apt-<preset>. VB is enabled here, before the model is built.
+windows (capped by the preset), output in runs/vb-apt-<preset>. VB is enabled before the
+model is built, so autopatch optimizes it.
 """
 
 import sys
+from collections.abc import Sequence
 
 from apt_model.errors import run_cli
-from apt_model.training import launcher
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Imported here, under run_cli: a bad VB environment variable is then a one-line error.
+    from apt_model.training import launcher
+
+    return launcher.main(argv, vb_default=True, preset="small", out_prefix="vb-apt", seq_len=256)
+
 
 if __name__ == "__main__":
-    sys.exit(run_cli(lambda argv: launcher.main(argv, vb_default=True, preset="small",
-                                                out_prefix="vb-apt", seq_len=256), sys.argv[1:]))
+    sys.exit(run_cli(main))

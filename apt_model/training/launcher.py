@@ -30,14 +30,15 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, preset: str = "ti
                            out_prefix: str = "playground", seq_len: int = 128) -> argparse.ArgumentParser:
     """Add every training flag except the VB ones; argparse errors become one-line VB errors."""
     parser.error = _raise_config_error  # type: ignore[method-assign]
-    parser.set_defaults(out_prefix=out_prefix)
+    parser.set_defaults(out_prefix=out_prefix, default_seq_len=seq_len)
     add = parser.add_argument
     add("--backend", default="playground", help=tr(f"训练后端: {', '.join(BACKENDS)}", f"training backend: {', '.join(BACKENDS)}"))
     add("--config", default=preset, help=tr(f"模型预设: {', '.join(PRESETS)}", f"model preset: {', '.join(PRESETS)}"))
     add("--epochs", type=int, default=None, help=tr("训练轮数 (默认 1)", "epochs over the training split (default 1)"))
     add("--max-steps", type=int, default=None, help=tr("最多训练步数", "stop after this many optimizer steps"))
     add("--batch-size", type=int, default=16, help=tr("批大小", "sequences per step"))
-    add("--seq-len", type=int, default=seq_len, help=tr("每个序列预测的 token 数", "tokens predicted per sequence"))
+    add("--seq-len", type=int, default=None, help=tr(f"每个序列预测的 token 数 (默认 {seq_len}, 不超过预设上限)",
+                                                    f"tokens predicted per sequence (default {seq_len}, capped by the preset)"))
     add("--lr", type=float, default=None, help=tr("峰值学习率 (默认随预设)", "peak learning rate (default: by preset)"))
     add("--warmup", type=int, default=20, help=tr("预热步数", "linear warm-up steps"))
     add("--data", nargs="+", default=None, help=tr("文本文件或文件夹 (默认: 内置 pydoc 语料)",
@@ -70,7 +71,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         epochs=args.epochs,
         max_steps=args.max_steps,
         batch_size=args.batch_size,
-        seq_len=args.seq_len,
+        seq_len=args.seq_len if args.seq_len is not None else min(args.default_seq_len, PRESETS[args.config]["max_seq_len"] - 1),
         lr=args.lr if args.lr is not None else PRESET_LR[args.config],
         warmup=args.warmup,
         data=list(args.data or []),

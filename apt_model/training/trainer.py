@@ -43,7 +43,7 @@ from apt_model.training.checkpoint import load_checkpoint, save_checkpoint
 from apt_model.training.data import VOCAB_SIZE, ByteCorpus, decode
 
 # The seed's block pins balanced mode; an explicit VB_MODE (full/speed/memory) must still win.
-if vb_global.is_enabled() and os.getenv("VB_MODE", "balanced").lower() != vb_global.active_config().mode:
+if os.getenv('ENABLE_VIRTUAL_BLACKWELL', '').lower() in ('1', 'true') and os.getenv("VB_MODE", "").lower() not in ("", "balanced"):
     vb_global.enable()
 
 VB_MODES = ("full", "speed", "memory", "balanced")
