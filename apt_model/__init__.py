@@ -8,15 +8,13 @@ __version__ = "0.1.0"
 
 
 def _auto_enable() -> None:
-    import sys
-
-    from apt_model.errors import VBConfigError
+    from apt_model.errors import VBConfigError, report
     from apt_model.optimization import config, vb_global
 
     try:
         settings = config.resolve().config
-    except VBConfigError as exc:  # reported again, as an error, by whatever uses the setting
-        print(f"Virtual Blackwell: {exc}", file=sys.stderr)
+    except VBConfigError as exc:  # one line now; a CLI that fails on it does not repeat it
+        report(exc)
         return
     if settings.enabled:
         vb_global.enable()

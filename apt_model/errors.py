@@ -24,12 +24,23 @@ class VBDataError(VBError, OSError):
     """A missing or unreadable data path, or an unwritable output folder."""
 
 
+_reported: set[str] = set()
+
+
+def report(exc: VBError) -> None:
+    """Print an error as one line on stderr, once (the package import may have reported it)."""
+    line = tr("错误: ", "error: ") + str(exc)
+    if line not in _reported:
+        _reported.add(line)
+        print(line, file=sys.stderr)
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Run a command-line entry point; report a `VBError` as one line on stderr and exit 2."""
     try:
         return int(main(argv) or 0)
     except VBError as exc:
-        print(tr("错误: ", "error: ") + str(exc), file=sys.stderr)
+        report(exc)
         return 2
     except KeyboardInterrupt:
         print(tr("已中断", "interrupted"), file=sys.stderr)

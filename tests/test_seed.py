@@ -31,9 +31,9 @@ SHORT_RUN = "--max-steps 3 --batch-size 2 --seq-len 32 --sample-tokens 8 --eval-
 
 
 def namespace() -> dict:
-    from apt_model.modeling.apt_model import APTConfig
-
     import argparse
+
+    from apt_model.modeling.apt_model import APTConfig
 
     return {"__name__": "__seed__", "argparse": argparse, "json": json, "os": os, "vb": vb,
             "config": APTConfig.from_preset("tiny"), "epochs": 6}

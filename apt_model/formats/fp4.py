@@ -218,6 +218,16 @@ def _blocks(w: Tensor, block: int) -> Tensor:
     return x.reshape(x.shape[0], -1, block)
 
 
+def _div(t: Tensor, constant: float) -> Tensor:
+    """``t / constant`` correctly rounded on every device.
+
+    CUDA turns division by a Python (CPU) scalar into multiplication by its rounded
+    reciprocal, which is off by one ulp for e.g. 6; a 0-dim device tensor keeps
+    true division, so CPU and CUDA give the same bits.
+    """
+    return t / torch.full((), constant, dtype=t.dtype, device=t.device)
+
+
 def _default_tensor_scale(block_amax: Tensor) -> Tensor:
     """torchao's ``per_tensor_amax_to_scale``: amax / (448 * 6), in fp32, floored at 2^-120.
 
@@ -228,7 +238,7 @@ def _default_tensor_scale(block_amax: Tensor) -> Tensor:
     zeros encode exactly and such tensors just flush to zero.
     """
     amax = block_amax.amax() if block_amax.numel() else block_amax.new_zeros(())
-    return (amax / (E4M3_MAX * E2M1_MAX)).clamp(min=NVFP4_MIN_TENSOR_SCALE)
+    return _div(amax, E4M3_MAX * E2M1_MAX).clamp(min=NVFP4_MIN_TENSOR_SCALE)
 
 
 class _Scaling(NamedTuple):
@@ -246,7 +256,7 @@ def _nvfp4_scaling(block_amax: Tensor, tensor_scale: Tensor) -> _Scaling:
     Block scale = block_amax / 6 / tensor_scale, clamped to the normal E4M3 range and
     cast to E4M3; elements are multiplied by (1 / tensor_scale) / block_scale.
     """
-    scales = (block_amax / E2M1_MAX / tensor_scale).clamp(E4M3_MIN_NORMAL, E4M3_MAX)
+    scales = (_div(block_amax, E2M1_MAX) / tensor_scale).clamp(E4M3_MIN_NORMAL, E4M3_MAX)
     scales = scales.to(torch.float8_e4m3fn)
     reciprocal = ((1.0 / tensor_scale) / scales.float()).unsqueeze(-1)
     return _Scaling(
