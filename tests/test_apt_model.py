@@ -274,6 +274,90 @@ def test_loss_is_shifted_cross_entropy_with_ignore_index() -> None:
     assert (out.loss - unshifted).abs() > 1e-4
 
 
+def rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def test_loss_implementation_config_and_attribute() -> None:
+    assert APTConfig().loss_implementation == "logits"
+    assert tiny().loss_implementation == "logits"
+    config = APTConfig.from_preset("tiny", loss_implementation="fused")
+    assert config.loss_implementation == "fused"
+    assert APTModel(config).loss_implementation == "fused"
+    assert APTModel(APTConfig.from_preset("tiny"), loss_implementation="fused").loss_implementation == "fused"
+    with pytest.raises(VBConfigError, match="chunked"):
+        APTConfig.from_preset("tiny", loss_implementation="chunked")
+    model = tiny()
+    model.loss_implementation = "chunked"  # a plain attribute, checked at forward
+    with pytest.raises(VBConfigError, match="chunked"):
+        model(ids(), labels=ids())
+    # The switch changes no parameter.
+    assert tiny(loss_implementation="fused").num_parameters() == tiny().config.num_parameters()
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_fused_loss_matches_logits_loss_and_grads(tie: bool) -> None:
+    x = ids(length=12)
+    labels = x.clone()
+    labels[0, 4] = -100
+    labels[1, -1] = -100
+    results = {}
+    for impl in ("logits", "fused"):
+        model = tiny(tie_embeddings=tie)
+        model.loss_implementation = impl  # read at every forward
+        out = model(x, labels=labels)
+        out.loss.backward()
+        results[impl] = (out, {n: p.grad.clone() for n, p in model.named_parameters()})
+        assert model.lm_head.weight.grad.abs().max() > 0
+    (plain, plain_grads), (fused, fused_grads) = results["logits"], results["fused"]
+    assert plain.logits is not None and fused.logits is None
+    assert abs(fused.loss.item() - plain.loss.item()) <= 1e-5 * plain.loss.item()
+    assert plain_grads.keys() == fused_grads.keys()
+    for name, grad in plain_grads.items():
+        assert rel(fused_grads[name], grad) <= 1e-5, name
+
+
+def test_fused_loss_uses_the_chunked_op_and_not_the_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = apt_module.linear_cross_entropy
+
+    def spy(hidden, weight, targets, **kwargs):
+        calls.append((hidden.shape, weight, targets.shape))
+        return real(hidden, weight, targets, **kwargs)
+
+    monkeypatch.setattr(apt_module, "linear_cross_entropy", spy)
+    model = tiny(loss_implementation="fused")
+    model.lm_head.forward = None  # calling the head would fail: the logits are never built
+    x = ids(batch=2, length=10)
+    assert model(x, labels=x).logits is None
+    assert len(calls) == 1
+    hidden_shape, weight, targets_shape = calls[0]
+    assert hidden_shape == (2, 9, 128) and targets_shape == (2, 9)
+    assert weight is model.lm_head.weight
+
+
+def test_fused_mode_without_labels_and_generate_are_unchanged() -> None:
+    plain, fused = tiny(), tiny(loss_implementation="fused")
+    x = ids(length=10)
+    torch.testing.assert_close(fused(x).logits, plain(x).logits, rtol=0, atol=0)
+    prompt = ids(batch=2, length=4)
+    assert torch.equal(fused.eval().generate(prompt, 8, do_sample=False),
+                       plain.eval().generate(prompt, 8, do_sample=False))
+
+
+def test_fused_loss_under_bf16_autocast_is_close() -> None:
+    x = ids(length=16)
+    losses = {}
+    for impl in ("logits", "fused"):
+        model = tiny(n_layers=2, loss_implementation=impl)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses[impl] = model(x, labels=x).loss
+        assert losses[impl].dtype == torch.float32
+        losses[impl].backward()
+        assert model.embed.weight.grad.dtype == torch.float32
+    assert abs(losses["fused"].item() - losses["logits"].item()) <= 1e-3 * losses["logits"].item()
+
+
 def test_too_long_input_raises() -> None:
     model = tiny(max_seq_len=32)
     model(ids(length=32))

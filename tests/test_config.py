@@ -36,11 +36,12 @@ def test_defaults_and_mode_table():
     resolved = config.resolve()
     assert resolved.config.mode == "balanced" and not resolved.config.enabled
     assert all(src == "default" or src.startswith("mode:") for src in resolved.sources.values())
+    # fp4, fused attention, fused loss, bf16 autocast, checkpointing
     expected = {
-        "full": (True, True, True, True),
-        "speed": (True, False, False, False),
-        "memory": (False, True, True, True),
-        "balanced": (False, True, True, False),
+        "full": (True, True, True, True, True),
+        "speed": (True, False, False, False, False),
+        "memory": (False, True, True, True, True),
+        "balanced": (False, True, True, True, False),
     }
     for mode, flags in expected.items():
         cfg = config.VBConfig(mode=mode)
@@ -141,8 +142,8 @@ def test_enable_disable_get_config(monkeypatch):
     assert vb.get_config()["mode"] == "memory" and not vb.get_config()["enabled"]
     cfg = vb.enable(verbose=False)
     assert vb.is_enabled() and cfg["mode"] == "memory"
-    assert cfg["effective"] == {"fp4": False, "fused_attention": True, "mixed_precision": True,
-                                "gradient_checkpointing": True}
+    assert cfg["effective"] == {"fp4": False, "fused_attention": True, "fused_loss": True,
+                                "mixed_precision": True, "gradient_checkpointing": True}
     assert vb.explain_config()["mode"] == ("memory", "env:VB_MODE")
     vb.enable_speed_mode(verbose=False)
     assert vb.get_config()["mode"] == "speed" and vb.explain_config()["mode"][1] == "argument"

@@ -116,7 +116,7 @@ def test_fused_attention_and_checkpointing_are_exact_in_fp32():
     ref = plain_model()
     loss_ref = train_step(ref, x)
     for options in ({"fused_attention": True}, {"gradient_checkpointing": True}):
-        model = build(mode="balanced", mixed_precision=False, **options)
+        model = build(mode="balanced", mixed_precision=False, fused_loss=False, **options)
         assert torch.equal(model.state_dict()["embed.weight"], ref.state_dict()["embed.weight"])
         loss = train_step(model, x)
         if "gradient_checkpointing" in options:  # the same forward ops: the same loss, bit for bit
@@ -125,6 +125,21 @@ def test_fused_attention_and_checkpointing_are_exact_in_fp32():
         # gradients: the tied embedding sums its two contributions in another order
         for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
             assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name
+
+
+def test_fused_loss_matches_the_plain_loss_without_materializing_logits():
+    x = batch(6)
+    ref = plain_model()
+    loss_ref = train_step(ref, x)
+    model = build(mode="balanced", mixed_precision=False)
+    assert model.loss_implementation == "fused" and model._vb_report.fused_losses == 1
+    out = model(x, labels=x)
+    assert out.logits is None
+    out.loss.backward()
+    assert abs(out.loss.item() - loss_ref.item()) <= 1e-5 * loss_ref.item()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7), name
+    assert model(x).logits.shape == (*x.shape, CFG.vocab_size)  # no labels: logits as usual
 
 
 def test_bf16_autocast_loss_and_gradients_within_tolerance():

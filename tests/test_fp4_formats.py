@@ -180,6 +180,19 @@ def test_e2m1_encode_matches_torchao_on_random_bit_patterns(torchao_mx):
     assert torch.equal(e2m1_encode(x), kernels.f32_to_f4_unpacked(x))
 
 
+@pytest.mark.parametrize("variant", ["_round_by_magic_add", "_round_by_bucket"])
+def test_fast_rounding_equals_encode_decode_on_random_bit_patterns(variant):
+    """Both fake-quantization rounding kernels (CPU and CUDA) must agree with the code path."""
+    from apt_model.formats import fp4
+
+    bits = torch.randint(-(2**31), 2**31 - 1, (1 << 18,), generator=_gen(18), dtype=torch.int32)
+    grid = torch.linspace(-8, 8, 4097)  # every tie and every E2M1 value, both signs
+    y = torch.cat([bits.view(torch.float32), grid, torch.tensor([math.inf, -math.inf, -0.0])])
+    y = y[~torch.isnan(y)]
+    fast = getattr(fp4, variant)(y.abs()).copysign_(y)
+    assert _same_bits(fast, e2m1_decode(e2m1_encode(y)))
+
+
 def test_nibble_order_matches_torchao(torchao_mx):
     _, _, kernels = torchao_mx
     codes = torch.randint(0, 16, (6, 20), generator=_gen(8), dtype=torch.uint8)
@@ -285,6 +298,19 @@ def test_all_zero_and_tiny_tensors_do_not_become_nan():
             assert _same_bits(fake_quantize_fp4(x, fmt), deq)
     q = quantize_nvfp4(torch.zeros(2, 16))
     assert (q.packed == 0).all() and (q.dequantize() == 0).all()
+
+
+@pytest.mark.parametrize("fmt", FP4_FORMATS)
+def test_float64_input_is_quantized_as_its_fp32_rounding(fmt):
+    # 0.25 + 1e-12 is a tie (-> 0) once in fp32, but would round up to 0.5 in float64.
+    w = torch.tensor(
+        [[2688.0] + [0.0] * 31, [6.0, 0.25 + 1e-12, 1.75 - 1e-12] + [0.0] * 29], dtype=torch.float64
+    )
+    q = quantize_fp4(w, fmt)
+    assert torch.equal(q.packed, quantize_fp4(w.float(), fmt).packed)
+    assert q.dequantize()[1, :3].tolist() == [6.0, 0.0, 2.0]
+    fq = fake_quantize_fp4(w, fmt)
+    assert fq.dtype == torch.float64 and fq[1, :3].tolist() == [6.0, 0.0, 2.0]
 
 
 # --------------------------------------------------------------------------- storage

@@ -28,8 +28,10 @@ FAST_FLAGS = ["--batch-size", "8", "--seq-len", "32", "--sample-tokens", "16", "
 
 
 def script_env() -> dict[str, str]:
-    """The scripts' environment: this checkout importable, no VB switched on from outside."""
+    """The scripts' environment: this checkout importable, no VB switched on from outside,
+    one CPU thread (see ``one_thread``)."""
     env = {k: v for k, v in os.environ.items() if k not in ("ENABLE_VIRTUAL_BLACKWELL", "VB_MODE", "VB_CONFIG")}
+    env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
 
@@ -37,6 +39,16 @@ def script_env() -> dict[str, str]:
 def run_script(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env or script_env(),
                           capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tiny models gain nothing from threads, and on a busy 2-core machine spinning
+    OpenMP threads make each step several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)
@@ -206,19 +218,19 @@ def test_resume_is_bit_identical(tmp_path):
 
 def test_launcher_run_learns_and_checkpoints(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = run_cli(launcher.main, ["--max-steps", "40", "--eval-interval", "0", "--out", str(out), *FAST_FLAGS])
+    rc = run_cli(launcher.main, ["--max-steps", "20", "--eval-interval", "0", "--out", str(out), *FAST_FLAGS])
     assert rc == 0
     stdout = capsys.readouterr().out
     state = load_checkpoint(out / "checkpoints")
     losses = state["losses"]
-    assert state["step"] == 40 and len(losses) == 40
+    assert state["step"] == 20 and len(losses) == 20
     assert sum(losses[-5:]) / 5 < 0.7 * losses[0], losses
     assert state["train_config"]["preset"] == "tiny" and state["vb_config"] is None
-    assert "ckpt-00000040" in stdout
+    assert "ckpt-00000020" in stdout
     # a second fresh run in the same folder sets the old checkpoints aside
     assert run_cli(launcher.main, ["--max-steps", "2", "--out", str(out), *FAST_FLAGS]) == 0
     assert load_checkpoint(out / "checkpoints")["step"] == 2
-    assert load_checkpoint(out / "checkpoints.prev")["step"] == 40
+    assert load_checkpoint(out / "checkpoints.prev")["step"] == 20
 
 
 def test_gpt_trainer_on_tiny_hf_gpt2(tmp_path):
@@ -250,6 +262,8 @@ BAD_INPUTS = {
     "unavailable device": ["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:999"],
     "unknown backend": ["--backend", "deepspeed"],
     "not an int": ["--seq-len", "long"],
+    "nothing to resume": ["--resume"],
+    "window too long": ["--seq-len", "256"],
 }
 
 
@@ -277,9 +291,9 @@ def test_train_script_bad_input_exits_2_with_one_line():
 def test_train_script_with_vb_learns_and_reports(tmp_path):
     out = tmp_path / "vb"
     proc = run_script("training/train.py", "--backend", "playground", "--enable-vb", "--vb-mode", "balanced",
-                      "--config", "tiny", "--max-steps", "30", "--eval-interval", "0", "--out", str(out), *FAST_FLAGS)
+                      "--config", "tiny", "--max-steps", "20", "--eval-interval", "0", "--out", str(out), *FAST_FLAGS)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "Virtual Blackwell stats" in proc.stdout and "ckpt-00000030" in proc.stdout
+    assert "Virtual Blackwell stats" in proc.stdout and "ckpt-00000020" in proc.stdout
     state = load_checkpoint(out / "checkpoints")
     assert state["vb_config"]["enabled"] and state["vb_config"]["mode"] == "balanced"
     assert sum(state["losses"][-5:]) / 5 < 0.75 * state["losses"][0]

@@ -97,9 +97,49 @@ def _e2m1_grid(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _e2m1_round_magnitude(a: Tensor) -> Tensor:
-    """Nearest E2M1 magnitude of ``a`` (>= 0 or NaN; ties to even, saturating at 6)."""
-    multiple, step, _ = _e2m1_grid(a.clamp(max=E2M1_MAX))
-    return multiple.mul_(step)
+    """Nearest E2M1 magnitude of ``a`` (>= 0; ties to even, saturating at 6).
+
+    The fake-quantization fast path, equal to ``_e2m1_grid``'s rounding for every
+    non-NaN input (NaN inputs only occur in blocks whose scale is NaN). Each
+    device gets the variant that is fastest there.
+    """
+    if a.device.type == "cuda":
+        return _round_by_bucket(a)
+    return _round_by_magic_add(a)
+
+
+def _round_by_magic_add(a: Tensor) -> Tensor:
+    """Let the FPU round: add and subtract ``magic = step * 2^23``.
+
+    The ulp of ``magic`` is ``step`` and ``magic / step`` is even, so ``a + magic``
+    rounds ``a`` to a multiple of ``step`` with ties to even. ``step`` is half the
+    power of two at or below ``clamp(a, 1, 4)``; ``magic`` is that power times
+    2^22, built by adding 22 to its exponent field. Six elementwise passes.
+    """
+    binade = a.clamp(1.0, 4.0).view(torch.int32) & 0x7F800000
+    magic = binade.add_(22 << _F32_MANT_BITS).view(torch.float32)
+    return (a + magic).sub_(magic).clamp_(max=E2M1_MAX)
+
+
+@functools.lru_cache(maxsize=16)
+def _bucket_tables(device: torch.device) -> tuple[Tensor, Tensor]:
+    """Decision boundaries and magnitudes for :func:`_round_by_bucket`.
+
+    The boundaries are the midpoints between neighbouring magnitudes. With
+    ``right=True`` a value equal to a boundary lands above it, so a midpoint whose
+    upper neighbour has the even code (0.75, 1.75, 3.5) is used as is, and the
+    others (0.25, 1.25, 2.5, 5) are nudged one ulp up so their ties fall below.
+    """
+    mids = (E2M1_VALUES[:7] + E2M1_VALUES[1:8]) / 2
+    ties_down = torch.tensor([True, False, True, False, True, False, True])
+    mids = torch.where(ties_down, torch.nextafter(mids, torch.full_like(mids, math.inf)), mids)
+    return mids.to(device), E2M1_VALUES[:8].to(device)
+
+
+def _round_by_bucket(a: Tensor) -> Tensor:
+    """Binary search of ``a`` among the midpoints, then a table lookup: two passes."""
+    boundaries, magnitudes = _bucket_tables(a.device)
+    return magnitudes[torch.bucketize(a, boundaries, out_int32=True, right=True)]
 
 
 def _nan_magnitude_code(bits: Tensor) -> Tensor:
@@ -200,18 +240,27 @@ def fp4_nbytes(shape: tuple[int, ...], fmt: str) -> int:
     return n * kp // 2 + n * (kp // block) + tensor_scale
 
 
+# Inputs kept in their own dtype: abs/amax are exact in it, and mixing them with the
+# fp32 scales promotes each element to fp32 on the fly, exactly as an explicit
+# upcast would, without a separate conversion pass.
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _blocks(w: Tensor, block: int) -> Tensor:
-    """``w`` as fp32 ``[N, K_padded / block, block]``: leading dims flattened, K zero-padded.
+    """``w`` as ``[N, K_padded / block, block]``: leading dims flattened, K zero-padded.
 
     Zero padding never changes a block maximum, so the padded elements only cost
-    storage; they are trimmed again on dequantization.
+    storage; they are trimmed again on dequantization. Other float dtypes
+    (float64, float8) are converted to fp32, the precision the formats are defined in.
     """
     if w.dim() == 0:
         raise ValueError("an FP4 weight needs at least one dimension")
     if not w.is_floating_point():
         raise TypeError(f"FP4 quantization needs a floating-point tensor, got {w.dtype}")
     k = w.shape[-1]
-    x = w.detach().reshape(math.prod(w.shape[:-1]), k).float()
+    x = w.detach().reshape(math.prod(w.shape[:-1]), k)
+    if x.dtype not in _NATIVE_DTYPES:
+        x = x.float()
     pad = _padded(k, block) - k
     if pad:
         x = F.pad(x, (0, pad))
@@ -288,23 +337,24 @@ def _mxfp4_scaling(block_amax: Tensor) -> _Scaling:
 def _mxfp4_multiplier(scales: Tensor) -> Tensor:
     """Exact fp32 value 2^(e - 127) of E8M0 bytes ``scales`` (NaN for 255), built from bits."""
     e = scales.to(torch.int32)
-    bits = torch.where(
-        e == 0, 1 << (_F32_MANT_BITS - 1), e << _F32_MANT_BITS
-    )  # 2^-127 is subnormal
+    subnormal = 1 << (_F32_MANT_BITS - 1)  # 2^-127 has no exponent field of its own
+    bits = torch.where(e == 0, subnormal, e << _F32_MANT_BITS)
     return torch.where(e == E8M0_NAN, math.nan, bits.view(torch.float32))
 
 
 def _scaling(x: Tensor, x_abs: Tensor, fmt: str, tensor_scale: Tensor | None) -> _Scaling:
-    """The scaling of blocks ``x`` (fp32 ``[N, B, block]``, with ``x_abs = |x|``)."""
-    block_amax = x_abs.amax(dim=-1)
+    """The scaling of blocks ``x`` (``[N, B, block]``, with ``x_abs = |x|``)."""
+    # Max-pooling the flat rows is the same maximum (NaN included) as amax over the
+    # 16/32-wide last dim, and several times faster than that reduction on GPU and CPU.
+    n, blocks, block = x_abs.shape
+    block_amax = F.max_pool1d(x_abs.reshape(n, 1, blocks * block), block).reshape(n, blocks).float()
     if fmt == "mxfp4":
         return _mxfp4_scaling(block_amax)
     if tensor_scale is None:
         tensor_scale = _default_tensor_scale(block_amax)
     else:
-        tensor_scale = torch.as_tensor(tensor_scale, dtype=torch.float32, device=x.device).reshape(
-            ()
-        )
+        tensor_scale = torch.as_tensor(tensor_scale, dtype=torch.float32, device=x.device)
+        tensor_scale = tensor_scale.reshape(())
     return _nvfp4_scaling(block_amax, tensor_scale)
 
 
@@ -362,10 +412,9 @@ class FP4Weight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight in ``dtype`` and its original shape (computed in fp32, then cast once)."""
-        n = self.packed.shape[0]
         values = _byte_values(self.packed.device)[self.packed.int()]  # [N, Kp/2, 2]
-        values = values.reshape(n, -1, self.block_size) * self._multiplier().unsqueeze(-1)
-        return values.reshape(n, -1)[:, : self.shape[-1]].reshape(self.shape).to(dtype)
+        values = values.reshape(self.packed.shape[0], -1, self.block_size)
+        return _scale_and_trim(values, self._multiplier(), self.shape, dtype)
 
     def nbytes(self) -> int:
         """Bytes actually stored: packed codes, block scales and the tensor scale."""
@@ -432,17 +481,28 @@ def quantize_fp4(w: Tensor, fmt: str) -> FP4Weight:
 def fake_quantize_fp4(w: Tensor, fmt: str) -> Tensor:
     """``quantize_fp4(w, fmt).dequantize(w.dtype)``, bit for bit, without packing.
 
-    This is the per-step hot path, so it skips codes and bytes: magnitudes are
-    rounded straight to E2M1 values and the sign is copied back (scaling by a
-    positive factor commutes with abs). A NaN element makes its block scale NaN,
-    so the few elements whose rounding differs from the code path (NaN ones)
-    still come out NaN either way. No autograd graph is recorded; the caller
-    adds the straight-through gradient.
+    This is the per-step hot path, so it skips codes and bytes: the scaled
+    elements are rounded straight to E2M1 magnitudes and given back their sign.
+    Elements whose rounding differs from the code path (NaN ones) only occur in
+    blocks whose scale is NaN, so they come out NaN either way. No autograd
+    graph is recorded; the caller adds the straight-through gradient.
     """
     with torch.no_grad():
         x = _blocks(w, _block_size(fmt))
-        x_abs = x.abs()
-        scaling = _scaling(x, x_abs, fmt, None)
-        values = _e2m1_round_magnitude(scaling.to_e2m1_range(x_abs)).copysign_(x)
-        values = values.mul_(scaling.multiplier.unsqueeze(-1))
-        return values.reshape(x.shape[0], -1)[:, : w.shape[-1]].reshape(w.shape).to(w.dtype)
+        scaling = _scaling(x, x.abs(), fmt, None)
+        scaled = scaling.to_e2m1_range(x)
+        values = _e2m1_round_magnitude(scaled.abs()).copysign_(scaled)
+        return _scale_and_trim(values, scaling.multiplier, w.shape, w.dtype)
+
+
+def _scale_and_trim(
+    values: Tensor, multiplier: Tensor, shape: tuple[int, ...], dtype: torch.dtype
+) -> Tensor:
+    """``values * multiplier`` per block (fp32 math, one rounding into ``dtype``), unpadded.
+
+    Writing the product straight into a ``dtype`` buffer is the same single
+    rounding as ``.to(dtype)`` afterwards, one pass cheaper.
+    """
+    out = torch.empty(values.shape, dtype=dtype, device=values.device)
+    torch.mul(values, multiplier.unsqueeze(-1), out=out)
+    return out.reshape(values.shape[0], -1)[:, : shape[-1]].reshape(shape)

@@ -9,6 +9,9 @@ part of the API and must not drift:
 
 * every attention module has a plain attribute ``attn_implementation`` ("eager" or "sdpa"),
   read at every forward; ``"sdpa"`` looks up ``F.scaled_dot_product_attention`` at call time;
+* the model has a plain attribute ``loss_implementation`` ("logits" or "fused"), read at every
+  forward: with labels, "fused" computes the loss by ``apt_model.ops.linear_cross_entropy``
+  straight from the final hidden states and returns no logits;
 * transformer blocks are ``APTBlock`` modules in ``model.blocks`` and the model names them in
   ``_no_split_modules``; a block's forward takes positional tensors only, so
   ``torch.utils.checkpoint`` (non-reentrant) can wrap it;
@@ -39,8 +42,10 @@ from torch import Tensor, nn
 
 from apt_model.errors import VBConfigError
 from apt_model.i18n import tr
+from apt_model.ops.linear_cross_entropy import linear_cross_entropy
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+LOSS_IMPLEMENTATIONS = ("logits", "fused")
 
 # Every dimension is a multiple of 32 (FP4 blocks); head_dim >= 64 from "medium" up, so the
 # flash-attention kernels apply. Parameter counts are in the module docstring.
@@ -74,6 +79,7 @@ class APTConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     attn_implementation: str = "eager"  # "eager" | "sdpa"
+    loss_implementation: str = "logits"  # "logits" | "fused" (chunked LM head + loss)
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -89,6 +95,8 @@ class APTConfig:
                 f"d_model={self.d_model} must split into n_heads={self.n_heads} heads of even size"))
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise VBConfigError(_bad_attn_message(self.attn_implementation))
+        if self.loss_implementation not in LOSS_IMPLEMENTATIONS:
+            raise VBConfigError(_bad_loss_message(self.loss_implementation))
         if not 0.0 <= self.dropout < 1.0:
             raise VBConfigError(tr(f"dropout 必须在 [0, 1) 内, 得到 {self.dropout}",
                                    f"dropout must be in [0, 1), got {self.dropout}"))
@@ -126,6 +134,12 @@ def _bad_attn_message(name: object) -> str:
     valid = ", ".join(ATTN_IMPLEMENTATIONS)
     return tr(f"未知的注意力实现 {name!r}; 可用: {valid}",
               f"unknown attention implementation {name!r}; valid: {valid}")
+
+
+def _bad_loss_message(name: object) -> str:
+    valid = ", ".join(LOSS_IMPLEMENTATIONS)
+    return tr(f"未知的损失实现 {name!r}; 可用: {valid}",
+              f"unknown loss implementation {name!r}; valid: {valid}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,10 +351,13 @@ class APTBlock(nn.Module):
 
 @dataclass
 class APTOutput:
-    """What a forward returns: the loss (when labels were given), logits and the KV cache."""
+    """What a forward returns: the loss (when labels were given), logits and the KV cache.
+
+    ``logits`` is None only for the fused loss (labels given, ``loss_implementation="fused"``).
+    """
 
     loss: Tensor | None
-    logits: Tensor
+    logits: Tensor | None
     past_key_values: KVCache | None = None
 
 
@@ -357,6 +374,7 @@ class APTModel(nn.Module):
         elif overrides:
             config = dataclasses.replace(config, **overrides)
         self.config = config
+        self.loss_implementation = config.loss_implementation
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.embed_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(APTBlock(config) for _ in range(config.n_layers))
@@ -418,6 +436,15 @@ class APTModel(nn.Module):
         Labels follow the Hugging Face convention: ``labels`` is aligned with ``input_ids``
         and shifted here (position t predicts label t+1); -100 is ignored. With a cache the
         positions start at its length; it is extended in place and returned.
+
+        With labels and ``self.loss_implementation == "fused"`` the loss comes from
+        ``linear_cross_entropy`` on the final hidden states, like Liger Kernel's fused linear
+        cross-entropy: the (batch, seq, vocab) logits are never materialized, which is most of
+        the peak training memory for a large vocabulary, and ``logits`` is None. The loss is the
+        same (up to rounding), except that a batch whose labels are all ignored gives 0, not
+        NaN. It reads ``lm_head.weight`` directly, so a head replaced by a quantized layer is
+        used at its master precision. The optimization layer switches it on; without labels
+        nothing changes.
         """
         if input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.is_complex():
             raise ValueError(tr(
@@ -438,8 +465,17 @@ class APTModel(nn.Module):
         rope = self._rope(past, T, x.device)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, cache[i] if cache is not None else None)
-        logits = self.lm_head(self.norm(x))
+        hidden = self.norm(x)
 
+        if self.loss_implementation not in LOSS_IMPLEMENTATIONS:
+            raise VBConfigError(_bad_loss_message(self.loss_implementation))
+        if labels is not None and self.loss_implementation == "fused":
+            loss = linear_cross_entropy(hidden[:, :-1], self.lm_head.weight,
+                                        labels[:, 1:].to(hidden.device),
+                                        bias=getattr(self.lm_head, "bias", None), ignore_index=-100)
+            return APTOutput(loss=loss, logits=None, past_key_values=cache)
+
+        logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             logits = logits.float()

@@ -1,4 +1,5 @@
-"""Route attention through ``scaled_dot_product_attention`` (flash / memory-efficient kernels).
+"""Fused kernels: attention through ``scaled_dot_product_attention`` (flash /
+memory-efficient kernels), and the fused linear + cross-entropy loss.
 
 Modules that expose ``attn_implementation`` (APT's attention) are switched from "eager" to
 "sdpa". Hugging Face models are switched to "vb_sdpa": their SDPA path, except that under
@@ -65,5 +66,16 @@ def use_fused_attention(model: nn.Module) -> int:
     for module in model.modules():
         if getattr(module, "attn_implementation", None) in ("eager", "sdpa"):
             module.attn_implementation = "sdpa"
+            switched += 1
+    return switched
+
+
+def use_fused_loss(model: nn.Module) -> int:
+    """Switch models that expose ``loss_implementation`` (APT) to the fused chunked
+    linear + cross-entropy, which never materializes the full logits."""
+    switched = 0
+    for module in model.modules():
+        if getattr(module, "loss_implementation", None) in ("logits", "fused"):
+            module.loss_implementation = "fused"
             switched += 1
     return switched

@@ -27,15 +27,21 @@ class ModeSpec:
 
     fp4: bool
     fused_attention: bool
+    fused_loss: bool
     mixed_precision: bool
     gradient_checkpointing: bool
 
 
+# fused_loss rides with fused attention: both are fused kernels that cut activation memory.
 MODES: dict[str, ModeSpec] = {
-    "full": ModeSpec(fp4=True, fused_attention=True, mixed_precision=True, gradient_checkpointing=True),
-    "speed": ModeSpec(fp4=True, fused_attention=False, mixed_precision=False, gradient_checkpointing=False),
-    "memory": ModeSpec(fp4=False, fused_attention=True, mixed_precision=True, gradient_checkpointing=True),
-    "balanced": ModeSpec(fp4=False, fused_attention=True, mixed_precision=True, gradient_checkpointing=False),
+    "full": ModeSpec(fp4=True, fused_attention=True, fused_loss=True, mixed_precision=True,
+                     gradient_checkpointing=True),
+    "speed": ModeSpec(fp4=True, fused_attention=False, fused_loss=False, mixed_precision=False,
+                      gradient_checkpointing=False),
+    "memory": ModeSpec(fp4=False, fused_attention=True, fused_loss=True, mixed_precision=True,
+                       gradient_checkpointing=True),
+    "balanced": ModeSpec(fp4=False, fused_attention=True, fused_loss=True, mixed_precision=True,
+                         gradient_checkpointing=False),
 }
 
 FP4_FORMATS = ("nvfp4", "mxfp4")
@@ -74,6 +80,7 @@ class VBConfig:
     device: str = "auto"
     fp4: bool | None = None
     fused_attention: bool | None = None
+    fused_loss: bool | None = None
     mixed_precision: bool | None = None
     gradient_checkpointing: bool | None = None
     fp4_format: str = "nvfp4"

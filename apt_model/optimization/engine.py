@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from apt_model.i18n import tr
-from apt_model.optimization.attention import use_fused_attention
+from apt_model.optimization.attention import use_fused_attention, use_fused_loss
 from apt_model.optimization.checkpointing import apply_checkpointing
 from apt_model.optimization.config import VBConfig
 from apt_model.optimization.fp4_linear import FP4Linear, convert_to_fp4
@@ -27,6 +27,7 @@ class OptimizationReport:
     fp4_layers: int
     autocast_linears: int
     attention_fused: int
+    fused_losses: int
     checkpointed_blocks: int
 
     @property
@@ -47,6 +48,7 @@ def optimize(model: nn.Module, config: VBConfig) -> OptimizationReport:
     if config.switch("fp4"):
         fp4_layers = convert_to_fp4(model, config.fp4_format, config.fp4_skip, config.fp4_min_features)
     attention = use_fused_attention(model) if config.switch("fused_attention") else 0
+    fused_losses = use_fused_loss(model) if config.switch("fused_loss") else 0
     blocks = apply_checkpointing(model, config.checkpoint_blocks) if config.switch("gradient_checkpointing") else []
     linear_total = _count_linears(model)
     autocast = config.switch("mixed_precision")
@@ -59,6 +61,7 @@ def optimize(model: nn.Module, config: VBConfig) -> OptimizationReport:
         fp4_layers=len(fp4_layers),
         autocast_linears=(linear_total - len(fp4_layers)) if autocast else 0,
         attention_fused=attention,
+        fused_losses=fused_losses,
         checkpointed_blocks=len(blocks),
     )
     object.__setattr__(model, REPORT_ATTR, report)

@@ -68,7 +68,7 @@ def collect(config: VBConfig | None, enabled: bool) -> dict[str, Any]:
     """The numbers behind ``print_stats``."""
     models = REGISTRY.models()
     layers = {"linear_total": 0, "linear_optimized": 0, "fp4": 0, "autocast": 0,
-              "attention_fused": 0, "checkpointed_blocks": 0}
+              "attention_fused": 0, "fused_losses": 0, "checkpointed_blocks": 0}
     param_bytes = compute_bytes = 0
     devices: list[torch.device] = []
     for model in models:
@@ -80,6 +80,7 @@ def collect(config: VBConfig | None, enabled: bool) -> dict[str, Any]:
         layers["fp4"] += report.fp4_layers
         layers["autocast"] += report.autocast_linears
         layers["attention_fused"] += report.attention_fused
+        layers["fused_losses"] += report.fused_losses
         layers["checkpointed_blocks"] += report.checkpointed_blocks
         params = _unique_params(model)
         param_bytes += sum(_bytes(p) for p in params)
@@ -136,8 +137,10 @@ def render(stats: dict[str, Any]) -> str:
            f"{' ' + stats['fp4_format'] if stats['fp4_format'] else ''}, bf16混合精度: {lay['autocast']})",
            f"  linear layers: {lay['linear_optimized']}/{lay['linear_total']} optimized (FP4: {lay['fp4']}"
            f"{' ' + stats['fp4_format'] if stats['fp4_format'] else ''}, bf16 autocast: {lay['autocast']})"),
-        tr(f"  融合注意力模块: {lay['attention_fused']}  梯度检查点块: {lay['checkpointed_blocks']}",
-           f"  fused attention modules: {lay['attention_fused']}  checkpointed blocks: {lay['checkpointed_blocks']}"),
+        tr(f"  融合注意力模块: {lay['attention_fused']}  融合损失: {lay['fused_losses']}  "
+           f"梯度检查点块: {lay['checkpointed_blocks']}",
+           f"  fused attention modules: {lay['attention_fused']}  fused losses: {lay['fused_losses']}  "
+           f"checkpointed blocks: {lay['checkpointed_blocks']}"),
         tr(f"  参数字节: {_fmt_bytes(stats['param_bytes_before'])} → 计算用权重 {_fmt_bytes(stats['param_bytes_after'])}",
            f"  parameter bytes: {_fmt_bytes(stats['param_bytes_before'])} → compute weights "
            f"{_fmt_bytes(stats['param_bytes_after'])}"),

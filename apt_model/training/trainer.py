@@ -43,7 +43,8 @@ from apt_model.training.checkpoint import load_checkpoint, save_checkpoint
 from apt_model.training.data import VOCAB_SIZE, ByteCorpus, decode
 
 # The seed's block pins balanced mode; an explicit VB_MODE (full/speed/memory) must still win.
-if os.getenv('ENABLE_VIRTUAL_BLACKWELL', '').lower() in ('1', 'true') and os.getenv("VB_MODE", "").lower() not in ("", "balanced"):
+_env_enabled = os.getenv("ENABLE_VIRTUAL_BLACKWELL", "").lower() in ("1", "true")
+if _env_enabled and os.getenv("VB_MODE", "").lower() not in ("", "balanced"):
     vb_global.enable()
 
 VB_MODES = ("full", "speed", "memory", "balanced")
@@ -197,6 +198,21 @@ def prepare_out_dir(path: str | os.PathLike) -> Path:
     return out
 
 
+def set_aside_checkpoints(ckpt_root: Path) -> None:
+    """A fresh run moves older checkpoints to ``checkpoints.prev`` (one generation kept), so
+    a later ``--resume`` cannot continue someone else's run by mistake."""
+    if not ckpt_root.exists():
+        return
+    previous = ckpt_root.with_name(ckpt_root.name + ".prev")
+    shutil.rmtree(previous, ignore_errors=True)
+    try:
+        os.replace(ckpt_root, previous)
+    except OSError as exc:
+        raise VBDataError(tr(f"无法移走旧检查点 {ckpt_root}: {exc.strerror}",
+                             f"cannot move old checkpoints {ckpt_root} aside: {exc.strerror}")) from None
+    print(tr(f"新的训练: 旧检查点已移到 {previous}", f"fresh run: old checkpoints moved to {previous}"))
+
+
 def _json_safe(value: Any) -> Any:
     """Plain lists/dicts/str/numbers, so ``torch.load(weights_only=True)`` can read it back."""
     return json.loads(json.dumps(value, default=str))
@@ -326,13 +342,8 @@ class Trainer:
             enable_vb(cfg.vb_mode)
 
         resumed = load_checkpoint(ckpt_root) if cfg.resume else None
-        if resumed is None and ckpt_root.exists():
-            # A fresh run: set the old checkpoints aside (one generation kept) so that a later
-            # --resume cannot mix them with this run's.
-            previous = out / "checkpoints.prev"
-            shutil.rmtree(previous, ignore_errors=True)
-            os.replace(ckpt_root, previous)
-            print(tr(f"新的训练: 旧检查点已移到 {previous}", f"fresh run: old checkpoints moved to {previous}"))
+        if resumed is None:
+            set_aside_checkpoints(ckpt_root)
 
         torch.manual_seed(cfg.seed)
         model = self.build_model().to(device)
@@ -353,13 +364,7 @@ class Trainer:
         total = cfg.total_steps(steps_per_epoch)
         n_params = sum(p.numel() for p in model.parameters())
         vb_on = vb_global.is_enabled()
-        print(tr(
-            f"训练 {type(model).__name__} ({n_params:,} 参数) 于 {device}; 数据 {corpus.source} "
-            f"({len(corpus.train):,} 训练 / {len(corpus.val):,} 验证 字节); 步数 {start}→{total} "
-            f"(每轮 {steps_per_epoch} 步); 虚拟Blackwell: {vb_global.active_config().mode if vb_on else '关闭'}",
-            f"training {type(model).__name__} ({n_params:,} parameters) on {device}; data {corpus.source} "
-            f"({len(corpus.train):,} train / {len(corpus.val):,} val bytes); steps {start}→{total} "
-            f"({steps_per_epoch} per epoch); Virtual Blackwell: {vb_global.active_config().mode if vb_on else 'off'}"))
+        self._announce(model, n_params, device, corpus, start, total, steps_per_epoch)
 
         def save(step: int) -> Path:
             state = self._state(model, optimizer, step, step / steps_per_epoch, losses, generator, device, corpus)
@@ -427,6 +432,17 @@ class Trainer:
         )
         self._report(result)
         return result
+
+    def _announce(self, model: nn.Module, n_params: int, device: torch.device, corpus: ByteCorpus,
+                  start: int, total: int, steps_per_epoch: int) -> None:
+        active = vb_global.active_config()
+        print(tr(
+            f"训练 {type(model).__name__} ({n_params:,} 参数) 于 {device}; 数据 {corpus.source} "
+            f"({len(corpus.train):,} 训练 / {len(corpus.val):,} 验证 字节); 步数 {start}→{total} "
+            f"(每轮 {steps_per_epoch} 步); 虚拟Blackwell: {active.mode if active else '关闭'}",
+            f"training {type(model).__name__} ({n_params:,} parameters) on {device}; data {corpus.source} "
+            f"({len(corpus.train):,} train / {len(corpus.val):,} val bytes); steps {start}→{total} "
+            f"({steps_per_epoch} per epoch); Virtual Blackwell: {active.mode if active else 'off'}"))
 
     def _report(self, r: TrainResult) -> None:
         first = f"{r.losses[0]:.3f} → " if r.losses else ""
