@@ -307,8 +307,12 @@ def test_env_auto_enable_honours_vb_mode(tmp_path):
     assert load_checkpoint(tmp_path / "env" / "checkpoints")["vb_config"]["mode"] == "memory"
 
 
-def test_train_vb_apt_script_enables_vb_by_default(tmp_path):
-    proc = run_script("training/train_vb_apt.py", "--config", "tiny", "--max-steps", "2",
-                      "--out", str(tmp_path / "apt"), *FAST_FLAGS)
+def test_train_vb_apt_script_enables_vb_and_takes_env_args(tmp_path):
+    """The guide's ``--config ... --epochs 20``, kept short by $APT_TRAIN_ARGS (which the
+    command line overrides: the --seq-len 16 given there wins over FAST_FLAGS' 32)."""
+    env = {**script_env(), "APT_TRAIN_ARGS": " ".join(["--max-steps", "2", "--out", str(tmp_path / "apt"), *FAST_FLAGS])}
+    proc = run_script("training/train_vb_apt.py", "--config", "tiny", "--epochs", "20", "--seq-len", "16", env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert load_checkpoint(tmp_path / "apt" / "checkpoints")["vb_config"]["mode"] == "balanced"
+    state = load_checkpoint(tmp_path / "apt" / "checkpoints")
+    assert state["vb_config"]["mode"] == "balanced" and state["step"] == 2
+    assert state["train_config"]["seq_len"] == 16 and state["train_config"]["epochs"] == 20

@@ -53,5 +53,12 @@ def main():
     return run(args)
 
 
+def main_with_env_args(_argv: object = None) -> int:
+    """``main()`` with ``$APT_TRAIN_ARGS`` placed before the command line's flags."""
+    from apt_model.training.launcher import with_env_args
+    sys.argv[1:] = with_env_args(sys.argv[1:])
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(lambda _argv: main()))
+    sys.exit(run_cli(main_with_env_args))

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from apt_model.training.trainer import SAMPLE_TEMPERATURE, SAMPLE_TOP_K, TrainConfig, TrainResult, Trainer, context_length
+from apt_model.training.trainer import SAMPLE_TEMPERATURE, SAMPLE_TOP_K, TrainConfig, Trainer, context_length
 
 
 class GPTTrainer(Trainer):
@@ -49,7 +49,3 @@ class GPTTrainer(Trainer):
         model.train(was_training)
         return tokens
 
-
-def train_gpt(cfg: TrainConfig, model_factory: Callable[[], nn.Module]) -> TrainResult:
-    """Run one training job on the factory's causal LM."""
-    return GPTTrainer(cfg, model_factory).run()

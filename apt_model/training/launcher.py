@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -18,12 +20,23 @@ from apt_model.modeling.apt_model import PRESETS, APTConfig
 from apt_model.training.trainer import VB_MODES, TrainConfig, train
 
 BACKENDS = ("playground",)
+TRAIN_ARGS_ENV = "APT_TRAIN_ARGS"
 # Learning rates that train each preset stably with batch 16 on bytes; larger models need less.
 PRESET_LR = {"tiny": 3e-3, "small": 1e-3, "medium": 6e-4, "large": 3e-4, "xl": 2e-4}
 
 
 def _raise_config_error(message: str) -> NoReturn:
     raise VBConfigError(message)
+
+
+def with_env_args(argv: Sequence[str] | None = None) -> list[str]:
+    """``$APT_TRAIN_ARGS`` flags, then the command line's (``argv``, default ``sys.argv[1:]``),
+    so the command line overrides them; lets a wrapper shorten a documented command."""
+    try:
+        extra = shlex.split(os.environ.get(TRAIN_ARGS_ENV, ""))
+    except ValueError as exc:
+        raise VBConfigError(tr(f"${TRAIN_ARGS_ENV} 无法解析: {exc}", f"${TRAIN_ARGS_ENV} cannot be parsed: {exc}")) from None
+    return extra + list(sys.argv[1:] if argv is None else argv)
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, *, preset: str = "tiny",
@@ -49,6 +62,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, preset: str = "ti
     add("--seed", type=int, default=1337, help=tr("随机种子", "random seed"))
     add("--eval-interval", type=int, default=100, help=tr("每隔多少步验证 (0: 只在结束时)", "validate every N steps (0: only at the end)"))
     add("--save-interval", type=int, default=100, help=tr("每隔多少步保存检查点 (0: 只在结束时)", "checkpoint every N steps (0: only at the end)"))
+    add("--eval-batches", type=int, default=8, help=tr("每次验证的批数", "batches per validation"))
     add("--sample-tokens", type=int, default=200, help=tr("结束时生成的样本长度", "length of the sample generated at the end"))
     add("--no-progress", action="store_true", help=tr("不显示进度条", "hide the progress bar"))
     return parser
@@ -80,6 +94,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         resume=args.resume,
         seed=args.seed,
         eval_interval=args.eval_interval,
+        eval_batches=args.eval_batches,
         save_interval=args.save_interval,
         sample_tokens=args.sample_tokens,
         enable_vb=bool(args.enable_vb),
@@ -96,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None, *, vb_default: bool = False, preset: str = "tiny",
          out_prefix: str = "playground", seq_len: int = 128) -> int:
-    """Parse ``argv`` and train; VB on by default when ``vb_default`` (mode from $VB_MODE)."""
+    """Parse ``$APT_TRAIN_ARGS`` + ``argv`` and train; VB on by default when ``vb_default``
+    (mode from $VB_MODE)."""
     parser = argparse.ArgumentParser(prog="train", description=tr("训练APT模型", "train an APT model"))
     add_training_arguments(parser, preset=preset, out_prefix=out_prefix, seq_len=seq_len)
     mode = os.environ.get("VB_MODE", "balanced").lower() if vb_default else "balanced"
@@ -104,4 +120,4 @@ def main(argv: Sequence[str] | None = None, *, vb_default: bool = False, preset:
         raise VBConfigError(tr(f"$VB_MODE={mode!r} 无效; 可用: {', '.join(VB_MODES)}",
                                f"$VB_MODE={mode!r} is invalid; valid: {', '.join(VB_MODES)}"))
     add_vb_arguments(parser, enabled=vb_default, mode=mode)
-    return run(parser.parse_args(argv))
+    return run(parser.parse_args(with_env_args(argv)))
