@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch.nn.functional as F
 
 from apt_model.optimization import config, stats, vb_global
 
@@ -24,3 +25,17 @@ def clean_vb(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathF
     vb_global.disable()
     vb_global.set_cli_options()
     stats.REGISTRY.reset()
+
+
+@pytest.fixture
+def sdpa_calls(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The dtype of the query of every ``F.scaled_dot_product_attention`` call."""
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    return calls

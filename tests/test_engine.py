@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import apt_model.optimization.vb_global as vb
@@ -48,19 +47,6 @@ class Probe:
 
     def _hook(self, module, args, out) -> None:
         self.calls.append((torch.is_autocast_enabled("cpu"), out.dtype))
-
-
-@pytest.fixture
-def sdpa_calls(monkeypatch):
-    calls = []
-    real = F.scaled_dot_product_attention
-
-    def spy(*args, **kwargs):
-        calls.append(args[0].dtype)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    return calls
 
 
 def train_step(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -34,20 +34,6 @@ def tokens(seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture
-def sdpa_calls(monkeypatch):
-    calls = []
-    real = F.scaled_dot_product_attention
-
-    def spy(*args, **kwargs):
-        calls.append(args[0].dtype)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    return calls
-
-
 @pytest.mark.parametrize("factory", [llama, gpt2], ids=["llama", "gpt2"])
 def test_memory_mode_switches_attention_autocast_and_checkpointing(factory, sdpa_calls):
     x = tokens()

@@ -58,24 +58,24 @@ def _switch_hf_model(model: nn.Module) -> int:
     return sum(type(m).__name__.endswith("Attention") for m in model.modules())
 
 
+def _switch(model: nn.Module, attribute: str, known: tuple[str, ...], target: str) -> int:
+    """Set ``attribute`` to ``target`` on every module that exposes it; returns how many."""
+    switched = 0
+    for module in model.modules():
+        if getattr(module, attribute, None) in known:
+            setattr(module, attribute, target)
+            switched += 1
+    return switched
+
+
 def use_fused_attention(model: nn.Module) -> int:
     """Switch every eager attention to SDPA; returns how many attention modules now use it."""
     if _is_hf_model(model):
         return _switch_hf_model(model)
-    switched = 0
-    for module in model.modules():
-        if getattr(module, "attn_implementation", None) in ("eager", "sdpa"):
-            module.attn_implementation = "sdpa"
-            switched += 1
-    return switched
+    return _switch(model, "attn_implementation", ("eager", "sdpa"), "sdpa")
 
 
 def use_fused_loss(model: nn.Module) -> int:
     """Switch models that expose ``loss_implementation`` (APT) to the fused chunked
     linear + cross-entropy, which never materializes the full logits."""
-    switched = 0
-    for module in model.modules():
-        if getattr(module, "loss_implementation", None) in ("logits", "fused"):
-            module.loss_implementation = "fused"
-            switched += 1
-    return switched
+    return _switch(model, "loss_implementation", ("logits", "fused"), "fused")
