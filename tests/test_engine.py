@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -308,3 +309,19 @@ def test_optimize_any_module_and_register_class():
     assert wrapped_tags(Tiny()) == ["autocast"]
     vb.disable()
     assert wrapped_tags(Tiny()) == []
+
+
+def test_device_without_bf16_keeps_fp32_and_warns_once(monkeypatch):
+    import apt_model.optimization.precision as precision
+
+    monkeypatch.setattr(precision, "supports_bf16", lambda device: False)
+    monkeypatch.setattr(precision, "_WARNED", set())
+    model = build(mode="balanced")
+    probe = Probe(model)
+    with pytest.warns(RuntimeWarning, match="bf16"):
+        train_step(model, batch())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second step does not warn again
+        train_step(model, batch())
+    assert probe.calls == [(False, torch.float32), (False, torch.float32)]
+    assert precision._WARNED == {"cpu"}
