@@ -19,7 +19,9 @@ from apt_model.modeling import (
     APTLargeModel,
     APTModel,
     KVCache,
+    decoding,
 )
+from apt_model.modeling.apt_model import StaticKVCache, StaticLayerKVCache
 
 IMPLS = ["eager", "sdpa"]
 
@@ -445,6 +447,247 @@ def test_generate_stops_and_pads_at_eos() -> None:
         assert out.shape[1] == 4 + max(2, row1.index(eos) + 1)
     else:
         assert torch.equal(out[1], greedy[1])
+
+
+# ---- static cache and fixed-shape decoding ---------------------------------------------------
+
+
+def static_for(model: APTModel, batch: int = 2, max_len: int = 32,
+               dtype: torch.dtype = torch.float32) -> StaticKVCache:
+    c = model.config
+    return StaticKVCache(c.n_layers, batch, c.n_heads, max_len, c.head_dim, dtype, "cpu")
+
+
+def cache_at(model: APTModel, length: int) -> StaticKVCache:
+    """A static cache with more room than the model's max_seq_len (256), at ``length``."""
+    cache = static_for(model, max_len=300)
+    cache.seek(length)
+    return cache
+
+
+def greedy(model: APTModel, prompt: torch.Tensor, steps: int, **kw) -> torch.Tensor:
+    return model.generate(prompt, steps, do_sample=False, **kw)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_static_generate_matches_cat_cache_generate(impl: str) -> None:
+    model = tiny(attn_implementation=impl).eval()
+    for batch, length, steps in [(3, 5, 30), (1, 17, 40), (2, 1, 9)]:
+        prompt = ids(batch=batch, length=length, seed=length)
+        expected = greedy(model, prompt, steps)
+        assert torch.equal(greedy(model, prompt, steps, static_cache=True), expected)
+        assert torch.equal(greedy(model, prompt, steps, static_cache=True), expected)  # reused
+    short = tiny(attn_implementation=impl, max_seq_len=72).eval()
+    prompt = ids(batch=1, length=40)  # room 70 rounds up to 72 = max_seq_len, not to 128
+    assert torch.equal(greedy(short, prompt, 32, static_cache=True), greedy(short, prompt, 32))
+    assert decoding.cached_decoders(short)[0].cache.max_len == 72
+
+
+def test_cuda_graph_on_cpu_warns_and_runs_the_static_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VB_LANG", "en")
+    model = tiny(attn_implementation="sdpa").eval()
+    prompt = ids(batch=2, length=6)
+    with pytest.warns(RuntimeWarning, match="CUDA"):
+        got = greedy(model, prompt, 20, cuda_graph=True)  # implies static_cache
+    assert torch.equal(got, greedy(model, prompt, 20))
+    (decoder,) = decoding.cached_decoders(model)
+    assert not decoder.cuda_graph and decoder.graph is None
+    assert decoder.cache.max_len == 64  # 6 + 20 rounded up to 64
+
+
+def test_static_generate_sampling_and_eos_match_default_path() -> None:
+    model = tiny()
+    prompt = ids(batch=2, length=4)
+    kw = dict(temperature=1.5, top_k=50)
+    a = model.generate(prompt, 12, generator=torch.Generator().manual_seed(7), **kw)
+    b = model.generate(prompt, 12, generator=torch.Generator().manual_seed(7), static_cache=True, **kw)
+    assert torch.equal(a, b)
+    eos = int(greedy(model, prompt, 8)[0, 5])
+    assert torch.equal(greedy(model, prompt, 8, eos_token_id=eos, static_cache=True),
+                       greedy(model, prompt, 8, eos_token_id=eos))
+
+
+def test_static_generate_goes_through_self_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny()
+    seen: list[tuple[tuple[int, ...], str, int]] = []
+    real_forward = model.forward
+
+    def wrapped(input_ids, labels=None, past_key_values=None, use_cache=False):
+        seen.append((tuple(input_ids.shape), type(past_key_values).__name__,
+                     0 if past_key_values is None else past_key_values.length))
+        return real_forward(input_ids, labels, past_key_values, use_cache)
+
+    monkeypatch.setattr(model, "forward", wrapped)
+    hooks: list[int] = []
+    model.register_forward_pre_hook(lambda m, a: hooks.append(1))
+    model.generate(ids(batch=2, length=6), max_new_tokens=4, do_sample=False, static_cache=True)
+    assert seen == [((2, 6), "NoneType", 0), ((2, 1), "StaticKVCache", 6),
+                    ((2, 1), "StaticKVCache", 7), ((2, 1), "StaticKVCache", 8)]
+    assert len(hooks) == len(seen)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@torch.no_grad()
+def test_static_cache_chunks_match_full_forward(impl: str) -> None:
+    model = tiny(attn_implementation=impl).eval()
+    x = ids(length=12)
+    full = model(x).logits
+    cache = static_for(model, max_len=16)
+    parts = []
+    for lo, hi in [(0, 5), (5, 11), (11, 12)]:  # prefill, a multi-token chunk, one decode step
+        out = model(x[:, lo:hi], past_key_values=cache, use_cache=True)
+        assert out.past_key_values is cache
+        assert cache.length == hi and int(cache.position) == hi
+        parts.append(out.logits)
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-5)
+    cache.seek(5)  # rewind: later slots are stale but masked out
+    again = model(x[:, 5:11], past_key_values=cache).logits
+    torch.testing.assert_close(again, parts[1], rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def test_static_cache_loads_a_cat_cache_and_writes_by_position() -> None:
+    model = tiny().eval()
+    x = ids(length=9)
+    grown = model(x, use_cache=True).past_key_values
+    static = StaticKVCache.from_kv_cache(grown, max_len=16)
+    assert (static.batch, static.max_len, static.dtype, static.length) == (2, 16, torch.float32, 9)
+    assert int(static.position) == 9
+    for i, layer in enumerate(grown.layers):
+        assert torch.equal(static.k[i, :, :, :9], layer.k) and torch.equal(static.v[i, :, :, :9], layer.v)
+        assert not static.k[i, :, :, 9:].any()
+        assert isinstance(static[i], StaticLayerKVCache) and static[i].k.data_ptr() == static.k[i].data_ptr()
+    step = model(x[:, :1], past_key_values=static).logits
+    assert torch.isfinite(step).all()
+    assert static.k[:, :, :, 9].abs().sum() > 0 and not static.k[:, :, :, 10:].any()
+
+
+def test_static_cache_mask_and_positions() -> None:
+    cache = StaticKVCache(n_layers=2, batch=1, n_heads=2, max_len=8, head_dim=4)
+    cache.seek(2)
+    positions = cache.begin(3)
+    assert positions.tolist() == [2, 3, 4] and cache.write_index is positions
+    expected = torch.arange(8)[None, :] <= torch.tensor([2, 3, 4])[:, None]
+    assert cache.mask.dtype == torch.bool and torch.equal(cache.mask, expected)
+    assert cache[0].mask is cache.mask
+    cache.advance(3)
+    assert cache.length == 5 and int(cache.position) == 5
+    assert cache.begin(1).tolist() == [5]
+    assert cache.mask.tolist() == [[True] * 6 + [False] * 2]
+
+
+def test_rope_is_gathered_by_a_position_tensor() -> None:
+    model = tiny()
+    cos, sin = model._rope_at(torch.tensor([3, 4, 5]))
+    cos_ref, sin_ref = model._rope(3, 3, torch.device("cpu"))
+    assert torch.equal(cos, cos_ref) and torch.equal(sin, sin_ref)
+    cos, _ = model._rope_at(torch.tensor([7]))
+    assert torch.equal(cos, model._rope(7, 1, torch.device("cpu"))[0])
+
+
+def test_static_sdpa_decode_uses_the_position_mask(sdpa_spy: SDPASpy) -> None:
+    model = tiny(attn_implementation="sdpa").eval()
+    greedy(model, ids(batch=1, length=5), 3, static_cache=True)
+    n = model.config.n_layers
+    prefill, steps = sdpa_spy.calls[:n], sdpa_spy.calls[n:]
+    assert all(c["is_causal"] and c["attn_mask"] is None for c in prefill)  # flash-eligible
+    assert len(steps) == 2 * n
+    for c in steps:
+        assert c["k"].shape[2] == 64 and c["attn_mask"].shape == (1, 64)
+        assert not c["is_causal"] and c["attn_mask"].dtype == torch.bool
+
+
+def test_static_cache_is_inference_only() -> None:
+    model = tiny()
+    cache = static_for(model)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        model(ids(length=2), past_key_values=cache)
+    with torch.no_grad():
+        model(ids(length=2), past_key_values=cache)
+    assert cache.length == 2
+
+
+@torch.no_grad()
+def test_static_cache_length_and_shape_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VB_LANG", "en")
+    model = tiny().eval()
+    cache = static_for(model, batch=2, max_len=8)
+    with pytest.raises(ValueError, match="max_len=8"):
+        model(ids(length=9), past_key_values=cache)
+    assert cache.length == 0
+    model(ids(length=8), past_key_values=cache)
+    with pytest.raises(ValueError, match="max_len=8"):
+        model(ids(length=1), past_key_values=cache)
+    with pytest.raises(ValueError, match="batch"):
+        model(ids(batch=3, length=1), past_key_values=static_for(model, batch=2))
+    with pytest.raises(ValueError, match="bfloat16"):
+        model(ids(length=2), past_key_values=static_for(model, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="position 9"):
+        cache.seek(9)
+    with pytest.raises(ValueError, match="max_seq_len"):  # the model's own limit still holds
+        model(ids(length=1), past_key_values=cache_at(model, 256))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model.generate(ids(length=250), max_new_tokens=7, static_cache=True)
+    decoder = decoding.StaticDecoder(cache, cuda_graph=False)
+    with pytest.raises(ValueError, match="full"):
+        decoder.step(model, torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="cannot load"):
+        static_for(model, max_len=4).load(model(ids(length=5), use_cache=True).past_key_values)
+
+
+def test_decoders_are_kept_per_shape_and_freed() -> None:
+    model = tiny().eval()
+    greedy(model, ids(batch=1, length=8), 4, static_cache=True)
+    (first,) = decoding.cached_decoders(model)
+    prompt = ids(batch=1, length=20, seed=5)
+    got = greedy(model, prompt, 4, static_cache=True)  # room 64 again: same cache, reloaded
+    assert decoding.cached_decoders(model) == [first]
+    assert torch.equal(got, greedy(model, prompt, 4))
+    greedy(model, ids(batch=1, length=70), 2, static_cache=True)  # room 128: a second decoder
+    assert [d.cache.max_len for d in decoding.cached_decoders(model)] == [64, 128]
+    for length in (130, 200, 8):
+        greedy(model, ids(batch=2, length=length), 2, static_cache=True)
+    kept = decoding.cached_decoders(model)
+    assert len(kept) == decoding.MAX_DECODERS_PER_MODEL
+    assert [(d.cache.batch, d.cache.max_len) for d in kept] == [(1, 128), (2, 192), (2, 256), (2, 64)]
+    model.clear_decode_cache()
+    assert decoding.cached_decoders(model) == []
+
+
+def test_graph_fingerprint_sees_what_a_replay_would_miss() -> None:
+    model = tiny()
+    stamp = decoding.fingerprint(model)
+    assert decoding.fingerprint(model) == stamp
+    with torch.no_grad():
+        model.blocks[0].mlp.w_up.weight.mul_(2)  # in place: a packed FP4 copy would be stale
+    assert decoding.fingerprint(model) != stamp
+    stamp = decoding.fingerprint(model)
+    model.set_attn_implementation("sdpa")
+    assert decoding.fingerprint(model) != stamp
+    stamp = decoding.fingerprint(model)
+    model.to(torch.float64)  # new tensors
+    assert decoding.fingerprint(model) != stamp
+
+
+def test_static_generate_after_weights_change_and_with_vb_modes() -> None:
+    import apt_model.optimization.vb_global as vb
+    from apt_model.optimization import fp4_linear
+
+    model = tiny().eval()
+    prompt = ids(batch=2, length=6)
+    greedy(model, prompt, 12, static_cache=True)
+    with torch.no_grad():
+        model.blocks[1].attn.q_proj.weight.mul_(-1.5)
+    assert torch.equal(greedy(model, prompt, 12, static_cache=True), greedy(model, prompt, 12))
+    for mode, dtype in [("speed", torch.float32), ("balanced", torch.bfloat16)]:
+        model = vb.optimize(tiny(), mode=mode, verbose=False).eval()
+        got = greedy(model, prompt, 20, static_cache=True)
+        assert torch.equal(got, greedy(model, prompt, 20)), mode
+        assert decoding.cached_decoders(model)[0].cache.dtype == dtype
+    freeze = getattr(fp4_linear, "freeze_fp4", None)  # FP4 serving form, where it exists
+    if freeze is not None:
+        assert freeze(model := vb.optimize(tiny(), mode="speed", verbose=False)) > 0
+        assert torch.equal(greedy(model, prompt, 20, static_cache=True), greedy(model, prompt, 20))
 
 
 # ---- weights ---------------------------------------------------------------------------------

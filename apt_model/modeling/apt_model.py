@@ -1,8 +1,10 @@
 """The APT model family: a small, readable decoder-only transformer.
 
 Read it top to bottom: config and presets, the building blocks (RMSNorm, rotary positions,
-SwiGLU MLP, attention with its autopoietic term), the block, the KV cache, and the model with
-its loss and ``generate``.
+SwiGLU MLP, attention with its autopoietic term), the KV caches (grown by ``torch.cat``, and
+the preallocated static one that makes decoding CUDA-graph capturable), the block, and the
+model with its loss and ``generate``. The fixed-shape decode step itself (and its CUDA graph)
+lives in ``apt_model.modeling.decoding``.
 
 The library's optimizer works on this model from the outside only, so a few conventions are
 part of the API and must not drift:
@@ -239,6 +241,151 @@ class KVCache:
         return self.layers[i]
 
 
+class StaticKVCache:
+    """Preallocated keys and values of every layer, written at a position held on the device.
+
+    Why: a decode step against this cache has the same shapes and reads and writes the same
+    tensors at every token, so it can be captured once as a CUDA graph and replayed. Nothing
+    in the step depends on a Python int that changes per token:
+
+    * ``position`` (a 0-dim int64 tensor on the cache's device) is the slot of the next token;
+      the model's forward writes new keys and values there (``index_copy_`` along the sequence
+      dimension) and then advances it in place;
+    * the rotary cos/sin rows are gathered by that position tensor;
+    * attention reads the whole buffer under the boolean mask ``arange(max_len) <= position``
+      of each query, which is causal masking and hides the unused slots at once. Unused slots
+      hold zeros or stale keys of an earlier sequence: finite, and masked out.
+
+    ``length`` mirrors ``position`` on the host, so bounds are checked without a device sync;
+    whoever advances ``position`` without the forward (a graph replay) advances it too.
+    ``dtype`` must be the dtype the attention computes in (the model's, or the autocast one).
+    Inference only: writing in place into shared buffers has no sensible gradient, so a
+    forward that would record one is refused.
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        shape = (n_layers, batch, n_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.position = torch.zeros((), dtype=torch.long, device=self.k.device)
+        self.length = 0
+        # Set by ``begin`` for the forward in flight: the positions of its tokens (T,) and the
+        # keys each of them may see (T, max_len).
+        self.write_index: Tensor | None = None
+        self.mask: Tensor | None = None
+        self._slots = torch.arange(max_len, device=self.k.device)
+        self.layers = [StaticLayerKVCache(self, i) for i in range(n_layers)]
+
+    @classmethod
+    def from_kv_cache(cls, cache: KVCache, max_len: int) -> StaticKVCache:
+        """A static cache of room ``max_len`` holding what ``cache`` holds (e.g. after prefill)."""
+        first = cache[0]
+        if first.k is None:
+            raise ValueError(tr("缓存为空", "the cache is empty"))
+        batch, n_heads, _, head_dim = first.k.shape
+        static = cls(len(cache.layers), batch, n_heads, max_len, head_dim, first.k.dtype, first.k.device)
+        static.load(cache)
+        return static
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    def __getitem__(self, i: int) -> StaticLayerKVCache:
+        return self.layers[i]
+
+    def load(self, cache: KVCache) -> None:
+        """Replace the contents by those of a ``KVCache``; the position follows its length."""
+        length = cache.length
+        if len(cache.layers) != len(self.layers) or length > self.max_len:
+            raise ValueError(tr(
+                f"无法载入: {len(cache.layers)} 层 × {length} 个位置, 静态缓存为 {len(self.layers)} 层 × {self.max_len}",
+                f"cannot load {len(cache.layers)} layers x {length} positions into a static cache of "
+                f"{len(self.layers)} layers x {self.max_len}"))
+        for i, layer in enumerate(cache.layers):
+            if layer.k is None or layer.v is None:
+                continue
+            self.layers[i].check(layer.k)
+            self.k[i, :, :, :length].copy_(layer.k)
+            self.v[i, :, :, :length].copy_(layer.v)
+        self.seek(length)
+
+    def seek(self, length: int) -> None:
+        """Make ``length`` the position of the next token (later slots count as empty)."""
+        if not 0 <= length <= self.max_len:
+            raise ValueError(tr(f"位置 {length} 超出静态缓存 [0, {self.max_len}]",
+                                f"position {length} is outside the static cache [0, {self.max_len}]"))
+        self.position.fill_(length)
+        self.length = length
+
+    def begin(self, n_tokens: int) -> Tensor:
+        """Positions (T,) of the next ``n_tokens`` tokens, on the device; sets write index and mask."""
+        if self.length + n_tokens > self.max_len:
+            raise ValueError(tr(
+                f"静态缓存已满: {self.length} + {n_tokens} 个词元超过 max_len={self.max_len}",
+                f"static cache full: {self.length} + {n_tokens} tokens exceed its max_len={self.max_len}"))
+        positions = self.position + torch.arange(n_tokens, device=self.position.device)
+        self.write_index = positions
+        self.mask = self._slots <= positions[:, None]
+        return positions
+
+    def advance(self, n_tokens: int) -> None:
+        """Move past the tokens just written: on the device (captured in a graph) and the host."""
+        self.position.add_(n_tokens)
+        self.length += n_tokens
+
+
+class StaticLayerKVCache:
+    """One layer's view of a ``StaticKVCache``: buffers (B, H, max_len, head_dim) and the mask."""
+
+    def __init__(self, parent: StaticKVCache, index: int) -> None:
+        self.parent = parent
+        self.k = parent.k[index]
+        self.v = parent.v[index]
+
+    @property
+    def length(self) -> int:
+        return self.parent.length
+
+    @property
+    def mask(self) -> Tensor | None:
+        return self.parent.mask
+
+    def check(self, k: Tensor) -> None:
+        if k.dtype != self.k.dtype or k.shape[:2] != self.k.shape[:2] or k.shape[3] != self.k.shape[3]:
+            raise ValueError(tr(
+                f"静态缓存为 {self.k.dtype} {tuple(self.k.shape)}, 键为 {k.dtype} {tuple(k.shape)}",
+                f"static cache holds {self.k.dtype} {tuple(self.k.shape)}, got keys {k.dtype} {tuple(k.shape)}"))
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write the new keys and values at the positions of the forward in flight; return the
+        whole buffers (attention masks the slots not yet written)."""
+        index = self.parent.write_index
+        if index is None:
+            raise RuntimeError(tr("静态缓存: 写入前须先调用 begin()",
+                                  "static cache: begin() must be called before update()"))
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            raise RuntimeError(tr("静态缓存仅用于推理: 请在 torch.no_grad() 下调用",
+                                  "the static cache is for inference: call under torch.no_grad()"))
+        self.check(k)
+        self.k.index_copy_(2, index, k)
+        self.v.index_copy_(2, index, v)
+        return self.k, self.v
+
+
 # --------------------------------------------------------------------------------------------
 # Attention and the transformer block
 # --------------------------------------------------------------------------------------------
@@ -273,7 +420,8 @@ class APTAttention(nn.Module):
         self.ap_gate = nn.Parameter(torch.zeros(d))
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: LayerKVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor],
+                cache: LayerKVCache | StaticLayerKVCache | None = None) -> Tensor:
         B, T, _ = x.shape
         # (B, T, d) -> (B, H, T, head_dim)
         q, k, v = (proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
@@ -281,15 +429,18 @@ class APTAttention(nn.Module):
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         past = 0
+        mask = None  # a static cache brings its own: by position, over the whole buffer
         if cache is not None:
             past = cache.length
             k, v = cache.update(k, v)
+            if isinstance(cache, StaticLayerKVCache):
+                mask = cache.mask
 
         dropout_p = self.dropout if self.training else 0.0
         if self.attn_implementation == "sdpa":
-            y = self._sdpa(q, k, v, past, dropout_p)
+            y = self._sdpa(q, k, v, past, dropout_p, mask)
         elif self.attn_implementation == "eager":
-            y = self._eager(q, k, v, dropout_p)
+            y = self._eager(q, k, v, dropout_p, mask)
         else:
             raise VBConfigError(_bad_attn_message(self.attn_implementation))
 
@@ -303,18 +454,23 @@ class APTAttention(nn.Module):
         """True where query i (at position k_len - q_len + i) may attend to key j."""
         return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)
 
-    def _eager(self, q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> Tensor:
+    def _eager(self, q: Tensor, k: Tensor, v: Tensor, dropout_p: float, mask: Tensor | None = None) -> Tensor:
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
-        mask = self._causal_mask(q.shape[2], k.shape[2], q.device)
+        if mask is None:
+            mask = self._causal_mask(q.shape[2], k.shape[2], q.device)
         probs = scores.float().masked_fill(~mask, float("-inf")).softmax(dim=-1).to(v.dtype)
         probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)
         return probs @ v
 
-    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, past: int, dropout_p: float) -> Tensor:
-        # No cache prefix: the built-in causal mask is right and keeps the flash kernel
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, past: int, dropout_p: float,
+              mask: Tensor | None = None) -> Tensor:
+        # A static cache's mask (by position, over the whole buffer) is always needed. Else:
+        # no cache prefix: the built-in causal mask is right and keeps the flash kernel
         # eligible. A single decode query may see every cached key: no mask at all. Only a
         # multi-token chunk after a prefix needs an explicit mask, because SDPA's is_causal
         # aligns the triangle to the top-left corner, not to the end of the keys.
+        if mask is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         q_len = q.shape[2]
         if past == 0:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
@@ -339,7 +495,8 @@ class APTBlock(nn.Module):
         self.mlp = SwiGLU(config.d_model, config.d_ff)
         self.mlp_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: LayerKVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor],
+                cache: LayerKVCache | StaticLayerKVCache | None = None) -> Tensor:
         x = x + self.attn(self.attn_norm(x), rope, cache)
         return x + self.mlp_dropout(self.mlp(self.mlp_norm(x)))
 
@@ -358,7 +515,7 @@ class APTOutput:
 
     loss: Tensor | None
     logits: Tensor | None
-    past_key_values: KVCache | None = None
+    past_key_values: KVCache | StaticKVCache | None = None
 
 
 class APTModel(nn.Module):
@@ -420,22 +577,32 @@ class APTModel(nn.Module):
         """Number of distinct parameters (the tied head counted once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def _rope(self, start: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    def _rope_tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
         if device not in self._rope_cache:
             c = self.config
             self._rope_cache[device] = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, device)
-        cos, sin = self._rope_cache[device]
+        return self._rope_cache[device]
+
+    def _rope(self, start: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        cos, sin = self._rope_tables(device)
         return cos[start:start + length], sin[start:start + length]
+
+    def _rope_at(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos/sin rows gathered by a position tensor: no Python int, so a graph can replay it."""
+        cos, sin = self._rope_tables(positions.device)
+        return cos.index_select(0, positions), sin.index_select(0, positions)
 
     # ---- forward ----------------------------------------------------------------------------
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None,
-                past_key_values: KVCache | None = None, use_cache: bool = False) -> APTOutput:
+                past_key_values: KVCache | StaticKVCache | None = None, use_cache: bool = False) -> APTOutput:
         """Logits for every position; with ``labels`` also the next-token loss.
 
         Labels follow the Hugging Face convention: ``labels`` is aligned with ``input_ids``
         and shifted here (position t predicts label t+1); -100 is ignored. With a cache the
-        positions start at its length; it is extended in place and returned.
+        positions start at its length; it is extended in place and returned. With a
+        ``StaticKVCache`` the positions come from its device-side ``position`` (see there), so
+        the same call can be captured once in a CUDA graph and replayed token after token.
 
         With labels and ``self.loss_implementation == "fused"`` the loss comes from
         ``linear_cross_entropy`` on the final hidden states, like Liger Kernel's fused linear
@@ -460,11 +627,17 @@ class APTModel(nn.Module):
                 f"序列长度 {past + T} (缓存 {past} + 输入 {T}) 超过 max_seq_len={self.config.max_seq_len}",
                 f"sequence length {past + T} (cache {past} + input {T}) exceeds "
                 f"max_seq_len={self.config.max_seq_len}"))
+        static = isinstance(cache, StaticKVCache)
+        if static and B != cache.batch:
+            raise ValueError(tr(f"静态缓存的批大小为 {cache.batch}, 输入为 {B}",
+                                f"the static cache holds a batch of {cache.batch}, the input has {B}"))
 
         x = self.embed_dropout(self.embed(input_ids))
-        rope = self._rope(past, T, x.device)
+        rope = self._rope_at(cache.begin(T)) if static else self._rope(past, T, x.device)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, cache[i] if cache is not None else None)
+        if static:
+            cache.advance(T)
         hidden = self.norm(x)
 
         if self.loss_implementation not in LOSS_IMPLEMENTATIONS:
@@ -488,7 +661,8 @@ class APTModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, do_sample: bool = True, eos_token_id: int | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, static_cache: bool = False,
+                 cuda_graph: bool = False) -> Tensor:
         """Continue ``input_ids`` by up to ``max_new_tokens`` tokens; returns prompt + new tokens.
 
         The prompt runs once (prefill), then one token per step against the KV cache. Greedy
@@ -496,36 +670,65 @@ class APTModel(nn.Module):
         ``eos_token_id`` are padded with it; generation stops once all of them have. The model
         is called through ``self(...)`` so a forward wrapped from outside is used. A 1-D
         prompt is treated as a batch of one.
+
+        ``static_cache=True`` decodes against a preallocated ``StaticKVCache`` (room for prompt
+        and new tokens, rounded up to 64 within ``max_seq_len``): the prompt runs through the
+        same forward as by default, its keys and values are copied into the static cache, and
+        every step after that has the same shapes. ``cuda_graph=True`` (implies
+        ``static_cache``) captures that step once as a CUDA graph and replays it per token, so
+        at batch 1 launch overhead stops hiding what smaller weights save; on a device other
+        than CUDA it warns and runs the step without a graph. Sampling stays outside the graph;
+        the host waits on the device per token only to check ``eos_token_id``. Caches and
+        graphs are kept for later calls of the same shape (``clear_decode_cache`` frees them),
+        see ``apt_model.modeling.decoding``. The tokens are those of the default path (greedy
+        in fp32: the same, token for token).
         """
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         if max_new_tokens <= 0:
             return input_ids
-        if input_ids.shape[1] + max_new_tokens > self.config.max_seq_len:
+        prompt_len = input_ids.shape[1]
+        if prompt_len + max_new_tokens > self.config.max_seq_len:
             raise ValueError(tr(
-                f"提示 {input_ids.shape[1]} + max_new_tokens {max_new_tokens} 超过 "
+                f"提示 {prompt_len} + max_new_tokens {max_new_tokens} 超过 "
                 f"max_seq_len={self.config.max_seq_len}",
-                f"prompt {input_ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
+                f"prompt {prompt_len} + max_new_tokens {max_new_tokens} exceeds "
                 f"max_seq_len={self.config.max_seq_len}"))
         was_training = self.training
         self.eval()
         try:
             out = self(input_ids, use_cache=True)
             cache = out.past_key_values
+            logits = out.logits[:, -1]
+            decoder = None
+            if static_cache or cuda_graph:
+                from apt_model.modeling import decoding  # it builds on this module
+
+                room = min(self.config.max_seq_len, -(-(prompt_len + max_new_tokens) // 64) * 64)
+                decoder = decoding.static_decoder(self, cache, room, cuda_graph)
             tokens = input_ids
             finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
             for step in range(max_new_tokens):
-                next_token = self._pick(out.logits[:, -1], temperature, top_k, do_sample, generator)
+                next_token = self._pick(logits, temperature, top_k, do_sample, generator)
                 if eos_token_id is not None:
                     next_token = next_token.masked_fill(finished, eos_token_id)
                     finished |= next_token == eos_token_id
                 tokens = torch.cat((tokens, next_token[:, None]), dim=1)
-                if step == max_new_tokens - 1 or bool(finished.all()):
+                if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
                     break
-                out = self(next_token[:, None], past_key_values=cache, use_cache=True)
+                if decoder is not None:
+                    logits = decoder.step(self, next_token)
+                else:
+                    logits = self(next_token[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
             return tokens
         finally:
             self.train(was_training)
+
+    def clear_decode_cache(self) -> None:
+        """Free the static KV caches and CUDA graphs that ``generate`` keeps for reuse."""
+        from apt_model.modeling import decoding
+
+        decoding.clear(self)
 
     @staticmethod
     def _pick(logits: Tensor, temperature: float, top_k: int | None, do_sample: bool,
