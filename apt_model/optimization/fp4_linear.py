@@ -5,17 +5,29 @@ the model keeps learning and its state_dict stays plain. In training the layer c
 with the FP4-quantized weight and passes gradients straight through to the master weight
 (the trained model is FP4-deployable); in inference it multiplies by the packed weight,
 which is re-packed only when the master weight changes.
+
+For serving, :meth:`FP4Linear.freeze` (or :func:`freeze_fp4` on a whole model) drops the
+master weight: the layer then holds only the packed weight, as buffers named
+``weight_packed``, ``weight_scales`` and (NVFP4) ``weight_tensor_scale``, so the device holds
+4.5 (NVFP4) or 4.25 (MXFP4) bits per weight instead of 32, and ``.to()`` and the state_dict
+carry the packed form.
 """
 
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from apt_model.formats.fp4 import FP4Weight, fake_quantize_fp4, quantize_fp4
+from apt_model.i18n import tr
+
+# Buffer names of a frozen layer, in FP4Weight.state_tensors() order.
+PACKED_BUFFERS = {"packed": "weight_packed", "scales": "weight_scales",
+                  "tensor_scale": "weight_tensor_scale"}
 
 
 class _QuantizeStraightThrough(torch.autograd.Function):
@@ -41,10 +53,52 @@ class FP4Linear(nn.Module):
         self.weight = linear.weight
         self.bias = linear.bias
         self._packed: FP4Weight | None = None
-        self._packed_key: tuple[int, int, torch.device] | None = None
+        self._packed_key: tuple | None = None
+        self._compute_dtype: torch.dtype | None = None  # a frozen layer's output dtype
+
+    @classmethod
+    def from_packed(cls, weight: FP4Weight, bias: torch.Tensor | None = None,
+                    dtype: torch.dtype = torch.float32) -> FP4Linear:
+        """A frozen layer serving ``weight`` (shape ``[out, in]``), computing in ``dtype``."""
+        if len(weight.shape) != 2:
+            raise ValueError(f"FP4Linear needs a 2-D weight [out, in], got shape {weight.shape}")
+        out_features, in_features = weight.shape
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias of shape {tuple(bias.shape)} does not fit {out_features} outputs")
+        layer = cls(nn.Linear(in_features, out_features, bias=False, device="meta"), weight.fmt)
+        layer._install_packed(weight, dtype)
+        if bias is not None:
+            layer.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+        return layer
+
+    @property
+    def frozen(self) -> bool:
+        """True once the master weight is gone and only the packed weight is kept."""
+        return self.weight is None
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the weight is dequantized to: the master weight's, recorded at freezing."""
+        if self.frozen:
+            assert self._compute_dtype is not None
+            return self._compute_dtype
+        return self.weight.dtype
 
     def packed_weight(self) -> FP4Weight:
-        """The packed FP4 weight, re-quantized only when the master weight was changed or moved."""
+        """The packed FP4 weight, re-quantized only when the master weight was changed or moved.
+
+        A frozen layer's is built from its buffers, so it follows ``.to()`` and
+        ``load_state_dict`` (rebuilt only when a buffer was replaced or written to).
+        """
+        if self.frozen:
+            tensors = {key: getattr(self, name) for key, name in PACKED_BUFFERS.items()}
+            key = tuple((id(t), t._version) for t in tensors.values() if t is not None)
+            if self._packed is None or self._packed_key != key:
+                self._packed = FP4Weight.from_state_tensors(
+                    self.fmt, (self.out_features, self.in_features),
+                    {k: t for k, t in tensors.items() if t is not None})
+                self._packed_key = key
+            return self._packed
         w = self.weight
         key = (id(w), w._version, w.device)
         if self._packed is None or self._packed_key != key:
@@ -53,15 +107,97 @@ class FP4Linear(nn.Module):
             self._packed_key = key
         return self._packed
 
+    def freeze(self) -> FP4Linear:
+        """Keep only the packed weight (for serving): the master weight is dropped for good.
+
+        The packed weight is exactly the one inference used before, so outputs do not change.
+        """
+        if not self.frozen:
+            self._install_packed(self.packed_weight(), self.weight.dtype)
+        return self
+
+    def _install_packed(self, weight: FP4Weight, dtype: torch.dtype) -> None:
+        """Replace the master weight (if any) by ``weight``'s tensors, registered as buffers."""
+        shape = (self.out_features, self.in_features)
+        if tuple(weight.shape) != shape:
+            raise ValueError(f"packed weight of shape {weight.shape} does not fit a layer of shape {shape}")
+        del self.weight
+        self.register_parameter("weight", None)
+        tensors = weight.state_tensors()
+        for key, name in PACKED_BUFFERS.items():
+            self.register_buffer(name, tensors.get(key))
+        self.fmt = weight.fmt
+        self._compute_dtype = dtype
+        self._packed = None
+        self._packed_key = None
+
+    def plain_weight_nbytes(self) -> int:
+        """Bytes the weight takes unpacked, in the master weight's dtype (for statistics)."""
+        itemsize = torch.empty((), dtype=self.compute_dtype, device="meta").element_size()
+        return self.out_features * self.in_features * itemsize
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> FP4Linear:
+        """``.to()``, ``.cuda()``, ``.half()``... move a frozen layer's packed tensors but never
+        cast them (float8 scales are "floating point" to torch); a dtype change becomes the new
+        compute dtype instead."""
+        if not self.frozen:
+            return super()._apply(fn, recurse)
+        packed = {name: self._buffers[name] for name in PACKED_BUFFERS.values()
+                  if self._buffers.get(name) is not None}
+        for name in packed:
+            self._buffers[name] = None  # the base class skips them; the key order is kept
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers.update(packed)
+        device = packed["weight_packed"].device
+        probe = fn(torch.empty(0, dtype=self.compute_dtype, device=device))
+        for name, tensor in packed.items():
+            moved = fn(tensor)
+            if moved.dtype != tensor.dtype:
+                moved = tensor.to(device=moved.device)
+            self._buffers[name] = moved
+        if probe.is_floating_point():
+            self._compute_dtype = probe.dtype
+        return self
+
+    def _inference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The one inference path (no master-weight gradient needed): the packed weight."""
+        return F.linear(x, self.packed_weight().dequantize(self.compute_dtype), self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.frozen:
+            if self.training and torch.is_grad_enabled():
+                raise RuntimeError(tr(
+                    f"{self._describe()} 已冻结为推理用的打包FP4权重 (没有主权重), 无法训练; "
+                    "请在 freeze_fp4 之前训练, 推理时用 model.eval() 或 torch.no_grad()",
+                    f"{self._describe()} is frozen to packed FP4 for serving (no master weight) and "
+                    "cannot be trained; train before freeze_fp4, and run inference under model.eval() "
+                    "or torch.no_grad()"))
+            return self._inference_forward(x)
         if torch.is_grad_enabled() and self.weight.requires_grad:
             weight = _QuantizeStraightThrough.apply(self.weight, self.fmt)
-        else:
-            weight = self.packed_weight().dequantize(self.weight.dtype)
-        return F.linear(x, weight, self.bias)
+            return F.linear(x, weight, self.bias)
+        return self._inference_forward(x)
+
+    def _describe(self) -> str:
+        return f"FP4Linear({self.in_features}->{self.out_features}, {self.fmt})"
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fmt={self.fmt}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, fmt={self.fmt}" + (", frozen=True" if self.frozen else ""))
+
+
+def freeze_fp4(model: nn.Module) -> int:
+    """Freeze every `FP4Linear` of ``model`` for serving; returns how many this call froze.
+
+    The model is put in eval mode: without master weights it can only serve.
+    """
+    layers = [m for m in model.modules() if isinstance(m, FP4Linear) and not m.frozen]
+    for layer in layers:
+        layer.freeze()
+    model.eval()
+    return len(layers)
 
 
 def _shared_weight_ids(model: nn.Module) -> set[int]:

@@ -17,7 +17,7 @@ from apt_model import accelerator
 from apt_model.formats.fp4 import fp4_nbytes
 from apt_model.i18n import tr
 from apt_model.optimization.config import VBConfig
-from apt_model.optimization.engine import report_of
+from apt_model.optimization.engine import OptimizationReport, report_of
 from apt_model.optimization.fp4_linear import FP4Linear
 
 
@@ -64,6 +64,16 @@ def _bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _loaded_report(model: nn.Module) -> OptimizationReport:
+    """The layers of a model VB loaded from a packed FP4 checkpoint without optimizing it."""
+    fp4 = [m for m in model.modules() if isinstance(m, FP4Linear)]
+    return OptimizationReport(
+        mode="fp4-checkpoint", fp4_format=fp4[0].fmt if fp4 else None,
+        linear_total=sum(isinstance(m, (nn.Linear, FP4Linear)) for m in model.modules()),
+        fp4_layers=len(fp4), autocast_linears=0, attention_fused=0, fused_losses=0,
+        checkpointed_blocks=0)
+
+
 def collect(config: VBConfig | None, enabled: bool) -> dict[str, Any]:
     """The numbers behind ``print_stats``."""
     models = REGISTRY.models()
@@ -72,9 +82,7 @@ def collect(config: VBConfig | None, enabled: bool) -> dict[str, Any]:
     param_bytes = compute_bytes = 0
     devices: list[torch.device] = []
     for model in models:
-        report = report_of(model)
-        if report is None:
-            continue
+        report = report_of(model) or _loaded_report(model)
         layers["linear_total"] += report.linear_total
         layers["linear_optimized"] += report.linears_optimized
         layers["fp4"] += report.fp4_layers
@@ -86,7 +94,12 @@ def collect(config: VBConfig | None, enabled: bool) -> dict[str, Any]:
         param_bytes += sum(_bytes(p) for p in params)
         fp4_weights = {}
         for module in model.modules():
-            if isinstance(module, FP4Linear):
+            if not isinstance(module, FP4Linear):
+                continue
+            if module.frozen:  # no master weight left: count it as the plain model would hold it
+                param_bytes += module.plain_weight_nbytes()
+                compute_bytes += module.packed_weight().nbytes()
+            else:
                 fp4_weights[id(module.weight)] = fp4_nbytes(tuple(module.weight.shape), module.fmt)
         compute_bytes += sum(fp4_weights.get(id(p), _bytes(p)) for p in params)
         if params and params[0].device not in devices:

@@ -12,6 +12,8 @@ validated and merged by one rule: explicit arguments > CLI flags > environment >
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, TypeVar
 
 from torch import nn
@@ -125,3 +127,30 @@ def get_stats() -> dict[str, Any]:
 
 def print_stats() -> None:
     print(stats.render(get_stats()))
+
+
+def freeze_fp4(model: nn.Module) -> int:
+    """Drop the master weights of ``model``'s FP4 layers for serving (packed FP4 only).
+
+    Returns how many layers were frozen; the model is put in eval mode.
+    """
+    from apt_model.optimization.fp4_linear import freeze_fp4 as _freeze
+
+    return _freeze(model)
+
+
+def save_fp4(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``model`` as one packed FP4 safetensors file (atomic); returns its path."""
+    from apt_model.formats.checkpoint import save_fp4_checkpoint
+
+    return save_fp4_checkpoint(model, path)
+
+
+def load_fp4(path: str | os.PathLike, model: ModelT | None = None) -> ModelT | nn.Module:
+    """Load a packed FP4 checkpoint (into ``model``, or into the APT model it records);
+    ``get_stats`` counts the loaded model."""
+    from apt_model.formats.checkpoint import load_fp4_checkpoint
+
+    loaded = load_fp4_checkpoint(path, model)
+    stats.REGISTRY.track(loaded)
+    return loaded
