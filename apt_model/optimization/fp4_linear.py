@@ -24,6 +24,7 @@ from torch import nn
 
 from apt_model.formats.fp4 import FP4Weight, fake_quantize_fp4, quantize_fp4
 from apt_model.i18n import tr
+from apt_model.ops.fp4_matmul import fp4_linear
 
 # Buffer names of a frozen layer, in FP4Weight.state_tensors() order.
 PACKED_BUFFERS = {"packed": "weight_packed", "scales": "weight_scales",
@@ -162,8 +163,16 @@ class FP4Linear(nn.Module):
         return self
 
     def _inference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The one inference path (no master-weight gradient needed): the packed weight."""
-        return F.linear(x, self.packed_weight().dequantize(self.compute_dtype), self.bias)
+        """The one inference path (no master-weight gradient needed): the packed weight,
+        multiplied by the fused FP4 kernel on CUDA (the dequantize-then-matmul reference
+        elsewhere). Under autocast the activations go in the autocast dtype, as
+        ``F.linear`` would take them."""
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            x = x.to(torch.get_autocast_dtype(device_type))
+        elif x.dtype != self.compute_dtype:
+            x = x.to(self.compute_dtype)
+        return fp4_linear(x, self.packed_weight(), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.frozen:

@@ -1,0 +1,693 @@
+"""Triton kernels multiplying activations by packed NVFP4 / MXFP4 weights.
+
+Why: GPUs before Blackwell have no FP4 matrix units, and dequantizing the whole weight to
+bf16 before a cuBLAS call writes and re-reads 4x the packed bytes. These kernels read the
+packed bytes and block scales once and dequantize tile by tile in registers, so no
+full-size bf16 weight ever exists.
+
+Kernels, picked by the number of activation rows M (see :func:`kernel_for`):
+
+* ``gemv`` (M = 1): CUDA-core fp32 FMAs, memory-bound; the next weight tiles are loaded
+  into registers before the current one is decoded.
+* ``small`` (M <= 64): ``tl.dot`` on one 16..64-row tile per weight tile. Decode is
+  memory-bound, but already at M = 16 the fp32 FMAs alone would outlast the memory
+  traffic, hence the tensor cores; the compiler pipelines the weight loads.
+* large M: ``gemm``, a tiled matmul with the weight tile dequantized in registers,
+  stored to shared memory by the compiler and fed to ``tl.dot`` in bf16 (fp16 for fp16
+  activations with NVFP4), fp32 accumulation; or ``chunked``: a 16 MiB slice of weight
+  rows at a time dequantized by Triton, multiplied by cuBLAS. The first call per shape
+  times both and keeps the faster (:func:`_large_kernel`).
+
+Dequantization (``_ASM_DECODE``): one PTX block turns a packed int32 word (8 E2M1 codes)
+into 8 values in k order. ``prmt`` puts codes k_2j and k_2j+1 into the two 16-bit lanes
+of a register; masking the nibbles and one integer multiply by 0x1040 put each code's
+magnitude at the bf16 exponent/mantissa boundary (bits 6-8) and its sign at bit 15,
+which reads as ``e2m1 * 2**-126`` in bf16 (a subnormal for +-0.5, exact). One packed
+``fma.rn.bf16x2`` multiplies by ``block_scale * 2**(126 - J)``, giving
+``e2m1 * block_scale * 2**-J`` exactly (at most 6 significant bits). ``J`` keeps that
+factor inside bf16/fp16 range (7 for NVFP4, 64 for MXFP4); the fp32 accumulator is
+multiplied by ``2**J * tensor_scale`` once at the end. 8 "=h" outputs per word let the
+compiler keep the pairs packed, so no unpacking is emitted. A plain-Triton decode
+computes the same values; it runs under ``TRITON_INTERPRET=1`` (CPU) and is the fallback.
+
+Importing this module without Triton works; only launching a kernel needs it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+try:  # Triton is optional: the package must import on CPU-only and NPU machines.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the machine
+    triton = None
+    tl = None
+
+HAS_TRITON = triton is not None
+
+__all__ = [
+    "GEMV_MAX_M",
+    "HAS_TRITON",
+    "LARGE_CHOICE",
+    "SMALL_MAX_M",
+    "config_dict",
+    "fp4_matmul",
+    "kernel_for",
+]
+
+# Row-count thresholds between the kernels (H100 measurements: bench/fp4_variants.py).
+GEMV_MAX_M = 1
+SMALL_MAX_M = 64
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _autotuning() -> bool:
+    """APT_FP4_AUTOTUNE=0 skips autotuning (first config of each list: fast start, tests)."""
+    return os.environ.get("APT_FP4_AUTOTUNE", "1") != "0"
+
+
+if HAS_TRITON:
+    # --------------------------------------------------------------------- dequantization
+
+    # One packed int32 word = 8 E2M1 codes k0..k7 (k0 in the low nibble). Outputs $0..$7 are
+    # the 8 values in k order, as the 16-bit halves of 4 registers; $8 = the word, $9 = the
+    # block scale factor twice (bf16x2 / f16x2). prmt puts (k_2j, k_2j+1) into the two
+    # 16-bit lanes of t_j, the multiply by 0x1040 copies each nibble to bits 6-9 and 12-15,
+    # and the mask keeps the magnitude at bits 6-8 and the sign at bit 15.
+    _ASM_DECODE = """
+    .reg .b32 r4, t0, t1, t2, t3, nz;
+    mov.b32 nz, 0x80008000;
+    shr.u32 r4, $8, 4;
+    prmt.b32 t0, $8, r4, 0x0400;
+    prmt.b32 t1, $8, r4, 0x0501;
+    prmt.b32 t2, $8, r4, 0x0602;
+    prmt.b32 t3, $8, r4, 0x0703;
+    and.b32 t0, t0, 0x000F000F;
+    and.b32 t1, t1, 0x000F000F;
+    and.b32 t2, t2, 0x000F000F;
+    and.b32 t3, t3, 0x000F000F;
+    mul.lo.u32 t0, t0, 0x1040;
+    mul.lo.u32 t1, t1, 0x1040;
+    mul.lo.u32 t2, t2, 0x1040;
+    mul.lo.u32 t3, t3, 0x1040;
+    and.b32 t0, t0, 0x81C081C0;
+    and.b32 t1, t1, 0x81C081C0;
+    and.b32 t2, t2, 0x81C081C0;
+    and.b32 t3, t3, 0x81C081C0;
+    """
+    # t_j now read as e2m1 * 2^-126 in bf16 (a subnormal for +-0.5, exact); one fma applies
+    # the scale factor block_scale * 2^(126 - J).
+    _ASM_BF16_FMA = """
+    fma.rn.bf16x2 t0, t0, $9, nz;
+    fma.rn.bf16x2 t1, t1, $9, nz;
+    fma.rn.bf16x2 t2, t2, $9, nz;
+    fma.rn.bf16x2 t3, t3, $9, nz;
+    """
+    _ASM_HALVES = """
+    mov.b32 {$0, $1}, t0;
+    mov.b32 {$2, $3}, t1;
+    mov.b32 {$4, $5}, t2;
+    mov.b32 {$6, $7}, t3;
+    """
+    _ASM_BF16 = tl.constexpr("{" + _ASM_DECODE + _ASM_BF16_FMA + _ASM_HALVES + "}")
+    # fp16: move the magnitude up 3 bits (to bits 9-11) and keep the sign: e2m1 * 2^-14 in
+    # fp16 (a subnormal for +-0.5, exact); the fma applies block_scale * 2^(14 - J).
+    _ASM_F16 = tl.constexpr("{" + _ASM_DECODE + """
+    .reg .b32 u0, u1, u2, u3;
+    shl.b32 u0, t0, 3;
+    shl.b32 u1, t1, 3;
+    shl.b32 u2, t2, 3;
+    shl.b32 u3, t3, 3;
+    lop3.b32 t0, u0, t0, 0x8E008E00, 0xA8;
+    lop3.b32 t1, u1, t1, 0x8E008E00, 0xA8;
+    lop3.b32 t2, u2, t2, 0x8E008E00, 0xA8;
+    lop3.b32 t3, u3, t3, 0x8E008E00, 0xA8;
+    fma.rn.f16x2 t0, t0, $9, nz;
+    fma.rn.f16x2 t1, t1, $9, nz;
+    fma.rn.f16x2 t2, t2, $9, nz;
+    fma.rn.f16x2 t3, t3, $9, nz;
+    """ + _ASM_HALVES + "}")
+    # fp32 outputs for the FMA kernel: a bf16 value widened is its bits shifted up 16.
+    _ASM_F32 = tl.constexpr("{" + _ASM_DECODE + _ASM_BF16_FMA + """
+    shl.b32 $0, t0, 16;
+    and.b32 $1, t0, 0xFFFF0000;
+    shl.b32 $2, t1, 16;
+    and.b32 $3, t1, 0xFFFF0000;
+    shl.b32 $4, t2, 16;
+    and.b32 $5, t2, 0xFFFF0000;
+    shl.b32 $6, t3, 16;
+    and.b32 $7, t3, 0xFFFF0000;
+    }""")
+
+    @triton.jit
+    def _e4m3_to_f32(s, EXTRA: tl.constexpr):
+        """E4M3 bytes (int32) to fp32 ``value * 2^EXTRA`` (EXTRA in [-120, 119]).
+
+        Built from bits: a subnormal code (exponent 0) gets exponent 1 so it reads as a normal
+        number, and subtracting that number's implicit leading one leaves m * 2^-9 exactly
+        (0 for the zero code). NaN (0x7F) stays NaN.
+        """
+        mag = s & 0x7F
+        sub = mag < 8
+        v = (((mag + tl.where(sub, 8, 0)) << 20) + ((120 + EXTRA) << 23)).to(tl.float32,
+                                                                              bitcast=True)
+        v = v - tl.where(sub, 2.0 ** (EXTRA - 6), 0.0)
+        v = (v.to(tl.int32, bitcast=True) | ((s & 0x80) << 24)).to(tl.float32, bitcast=True)
+        return tl.where(mag == 0x7F, float("nan"), v)
+
+    @triton.jit
+    def _pow2_from_e8m0(e, OFFSET: tl.constexpr):
+        """fp32 2^(e - 127 + OFFSET) of E8M0 bytes ``e`` (int32); 255 is NaN."""
+        t = e + OFFSET
+        v = (tl.minimum(tl.maximum(t, 1), 254) << 23).to(tl.float32, bitcast=True)
+        v = tl.where(t < 1, 0.0, v)
+        v = tl.where(t > 254, float("inf"), v)
+        return tl.where(e == 255, float("nan"), v)
+
+    @triton.jit
+    def _scale_factor(sc, IS_NV: tl.constexpr, EXTRA: tl.constexpr):
+        """Block scales (uint8) as fp32 ``block_scale * 2^(EXTRA - J)``."""
+        s = sc.to(tl.int32)
+        if IS_NV:
+            return _e4m3_to_f32(s, EXTRA - 7)
+        else:
+            return _pow2_from_e8m0(s, EXTRA - 64)
+
+    @triton.jit
+    def _scale_operand(sc, IS_NV: tl.constexpr, F16: tl.constexpr, USE_ASM: tl.constexpr):
+        """What ``_dequant_words`` multiplies by: fp32 factor, or its bf16/f16 pair bits."""
+        if USE_ASM:
+            if F16:
+                h = _scale_factor(sc, IS_NV, 14).to(tl.float16).to(tl.int16, bitcast=True)
+            else:
+                h = _scale_factor(sc, IS_NV, 126).to(tl.bfloat16).to(tl.int16, bitcast=True)
+            h = h.to(tl.int32) & 0xFFFF
+            return h | (h << 16)
+        else:
+            return _scale_factor(sc, IS_NV, 0)
+
+    @triton.jit
+    def _e2m1_to_f32(c):
+        """E2M1 codes (int32, 0..15) to fp32 without a table."""
+        mag = c & 7
+        v = ((mag << 22) + (126 << 23)).to(tl.float32, bitcast=True)
+        v = tl.where(mag < 2, mag.to(tl.float32) * 0.5, v)
+        return tl.where(c >= 8, -v, v)
+
+    @triton.jit
+    def _code(words, J: tl.constexpr, s):
+        return _e2m1_to_f32((words >> (4 * J)) & 15) * s
+
+    @triton.jit
+    def _interleave8(v0, v1, v2, v3, v4, v5, v6, v7):
+        """[R, C] x 8 -> [R, 8C] with out[:, 8c + j] = v_j[:, c] (register-only joins)."""
+        w = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)),
+                    tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+        return tl.reshape(w, (w.shape[0], 8 * w.shape[1]))
+
+    @triton.jit
+    def _dequant_words(words, s, F16: tl.constexpr, USE_ASM: tl.constexpr, F32: tl.constexpr):
+        """Packed int32 words [R, C] -> values [R, 8C] in k order: e2m1 * block_scale * 2^-J.
+
+        fp32 if ``F32`` (exact), else fp16 if ``F16``, else bf16 (exact either way, at most 6
+        significant bits). ``s`` comes from ``_scale_operand`` and is broadcast per word.
+        """
+        if USE_ASM:
+            if F32:
+                v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+                    _ASM_F32, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words, s],
+                    dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+            elif F16:
+                v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+                    _ASM_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [words, s],
+                    dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+            else:
+                v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+                    _ASM_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [words, s],
+                    dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+            return _interleave8(v0, v1, v2, v3, v4, v5, v6, v7)
+        else:
+            w = _interleave8(_code(words, 0, s), _code(words, 1, s), _code(words, 2, s),
+                             _code(words, 3, s), _code(words, 4, s), _code(words, 5, s),
+                             _code(words, 6, s), _code(words, 7, s))
+            if F32:
+                return w
+            return w.to(tl.float16 if F16 else tl.bfloat16)
+
+    @triton.jit
+    def _load_weight_tile(p_ptr, s_ptr, offs_n, n_mask, kw, kw_end, stride_pn, stride_sn,
+                          BLOCK_N: tl.constexpr, BKW: tl.constexpr, WPB: tl.constexpr):
+        """Packed words [BLOCK_N, BKW] from word column ``kw`` and their block scales."""
+        NBLK: tl.constexpr = BKW // WPB
+        offs_w = tl.arange(0, BKW)
+        offs_s = tl.arange(0, NBLK)
+        rows = offs_n.to(tl.int64)
+        pk = tl.load(p_ptr + rows[:, None] * stride_pn + (kw + offs_w)[None, :],
+                     mask=n_mask[:, None] & (offs_w < kw_end - kw)[None, :], other=0)
+        sblk = kw // WPB
+        sc = tl.load(s_ptr + rows[:, None] * stride_sn + (sblk + offs_s)[None, :],
+                     mask=n_mask[:, None] & (offs_s < (kw_end // WPB) - sblk)[None, :], other=0)
+        return pk, sc
+
+    @triton.jit
+    def _weight_values(pk, sc, IS_NV: tl.constexpr, F16: tl.constexpr, USE_ASM: tl.constexpr,
+                       F32: tl.constexpr, BLOCK_N: tl.constexpr, BKW: tl.constexpr,
+                       WPB: tl.constexpr):
+        """Dequantized tile [BLOCK_N, 8 * BKW] from packed words and block scales."""
+        NBLK: tl.constexpr = BKW // WPB
+        s = _scale_operand(sc, IS_NV, F16 and not F32, USE_ASM)
+        s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, NBLK, WPB)), (BLOCK_N, BKW))
+        return _dequant_words(pk, s, F16, USE_ASM, F32)
+
+    @triton.jit
+    def _epilogue(acc, ts_ptr, b_ptr, o_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, pid_k,
+                  IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
+        """Undo 2^-J, apply the tensor scale and bias, store (or accumulate for split-K)."""
+        if IS_NV:
+            acc = acc * (tl.load(ts_ptr).to(tl.float32) * 128.0)  # 2^7
+        else:
+            acc = acc * 18446744073709551616.0  # 2^64
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            acc = acc + tl.where(pid_k == 0, bias, 0.0)[None, :]
+        o_ptrs = o_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        mask = m_mask[:, None] & n_mask[None, :]
+        if ATOMIC:
+            tl.atomic_add(o_ptrs, acc, mask=mask, sem="relaxed")
+        else:
+            tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=mask)
+
+    # --------------------------------------------------------------------- kernels
+
+    @triton.jit
+    def _fp4_gemv_kernel(
+        x_ptr, p_ptr, s_ptr, ts_ptr, b_ptr, o_ptr,
+        M, N, K, KW, stride_xm, stride_pn, stride_sn, stride_om, K_SPLIT, M_KEY,
+        IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+        USE_ASM: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """out[0, n] = sum_k x[0, k] w[n, k] for one row: fp32 FMAs, weight read once.
+
+        Each program owns BLOCK_N rows and (with split-K) a K range. The weight tiles of the
+        next ``PREFETCH`` (1 or 2) iterations are loaded into registers before the current
+        one is decoded, so several loads per warp are in flight (the compiler's pipeliner
+        only streams loads that feed a ``tl.dot``).
+        """
+        BKW: tl.constexpr = BLOCK_K // 8
+        WPB: tl.constexpr = 2 if IS_NV else 4
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        kw_start = pid_k * K_SPLIT
+        kw_end = tl.minimum(kw_start + K_SPLIT, KW)
+        acc = tl.zeros((BLOCK_N, BLOCK_K // 32), dtype=tl.float32)
+        pk, sc = _load_weight_tile(p_ptr, s_ptr, offs_n, n_mask, kw_start, kw_end,
+                                   stride_pn, stride_sn, BLOCK_N, BKW, WPB)
+        if PREFETCH >= 2:
+            pk2, sc2 = _load_weight_tile(p_ptr, s_ptr, offs_n, n_mask, kw_start + BKW, kw_end,
+                                         stride_pn, stride_sn, BLOCK_N, BKW, WPB)
+        for kw in range(kw_start, kw_start + K_SPLIT, BKW):
+            kw = tl.multiple_of(kw, BKW)  # splits start on whole tiles: vector loads of x
+            pk_cur = pk
+            sc_cur = sc
+            if PREFETCH >= 2:
+                pk = pk2
+                sc = sc2
+                pk2, sc2 = _load_weight_tile(p_ptr, s_ptr, offs_n, n_mask, kw + 2 * BKW,
+                                             kw_end, stride_pn, stride_sn, BLOCK_N, BKW, WPB)
+            else:
+                pk, sc = _load_weight_tile(p_ptr, s_ptr, offs_n, n_mask, kw + BKW, kw_end,
+                                           stride_pn, stride_sn, BLOCK_N, BKW, WPB)
+            kx = 8 * kw + tl.arange(0, BLOCK_K)
+            xv = tl.load(x_ptr + kx, mask=kx < K, other=0.0).to(tl.float32)
+            w = _weight_values(pk_cur, sc_cur, IS_NV, False, USE_ASM, True, BLOCK_N, BKW, WPB)
+            # Sum each thread's 32 products in registers; the cross-thread sum waits until
+            # after the loop.
+            acc += tl.sum(tl.reshape(w * xv[None, :], (BLOCK_N, BLOCK_K // 32, 32)), axis=2)
+        _epilogue(tl.sum(acc, axis=1)[None, :], ts_ptr, b_ptr, o_ptr, tl.arange(0, 1), offs_n,
+                  tl.arange(0, 1) < M, n_mask, stride_om, pid_k, IS_NV, HAS_BIAS, SPLIT_K > 1)
+
+    @triton.jit
+    def _fp4_dequant_kernel(
+        p_ptr, s_ptr, ts_ptr, o_ptr, N, K, KW, stride_pn, stride_sn, stride_on,
+        IS_NV: tl.constexpr, USE_ASM: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """Rows of the weight dequantized into ``o`` (bf16/fp16 [rows, K]) for cuBLAS."""
+        BKW: tl.constexpr = BLOCK_K // 8
+        WPB: tl.constexpr = 2 if IS_NV else 4
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        kw = tl.program_id(1) * BKW
+        pk, sc = _load_weight_tile(p_ptr, s_ptr, offs_n, n_mask, kw, KW, stride_pn, stride_sn,
+                                   BLOCK_N, BKW, WPB)
+        w = _weight_values(pk, sc, IS_NV, False, USE_ASM, True, BLOCK_N, BKW, WPB)
+        if IS_NV:
+            w = w * (tl.load(ts_ptr).to(tl.float32) * 128.0)  # 2^7
+        else:
+            w = w * 18446744073709551616.0  # 2^64
+        k = 8 * kw + tl.arange(0, BLOCK_K)
+        o_ptrs = o_ptr + offs_n.to(tl.int64)[:, None] * stride_on + k[None, :]
+        tl.store(o_ptrs, w.to(o_ptr.dtype.element_ty), mask=n_mask[:, None] & (k < K)[None, :])
+
+    @triton.jit
+    def _fp4_dot_kernel(
+        x_ptr, p_ptr, s_ptr, ts_ptr, b_ptr, o_ptr,
+        M, N, K, KW, stride_xm, stride_pn, stride_sn, stride_om, K_SPLIT, M_KEY,
+        IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+        USE_ASM: tl.constexpr, F16: tl.constexpr, PREFETCH: tl.constexpr,
+        INTERP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr,
+    ):
+        """Tiled out = x @ W^T, W dequantized per [BLOCK_N, BLOCK_K] tile in registers.
+
+        The x tile is a plain load the compiler pipelines into shared memory. ``SWAP``
+        computes out^T = W @ x^T instead, so for a few rows the weight tile is the wide
+        operand (Hopper's wgmma needs 64 rows there). ``INTERP`` (the CPU interpreter,
+        whose bf16 dot is wrong) runs the dots in fp32 on the same bf16-rounded values.
+        """
+        BKW: tl.constexpr = BLOCK_K // 8
+        WPB: tl.constexpr = 2 if IS_NV else 4
+        CDT: tl.constexpr = tl.float16 if F16 else tl.bfloat16
+        DDT: tl.constexpr = tl.float32 if INTERP else CDT
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        group = GROUP_M * num_n
+        first_m = (pid // group) * GROUP_M
+        group_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group) % group_m
+        pid_n = (pid % group) // group_m
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        kw_start = pid_k * K_SPLIT
+        kw_end = tl.minimum(kw_start + K_SPLIT, KW)
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+        if SWAP:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if PREFETCH:
+            pk, sc = _load_weight_tile(p_ptr, s_ptr, offs_n, n_mask, kw_start, kw_end,
+                                       stride_pn, stride_sn, BLOCK_N, BKW, WPB)
+        for kw in range(kw_start, kw_start + K_SPLIT, BKW):
+            kw = tl.multiple_of(kw, BKW)
+            if PREFETCH:
+                pk_cur = pk
+                sc_cur = sc
+                pk, sc = _load_weight_tile(p_ptr, s_ptr, offs_n, n_mask, kw + BKW, kw_end,
+                                           stride_pn, stride_sn, BLOCK_N, BKW, WPB)
+            else:
+                pk_cur, sc_cur = _load_weight_tile(p_ptr, s_ptr, offs_n, n_mask, kw, kw_end,
+                                                   stride_pn, stride_sn, BLOCK_N, BKW, WPB)
+            w = _weight_values(pk_cur, sc_cur, IS_NV, F16, USE_ASM, False, BLOCK_N, BKW,
+                               WPB).to(DDT)
+            kx = 8 * kw + tl.arange(0, BLOCK_K)
+            a = tl.load(x_rows + kx[None, :], mask=m_mask[:, None] & (kx < K)[None, :],
+                        other=0.0).to(CDT).to(DDT)
+            if SWAP:
+                acc = tl.dot(w, tl.trans(a), acc)
+            else:
+                acc = tl.dot(a, tl.trans(w), acc)
+        if SWAP:
+            acc = tl.trans(acc)
+        _epilogue(acc, ts_ptr, b_ptr, o_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, pid_k,
+                  IS_NV, HAS_BIAS, SPLIT_K > 1)
+
+    # --------------------------------------------------------------------- autotuning
+
+    def _cfg(num_warps: int, num_stages: int, **meta) -> triton.Config:
+        return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+
+    # Small lists on purpose: each config is one compile (~1 s) on first use of a shape.
+    # H100, 8192 -> 28672, M = 1: 0.071-0.077 ms for all four (issue-bound on the decode).
+    GEMV_CONFIGS = [
+        _cfg(4, 1, BLOCK_N=16, BLOCK_K=512, PREFETCH=2),
+        _cfg(4, 1, BLOCK_N=16, BLOCK_K=512, PREFETCH=1),
+        _cfg(4, 1, BLOCK_N=32, BLOCK_K=512, PREFETCH=2),
+        _cfg(8, 1, BLOCK_N=32, BLOCK_K=512, PREFETCH=1),
+    ]
+    # H100, 8192 -> 28672, M = 16 (bench/fp4_variants.py): the first config 0.089 ms; with
+    # register prefetch instead of the compiler's pipeline 0.12-0.15 ms; BLOCK_N = 32 with
+    # 4 stages won an autotuning once and then ran at 0.17 ms, so it is left out.
+    SMALL_CONFIGS = [
+        _cfg(4, 3, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, SWAP=False, PREFETCH=False),
+        _cfg(4, 4, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, SWAP=False, PREFETCH=False),
+        _cfg(4, 3, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, SWAP=True, PREFETCH=False),
+    ]
+    # H100, 8192 -> 28672, M = 4096: the first config 4.3 ms (1.5x cuBLAS), the others
+    # 4.5-6.2 ms; the chunked path (2.9-3.0 ms) wins there and is picked at run time.
+    GEMM_CONFIGS = [
+        _cfg(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SWAP=False, PREFETCH=True),
+        _cfg(4, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SWAP=False, PREFETCH=True),
+        _cfg(8, 4, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SWAP=False, PREFETCH=False),
+        _cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SWAP=False, PREFETCH=True),
+    ]
+
+    _KEY = ["M_KEY", "N", "K", "IS_NV", "HAS_BIAS", "SPLIT_K"]
+    _gemv_tuned = triton.autotune(GEMV_CONFIGS, key=_KEY, reset_to_zero=["o_ptr"])(
+        _fp4_gemv_kernel)
+    _small_tuned = triton.autotune(SMALL_CONFIGS, key=_KEY, reset_to_zero=["o_ptr"])(
+        _fp4_dot_kernel)
+    _gemm_tuned = triton.autotune(GEMM_CONFIGS, key=_KEY, reset_to_zero=["o_ptr"])(
+        _fp4_dot_kernel)
+
+
+# ------------------------------------------------------------------------- host side
+
+
+def config_dict(cfg) -> dict:
+    """A ``triton.Config`` as the ``config=`` dict :func:`fp4_matmul` takes."""
+    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def kernel_for(m: int) -> str:
+    """The kernel family for ``m`` activation rows: "gemv", "small" or "large".
+
+    "large" is the fused "gemm" or the "chunked" dequantize + cuBLAS path, whichever
+    :func:`_large_kernel` measured faster for the shape.
+    """
+    if m <= GEMV_MAX_M:
+        return "gemv"
+    return "small" if m <= SMALL_MAX_M else "large"
+
+
+# (device, N, K, M bucket, dtype, format, bias) -> "gemm" | "chunked", measured once.
+LARGE_CHOICE: dict[tuple, str] = {}
+_LARGE_ENV = "APT_FP4_LARGE_KERNEL"
+
+
+def _large_kernel(x: Tensor, packed: Tensor, scales: Tensor, tensor_scale: Tensor | None,
+                  k: int, bias: Tensor | None) -> str:
+    """Large M: the fused GEMM or the chunked path, whichever is faster here.
+
+    The fused GEMM never holds more than a tile of bf16 weight but pays for dequantizing
+    each weight tile once per M tile, serialized with the tensor cores inside a CTA;
+    the chunked path runs cuBLAS on weight slices of at most 64 MiB. Which wins depends on
+    the GPU and the shape, so the first call per (shape, M bucket, dtype) times both, like
+    the autotuner does for configs (so, like autotuning, not inside CUDA-graph capture).
+    ``APT_FP4_LARGE_KERNEL=gemm|chunked`` pins one; fp32 activations always take the
+    fused GEMM (the chunked path is for 16-bit cuBLAS).
+    """
+    pinned = os.environ.get(_LARGE_ENV)
+    if pinned in ("gemm", "chunked"):
+        return pinned
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return "gemm"
+    if not _autotuning() or _interpreting():
+        return "chunked"
+    key = (x.device, packed.shape[0], k, _next_pow2(x.shape[0]), x.dtype, scales.dtype,
+           bias is not None)
+    choice = LARGE_CHOICE.get(key)
+    if choice is None:
+        from triton.testing import do_bench
+
+        times = {}
+        for kernel in ("gemm", "chunked"):
+            def run(kernel=kernel):
+                return fp4_matmul(x, packed, scales, tensor_scale, k, bias, kernel=kernel)
+
+            run()  # autotunes the GEMM configs on its first call
+            times[kernel] = do_bench(run, warmup=5, rep=25, return_mode="median")
+        choice = LARGE_CHOICE[key] = min(times, key=times.get)
+    return choice
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _split_k(n: int, kw: int, device: torch.device, kernel: str) -> int:
+    """Split K only when the N tiles alone leave most multiprocessors idle (small layers)."""
+    if device.type != "cuda" or kernel == "gemm":
+        return 1
+    tiles = _cdiv(n, 32)
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if tiles >= sms:
+        return 1
+    # Keep at least 2 maximal tiles (128 words) of K per split.
+    return max(1, min(_cdiv(2 * sms, tiles), kw // 128, 16))
+
+
+def _as_words(packed: Tensor) -> Tensor:
+    """The packed bytes as int32 words (4 bytes = 8 codes), copying only if misaligned."""
+    if packed.stride(-1) != 1 or packed.stride(0) % 4 or packed.storage_offset() % 4:
+        packed = packed.contiguous()
+    return packed.view(torch.int32)
+
+
+def _chunk_rows(m: int, n: int, k: int, device: torch.device) -> int:
+    """Weight rows per cuBLAS call of the chunked path.
+
+    Enough rows that one call has about two waves of 128x128 output tiles (at least
+    1024), at most 64 MiB of bf16 (a few times less than a layer, L2-sized for K = 8192).
+    """
+    sms = 132  # H100; only the interpreter (CPU) gets here without a CUDA device
+    if device.type == "cuda":
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    want = _cdiv(2 * sms * 128 * 128, max(m, 128))
+    cap = max(256, (64 * 2**20 // (2 * k)) // 256 * 256)
+    rows = min(max(_cdiv(want, 256) * 256, 1024), cap)
+    return min(rows, _cdiv(n, 256) * 256)
+
+
+def _chunked(x: Tensor, words: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool, k: int,
+             bias: Tensor | None, out: Tensor, use_asm: bool, rows: int | None) -> Tensor:
+    """Large M: dequantize ``rows`` weight rows at a time into one reused bf16/fp16 buffer
+    (Triton, memory-bound) and let cuBLAS multiply each slice into its output columns.
+
+    Only a slice of the weight ever exists in bf16 (20 MiB for M = 4096, K = 8192: it
+    stays in L2 for cuBLAS to read back), so this is cuBLAS speed plus a streaming pass.
+    """
+    n, kw = words.shape
+    rows = rows or _chunk_rows(x.shape[0], n, k, x.device)
+    buf = torch.empty((min(rows, n), k), dtype=x.dtype, device=x.device)
+    block_n, block_k = 32, 512
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        part = buf[: r1 - r0]
+        grid = (triton.cdiv(r1 - r0, block_n), triton.cdiv(kw, block_k // 8))
+        _fp4_dequant_kernel[grid](
+            words[r0:r1], s_bytes[r0:r1], ts, part, r1 - r0, k, kw, words.stride(0),
+            s_bytes.stride(0), part.stride(0), IS_NV=is_nv, USE_ASM=use_asm,
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+        if bias is None:
+            torch.mm(x, part.T, out=out[:, r0:r1])
+        else:
+            torch.addmm(bias[r0:r1], x, part.T, out=out[:, r0:r1])
+    return out
+
+
+def fp4_matmul(
+    x: Tensor,
+    packed: Tensor,
+    scales: Tensor,
+    tensor_scale: Tensor | None,
+    k: int,
+    bias: Tensor | None = None,
+    *,
+    kernel: str | None = None,
+    config: dict | None = None,
+    use_asm: bool | None = None,
+    split_k: int | None = None,
+    chunk_rows: int | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """``x @ dequant(W).T (+ bias)`` for 2-D ``x`` [M, k] with Triton; returns x's dtype.
+
+    ``packed`` is uint8 [N, Kp/2] (Kp = k padded to the block), ``scales`` float8_e4m3fn
+    (NVFP4) or uint8 E8M0 (MXFP4) [N, Kp/block]; ``tensor_scale`` the fp32 NVFP4 tensor
+    scale (None for MXFP4). The keyword-only arguments pin a kernel ("gemv", "small",
+    "gemm", "chunked") / config / variant, for tests and benchmarks; by default the kernel
+    follows :func:`kernel_for` and is autotuned. ``out`` (contiguous [M, N], x's dtype)
+    receives the result when given.
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("fp4_matmul needs Triton")
+    is_nv = scales.dtype == torch.float8_e4m3fn
+    m = x.shape[0]
+    n = packed.shape[0]
+    words = _as_words(packed)
+    kw = words.shape[1]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    kernel = kernel or kernel_for(m)
+    if kernel == "large":
+        kernel = _large_kernel(x, packed, scales, tensor_scale, k, bias)
+    if use_asm is None:
+        use_asm = not _interpreting()
+    split = split_k if split_k is not None else _split_k(n, kw, x.device, kernel)
+    if kernel == "chunked":
+        split = 1
+    out_dtype = x.dtype
+    result = out
+    if split > 1:
+        out = torch.zeros((m, n), dtype=torch.float32, device=x.device)
+    elif out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out.to(out_dtype) if result is None else result
+    s_bytes = scales.view(torch.uint8)
+    ts = tensor_scale.reshape(1) if tensor_scale is not None else s_bytes
+    if kernel == "chunked":
+        return _chunked(x, words, s_bytes, ts, is_nv, k, bias, out, use_asm, chunk_rows)
+    b = bias if bias is not None else out
+    # Words of K per program: a whole number of tiles whatever BLOCK_K the autotuner picks
+    # (64 words = the largest BLOCK_K of 512).
+    k_split = kw if split == 1 else _cdiv(_cdiv(kw, split), 64) * 64
+    m_key = _next_pow2(m) if m <= SMALL_MAX_M else 128 * _next_pow2(_cdiv(m, 128))
+    args = (x, words, s_bytes, ts, b, out, m, n, k, kw, x.stride(0), words.stride(0),
+            s_bytes.stride(0), out.stride(0), k_split, m_key)
+    common = dict(IS_NV=is_nv, HAS_BIAS=bias is not None, SPLIT_K=split, USE_ASM=use_asm)
+    if config is None and not _autotuning():
+        lists = {"gemv": GEMV_CONFIGS, "small": SMALL_CONFIGS, "gemm": GEMM_CONFIGS}
+        config = config_dict(lists[kernel][0])
+    meta = dict(config or {})
+    if config is not None:
+        meta.setdefault("PREFETCH", True)
+
+    if kernel == "gemv":
+        if m != 1:
+            raise ValueError(f"the gemv kernel takes one row, got {m}")
+        fn = _fp4_gemv_kernel if config else _gemv_tuned
+        grid = lambda meta_: (triton.cdiv(n, meta_["BLOCK_N"]), triton.cdiv(kw, k_split))  # noqa: E731
+        fn[grid](*args, **common, **meta)
+    else:
+        if kernel == "small":
+            meta.setdefault("BLOCK_M", max(16, _next_pow2(m)))
+            fn = _fp4_dot_kernel if config else _small_tuned
+        else:
+            fn = _fp4_dot_kernel if config else _gemm_tuned
+        grid = lambda meta_: (  # noqa: E731
+            triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),
+            triton.cdiv(kw, k_split))
+        # fp16 activations keep fp16 operands with NVFP4 (every E2M1 x E4M3 product is exact
+        # in fp16); MXFP4's power-of-two scales can leave fp16's range, so bf16 there.
+        f16 = x.dtype == torch.float16 and is_nv
+        fn[grid](*args, F16=f16, INTERP=_interpreting(), **common, **meta)
+    if split > 1:
+        if result is None:
+            return out.to(out_dtype)
+        return result.copy_(out)
+    return out

@@ -1,0 +1,287 @@
+"""fp4_linear: the reference path, the custom op's tracing, and (on CUDA) the Triton kernels.
+
+Every comparison is against fp64 ``x @ dequant(W)^T (+ bias)`` on fresh random inputs, by
+relative error ||out - ref|| / ||ref||.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from apt_model.formats.fp4 import quantize_fp4
+from apt_model.ops import fp4_linear, fp4_linear_reference, triton_available
+from apt_model.ops import triton_fp4 as tf
+
+FORMATS = ("nvfp4", "mxfp4")
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+needs_triton = pytest.mark.skipif(not (CUDA and triton_available("cuda")),
+                                  reason="needs CUDA (sm80+) and Triton")
+
+
+@pytest.fixture(autouse=True)
+def _no_autotune(monkeypatch: pytest.MonkeyPatch):
+    """One config per kernel: the GPU tests compile a few kernels, not every tuning candidate."""
+    monkeypatch.setenv("APT_FP4_AUTOTUNE", "0")
+
+
+def _seed() -> int:
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    return seed
+
+
+def _problem(m, n, k, fmt, dtype, device, bias=True, lead=()):
+    w = quantize_fp4(torch.randn(n, k, device=device), fmt)
+    x = torch.randn(*lead, m, k, device=device).to(dtype)
+    b = torch.randn(n, device=device).to(dtype) if bias else None
+    return x, w, b
+
+
+def _ref64(x, w, b):
+    ref = x.double() @ w.dequantize(torch.float64).T
+    return ref if b is None else ref + b.double()
+
+
+def _rel(out, ref) -> float:
+    assert not torch.isnan(out).any(), "NaN in output (an element left unwritten?)"
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+# --------------------------------------------------------------------------- reference (CPU)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [64, 200])  # a whole number of blocks, and padded
+def test_reference_matches_fp64(fmt, dtype, k):
+    seed = _seed()
+    x, w, b = _problem(5, 24, k, fmt, dtype, "cpu", lead=(2,))
+    out = fp4_linear(x, w, b)
+    assert out.shape == (2, 5, 24) and out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert _rel(out, _ref64(x, w, b)) < tol, seed
+    torch.testing.assert_close(out, fp4_linear_reference(x, w, b))
+
+
+def test_fp4_linear_checks_features():
+    w = quantize_fp4(torch.randn(8, 32), "nvfp4")
+    with pytest.raises(ValueError, match="features"):
+        fp4_linear(torch.randn(2, 31), w)
+
+
+def test_triton_not_used_off_cuda():
+    assert not triton_available("cpu")
+    assert tf.kernel_for(1) == "gemv" and tf.kernel_for(16) == "small"
+    assert tf.kernel_for(4096) == "large"
+
+
+# --------------------------------------------------------------------------- the custom op
+
+
+def _op_args(fmt, device="cpu", bias=True):
+    x, w, b = _problem(3, 16, 64, fmt, torch.float32, device, bias=bias)
+    ts = w.tensor_scale if w.tensor_scale is not None else torch.empty(0, device=device)
+    return (x, w.packed, w.scales, ts, 0 if fmt == "nvfp4" else 1, 64, b), w
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_opcheck(fmt):
+    args, _ = _op_args(fmt)
+    args[0].requires_grad_(True)
+    utils = ["test_schema", "test_autograd_registration", "test_faketensor",
+             "test_aot_dispatch_dynamic"]
+    if fmt == "nvfp4":  # SchemaCheckMode compares inputs with allclose: no float8 kernel on CPU
+        utils.remove("test_schema")
+    torch.library.opcheck(torch.ops.apt_model.fp4_linear.default, args, test_utils=utils)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_fake_shapes(fmt):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args, _ = _op_args(fmt)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        fake[0] = torch.empty(4, 7, 64)
+        out = torch.ops.apt_model.fp4_linear(*fake)
+    assert out.shape == (4, 7, 16) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_compile_fullgraph_no_break(fmt):
+    _, w = _op_args(fmt)
+    bias = torch.randn(16)
+
+    def f(x):
+        return torch.relu(fp4_linear(x, w, bias)) * 2
+
+    x = torch.randn(2, 5, 64)
+    explanation = torch._dynamo.explain(f)(x)
+    assert explanation.graph_break_count == 0
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), f(x))
+
+
+def test_backward_matches_reference():
+    x, w, b = _problem(4, 16, 96, "nvfp4", torch.float32, "cpu")
+    x.requires_grad_(True)
+    b.requires_grad_(True)
+    fp4_linear(x, w, b).pow(2).sum().backward()
+    gx, gb = x.grad.clone(), b.grad.clone()
+    x.grad = b.grad = None
+    wd = w.dequantize(torch.float32)
+    torch.nn.functional.linear(x, wd, b).pow(2).sum().backward()
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gb, b.grad)
+
+
+# --------------------------------------------------------------------------- Triton, CPU interpreter
+
+
+@pytest.mark.skipif(os.environ.get("APT_TEST_TRITON_INTERPRET") != "1",
+                    reason="set APT_TEST_TRITON_INTERPRET=1 (needs triton; slow)")
+def test_triton_kernels_in_interpreter():
+    """The kernels' tiling, masks and split-K on CPU (the pure-Triton decode; no PTX)."""
+    script = textwrap.dedent("""
+        import torch
+        from apt_model.formats.fp4 import quantize_fp4
+        from apt_model.ops import triton_fp4 as tf
+        cases = [("gemv", dict(BLOCK_N=16, BLOCK_K=64), 1, None),
+                 ("gemv", dict(BLOCK_N=16, BLOCK_K=64), 1, 3),
+                 ("small", dict(BLOCK_N=32, BLOCK_K=64, GROUP_M=1, SWAP=True), 3, None),
+                 ("small", dict(BLOCK_N=32, BLOCK_K=128, GROUP_M=1, SWAP=False), 17, 2),
+                 ("gemm", dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, SWAP=False), 70, None),
+                 ("chunked", None, 70, None)]
+        for fmt in ("nvfp4", "mxfp4"):
+            for kernel, cfg, m, split in cases:
+                for k in (200, 1056):
+                    w = quantize_fp4(torch.randn(40, k), fmt)
+                    x = torch.randn(m, k).bfloat16()
+                    b = torch.randn(40).bfloat16()
+                    out = tf.fp4_matmul(x, w.packed, w.scales, w.tensor_scale, k, b,
+                                        kernel=kernel, config=cfg, split_k=split, chunk_rows=16)
+                    ref = x.double() @ w.dequantize(torch.float64).T + b.double()
+                    err = ((out.double() - ref).norm() / ref.norm()).item()
+                    assert err < 1e-2, (fmt, kernel, m, k, split, err)
+        print("OK")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- Triton on CUDA
+
+
+def _run_poisoned(x, w, b, **kw):
+    """The Triton path writing into a NaN-filled output, so unwritten elements show up."""
+    out = torch.full((x.shape[0], w.shape[0]), float("nan"), dtype=x.dtype, device=x.device)
+    tf.fp4_matmul(x, w.packed, w.scales, w.tensor_scale, w.shape[-1], b, out=out, **kw)
+    return out
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 64, 300])
+@pytest.mark.parametrize("k", [512, 1040])  # whole blocks, and padded (1040 = 32 * 32.5)
+def test_triton_matches_fp64(fmt, m, k):
+    seed = _seed()
+    x, w, b = _problem(m, 328, k, fmt, torch.bfloat16, "cuda")
+    err = _rel(_run_poisoned(x, w, b), _ref64(x, w, b))
+    assert err <= 1e-2, (seed, err)
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("m", [1, 7, 130])
+def test_triton_other_dtypes(fmt, dtype, m):
+    seed = _seed()
+    x, w, b = _problem(m, 200, 336, fmt, dtype, "cuda")
+    out = _run_poisoned(x, w, b)
+    assert out.dtype == dtype
+    assert _rel(out, _ref64(x, w, b)) <= 1e-2, seed
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("kernel,configs", [
+    ("gemv", "GEMV_CONFIGS"), ("small", "SMALL_CONFIGS"), ("gemm", "GEMM_CONFIGS")])
+def test_every_autotune_config(fmt, kernel, configs):
+    """Any config the autotuner may pick is correct (tails in N and K included)."""
+    seed = _seed()
+    m = {"gemv": 1, "small": 9, "gemm": 200}[kernel]
+    x, w, b = _problem(m, 300, 1552, fmt, torch.bfloat16, "cuda")
+    ref = _ref64(x, w, b)
+    for cfg in getattr(tf, configs):
+        meta = tf.config_dict(cfg)
+        err = _rel(_run_poisoned(x, w, b, kernel=kernel, config=meta), ref)
+        assert err <= 1e-2, (seed, meta, err)
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_split_k_and_pipeline_variants(fmt):
+    seed = _seed()
+    x, w, b = _problem(4, 96, 4096, fmt, torch.bfloat16, "cuda")
+    ref = _ref64(x, w, b)
+    for kernel, m in (("gemv", 1), ("small", 4)):
+        out = _run_poisoned(x[:m], w, b, kernel=kernel, split_k=3)
+        assert _rel(out, ref[:m]) <= 1e-2, (seed, kernel)
+    for kernel, m, cfg in (
+            ("gemv", 1, dict(BLOCK_N=16, BLOCK_K=512, PREFETCH=2)),
+            ("small", 4, dict(BLOCK_N=64, BLOCK_K=256, GROUP_M=1, SWAP=True, PREFETCH=True)),
+            ("gemm", 4, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, SWAP=False,
+                             PREFETCH=False, num_stages=4))):
+        out = _run_poisoned(x[:m], w, b, kernel=kernel, config=cfg)
+        assert _rel(out, ref[:m]) <= 1e-2, (seed, kernel, cfg)
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_chunked_path(fmt, dtype, bias):
+    """Large M via per-slice dequantization + cuBLAS: slices and a ragged last slice."""
+    seed = _seed()
+    x, w, b = _problem(70, 328, 1040, fmt, dtype, "cuda", bias=bias)
+    out = _run_poisoned(x, w, b, kernel="chunked", chunk_rows=128)
+    assert _rel(out, _ref64(x, w, b)) <= 1e-2, seed
+
+
+@needs_triton
+def test_every_code_and_scale_decodes_exactly():
+    """All 256 byte values under varied scales: the PTX decode is exact (one fp32 rounding)."""
+    for fmt in FORMATS:
+        w = quantize_fp4(torch.randn(64, 512, device="cuda") * 3, fmt)
+        w.packed.copy_(torch.arange(64 * 256, device="cuda").reshape(64, 256).to(torch.uint8))
+        wd = w.dequantize(torch.float64)
+        eye = torch.eye(512, device="cuda", dtype=torch.float32)
+        for m, kernel in ((1, "gemv"), (16, "small")):
+            for row in range(0, 512, m):
+                x = eye[row:row + m].contiguous()
+                out = tf.fp4_matmul(x, w.packed, w.scales, w.tensor_scale, 512, kernel=kernel)
+                # NVFP4: (e2m1 * scale) * tensor_scale here, e2m1 * (scale * tensor_scale) in
+                # the reference: each rounded once in fp32, so equal within 1-2 ulp.
+                torch.testing.assert_close(out.double(), wd[:, row:row + m].T, rtol=3e-7,
+                                           atol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_public_op_on_cuda_and_compiled(fmt):
+    seed = _seed()
+    x, w, b = _problem(6, 256, 512, fmt, torch.bfloat16, "cuda", lead=(2,))
+    out = fp4_linear(x, w, b)
+    assert out.shape == (2, 6, 256)
+    assert _rel(out, _ref64(x, w, b)) <= 1e-2, seed
+    compiled = torch.compile(lambda t: fp4_linear(t, w, b), fullgraph=True)
+    torch.testing.assert_close(compiled(x), out)
