@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
+from variants import run_in_subprocesses
 
 VARIANTS = ("fp32-eager", "bf16", "vb-speed", "vb-speed-frozen")
 
@@ -147,16 +145,7 @@ def main() -> None:
     if args.variant:
         print(json.dumps(run_variant(args)))
         return
-    results = []
-    for variant in args.only:
-        cmd = [sys.executable, __file__, "--variant", variant] + [
-            f"--{k}={getattr(args, k)}" for k in ("preset", "vocab", "prompt", "new", "runs", "check")]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "VB_LANG": "en"})
-        if proc.returncode != 0:
-            results.append({"variant": variant, "error": proc.stderr.strip().splitlines()[-3:]})
-        else:
-            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print({k: v for k, v in results[-1].items() if k != "tokens"}, flush=True)
+    results = run_in_subprocesses(__file__, args.only, args, ("preset", "vocab", "prompt", "new", "runs", "check"))
 
     ok = {r["variant"]: r for r in results if "decode_tok_s" in r}
     base, bf16 = ok.get("fp32-eager"), ok.get("bf16")

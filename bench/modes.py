@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 
 import torch
+from variants import run_in_subprocesses
 
 VARIANTS = ("fp32-eager", "bf16-sdpa", "bf16-sdpa-ckpt", "vb-balanced", "vb-memory", "vb-speed", "vb-full")
 
@@ -113,16 +111,7 @@ def main() -> None:
     if args.variant:
         print(json.dumps(run_variant(args)))
         return
-    results = []
-    for variant in args.only:
-        cmd = [sys.executable, __file__, "--variant", variant] + [
-            f"--{k}={getattr(args, k)}" for k in ("preset", "vocab", "batch", "seq", "warmup", "steps")]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "VB_LANG": "en"})
-        if proc.returncode != 0:
-            results.append({"variant": variant, "error": proc.stderr.strip().splitlines()[-1:]})
-        else:
-            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(results[-1], flush=True)
+    results = run_in_subprocesses(__file__, args.only, args, ("preset", "vocab", "batch", "seq", "warmup", "steps"))
     base = next((r for r in results if r["variant"] == "fp32-eager" and "error" not in r), None)
     hand = next((r for r in results if r["variant"] == "bf16-sdpa" and "error" not in r), None)
     print(f"\n{torch.cuda.get_device_name()} torch {torch.__version__} preset={args.preset} vocab={args.vocab} "

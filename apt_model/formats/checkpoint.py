@@ -37,6 +37,7 @@ from apt_model.errors import VBConfigError, VBDataError
 from apt_model.formats.fp4 import FP4_FORMATS, FP4Weight
 from apt_model.i18n import tr
 from apt_model.optimization.fp4_linear import PACKED_BUFFERS, FP4Linear
+from apt_model.storage import fsync_path, unique_tensors
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load_fp4_checkpoint", "read_fp4_metadata",
            "save_fp4_checkpoint"]
@@ -60,33 +61,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _fp4_layers(model: nn.Module) -> dict[str, FP4Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, FP4Linear)}
-
-
-def _unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Contiguous CPU tensors safetensors accepts, and ``{alias: stored_name}``.
-
-    safetensors refuses tensors sharing memory: a tied weight (embedding = LM head) is the
-    same view under two names, so the second becomes an alias; other overlapping views
-    are cloned.
-    """
-    kept: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    views: dict[tuple, str] = {}
-    storages: set[tuple[torch.device, int]] = set()
-    for name, tensor in state.items():
-        tensor = tensor.detach()
-        storage = (tensor.device, tensor.untyped_storage().data_ptr())
-        view = (*storage, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()),
-                tensor.dtype)
-        if view in views:
-            aliases[name] = views[view]
-            continue
-        views[view] = name
-        shared = storage in storages and tensor.numel() > 0
-        storages.add(storage)
-        tensor = tensor.to("cpu")
-        kept[name] = tensor.clone() if shared else tensor.contiguous()
-    return kept, aliases
 
 
 def _model_config(model: nn.Module) -> dict[str, Any] | None:
@@ -118,21 +92,6 @@ def _checkpoint_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     return state, layers
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file or folder to disk (a folder: so the rename survives a power cut)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        if path.is_dir():  # platforms that cannot open folders have nothing to sync
-            return
-        raise
-    try:
-        with contextlib.suppress(OSError):  # some file systems refuse fsync on folders
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_fp4_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``model`` as one packed FP4 safetensors file at ``path``, atomically.
 
@@ -143,7 +102,7 @@ def save_fp4_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
     """
     path = Path(path).expanduser()
     state, layers = _checkpoint_state(model)
-    tensors, aliases = _unique_tensors(state)
+    tensors, aliases = unique_tensors(state)
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
                 "fp4_layers": json.dumps(layers), "aliases": json.dumps(aliases),
                 "model_class": type(model).__name__}
@@ -154,9 +113,9 @@ def save_fp4_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, tmp, metadata=metadata)
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
-        _fsync(path.parent)
+        fsync_path(path.parent)
     except (OSError, RuntimeError, SafetensorError) as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from apt_model.errors import VBDataError
 from apt_model.i18n import tr
+from apt_model.storage import fsync_path, unique_tensors
 
 MODEL_FILE = "model.safetensors"
 TRAINER_FILE = "trainer.pt"
@@ -44,47 +45,6 @@ def checkpoint_name(step: int) -> str:
     return f"ckpt-{step:08d}"
 
 
-def _fsync_path(path: Path) -> None:
-    """Flush a file's or folder's data to disk (folders: so a rename survives a power cut)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        if path.is_dir():  # platforms that cannot open folders (Windows) have nothing to sync
-            return
-        raise
-    try:
-        with contextlib.suppress(OSError):  # some file systems refuse fsync on folders
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unique_tensors(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Plain CPU tensors safetensors accepts, and ``{alias: kept_name}`` for tied weights.
-
-    safetensors refuses tensors sharing memory; tied weights (embedding = LM head) are the
-    same view twice, so the second name becomes an alias. Other overlapping views are cloned.
-    """
-    kept: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen_views: dict[tuple, str] = {}
-    seen_storages: set[int] = set()
-    for name, tensor in state_dict.items():
-        tensor = tensor.detach()
-        view = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
-                tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
-        if view in seen_views:
-            aliases[name] = seen_views[view]
-            continue
-        seen_views[view] = name
-        storage = tensor.untyped_storage().data_ptr()
-        shared = storage in seen_storages
-        seen_storages.add(storage)
-        tensor = tensor.to("cpu")
-        kept[name] = tensor.clone() if shared else tensor.contiguous()
-    return kept, aliases
-
-
 def _write_bytes_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
@@ -92,21 +52,21 @@ def _write_bytes_atomically(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_path(path.parent)
+    fsync_path(path.parent)
 
 
 def _write_checkpoint_folder(folder: Path, state: dict[str, Any]) -> None:
     folder.mkdir(parents=True)
-    tensors, aliases = _unique_tensors(state["model"])
+    tensors, aliases = unique_tensors(state["model"])
     save_file(tensors, folder / MODEL_FILE, metadata={"format": "pt", "aliases": json.dumps(aliases)})
-    _fsync_path(folder / MODEL_FILE)
+    fsync_path(folder / MODEL_FILE)
     with open(folder / TRAINER_FILE, "wb") as fh:
         torch.save({k: v for k, v in state.items() if k != "model"}, fh)
         fh.flush()
         os.fsync(fh.fileno())
     meta = {"step": int(state["step"]), "files": [MODEL_FILE, TRAINER_FILE]}
     _write_bytes_atomically(folder / META_FILE, json.dumps(meta).encode())
-    _fsync_path(folder)
+    fsync_path(folder)
 
 
 def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -160,7 +120,7 @@ def save_checkpoint(root: str | os.PathLike, state: dict[str, Any], keep: int = 
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_path(root)
+        fsync_path(root)
         _write_bytes_atomically(root / LATEST_FILE, (final.name + "\n").encode())
     except (OSError, RuntimeError, SafetensorError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
