@@ -13,6 +13,9 @@ Variants (each in a fresh subprocess, the same seeded model built on the card):
                    call; FP4 layers use whatever inference path ``FP4Linear`` has
   vb-speed-frozen  the same + ``fp4_linear.freeze_fp4(model)`` (fp32 masters dropped), where
                    that function exists
+  bf16-compiled / vb-speed-compiled
+                   bf16 / vb-speed-frozen with ``generate(..., compile_step=True)``: the step
+                   is compiled (fused elementwise kernels) before the graph is captured
 
 Decode time: ``generate(new)`` minus ``generate(1)`` (the same prefill, no decode step), each
 CUDA-event timed, median of ``--runs`` after a warm-up (which also captures the graphs);
@@ -31,7 +34,7 @@ import time
 import torch
 from variants import run_in_subprocesses
 
-VARIANTS = ("fp32-eager", "bf16", "vb-speed", "vb-speed-frozen")
+VARIANTS = ("fp32-eager", "bf16", "vb-speed", "vb-speed-frozen", "bf16-compiled", "vb-speed-compiled")
 
 
 def _agreement(a: list[int], b: list[int]) -> float:
@@ -50,7 +53,7 @@ def run_variant(args: argparse.Namespace) -> dict:
 
     variant = args.variant
     device = torch.device("cuda")
-    if variant == "vb-speed-frozen" and not hasattr(fp4_linear, "freeze_fp4"):
+    if variant in ("vb-speed-frozen", "vb-speed-compiled") and not hasattr(fp4_linear, "freeze_fp4"):
         return {"variant": variant, "skipped": "apt_model.optimization.fp4_linear.freeze_fp4 does not exist"}
     if variant.startswith("vb-"):
         import apt_model.optimization.vb_global as vb
@@ -60,10 +63,10 @@ def run_variant(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     with torch.device(device):
         model = APTModel(config)
-    if variant == "bf16":
+    if variant.startswith("bf16"):
         model.to(torch.bfloat16)
         model.set_attn_implementation("sdpa")
-    if variant == "vb-speed-frozen":
+    if variant in ("vb-speed-frozen", "vb-speed-compiled"):
         fp4_linear.freeze_fp4(model)
     model.eval()
     torch.cuda.synchronize()
@@ -73,6 +76,8 @@ def run_variant(args: argparse.Namespace) -> dict:
     gen = torch.Generator(device=device).manual_seed(1)
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt), device=device, generator=gen)
     fast = {} if variant == "fp32-eager" else {"static_cache": True, "cuda_graph": True}
+    if variant.endswith("-compiled"):
+        fast["compile_step"] = True
 
     def timed(new_tokens: int, **kw) -> tuple[float, torch.Tensor]:
         torch.cuda.synchronize()

@@ -755,3 +755,15 @@ def test_adamw_learns_a_repeated_sequence() -> None:
     assert losses[0] > 5.0  # ~ln(256) at start
     assert losses[-1] < 0.3 * losses[0]
     assert any(b.attn.ap_gate.abs().max() > 0 for b in model.blocks)  # the gate left zero
+
+
+def test_compile_step_without_a_graph_warns_and_decodes_as_plain():
+    torch.manual_seed(0)
+    model = APTModel(APTConfig.from_preset("tiny", n_layers=2)).eval()
+    prompt = torch.randint(0, 256, (1, 10))
+    reference = model.generate(prompt, 8, do_sample=False)
+    with pytest.warns(RuntimeWarning, match="CUDA"):
+        out = model.generate(prompt, 8, do_sample=False, compile_step=True)
+    assert torch.equal(out, reference)
+    decoder = decoding.cached_decoders(model)[-1]
+    assert decoder.run_step.__name__ == "_decode_step"  # not compiled: no graph to hold it

@@ -662,7 +662,7 @@ class APTModel(nn.Module):
     def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, do_sample: bool = True, eos_token_id: int | None = None,
                  generator: torch.Generator | None = None, static_cache: bool = False,
-                 cuda_graph: bool = False) -> Tensor:
+                 cuda_graph: bool = False, compile_step: bool = False) -> Tensor:
         """Continue ``input_ids`` by up to ``max_new_tokens`` tokens; returns prompt + new tokens.
 
         The prompt runs once (prefill), then one token per step against the KV cache. Greedy
@@ -681,7 +681,9 @@ class APTModel(nn.Module):
         the host waits on the device per token only to check ``eos_token_id``. Caches and
         graphs are kept for later calls of the same shape (``clear_decode_cache`` frees them),
         see ``apt_model.modeling.decoding``. The tokens are those of the default path (greedy
-        in fp32: the same, token for token).
+        in fp32: the same, token for token). ``compile_step=True`` (implies ``cuda_graph``)
+        runs the step through ``torch.compile``, which fuses its many small elementwise
+        kernels (norms, rotary, residual adds) before the graph is captured.
         """
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
@@ -701,11 +703,11 @@ class APTModel(nn.Module):
             cache = out.past_key_values
             logits = out.logits[:, -1]
             decoder = None
-            if static_cache or cuda_graph:
+            if static_cache or cuda_graph or compile_step:
                 from apt_model.modeling import decoding  # it builds on this module
 
                 room = min(self.config.max_seq_len, -(-(prompt_len + max_new_tokens) // 64) * 64)
-                decoder = decoding.static_decoder(self, cache, room, cuda_graph)
+                decoder = decoding.static_decoder(self, cache, room, cuda_graph, compile_step)
             tokens = input_ids
             finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
             for step in range(max_new_tokens):

@@ -14,7 +14,8 @@ classes, instance forwards or attention implementations changed since (an in-pla
 ``.to()``, a wrapper): a host-side check of ids, storage pointers and version counters.
 Anything else a forward reads (e.g. a packed FP4 weight) must change only with those.
 
-``cuda_graph=True`` on a device other than CUDA warns (a ``RuntimeWarning``) and runs the
+``compile_step=True`` runs the step through ``torch.compile`` before capture (it implies a
+graph; without one it is ignored). ``cuda_graph=True`` on a device other than CUDA warns (a ``RuntimeWarning``) and runs the
 same fixed-shape step without a graph, so code written for the GPU still runs on the CPU.
 """
 
@@ -44,8 +45,11 @@ class StaticDecoder:
     does not keep the model alive.
     """
 
-    def __init__(self, cache: StaticKVCache, cuda_graph: bool, fingerprint: tuple = ()) -> None:
+    def __init__(self, cache: StaticKVCache, cuda_graph: bool, fingerprint: tuple = (),
+                 compile_step: bool = False) -> None:
         self.cache = cache
+        # dynamic=False: every step has the same shapes, so one specialised graph serves all.
+        self.run_step = torch.compile(_decode_step, dynamic=False) if compile_step else _decode_step
         self.token = torch.zeros(cache.batch, 1, dtype=torch.long, device=cache.device)
         self.cuda_graph = cuda_graph
         self.fingerprint = fingerprint
@@ -71,9 +75,7 @@ class StaticDecoder:
         return self.logits
 
     def _forward(self, model: nn.Module) -> Tensor:
-        # Through the module call, so hooks and a forward wrapped from outside (VB's autocast
-        # subclass, FP4 layers) are part of what is captured.
-        return model(self.token, past_key_values=self.cache, use_cache=True).logits[:, -1]
+        return self.run_step(model, self.token, self.cache)
 
     def _capture(self, model: nn.Module) -> None:
         """Warm up on a side stream, then capture one step.
@@ -98,6 +100,15 @@ class StaticDecoder:
                 self.logits = self._forward(model)
         cache.seek(length)  # capture ran no kernel but advanced the host mirror
         self.graph = graph
+
+
+def _decode_step(model: nn.Module, token: Tensor, cache: StaticKVCache) -> Tensor:
+    """One token through the model against the static cache; the logits of that token.
+
+    Through the module call, so hooks and a forward wrapped from outside (VB's autocast
+    subclass, FP4 layers) are part of what is compiled and captured.
+    """
+    return model(token, past_key_values=cache, use_cache=True).logits[:, -1]
 
 
 def _tensor_key(t: Tensor) -> tuple[int, int, int]:
@@ -126,14 +137,19 @@ def _graphs_available(device: torch.device) -> bool:
     return False
 
 
-def static_decoder(model: nn.Module, prefill: KVCache, max_len: int, cuda_graph: bool) -> StaticDecoder:
+def static_decoder(model: nn.Module, prefill: KVCache, max_len: int, cuda_graph: bool,
+                   compile_step: bool = False) -> StaticDecoder:
     """The model's decoder for this shape (reused when it still fits), loaded with ``prefill``."""
     first = prefill[0].k
     if first is None:
         raise ValueError(tr("预填充缓存为空", "the prefill cache is empty"))
     batch, n_heads, _, head_dim = first.shape
-    graph = cuda_graph and _graphs_available(first.device)
-    key = (len(prefill.layers), batch, n_heads, head_dim, max_len, first.dtype, first.device, graph)
+    graph = (cuda_graph or compile_step) and _graphs_available(first.device)
+    # Compiled only where the step is captured: the graph replays one compiled step, while
+    # uncaptured steps would recompile for every cache length (a host-side int the step reads).
+    compile_step = compile_step and graph
+    key = (len(prefill.layers), batch, n_heads, head_dim, max_len, first.dtype, first.device, graph,
+           compile_step)
     stamp = fingerprint(model) if graph else ()
     kept = _decoders.setdefault(model, OrderedDict())
     decoder = kept.pop(key, None)
@@ -141,7 +157,7 @@ def static_decoder(model: nn.Module, prefill: KVCache, max_len: int, cuda_graph:
         decoder.cache.load(prefill)
     else:
         del decoder  # free its cache and graph before building the next
-        decoder = StaticDecoder(StaticKVCache.from_kv_cache(prefill, max_len), graph, stamp)
+        decoder = StaticDecoder(StaticKVCache.from_kv_cache(prefill, max_len), graph, stamp, compile_step)
     kept[key] = decoder
     while len(kept) > MAX_DECODERS_PER_MODEL:
         kept.popitem(last=False)
