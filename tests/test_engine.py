@@ -168,6 +168,30 @@ def test_fp4_training_uses_quantized_weights_with_straight_through_gradients(fmt
         assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=1e-7), name
 
 
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_fp4_fused_training_path_gives_the_fake_quantized_gradients(fmt, monkeypatch):
+    """The few-rows path (packed weight, fused kernels on CUDA; the reference ops here) gives
+    the same loss and gradients as the fake-quantized path."""
+    import apt_model.optimization.fp4_linear as fl
+
+    x = batch(5, b=2, t=16)  # 32 rows: within FUSED_MAX_ROWS
+    assert x.numel() <= fl.FUSED_MAX_ROWS
+    plain = build(mode="speed", fp4_format=fmt)
+    loss_ref = train_step(plain, x)
+    fused = build(mode="speed", fp4_format=fmt)
+    calls = []
+    real = fl._FusedFP4LinearTrain.apply
+    monkeypatch.setattr(fl, "triton_available", lambda device: True)
+    monkeypatch.setattr(fl._FusedFP4LinearTrain, "apply",
+                        lambda *a: calls.append(a[0].shape) or real(*a))
+    loss = train_step(fused, x)
+    n_fp4 = sum(isinstance(m, FP4Linear) for m in fused.modules())
+    assert len(calls) == n_fp4 > 0
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(fused.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_fp4_master_weights_are_the_optimizers_parameters_and_learn():
     model = build(mode="speed")
     layer = next(m for m in model.modules() if isinstance(m, FP4Linear))
@@ -192,8 +216,8 @@ def test_fp4_inference_uses_the_packed_weight_and_repacks_after_updates(monkeypa
     model = build(mode="speed").eval()
     layer = next(m for m in model.modules() if isinstance(m, FP4Linear))
     packs = []
-    real = fl.quantize_fp4
-    monkeypatch.setattr(fl, "quantize_fp4", lambda w, fmt: packs.append(w.shape) or real(w, fmt))
+    real = fl.fp4_quantize
+    monkeypatch.setattr(fl, "fp4_quantize", lambda w, fmt: packs.append(w.shape) or real(w, fmt))
     n_fp4 = sum(isinstance(m, FP4Linear) for m in model.modules())
     with torch.no_grad():
         out1 = model(batch()).logits

@@ -142,6 +142,40 @@ def test_backward_matches_reference():
     torch.testing.assert_close(gb, b.grad)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_training_ops_opcheck(fmt):
+    """The quantize, fake-quantize and input-gradient ops: schema, fake kernels, tracing."""
+    w = torch.randn(16, 40)
+    code = 0 if fmt == "nvfp4" else 1
+    utils = ["test_schema", "test_autograd_registration", "test_faketensor",
+             "test_aot_dispatch_dynamic"]
+    if fmt == "nvfp4":
+        utils.remove("test_schema")
+    torch.library.opcheck(torch.ops.apt_model.fp4_quantize.default, (w, code), test_utils=utils)
+    torch.library.opcheck(torch.ops.apt_model.fp4_fake_quantize.default,
+                          (w, code, torch.bfloat16), test_utils=utils)
+    (_, packed, scales, ts, *_), q = _op_args(fmt)
+    grad = torch.randn(2, 3, 16)
+    torch.library.opcheck(torch.ops.apt_model.fp4_grad_input.default,
+                          (grad, packed, scales, ts, code, 64), test_utils=utils)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_training_ops_match_the_reference(fmt):
+    from apt_model.formats.fp4 import fake_quantize_fp4
+    from apt_model.ops import fp4_fake_quantize, fp4_grad_input, fp4_quantize
+
+    w = torch.randn(24, 200)
+    q, r = fp4_quantize(w, fmt), quantize_fp4(w, fmt)
+    assert torch.equal(q.packed, r.packed)
+    assert torch.equal(q.scales.view(torch.uint8), r.scales.view(torch.uint8))
+    assert q.shape == r.shape and (q.tensor_scale is None) == (fmt == "mxfp4")
+    assert torch.equal(fp4_fake_quantize(w, fmt, torch.bfloat16),
+                       fake_quantize_fp4(w, fmt).bfloat16())
+    grad = torch.randn(3, 24)
+    torch.testing.assert_close(fp4_grad_input(grad, q), grad @ r.dequantize())
+
+
 # --------------------------------------------------------------------------- Triton, CPU interpreter
 
 

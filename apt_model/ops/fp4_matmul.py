@@ -7,8 +7,14 @@ kernels of :mod:`apt_model.ops.triton_fp4` (the weight is never dequantized in f
 the first call per large-M shape also times two strategies, see ``_large_kernel``),
 everywhere else (CPU, NPU, ...) the PyTorch reference: dequantize, then ``F.linear``.
 
-The backward (w.r.t. ``x`` and ``bias`` only; the packed weight is frozen) dequantizes
-the weight and uses plain matmuls, so a frozen FP4 base can sit under trainable layers.
+The backward (w.r.t. ``x`` and ``bias`` only; the packed weight is frozen) is the op
+``apt_model::fp4_grad_input``: for few rows a fused Triton kernel, otherwise the weight
+dequantized and a plain matmul, so a frozen FP4 base can sit under trainable layers.
+
+Training an FP4 layer re-quantizes its master weight every step, through two more ops
+with Triton kernels on CUDA: ``apt_model::fp4_quantize`` (packed codes and scales) and
+``apt_model::fp4_fake_quantize`` (the dequantized weight, in the matmul's dtype). Both
+are bit for bit the reference of :mod:`apt_model.formats.fp4`, which other devices run.
 """
 
 from __future__ import annotations
@@ -20,15 +26,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from apt_model.formats.fp4 import FP4_FORMATS, FP4Weight
-from apt_model.ops import triton_fp4
+from apt_model.formats.fp4 import FP4_FORMATS, FP4Weight, fake_quantize_fp4, quantize_fp4
+from apt_model.ops import triton_fp4, triton_fp4_quantize
 
-__all__ = ["fp4_linear", "fp4_linear_reference", "triton_available"]
+__all__ = [
+    "FUSED_MAX_ROWS",
+    "fp4_fake_quantize",
+    "fp4_grad_input",
+    "fp4_linear",
+    "fp4_linear_reference",
+    "fp4_quantize",
+    "triton_available",
+]
 
 _FMT_CODES = {fmt: i for i, fmt in enumerate(FP4_FORMATS)}  # nvfp4: 0, mxfp4: 1
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Set APT_FP4_TRITON=0 to force the reference path on CUDA (debugging, A/B checks).
 _DISABLE_ENV = "APT_FP4_TRITON"
+# Up to this many rows the input gradient (and FP4 training's forward) runs the fused
+# kernels; above, dequantize + cuBLAS is faster (H100: bench/fp4_train.py).
+FUSED_MAX_ROWS = triton_fp4.SMALL_MAX_M
 
 
 def triton_available(device: torch.device | str) -> bool:
@@ -92,17 +109,35 @@ def _fp4_linear_fake(x: Tensor, packed: Tensor, scales: Tensor, tensor_scale: Te
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
-@torch.library.custom_op("apt_model::fp4_dequantize", mutates_args=())
-def _fp4_dequantize_op(packed: Tensor, scales: Tensor, tensor_scale: Tensor, fmt_code: int,
-                       k: int, dtype: torch.dtype) -> Tensor:
-    """The full weight in ``dtype`` (backward only; an op so compiled graphs can trace it)."""
-    return _weight(packed, scales, tensor_scale, fmt_code, k).dequantize(dtype)
+@torch.library.custom_op("apt_model::fp4_grad_input", mutates_args=())
+def _fp4_grad_input_op(grad: Tensor, packed: Tensor, scales: Tensor, tensor_scale: Tensor,
+                       fmt_code: int, k: int) -> Tensor:
+    """``grad @ dequant(W)`` for ``grad`` [..., N]: the reference (dequantize, matmul)."""
+    w = _weight(packed, scales, tensor_scale, fmt_code, k).dequantize(grad.dtype)
+    return grad @ w
 
 
-@_fp4_dequantize_op.register_fake
-def _fp4_dequantize_fake(packed: Tensor, scales: Tensor, tensor_scale: Tensor, fmt_code: int,
-                         k: int, dtype: torch.dtype) -> Tensor:
-    return packed.new_empty((packed.shape[0], k), dtype=dtype)
+@_fp4_grad_input_op.register_kernel("cuda")
+def _fp4_grad_input_cuda(grad: Tensor, packed: Tensor, scales: Tensor, tensor_scale: Tensor,
+                         fmt_code: int, k: int) -> Tensor:
+    """CUDA: the fused kernel for up to ``FUSED_MAX_ROWS`` rows, else the Triton dequantize
+    and cuBLAS (the full weight exists in the grad's dtype only for that matmul)."""
+    if grad.dtype not in _TRITON_DTYPES or not triton_available(grad.device):
+        return grad @ _weight(packed, scales, tensor_scale, fmt_code, k).dequantize(grad.dtype)
+    rows = grad.numel() // max(1, grad.shape[-1])
+    ts = tensor_scale if FP4_FORMATS[fmt_code] == "nvfp4" else None
+    if rows <= FUSED_MAX_ROWS:
+        out = triton_fp4.fp4_grad_input(grad.reshape(rows, -1), packed, scales, ts, k)
+        return out.reshape(*grad.shape[:-1], k)
+    w = torch.empty((packed.shape[0], k), dtype=grad.dtype, device=grad.device)
+    triton_fp4.fp4_dequantize(packed, scales, ts, k, out=w)
+    return grad @ w
+
+
+@_fp4_grad_input_op.register_fake
+def _fp4_grad_input_fake(grad: Tensor, packed: Tensor, scales: Tensor, tensor_scale: Tensor,
+                         fmt_code: int, k: int) -> Tensor:
+    return grad.new_empty((*grad.shape[:-1], k))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -117,14 +152,89 @@ def _backward(ctx, grad: Tensor):
     packed, scales, tensor_scale = ctx.saved_tensors
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        w = _fp4_dequantize_op(packed, scales, tensor_scale, ctx.fmt_code, ctx.k, grad.dtype)
-        grad_x = (grad @ w).to(ctx.x_dtype)
+        grad_x = _fp4_grad_input_op(grad, packed, scales, tensor_scale, ctx.fmt_code,
+                                    ctx.k).to(ctx.x_dtype)
     if ctx.has_bias and ctx.needs_input_grad[6]:
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
     return grad_x, None, None, None, None, None, grad_bias
 
 
 _fp4_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _quantize_reference(w: Tensor, fmt_code: int) -> tuple[Tensor, Tensor, Tensor]:
+    q = quantize_fp4(w, FP4_FORMATS[fmt_code])
+    return q.packed, q.scales, _tensor_scale_arg(q)
+
+
+@torch.library.custom_op("apt_model::fp4_quantize", mutates_args=())
+def _fp4_quantize_op(w: Tensor, fmt_code: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(packed, scales, tensor scale) of ``w``; MXFP4's tensor scale is an empty tensor."""
+    return _quantize_reference(w, fmt_code)
+
+
+@_fp4_quantize_op.register_kernel("cuda")
+def _fp4_quantize_cuda(w: Tensor, fmt_code: int) -> tuple[Tensor, Tensor, Tensor]:
+    if not triton_available(w.device):
+        return _quantize_reference(w, fmt_code)
+    q = triton_fp4_quantize.quantize_fp4_triton(w, FP4_FORMATS[fmt_code])
+    return q.packed, q.scales, _tensor_scale_arg(q)
+
+
+@_fp4_quantize_op.register_fake
+def _fp4_quantize_fake(w: Tensor, fmt_code: int) -> tuple[Tensor, Tensor, Tensor]:
+    block = 16 if FP4_FORMATS[fmt_code] == "nvfp4" else 32
+    n, kp = w.numel() // w.shape[-1], -(-w.shape[-1] // block) * block
+    scale_dtype = torch.float8_e4m3fn if block == 16 else torch.uint8
+    return (w.new_empty((n, kp // 2), dtype=torch.uint8),
+            w.new_empty((n, kp // block), dtype=scale_dtype),
+            w.new_empty(() if block == 16 else 0, dtype=torch.float32))
+
+
+def _fake_quantize_reference(w: Tensor, fmt_code: int, dtype: torch.dtype) -> Tensor:
+    return fake_quantize_fp4(w, FP4_FORMATS[fmt_code]).to(dtype)
+
+
+@torch.library.custom_op("apt_model::fp4_fake_quantize", mutates_args=())
+def _fp4_fake_quantize_op(w: Tensor, fmt_code: int, dtype: torch.dtype) -> Tensor:
+    """``fake_quantize_fp4(w)`` rounded once into ``dtype``."""
+    return _fake_quantize_reference(w, fmt_code, dtype)
+
+
+@_fp4_fake_quantize_op.register_kernel("cuda")
+def _fp4_fake_quantize_cuda(w: Tensor, fmt_code: int, dtype: torch.dtype) -> Tensor:
+    if not triton_available(w.device):
+        return _fake_quantize_reference(w, fmt_code, dtype)
+    return triton_fp4_quantize.fake_quantize_fp4_triton(w, FP4_FORMATS[fmt_code], dtype)
+
+
+@_fp4_fake_quantize_op.register_fake
+def _fp4_fake_quantize_fake(w: Tensor, fmt_code: int, dtype: torch.dtype) -> Tensor:
+    return w.new_empty(w.shape, dtype=dtype)
+
+
+def _tensor_scale_arg(w: FP4Weight) -> Tensor:
+    """The NVFP4 tensor scale, or for MXFP4 (none) an empty tensor: the ops' schemas take one."""
+    if w.tensor_scale is not None:
+        return w.tensor_scale
+    return w.scales.new_empty(0, dtype=torch.float32)
+
+
+def fp4_quantize(w: Tensor, fmt: str) -> FP4Weight:
+    """``quantize_fp4(w, fmt)`` (bit for bit), through the Triton kernel on CUDA."""
+    packed, scales, ts = _fp4_quantize_op(w.detach(), _FMT_CODES[fmt])
+    return FP4Weight(fmt, packed, scales, ts if fmt == "nvfp4" else None, tuple(w.shape))
+
+
+def fp4_fake_quantize(w: Tensor, fmt: str, dtype: torch.dtype | None = None) -> Tensor:
+    """``fake_quantize_fp4(w, fmt).to(dtype)`` (bit for bit), one Triton pass on CUDA."""
+    return _fp4_fake_quantize_op(w.detach(), _FMT_CODES[fmt], dtype or w.dtype)
+
+
+def fp4_grad_input(grad: Tensor, w: FP4Weight) -> Tensor:
+    """``grad @ dequant(w)``: the input gradient of ``fp4_linear`` for ``grad`` [..., N]."""
+    return _fp4_grad_input_op(grad, w.packed, w.scales, _tensor_scale_arg(w),
+                              _FMT_CODES[w.fmt], w.shape[-1])
 
 
 def fp4_linear(x: Tensor, w: FP4Weight, bias: Tensor | None = None) -> Tensor:
@@ -136,7 +246,5 @@ def fp4_linear(x: Tensor, w: FP4Weight, bias: Tensor | None = None) -> Tensor:
     k = w.shape[-1]
     if x.shape[-1] != k:
         raise ValueError(f"fp4_linear: x has {x.shape[-1]} features, the weight expects {k}")
-    ts = w.tensor_scale
-    if ts is None:  # MXFP4 has no tensor scale; the op's schema takes a tensor anyway
-        ts = w.scales.new_empty(0, dtype=torch.float32)
-    return _fp4_linear_op(x, w.packed, w.scales, ts, _FMT_CODES[w.fmt], k, bias)
+    return _fp4_linear_op(x, w.packed, w.scales, _tensor_scale_arg(w), _FMT_CODES[w.fmt], k,
+                          bias)

@@ -56,6 +56,8 @@ __all__ = [
     "LARGE_CHOICE",
     "SMALL_MAX_M",
     "config_dict",
+    "fp4_dequantize",
+    "fp4_grad_input",
     "fp4_matmul",
     "kernel_for",
 ]
@@ -426,6 +428,47 @@ if HAS_TRITON:
         _epilogue(acc, ts_ptr, b_ptr, o_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, pid_k,
                   IS_NV, HAS_BIAS, SPLIT_K > 1)
 
+    @triton.jit
+    def _fp4_grad_input_kernel(
+        g_ptr, p_ptr, s_ptr, ts_ptr, o_ptr,
+        M, N, K, KW, stride_gm, stride_pn, stride_sn, stride_om, N_SPLIT,
+        IS_NV: tl.constexpr, SPLIT_N: tl.constexpr, USE_ASM: tl.constexpr,
+        F16: tl.constexpr, INTERP: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """out = g @ W (the input gradient of ``x @ W^T``), W dequantized tile by tile.
+
+        Each program owns a [BLOCK_M, BLOCK_K] output tile and, with ``SPLIT_N``, an
+        ``N_SPLIT`` range of the reduction over weight rows (fp32 atomics then): the weight
+        tile [BLOCK_N, BLOCK_K] is the same one the forward kernels decode, here used as
+        the right-hand operand of ``tl.dot`` as it is laid out.
+        """
+        BKW: tl.constexpr = BLOCK_K // 8
+        WPB: tl.constexpr = 2 if IS_NV else 4
+        CDT: tl.constexpr = tl.float16 if F16 else tl.bfloat16
+        DDT: tl.constexpr = tl.float32 if INTERP else CDT
+        pid_k = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M
+        kw = pid_k * BKW
+        offs_k = 8 * kw + tl.arange(0, BLOCK_K)
+        n_start = pid_n * N_SPLIT
+        n_end = tl.minimum(n_start + N_SPLIT, N)
+        g_rows = g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for n0 in range(n_start, n_start + N_SPLIT, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < n_end
+            pk, sc = _load_weight_tile(p_ptr, s_ptr, offs_n, n_mask, kw, KW, stride_pn,
+                                       stride_sn, BLOCK_N, BKW, WPB)
+            w = _weight_values(pk, sc, IS_NV, F16, USE_ASM, False, BLOCK_N, BKW, WPB).to(DDT)
+            g = tl.load(g_rows + offs_n[None, :], mask=m_mask[:, None] & n_mask[None, :],
+                        other=0.0).to(CDT).to(DDT)
+            acc = tl.dot(g, w, acc)
+        _epilogue(acc, ts_ptr, o_ptr, o_ptr, offs_m, offs_k, m_mask, offs_k < K, stride_om,
+                  pid_n, IS_NV, False, SPLIT_N > 1)
+
     # --------------------------------------------------------------------- autotuning
 
     def _cfg(num_warps: int, num_stages: int, **meta) -> triton.Config:
@@ -572,6 +615,30 @@ def _chunk_rows(m: int, n: int, k: int, device: torch.device) -> int:
     return min(rows, _cdiv(n, 256) * 256)
 
 
+def _dequantize_words(words: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool, k: int,
+                      out: Tensor, use_asm: bool) -> None:
+    """Weight rows (packed words, scale bytes) dequantized into ``out`` [rows, k]."""
+    n, kw = words.shape
+    block_n, block_k = 32, 512
+    grid = (triton.cdiv(n, block_n), triton.cdiv(kw, block_k // 8))
+    _fp4_dequant_kernel[grid](
+        words, s_bytes, ts, out, n, k, kw, words.stride(0), s_bytes.stride(0), out.stride(0),
+        IS_NV=is_nv, USE_ASM=use_asm, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+
+
+def fp4_dequantize(packed: Tensor, scales: Tensor, tensor_scale: Tensor | None, k: int,
+                   out: Tensor) -> Tensor:
+    """The whole weight dequantized into ``out`` ([N, k], bf16 / fp16 / fp32), in one pass."""
+    if not HAS_TRITON:
+        raise RuntimeError("fp4_dequantize needs Triton")
+    is_nv = scales.dtype == torch.float8_e4m3fn
+    s_bytes = scales.view(torch.uint8)
+    ts = tensor_scale.reshape(1) if tensor_scale is not None else s_bytes
+    if out.numel():
+        _dequantize_words(_as_words(packed), s_bytes, ts, is_nv, k, out, not _interpreting())
+    return out
+
+
 def _chunked(x: Tensor, words: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool, k: int,
              bias: Tensor | None, out: Tensor, use_asm: bool, rows: int | None) -> Tensor:
     """Large M: dequantize ``rows`` weight rows at a time into one reused bf16/fp16 buffer
@@ -583,20 +650,72 @@ def _chunked(x: Tensor, words: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool,
     n, kw = words.shape
     rows = rows or _chunk_rows(x.shape[0], n, k, x.device)
     buf = torch.empty((min(rows, n), k), dtype=x.dtype, device=x.device)
-    block_n, block_k = 32, 512
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         part = buf[: r1 - r0]
-        grid = (triton.cdiv(r1 - r0, block_n), triton.cdiv(kw, block_k // 8))
-        _fp4_dequant_kernel[grid](
-            words[r0:r1], s_bytes[r0:r1], ts, part, r1 - r0, k, kw, words.stride(0),
-            s_bytes.stride(0), part.stride(0), IS_NV=is_nv, USE_ASM=use_asm,
-            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+        _dequantize_words(words[r0:r1], s_bytes[r0:r1], ts, is_nv, k, part, use_asm)
         if bias is None:
             torch.mm(x, part.T, out=out[:, r0:r1])
         else:
             torch.addmm(bias[r0:r1], x, part.T, out=out[:, r0:r1])
     return out
+
+
+# Grad-input tiles: a weight tile of 64 rows x 128 columns per step (H100: bench/fp4_train.py).
+GRAD_INPUT_BLOCK = dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
+
+
+def fp4_grad_input(
+    grad: Tensor,
+    packed: Tensor,
+    scales: Tensor,
+    tensor_scale: Tensor | None,
+    k: int,
+    *,
+    use_asm: bool | None = None,
+    split_n: int | None = None,
+) -> Tensor:
+    """``grad @ dequant(W)`` for 2-D ``grad`` [M, N]: the input gradient of ``x @ W^T``.
+
+    Same operands as :func:`fp4_matmul`; returns [M, k] in grad's dtype. Meant for few
+    rows (it is one kernel, not a GEMM family): the reduction over N is split across
+    programs so a few K tiles still fill the GPU.
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("fp4_grad_input needs Triton")
+    is_nv = scales.dtype == torch.float8_e4m3fn
+    m, n = grad.shape
+    words = _as_words(packed)
+    kw = words.shape[1]
+    if grad.stride(-1) != 1:
+        grad = grad.contiguous()
+    if use_asm is None:
+        use_asm = not _interpreting()
+    cfg = GRAD_INPUT_BLOCK
+    block_m = max(16, min(64, _next_pow2(m)))
+    tiles = _cdiv(k, cfg["BLOCK_K"]) * _cdiv(m, block_m)
+    if split_n is None:
+        split_n = 1
+        if grad.device.type == "cuda":
+            index = grad.device.index if grad.device.index is not None else torch.cuda.current_device()
+            split_n = max(1, min(_cdiv(2 * _sm_count(index), tiles), n // (4 * cfg["BLOCK_N"])))
+    n_split = _cdiv(_cdiv(n, split_n), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    split_n = _cdiv(n, n_split) if n else 1
+    out = torch.zeros((m, k), dtype=torch.float32, device=grad.device) if split_n > 1 else \
+        torch.empty((m, k), dtype=grad.dtype, device=grad.device)
+    if m == 0 or k == 0:
+        return out.to(grad.dtype)
+    if n == 0:
+        return out.zero_().to(grad.dtype)
+    s_bytes = scales.view(torch.uint8)
+    ts = tensor_scale.reshape(1) if tensor_scale is not None else s_bytes
+    grid = (_cdiv(k, cfg["BLOCK_K"]), split_n, _cdiv(m, block_m))
+    _fp4_grad_input_kernel[grid](
+        grad, words, s_bytes, ts, out, m, n, k, kw, grad.stride(0), words.stride(0),
+        s_bytes.stride(0), out.stride(0), n_split, IS_NV=is_nv, SPLIT_N=split_n,
+        USE_ASM=use_asm, F16=grad.dtype == torch.float16 and is_nv, INTERP=_interpreting(),
+        BLOCK_M=block_m, **cfg)
+    return out.to(grad.dtype)
 
 
 def fp4_matmul(

@@ -6,6 +6,15 @@ with the FP4-quantized weight and passes gradients straight through to the maste
 (the trained model is FP4-deployable); in inference it multiplies by the packed weight,
 which is re-packed only when the master weight changes.
 
+Training takes one of two paths per call, by the number of activation rows, each the
+faster one there (H100: bench/fp4_train.py); both quantize with the Triton kernels on CUDA:
+
+* many rows (pre-training batches): the weight fake-quantized in one pass straight into
+  the matmul's dtype, then cuBLAS forward and backward;
+* up to ``FUSED_MAX_ROWS`` rows (decode-sized fine-tuning): the weight packed, the
+  forward and the input gradient by the fused FP4 kernels, which read 4.5 bits per
+  weight instead of 16.
+
 For serving, :meth:`FP4Linear.freeze` (or :func:`freeze_fp4` on a whole model) drops the
 master weight: the layer then holds only the packed weight, as buffers named
 ``weight_packed``, ``weight_scales`` and (NVFP4) ``weight_tensor_scale``, so the device holds
@@ -22,9 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from apt_model.formats.fp4 import FP4Weight, fake_quantize_fp4, quantize_fp4
+from apt_model.formats.fp4 import FP4Weight
 from apt_model.i18n import tr
-from apt_model.ops.fp4_matmul import fp4_linear
+from apt_model.ops.fp4_matmul import (
+    FUSED_MAX_ROWS,
+    fp4_fake_quantize,
+    fp4_grad_input,
+    fp4_linear,
+    fp4_quantize,
+    triton_available,
+)
 
 # Buffer names of a frozen layer, in FP4Weight.state_tensors() order.
 PACKED_BUFFERS = {"packed": "weight_packed", "scales": "weight_scales",
@@ -32,15 +48,51 @@ PACKED_BUFFERS = {"packed": "weight_packed", "scales": "weight_scales",
 
 
 class _QuantizeStraightThrough(torch.autograd.Function):
-    """Forward: the FP4 round trip of the weight. Backward: the identity (straight-through)."""
+    """Forward: the FP4 round trip of the weight, in ``dtype``. Backward: the identity
+    (straight-through), in the master weight's dtype."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, fmt: str) -> torch.Tensor:
-        return fake_quantize_fp4(weight, fmt)
+    def forward(ctx, weight: torch.Tensor, fmt: str, dtype: torch.dtype) -> torch.Tensor:
+        ctx.weight_dtype = weight.dtype
+        return fp4_fake_quantize(weight, fmt, dtype)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return grad.to(ctx.weight_dtype), None, None
+
+
+class _FusedFP4LinearTrain(torch.autograd.Function):
+    """Few rows: ``x @ fp4(W)^T + b`` by the fused kernels, gradients straight through.
+
+    The forward packs the master weight and runs the fused product; the backward gets the
+    input gradient from the packed weight (fused kernel) and the weight gradient as
+    ``grad^T x``, handed to the master weight unchanged (straight-through), as the
+    fake-quantized path does.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                fmt: str) -> torch.Tensor:
+        q = fp4_quantize(weight, fmt)
+        ctx.save_for_backward(x, q.packed, q.scales, q.tensor_scale)
+        ctx.fmt, ctx.shape = fmt, q.shape
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return fp4_linear(x, q, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, packed, scales, tensor_scale = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            q = FP4Weight(ctx.fmt, packed, scales, tensor_scale, ctx.shape)
+            grad_x = fp4_grad_input(grad, q).to(x.dtype)
+        g2 = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_w = (g2.T @ x.reshape(-1, x.shape[-1]).to(g2.dtype)).to(ctx.weight_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_w, grad_b, None
 
 
 class FP4Linear(nn.Module):
@@ -104,7 +156,7 @@ class FP4Linear(nn.Module):
         key = (id(w), w._version, w.device)
         if self._packed is None or self._packed_key != key:
             with torch.no_grad():
-                self._packed = quantize_fp4(w.detach(), self.fmt)
+                self._packed = fp4_quantize(w, self.fmt)
             self._packed_key = key
         return self._packed
 
@@ -185,9 +237,23 @@ class FP4Linear(nn.Module):
                     "or torch.no_grad()"))
             return self._inference_forward(x)
         if torch.is_grad_enabled() and self.weight.requires_grad:
-            weight = _QuantizeStraightThrough.apply(self.weight, self.fmt)
-            return F.linear(x, weight, self.bias)
+            return self._training_forward(x)
         return self._inference_forward(x)
+
+    def _training_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """FP4 weight, straight-through gradients; the fused kernels for few rows (see the
+        module docstring). Under autocast the weight is quantized straight into the
+        autocast dtype, the same single rounding as autocast's cast of the fp32 result."""
+        device_type = x.device.type
+        dtype = self.weight.dtype
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            x = x.to(dtype)
+        if (x.dtype == dtype and x.numel() <= FUSED_MAX_ROWS * self.in_features
+                and triton_available(x.device)):
+            return _FusedFP4LinearTrain.apply(x, self.weight, self.bias, self.fmt)
+        weight = _QuantizeStraightThrough.apply(self.weight, self.fmt, dtype)
+        return F.linear(x, weight, self.bias)
 
     def _describe(self) -> str:
         return f"FP4Linear({self.in_features}->{self.out_features}, {self.fmt})"
