@@ -174,14 +174,15 @@ def test_fp4_fused_training_path_gives_the_fake_quantized_gradients(fmt, monkeyp
     the same loss and gradients as the fake-quantized path."""
     import apt_model.optimization.fp4_linear as fl
 
-    x = batch(5, b=2, t=16)  # 32 rows: within FUSED_MAX_ROWS
-    assert x.numel() <= fl.FUSED_MAX_ROWS
+    x = batch(5, b=2, t=8)  # 16 rows: within FUSED_TRAIN_MAX_ROWS
+    assert x.numel() <= fl.FUSED_TRAIN_MAX_ROWS
     plain = build(mode="speed", fp4_format=fmt)
     loss_ref = train_step(plain, x)
     fused = build(mode="speed", fp4_format=fmt)
     calls = []
     real = fl._FusedFP4LinearTrain.apply
     monkeypatch.setattr(fl, "triton_available", lambda device: True)
+    monkeypatch.setattr(fl, "FUSED_TRAIN_MIN_WEIGHTS", 0)
     monkeypatch.setattr(fl._FusedFP4LinearTrain, "apply",
                         lambda *a: calls.append(a[0].shape) or real(*a))
     loss = train_step(fused, x)

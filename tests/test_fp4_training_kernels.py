@@ -69,7 +69,7 @@ def test_quantize_kernel_special_values(fmt):
     q, r = fp4_quantize(w, fmt), quantize_fp4(w, fmt)
     assert torch.equal(q.packed, r.packed)
     assert torch.equal(_bits(q.scales), _bits(r.scales))
-    got, want = fp4_fake_quantize(w, fmt), fake_quantize_fp4(w, fmt)
+    got, want = fp4_fake_quantize(w, fmt), fake_quantize_fp4(w, fmt)  # fp32: the same
     assert torch.equal(got.isnan(), want.isnan())
     assert torch.equal(_bits(torch.nan_to_num(got)), _bits(torch.nan_to_num(want)))
     zero = torch.zeros(8, 32, device="cuda")
@@ -120,16 +120,24 @@ def _layer_grads(layer, x, env=None):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("rows", [16, 4096])
-def test_fp4_layer_training_paths_on_cuda(fmt, rows):
-    """Few rows (fused kernels) and many rows (Triton fake quantization + cuBLAS) against
-    the reference path (PyTorch fake quantization + cuBLAS, APT_FP4_TRITON=0)."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_fp4_layer_training_paths_on_cuda(fmt, fused, monkeypatch):
+    """The fused path (few rows) and the Triton fake quantization + cuBLAS against the
+    reference path (PyTorch fake quantization + cuBLAS, APT_FP4_TRITON=0)."""
+    import apt_model.optimization.fp4_linear as fl
+
     seed = _seed()
+    if fused:
+        monkeypatch.setattr(fl, "FUSED_TRAIN_MIN_WEIGHTS", 0)
+    calls = []
+    real = fl._FusedFP4LinearTrain.apply
+    monkeypatch.setattr(fl._FusedFP4LinearTrain, "apply", lambda *a: calls.append(1) or real(*a))
     layer = FP4Linear(torch.nn.Linear(512, 768, device="cuda"), fmt).train()
-    x = torch.randn(rows, 512, device="cuda")
+    x = torch.randn(16 if fused else 4096, 512, device="cuda")
     got = _layer_grads(layer, x)
+    assert bool(calls) == fused
     want = _layer_grads(layer, x, env="0")
-    if rows > 64:  # the same fake-quantized bf16 weight, the same cuBLAS calls
+    if not fused:  # the same fake-quantized bf16 weight, the same cuBLAS calls
         for a, b in zip(got, want, strict=True):
             assert torch.equal(a, b), seed
     else:
@@ -138,11 +146,13 @@ def test_fp4_layer_training_paths_on_cuda(fmt, rows):
             assert err <= 1e-2, (seed, err)
 
 
-def test_fused_path_trains_a_model_on_cuda():
-    """Speed mode with batches of 32 rows: the fused path, and the loss falls."""
+def test_fused_path_trains_a_model_on_cuda(monkeypatch):
+    """Speed mode with batches of 16 rows through the fused path: the loss falls."""
+    import apt_model.optimization.fp4_linear as fl
     import apt_model.optimization.vb_global as vb
     from apt_model.modeling.apt_model import APTConfig, APTModel
 
+    monkeypatch.setattr(fl, "FUSED_TRAIN_MIN_WEIGHTS", 0)
     torch.manual_seed(0)
     vb.enable(mode="speed", verbose=False)
     try:
@@ -150,7 +160,7 @@ def test_fused_path_trains_a_model_on_cuda():
     finally:
         vb.disable()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    x = torch.randint(0, model.config.vocab_size, (2, 16), device="cuda")
+    x = torch.randint(0, model.config.vocab_size, (2, 8), device="cuda")
     losses = []
     for _ in range(40):
         loss = model(x, labels=x).loss

@@ -43,8 +43,8 @@ _FMT_CODES = {fmt: i for i, fmt in enumerate(FP4_FORMATS)}  # nvfp4: 0, mxfp4: 1
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Set APT_FP4_TRITON=0 to force the reference path on CUDA (debugging, A/B checks).
 _DISABLE_ENV = "APT_FP4_TRITON"
-# Up to this many rows the input gradient (and FP4 training's forward) runs the fused
-# kernels; above, dequantize + cuBLAS is faster (H100: bench/fp4_train.py).
+# Up to this many rows the input gradient of a packed weight runs the fused kernel; above,
+# dequantize + cuBLAS is faster (H100: bench/fp4_train.py).
 FUSED_MAX_ROWS = triton_fp4.SMALL_MAX_M
 
 
@@ -192,12 +192,13 @@ def _fp4_quantize_fake(w: Tensor, fmt_code: int) -> tuple[Tensor, Tensor, Tensor
 
 
 def _fake_quantize_reference(w: Tensor, fmt_code: int, dtype: torch.dtype) -> Tensor:
-    return fake_quantize_fp4(w, FP4_FORMATS[fmt_code]).to(dtype)
+    # In fp32 first (exact for 16-bit inputs), so the fp32 product is rounded once, into dtype.
+    return fake_quantize_fp4(w.float(), FP4_FORMATS[fmt_code]).to(dtype)
 
 
 @torch.library.custom_op("apt_model::fp4_fake_quantize", mutates_args=())
 def _fp4_fake_quantize_op(w: Tensor, fmt_code: int, dtype: torch.dtype) -> Tensor:
-    """``fake_quantize_fp4(w)`` rounded once into ``dtype``."""
+    """The fake-quantized ``w``, its fp32 value rounded once into ``dtype``."""
     return _fake_quantize_reference(w, fmt_code, dtype)
 
 
@@ -227,7 +228,8 @@ def fp4_quantize(w: Tensor, fmt: str) -> FP4Weight:
 
 
 def fp4_fake_quantize(w: Tensor, fmt: str, dtype: torch.dtype | None = None) -> Tensor:
-    """``fake_quantize_fp4(w, fmt).to(dtype)`` (bit for bit), one Triton pass on CUDA."""
+    """``fake_quantize_fp4(w.float(), fmt).to(dtype)`` (bit for bit: the fp32 result rounded
+    once into ``dtype``, default ``w.dtype``), one Triton pass on CUDA."""
     return _fp4_fake_quantize_op(w.detach(), _FMT_CODES[fmt], dtype or w.dtype)
 
 

@@ -35,7 +35,12 @@ if triton_fp4.HAS_TRITON:
     import triton.language as tl
 
     _e2m1_to_f32 = triton_fp4._e2m1_to_f32
-    _NAN_ALL = tl.PropagateNan.ALL
+    # Globals a kernel reads must be constexprs.
+    _NVFP4_AMAX_DIV = tl.constexpr(E4M3_MAX * E2M1_MAX)
+    _NVFP4_TS_MIN = tl.constexpr(NVFP4_MIN_TENSOR_SCALE)
+    _E2M1_MAX = tl.constexpr(E2M1_MAX)
+    _E4M3_MIN = tl.constexpr(E4M3_MIN_NORMAL)
+    _E4M3_MAX = tl.constexpr(E4M3_MAX)
 
     @triton.jit
     def _e2m1_magnitude_code(a):
@@ -87,11 +92,11 @@ if triton_fp4.HAS_TRITON:
             # torchao's order: tensor scale = amax / (448 * 6) floored at 2^-120; block scale
             # = block_amax / 6 / tensor scale in the normal E4M3 range, rounded to E4M3;
             # elements times (1 / tensor scale) / block scale.
-            ts = tl.maximum(tl.math.div_rn(tl.load(amax_ptr), E4M3_MAX * E2M1_MAX),
-                            NVFP4_MIN_TENSOR_SCALE, propagate_nan=_NAN_ALL)
-            s = tl.math.div_rn(tl.math.div_rn(block_amax, E2M1_MAX), ts)
-            s = tl.minimum(tl.maximum(s, E4M3_MIN_NORMAL, propagate_nan=_NAN_ALL), E4M3_MAX,
-                           propagate_nan=_NAN_ALL)
+            ts = tl.maximum(tl.math.div_rn(tl.load(amax_ptr), _NVFP4_AMAX_DIV), _NVFP4_TS_MIN,
+                            propagate_nan=tl.PropagateNan.ALL)
+            s = tl.math.div_rn(tl.math.div_rn(block_amax, _E2M1_MAX), ts)
+            s = tl.minimum(tl.maximum(s, _E4M3_MIN, propagate_nan=tl.PropagateNan.ALL),
+                           _E4M3_MAX, propagate_nan=tl.PropagateNan.ALL)
             s32, s8 = _round_to_e4m3(s)
             recip = tl.math.div_rn(tl.math.div_rn(1.0, ts), s32)
             t = xb * recip[:, :, None]
@@ -189,10 +194,9 @@ def quantize_fp4_triton(w: Tensor, fmt: str) -> FP4Weight:
 
 
 def fake_quantize_fp4_triton(w: Tensor, fmt: str, dtype: torch.dtype | None = None) -> Tensor:
-    """``fake_quantize_fp4(w, fmt)`` on a CUDA tensor, written straight in ``dtype``.
+    """``fake_quantize_fp4(w.float(), fmt).to(dtype)`` on a CUDA tensor, in one pass.
 
-    ``dtype`` defaults to ``w.dtype``; any other is the same single rounding of the
-    fp32 result that ``.to(dtype)`` of the reference would make.
+    ``dtype`` defaults to ``w.dtype``; the fp32 result is rounded once into it.
     """
     w2, k, kp, amax = _prepare(w, fmt)
     out = torch.empty(w2.shape, dtype=dtype or w.dtype, device=w.device)

@@ -9,11 +9,14 @@ which is re-packed only when the master weight changes.
 Training takes one of two paths per call, by the number of activation rows, each the
 faster one there (H100: bench/fp4_train.py); both quantize with the Triton kernels on CUDA:
 
-* many rows (pre-training batches): the weight fake-quantized in one pass straight into
-  the matmul's dtype, then cuBLAS forward and backward;
-* up to ``FUSED_MAX_ROWS`` rows (decode-sized fine-tuning): the weight packed, the
-  forward and the input gradient by the fused FP4 kernels, which read 4.5 bits per
-  weight instead of 16.
+* by default: the weight fake-quantized in one pass straight into the matmul's dtype,
+  then cuBLAS forward and backward;
+* a few rows through a large layer (``FUSED_TRAIN_MAX_ROWS``, ``FUSED_TRAIN_MIN_WEIGHTS``):
+  the weight packed, the forward and the input gradient by the fused FP4 kernels, which
+  read 4.5 bits per weight instead of 16. Both paths re-read the fp32 master weight to
+  quantize it, so the fused one only wins where the matmuls' weight reads dominate the
+  launch overheads: on an H100 by 3% for 8192 -> 28672 at 16 rows, while at 4096 -> 4096
+  it is slower at every row count.
 
 For serving, :meth:`FP4Linear.freeze` (or :func:`freeze_fp4` on a whole model) drops the
 master weight: the layer then holds only the packed weight, as buffers named
@@ -34,13 +37,17 @@ from torch import nn
 from apt_model.formats.fp4 import FP4Weight
 from apt_model.i18n import tr
 from apt_model.ops.fp4_matmul import (
-    FUSED_MAX_ROWS,
     fp4_fake_quantize,
     fp4_grad_input,
     fp4_linear,
     fp4_quantize,
     triton_available,
 )
+
+# Training takes the fused kernels for at most this many rows through a layer of at least
+# this many weights (H100 measurements: bench/fp4_train.py, see the module docstring).
+FUSED_TRAIN_MAX_ROWS = 16
+FUSED_TRAIN_MIN_WEIGHTS = 1 << 27
 
 # Buffer names of a frozen layer, in FP4Weight.state_tensors() order.
 PACKED_BUFFERS = {"packed": "weight_packed", "scales": "weight_scales",
@@ -249,7 +256,8 @@ class FP4Linear(nn.Module):
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
             x = x.to(dtype)
-        if (x.dtype == dtype and x.numel() <= FUSED_MAX_ROWS * self.in_features
+        if (x.dtype == dtype and x.numel() <= FUSED_TRAIN_MAX_ROWS * self.in_features
+                and self.in_features * self.out_features >= FUSED_TRAIN_MIN_WEIGHTS
                 and triton_available(x.device)):
             return _FusedFP4LinearTrain.apply(x, self.weight, self.bias, self.fmt)
         weight = _QuantizeStraightThrough.apply(self.weight, self.fmt, dtype)
