@@ -26,7 +26,7 @@ def _c(bn, bk, w, st, pf, **kw):
 
 
 def _variants(m: int) -> list[tuple[str, dict | None, int | None]]:
-    """(kernel, config, chunk rows) to try at ``m`` rows."""
+    """(kernel, config, chunked (rows, overlap)) to try at ``m`` rows."""
     small = [("small", _c(bn, bk, w, st, pf, GROUP_M=1, SWAP=sw), None)
              for bn, bk, w, st, sw, pf in (
                  (64, 256, 4, 3, False, False), (64, 256, 4, 4, False, False),
@@ -38,7 +38,7 @@ def _variants(m: int) -> list[tuple[str, dict | None, int | None]]:
                 (256, 128, 64, 8, 3, True), (256, 128, 64, 8, 4, False),
                 (256, 128, 64, 8, 3, False), (128, 128, 64, 4, 3, True),
                 (128, 128, 64, 4, 4, False), (128, 256, 64, 8, 4, False))]
-    chunked = [("chunked", None, r) for r in (512, 1024, 2048)]
+    chunked = [("chunked", None, (r, o)) for r in (None, 2048, 4096, 8192) for o in (False, True)]
     if m == 1:
         gemv = [("gemv", _c(bn, bk, w, 1, pf), None) for bn, bk, w, pf in (
             (16, 512, 4, 1), (16, 512, 4, 2), (32, 512, 4, 1), (32, 512, 4, 2),
@@ -49,9 +49,7 @@ def _variants(m: int) -> list[tuple[str, dict | None, int | None]]:
         return small
     if m <= 64:
         return small[:3] + gemm[3:5]
-    if m <= 512:
-        return gemm + chunked[:2]
-    return gemm + chunked
+    return gemm[:2] + chunked
 
 
 def main() -> int:
@@ -85,14 +83,16 @@ def main() -> int:
                 rows.append(dict(k=k, n=n, m=m, fmt=fmt, impl="bf16-cublas", ms=base))
                 print(f"{k}->{n} M={m} {fmt} bf16-cublas {base:.4f} ms", flush=True)
                 for kern, cfg, chunk in _variants(m):
-                    name = f"{kern} {cfg}" if cfg else f"{kern} rows={chunk}"
+                    rows_, overlap = chunk or (None, True)
+                    name = f"{kern} {cfg}" if cfg else f"{kern} rows={rows_} overlap={overlap}"
                     try:
                         out = torch.full((m, n), float("nan"), device=dev, dtype=x.dtype)
 
-                        def run(x=x, q=q, k=k, kern=kern, cfg=cfg, chunk=chunk, out=out):
+                        def run(x=x, q=q, k=k, kern=kern, cfg=cfg, rows_=rows_, ov=overlap,
+                                out=out):
                             return tf.fp4_matmul(x, q.packed, q.scales, q.tensor_scale, k,
-                                                 kernel=kern, config=cfg, chunk_rows=chunk,
-                                                 out=out)
+                                                 kernel=kern, config=cfg, chunk_rows=rows_,
+                                                 overlap=ov, out=out)
 
                         run()
                         err = ((out.double() - ref).norm() / ref.norm()).item()

@@ -284,11 +284,35 @@ def test_split_k_and_pipeline_variants(fmt):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bias", [True, False])
 def test_chunked_path(fmt, dtype, bias):
-    """Large M via per-slice dequantization + cuBLAS: slices and a ragged last slice."""
+    """Large M via per-slice dequantization + cuBLAS: slices and a ragged last slice, the
+    slices dequantized on a side stream (overlap) or in line, bit-identical either way."""
     seed = _seed()
     x, w, b = _problem(70, 328, 1040, fmt, dtype, "cuda", bias=bias)
-    out = _run_poisoned(x, w, b, kernel="chunked", chunk_rows=128)
+    out = _run_poisoned(x, w, b, kernel="chunked", chunk_rows=64, overlap=True)
     assert _rel(out, _ref64(x, w, b)) <= 1e-2, seed
+    torch.testing.assert_close(
+        out, _run_poisoned(x, w, b, kernel="chunked", chunk_rows=64, overlap=False),
+        rtol=0, atol=0)
+
+
+@needs_triton
+def test_overlapped_chunks_replay_in_a_cuda_graph():
+    x, w, b = _problem(256, 1024, 512, "nvfp4", torch.bfloat16, "cuda")
+    run = lambda: tf.fp4_matmul(x, w.packed, w.scales, w.tensor_scale, 512, b,  # noqa: E731
+                                kernel="chunked", chunk_rows=256, overlap=True)
+    want = run()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(out, run(), rtol=0, atol=0)
+    assert not torch.equal(out, want)
 
 
 @needs_triton

@@ -639,25 +639,64 @@ def fp4_dequantize(packed: Tensor, scales: Tensor, tensor_scale: Tensor | None, 
     return out
 
 
-def _chunked(x: Tensor, words: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool, k: int,
-             bias: Tensor | None, out: Tensor, use_asm: bool, rows: int | None) -> Tensor:
-    """Large M: dequantize ``rows`` weight rows at a time into one reused bf16/fp16 buffer
-    (Triton, memory-bound) and let cuBLAS multiply each slice into its output columns.
+@functools.lru_cache(maxsize=16)
+def _side_stream(index: int) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device=index)
 
-    Only a slice of the weight ever exists in bf16 (20 MiB for M = 4096, K = 8192: it
-    stays in L2 for cuBLAS to read back), so this is cuBLAS speed plus a streaming pass.
+
+def _chunked(x: Tensor, words: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool, k: int,
+             bias: Tensor | None, out: Tensor, use_asm: bool, rows: int | None,
+             overlap: bool) -> Tensor:
+    """Large M: dequantize ``rows`` weight rows at a time into a bf16/fp16 buffer (Triton,
+    memory-bound) and let cuBLAS multiply each slice into its output columns.
+
+    Only a slice or two of the weight ever exists in bf16 (64 MiB at most: it stays in L2
+    for cuBLAS to read back), so this is cuBLAS speed plus a streaming pass. With
+    ``overlap`` the next slice is dequantized on a side stream into a second buffer while
+    cuBLAS multiplies the current one (events order the two; CUDA-graph capture keeps them).
     """
     n, kw = words.shape
     rows = rows or _chunk_rows(x.shape[0], n, k, x.device)
-    buf = torch.empty((min(rows, n), k), dtype=x.dtype, device=x.device)
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        part = buf[: r1 - r0]
+    starts = list(range(0, n, rows))
+    overlap = overlap and len(starts) > 1 and x.device.type == "cuda"
+    bufs = [torch.empty((min(rows, n), k), dtype=x.dtype, device=x.device)
+            for _ in range(2 if overlap else 1)]
+
+    def dequantize(i: int) -> Tensor:
+        r0, r1 = starts[i], min(n, starts[i] + rows)
+        part = bufs[i % len(bufs)][: r1 - r0]
         _dequantize_words(words[r0:r1], s_bytes[r0:r1], ts, is_nv, k, part, use_asm)
+        return part
+
+    def multiply(i: int, part: Tensor) -> None:
+        r0, r1 = starts[i], min(n, starts[i] + rows)
         if bias is None:
             torch.mm(x, part.T, out=out[:, r0:r1])
         else:
             torch.addmm(bias[r0:r1], x, part.T, out=out[:, r0:r1])
+
+    if not overlap:
+        for i in range(len(starts)):
+            multiply(i, dequantize(i))
+        return out
+    main = torch.cuda.current_stream(x.device)
+    side = _side_stream(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    side.wait_stream(main)  # the packed weight and the buffers are ready
+    ready = [torch.cuda.Event() for _ in starts]
+    used = [torch.cuda.Event() for _ in starts]
+    parts = []
+    for i in range(len(starts)):
+        with torch.cuda.stream(side):
+            if i >= 2:
+                side.wait_event(used[i - 2])  # cuBLAS is done with this buffer
+            parts.append(dequantize(i))
+            ready[i].record(side)
+        if i >= 1:
+            main.wait_event(ready[i - 1])
+            multiply(i - 1, parts[i - 1])
+            used[i - 1].record(main)
+    main.wait_event(ready[-1])
+    multiply(len(starts) - 1, parts[-1])
     return out
 
 
@@ -731,6 +770,7 @@ def fp4_matmul(
     use_asm: bool | None = None,
     split_k: int | None = None,
     chunk_rows: int | None = None,
+    overlap: bool = True,
     out: Tensor | None = None,
 ) -> Tensor:
     """``x @ dequant(W).T (+ bias)`` for 2-D ``x`` [M, k] with Triton; returns x's dtype.
@@ -739,8 +779,8 @@ def fp4_matmul(
     (NVFP4) or uint8 E8M0 (MXFP4) [N, Kp/block]; ``tensor_scale`` the fp32 NVFP4 tensor
     scale (None for MXFP4). The keyword-only arguments pin a kernel ("gemv", "small",
     "gemm", "chunked") / config / variant, for tests and benchmarks; by default the kernel
-    follows :func:`kernel_for` and is autotuned. ``out`` (contiguous [M, N], x's dtype)
-    receives the result when given.
+    follows :func:`kernel_for` and is autotuned; ``chunk_rows`` and ``overlap`` shape the
+    chunked path. ``out`` (contiguous [M, N], x's dtype) receives the result when given.
     """
     if not HAS_TRITON:
         raise RuntimeError("fp4_matmul needs Triton")
@@ -770,7 +810,8 @@ def fp4_matmul(
     s_bytes = scales.view(torch.uint8)
     ts = tensor_scale.reshape(1) if tensor_scale is not None else s_bytes
     if kernel == "chunked":
-        return _chunked(x, words, s_bytes, ts, is_nv, k, bias, out, use_asm, chunk_rows)
+        return _chunked(x, words, s_bytes, ts, is_nv, k, bias, out, use_asm, chunk_rows,
+                        overlap)
     b = bias if bias is not None else out
     # Words of K per program: a whole number of tiles whatever BLOCK_K the autotuner picks
     # (64 words = the largest BLOCK_K of 512).
