@@ -174,6 +174,8 @@ def main() -> int:
                     tuned = {"gemv": tf._gemv_tuned, "small": tf._small_tuned,
                              "gemm": tf._gemm_tuned}.get(kernel)
                     cfg = getattr(tuned, "best_config", None)
+                    if kernel == "small" and m <= tf.DECODE_PINNED_M:
+                        cfg = tf.SMALL_CONFIGS[0]
                     row["kernel"] = kernel
                     row["config"] = str(cfg) if cfg is not None else None
                 rows.append(row)

@@ -14,9 +14,10 @@ Kernels, picked by the number of activation rows M (see :func:`kernel_for`):
   traffic, hence the tensor cores; the compiler pipelines the weight loads.
 * large M: ``gemm``, a tiled matmul with the weight tile dequantized in registers,
   stored to shared memory by the compiler and fed to ``tl.dot`` in bf16 (fp16 for fp16
-  activations with NVFP4), fp32 accumulation; or ``chunked``: a 16 MiB slice of weight
-  rows at a time dequantized by Triton, multiplied by cuBLAS. The first call per shape
-  times both and keeps the faster (:func:`_large_kernel`).
+  activations with NVFP4), fp32 accumulation; or ``chunked``: a 64 MiB slice of weight
+  rows at a time dequantized by Triton (the next slice on a side stream while cuBLAS
+  multiplies the current one). The first call per shape times both and keeps the
+  faster (:func:`_large_kernel`).
 
 Dequantization (``_ASM_DECODE``): one PTX block turns a packed int32 word (8 E2M1 codes)
 into 8 values in k order. ``prmt`` puts codes k_2j and k_2j+1 into the two 16-bit lanes
@@ -65,6 +66,8 @@ __all__ = [
 # Row-count thresholds between the kernels (H100 measurements: bench/fp4_variants.py).
 GEMV_MAX_M = 1
 SMALL_MAX_M = 64
+# Up to this many rows the small kernel runs its first config without autotuning.
+DECODE_PINNED_M = 16
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -482,13 +485,14 @@ if HAS_TRITON:
         _cfg(4, 1, BLOCK_N=32, BLOCK_K=512, PREFETCH=2),
         _cfg(8, 1, BLOCK_N=32, BLOCK_K=512, PREFETCH=1),
     ]
-    # H100, 8192 -> 28672, M = 16 (bench/fp4_variants.py): the first config 0.089 ms; with
-    # register prefetch instead of the compiler's pipeline 0.12-0.15 ms; BLOCK_N = 32 with
-    # 4 stages won an autotuning once and then ran at 0.17 ms, so it is left out.
+    # H100, M = 16 (bench/fp4_variants.py, 2026-11-26): the first config 0.082 ms for
+    # 8192 -> 28672 and 0.032 ms for 8192 -> 8192, the best of eight both times; with register
+    # prefetch instead of the compiler's pipeline 0.14 ms. Up to DECODE_PINNED_M rows it is
+    # used as is: an earlier autotuning over these once kept a config that then ran 2x slower.
     SMALL_CONFIGS = [
+        _cfg(4, 4, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, SWAP=False, PREFETCH=False),
         _cfg(4, 3, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, SWAP=False, PREFETCH=False),
         _cfg(4, 4, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, SWAP=False, PREFETCH=False),
-        _cfg(4, 3, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, SWAP=True, PREFETCH=False),
     ]
     # H100, 8192 -> 28672, M = 4096: the first config 4.3 ms (1.5x cuBLAS), the others
     # 4.5-6.2 ms; the chunked path (2.9-3.0 ms) wins there and is picked at run time.
@@ -600,18 +604,15 @@ def _as_words(packed: Tensor) -> Tensor:
     return packed.view(torch.int32)
 
 
-def _chunk_rows(m: int, n: int, k: int, device: torch.device) -> int:
-    """Weight rows per cuBLAS call of the chunked path.
+def _chunk_rows(n: int, k: int) -> int:
+    """Weight rows per cuBLAS call of the chunked path: 64 MiB of bf16 (4096 rows for
+    K = 8192), a multiple of 256.
 
-    Enough rows that one call has about two waves of 128x128 output tiles (at least
-    1024), at most 64 MiB of bf16 (a few times less than a layer, L2-sized for K = 8192).
+    Fewer, larger GEMMs waste less on partial waves: on an H100 at M = 4096 slices of
+    ~1280 rows ran 1.14x bf16 cuBLAS, 4096 rows 0.99-1.11x, 8192 rows 1.14-1.20x
+    (bench/fp4_variants.py).
     """
-    sms = 132  # H100; only the interpreter (CPU) gets here without a CUDA device
-    if device.type == "cuda":
-        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    want = _cdiv(2 * sms * 128 * 128, max(m, 128))
-    cap = max(256, (64 * 2**20 // (2 * k)) // 256 * 256)
-    rows = min(max(_cdiv(want, 256) * 256, 1024), cap)
+    rows = max(256, (64 * 2**20 // (2 * max(k, 1))) // 256 * 256)
     return min(rows, _cdiv(n, 256) * 256)
 
 
@@ -656,7 +657,7 @@ def _chunked(x: Tensor, words: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool,
     cuBLAS multiplies the current one (events order the two; CUDA-graph capture keeps them).
     """
     n, kw = words.shape
-    rows = rows or _chunk_rows(x.shape[0], n, k, x.device)
+    rows = rows or _chunk_rows(n, k)
     starts = list(range(0, n, rows))
     overlap = overlap and len(starts) > 1 and x.device.type == "cuda"
     bufs = [torch.empty((min(rows, n), k), dtype=x.dtype, device=x.device)
@@ -820,7 +821,8 @@ def fp4_matmul(
     args = (x, words, s_bytes, ts, b, out, m, n, k, kw, x.stride(0), words.stride(0),
             s_bytes.stride(0), out.stride(0), k_split, m_key)
     common = dict(IS_NV=is_nv, HAS_BIAS=bias is not None, SPLIT_K=split, USE_ASM=use_asm)
-    if config is None and not _autotuning():
+    pinned = kernel == "small" and m <= DECODE_PINNED_M
+    if config is None and (pinned or not _autotuning()):
         lists = {"gemv": GEMV_CONFIGS, "small": SMALL_CONFIGS, "gemm": GEMM_CONFIGS}
         config = config_dict(lists[kernel][0])
     meta = dict(config or {})
