@@ -9,7 +9,8 @@ Rows per (layer K -> N, M activation rows), all timed in the same process:
   torchao-nvfp4      torchao NVFP4WeightOnlyConfig, eager and torch.compile'd (if importable)
   bnb-fp4            bitsandbytes Linear4bit(quant_type="fp4") (if importable)
 Times are ``triton.testing.do_bench`` medians (it flushes L2 before every call), with the
-input rotated among several fresh random tensors. GB/s counts the packed weight, scales,
+input rotated among several fresh random tensors; up to ``--graph-max-m`` rows also by
+CUDA-graph replay (no launch gaps, L2 flushed before each call inside the graph). GB/s counts the packed weight, scales,
 x and the output once. ``--check`` first compares ours with fp64 on every shape.
 """
 
@@ -46,6 +47,43 @@ def _bench(fn, inputs, rep_ms: int) -> float:
     from triton.testing import do_bench
 
     return do_bench(call, warmup=max(10, rep_ms // 4), rep=rep_ms, return_mode="median")
+
+
+def _bench_graph(fn, inputs, reps: int = 20) -> float:
+    """Median ms per call from CUDA-graph replays, without launch gaps (what decode with
+    CUDA graphs sees). Each call follows an L2 flush inside the graph; a graph of the
+    flushes alone is timed the same way and subtracted."""
+    flush = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device=inputs[0].device)
+
+    def capture(with_fn: bool) -> torch.cuda.CUDAGraph:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for i in range(2):
+                fn(inputs[i % len(inputs)])
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(reps):
+                flush.zero_()
+                if with_fn:
+                    fn(inputs[i % len(inputs)])
+        return graph
+
+    def replay_ms(graph: torch.cuda.CUDAGraph) -> float:
+        times = []
+        for _ in range(15):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[len(times) // 2]
+
+    with_fn, flushes = capture(True), capture(False)
+    replay_ms(with_fn)
+    return (replay_ms(with_fn) - replay_ms(flushes)) / reps
 
 
 def _torchao_linear(w: torch.Tensor, compiled: bool):
@@ -86,6 +124,8 @@ def main() -> int:
     p.add_argument("--inputs", type=int, default=4, help="fresh x tensors rotated per timing")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
     p.add_argument("--check", action="store_true", help="accuracy vs fp64 first")
+    p.add_argument("--graph-max-m", type=int, default=16,
+                   help="also time up to this many rows by CUDA-graph replay (0: never)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--device", default="cuda", help="cpu only for smoke runs (interpreter)")
     args = p.parse_args()
@@ -162,6 +202,12 @@ def main() -> int:
                     continue
                 row = dict(k=k, n=n, m=m, impl=name, ms=ms, tflops=2 * m * n * k / ms / 1e9,
                            first_call_s=round(time.time() - t0, 2))
+                if dev.type == "cuda" and m <= args.graph_max_m:
+                    try:
+                        with torch.no_grad():
+                            row["graph_ms"] = _bench_graph(fn, inputs)
+                    except Exception as exc:  # noqa: BLE001 - not every baseline captures
+                        notes[f"{name} {k}->{n} M={m} graph"] = f"{type(exc).__name__}: {exc}"
                 if name.startswith("ours-"):
                     q = qs[name[5:]]
                     nbytes = q.nbytes() + (m * k + m * n) * 2
@@ -180,21 +226,23 @@ def main() -> int:
                     row["config"] = str(cfg) if cfg is not None else None
                 rows.append(row)
                 print(f"{k}->{n} M={m:5d} {name:24s} {ms:8.4f} ms  {row['tflops']:7.1f} TFLOP/s"
-                      + (f"  {row['gb_s']:6.0f} GB/s" if "gb_s" in row and m <= 16 else ""),
+                      + (f"  {row['gb_s']:6.0f} GB/s" if "gb_s" in row and m <= 16 else "")
+                      + (f"  graph {row['graph_ms']:.4f} ms" if "graph_ms" in row else ""),
                       flush=True)
             inputs = None
         fns = qs = w = None
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 
-    print("\n| layer | M | impl | ms | TFLOP/s | GB/s (ours, M<=16) | vs bf16 cuBLAS |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| layer | M | impl | ms | graph ms | TFLOP/s | GB/s (ours, M<=16) | vs bf16 cuBLAS |")
+    print("|---|---|---|---|---|---|---|---|")
     base = {(r["k"], r["n"], r["m"]): r["ms"] for r in rows if r["impl"] == "bf16-cublas"}
     for r in rows:
         ref = base.get((r["k"], r["n"], r["m"]))
         gbs = f"{r['gb_s']:.0f}" if "gb_s" in r and r["m"] <= 16 else ""
         rel = f"{r['ms'] / ref:.2f}x" if ref else ""
-        print(f"| {r['k']}->{r['n']} | {r['m']} | {r['impl']} | {r['ms']:.4f} | "
+        graph = f"{r['graph_ms']:.4f}" if "graph_ms" in r else ""
+        print(f"| {r['k']}->{r['n']} | {r['m']} | {r['impl']} | {r['ms']:.4f} | {graph} | "
               f"{r['tflops']:.1f} | {gbs} | {rel} |")
     if args.json:
         with open(args.json, "w") as f:
