@@ -180,7 +180,7 @@ def test_training_ops_match_the_reference(fmt):
 
 
 @pytest.mark.skipif(os.environ.get("APT_TEST_TRITON_INTERPRET") != "1",
-                    reason="set APT_TEST_TRITON_INTERPRET=1 (needs triton; slow)")
+                    reason="set APT_TEST_TRITON_INTERPRET=1 (needs triton and numpy < 2.4; slow)")
 def test_triton_kernels_in_interpreter():
     """The kernels' tiling, masks and split-K on CPU (the pure-Triton decode; no PTX)."""
     script = textwrap.dedent("""
@@ -204,6 +204,13 @@ def test_triton_kernels_in_interpreter():
                     ref = x.double() @ w.dequantize(torch.float64).T + b.double()
                     err = ((out.double() - ref).norm() / ref.norm()).item()
                     assert err < 1e-2, (fmt, kernel, m, k, split, err)
+            for m, split in ((1, None), (17, 3)):
+                w = quantize_fp4(torch.randn(300, 200), fmt)
+                g = torch.randn(m, 300).bfloat16()
+                out = tf.fp4_grad_input(g, w.packed, w.scales, w.tensor_scale, 200, split_n=split)
+                ref = g.double() @ w.dequantize(torch.float64)
+                err = ((out.double() - ref).norm() / ref.norm()).item()
+                assert err < 1e-2, (fmt, "grad_input", m, split, err)
         print("OK")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1")
