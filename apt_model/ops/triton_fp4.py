@@ -701,7 +701,7 @@ def _chunked(x: Tensor, words: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool,
     return out
 
 
-# Grad-input tiles: a weight tile of 64 rows x 128 columns per step (H100: bench/fp4_train.py).
+# Grad-input tiles: a weight tile of 64 rows x 128 columns per step (one config, not tuned).
 GRAD_INPUT_BLOCK = dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
 
 
