@@ -59,7 +59,7 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
         raise VBDeviceError(tr(f"设备 '{name}' 在本机不可用", f"device '{name}' is not available here"))
     count = module.device_count() if hasattr(module, "device_count") else 1
     index = 0 if dev.index is None else dev.index
-    if index >= count:
+    if not 0 <= index < count:  # torch keeps the index in 8 bits: "cuda:999" reads as -25
         raise VBDeviceError(
             tr(f"设备 '{name}' 不存在（本机只有 {count} 个 {dev.type} 设备）",
                f"device '{name}' does not exist (this machine has {count} {dev.type} device(s))")

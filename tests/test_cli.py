@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from apt_model.optimization import config as vb_config
 
@@ -22,7 +23,8 @@ def test_info_reports_device_capabilities_memory_and_sources(tmp_path):
     proc = vb("info", cwd=tmp_path, VB_LANG="en", VB_FP4_FORMAT="mxfp4", HOME=str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "accelerator: cpu" in out and "bf16:" in out and "flash SDPA:" in out and "Triton:" in out
+    expected = "accelerator: cuda" if torch.cuda.is_available() else "accelerator: cpu"
+    assert expected in out and "bf16:" in out and "flash SDPA:" in out and "Triton:" in out
     assert "pinned memory:" in out and "free memory per level" in out and "cpu:" in out
     assert "mode = 'memory'  ← .vbrc:" in out
     assert "fp4_format = 'mxfp4'  ← env:VB_FP4_FORMAT" in out
