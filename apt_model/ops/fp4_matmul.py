@@ -26,11 +26,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from apt_model.formats.fp4 import FP4_FORMATS, FP4Weight, fake_quantize_fp4, quantize_fp4
+from apt_model.formats.fp4 import (
+    FP4_FORMATS,
+    MXFP4_BLOCK,
+    NVFP4_BLOCK,
+    FP4Weight,
+    fake_quantize_fp4,
+    quantize_fp4,
+)
 from apt_model.ops import triton_fp4, triton_fp4_quantize
 
 __all__ = [
-    "FUSED_MAX_ROWS",
     "fp4_fake_quantize",
     "fp4_grad_input",
     "fp4_linear",
@@ -43,9 +49,9 @@ _FMT_CODES = {fmt: i for i, fmt in enumerate(FP4_FORMATS)}  # nvfp4: 0, mxfp4: 1
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Set APT_FP4_TRITON=0 to force the reference path on CUDA (debugging, A/B checks).
 _DISABLE_ENV = "APT_FP4_TRITON"
-# Up to this many rows the input gradient of a packed weight runs the fused kernel; above,
-# dequantize + cuBLAS is faster (H100: bench/fp4_train.py).
-FUSED_MAX_ROWS = triton_fp4.SMALL_MAX_M
+# Up to this many rows the input gradient of a packed weight runs the fused kernel, the
+# forward's small-M bound; above, a Triton dequantize + cuBLAS. Not measured on its own.
+_FUSED_GRAD_MAX_ROWS = triton_fp4.SMALL_MAX_M
 
 
 def triton_available(device: torch.device | str) -> bool:
@@ -109,24 +115,28 @@ def _fp4_linear_fake(x: Tensor, packed: Tensor, scales: Tensor, tensor_scale: Te
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
+def _grad_input_reference(grad: Tensor, packed: Tensor, scales: Tensor, tensor_scale: Tensor,
+                          fmt_code: int, k: int) -> Tensor:
+    return grad @ _weight(packed, scales, tensor_scale, fmt_code, k).dequantize(grad.dtype)
+
+
 @torch.library.custom_op("apt_model::fp4_grad_input", mutates_args=())
 def _fp4_grad_input_op(grad: Tensor, packed: Tensor, scales: Tensor, tensor_scale: Tensor,
                        fmt_code: int, k: int) -> Tensor:
     """``grad @ dequant(W)`` for ``grad`` [..., N]: the reference (dequantize, matmul)."""
-    w = _weight(packed, scales, tensor_scale, fmt_code, k).dequantize(grad.dtype)
-    return grad @ w
+    return _grad_input_reference(grad, packed, scales, tensor_scale, fmt_code, k)
 
 
 @_fp4_grad_input_op.register_kernel("cuda")
 def _fp4_grad_input_cuda(grad: Tensor, packed: Tensor, scales: Tensor, tensor_scale: Tensor,
                          fmt_code: int, k: int) -> Tensor:
-    """CUDA: the fused kernel for up to ``FUSED_MAX_ROWS`` rows, else the Triton dequantize
-    and cuBLAS (the full weight exists in the grad's dtype only for that matmul)."""
+    """CUDA: the fused kernel for up to ``_FUSED_GRAD_MAX_ROWS`` rows, else the Triton
+    dequantize and cuBLAS (the full weight exists in the grad's dtype only for that matmul)."""
     if grad.dtype not in _TRITON_DTYPES or not triton_available(grad.device):
-        return grad @ _weight(packed, scales, tensor_scale, fmt_code, k).dequantize(grad.dtype)
+        return _grad_input_reference(grad, packed, scales, tensor_scale, fmt_code, k)
     rows = grad.numel() // max(1, grad.shape[-1])
     ts = tensor_scale if FP4_FORMATS[fmt_code] == "nvfp4" else None
-    if rows <= FUSED_MAX_ROWS:
+    if rows <= _FUSED_GRAD_MAX_ROWS:
         out = triton_fp4.fp4_grad_input(grad.reshape(rows, -1), packed, scales, ts, k)
         return out.reshape(*grad.shape[:-1], k)
     w = torch.empty((packed.shape[0], k), dtype=grad.dtype, device=grad.device)
@@ -183,12 +193,12 @@ def _fp4_quantize_cuda(w: Tensor, fmt_code: int) -> tuple[Tensor, Tensor, Tensor
 
 @_fp4_quantize_op.register_fake
 def _fp4_quantize_fake(w: Tensor, fmt_code: int) -> tuple[Tensor, Tensor, Tensor]:
-    block = 16 if FP4_FORMATS[fmt_code] == "nvfp4" else 32
+    nv = FP4_FORMATS[fmt_code] == "nvfp4"
+    block = NVFP4_BLOCK if nv else MXFP4_BLOCK
     n, kp = w.numel() // w.shape[-1], -(-w.shape[-1] // block) * block
-    scale_dtype = torch.float8_e4m3fn if block == 16 else torch.uint8
     return (w.new_empty((n, kp // 2), dtype=torch.uint8),
-            w.new_empty((n, kp // block), dtype=scale_dtype),
-            w.new_empty(() if block == 16 else 0, dtype=torch.float32))
+            w.new_empty((n, kp // block), dtype=torch.float8_e4m3fn if nv else torch.uint8),
+            w.new_empty(() if nv else 0, dtype=torch.float32))
 
 
 def _fake_quantize_reference(w: Tensor, fmt_code: int, dtype: torch.dtype) -> Tensor:

@@ -597,6 +597,14 @@ def _split_k(n: int, kw: int, device: torch.device, kernel: str) -> int:
     return max(1, min(_cdiv(2 * sms, tiles), kw // 128, 16))
 
 
+def _scale_operands(scales: Tensor, tensor_scale: Tensor | None) -> tuple[bool, Tensor, Tensor]:
+    """(is NVFP4, the block scales as bytes, the tensor-scale pointer operand): MXFP4 has no
+    tensor scale, so the kernels get the scale bytes there and never read them as one."""
+    s_bytes = scales.view(torch.uint8)
+    ts = tensor_scale.reshape(1) if tensor_scale is not None else s_bytes
+    return scales.dtype == torch.float8_e4m3fn, s_bytes, ts
+
+
 def _as_words(packed: Tensor) -> Tensor:
     """The packed bytes as int32 words (4 bytes = 8 codes), copying only if misaligned."""
     if packed.stride(-1) != 1 or packed.stride(0) % 4 or packed.storage_offset() % 4:
@@ -632,9 +640,7 @@ def fp4_dequantize(packed: Tensor, scales: Tensor, tensor_scale: Tensor | None, 
     """The whole weight dequantized into ``out`` ([N, k], bf16 / fp16 / fp32), in one pass."""
     if not HAS_TRITON:
         raise RuntimeError("fp4_dequantize needs Triton")
-    is_nv = scales.dtype == torch.float8_e4m3fn
-    s_bytes = scales.view(torch.uint8)
-    ts = tensor_scale.reshape(1) if tensor_scale is not None else s_bytes
+    is_nv, s_bytes, ts = _scale_operands(scales, tensor_scale)
     if out.numel():
         _dequantize_words(_as_words(packed), s_bytes, ts, is_nv, k, out, not _interpreting())
     return out
@@ -723,7 +729,7 @@ def fp4_grad_input(
     """
     if not HAS_TRITON:
         raise RuntimeError("fp4_grad_input needs Triton")
-    is_nv = scales.dtype == torch.float8_e4m3fn
+    is_nv, s_bytes, ts = _scale_operands(scales, tensor_scale)
     m, n = grad.shape
     words = _as_words(packed)
     kw = words.shape[1]
@@ -747,8 +753,6 @@ def fp4_grad_input(
         return out.to(grad.dtype)
     if n == 0:
         return out.zero_().to(grad.dtype)
-    s_bytes = scales.view(torch.uint8)
-    ts = tensor_scale.reshape(1) if tensor_scale is not None else s_bytes
     grid = (_cdiv(k, cfg["BLOCK_K"]), split_n, _cdiv(m, block_m))
     _fp4_grad_input_kernel[grid](
         grad, words, s_bytes, ts, out, m, n, k, kw, grad.stride(0), words.stride(0),
@@ -785,7 +789,7 @@ def fp4_matmul(
     """
     if not HAS_TRITON:
         raise RuntimeError("fp4_matmul needs Triton")
-    is_nv = scales.dtype == torch.float8_e4m3fn
+    is_nv, s_bytes, ts = _scale_operands(scales, tensor_scale)
     m = x.shape[0]
     n = packed.shape[0]
     words = _as_words(packed)
@@ -808,8 +812,6 @@ def fp4_matmul(
         out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m == 0 or n == 0:
         return out.to(out_dtype) if result is None else result
-    s_bytes = scales.view(torch.uint8)
-    ts = tensor_scale.reshape(1) if tensor_scale is not None else s_bytes
     if kernel == "chunked":
         return _chunked(x, words, s_bytes, ts, is_nv, k, bias, out, use_asm, chunk_rows,
                         overlap)

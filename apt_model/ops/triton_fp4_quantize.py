@@ -145,8 +145,9 @@ if triton_fp4.HAS_TRITON:
 _BLOCK_R, _BLOCK_K = 16, 128
 
 
-def _prepare(w: Tensor, fmt: str) -> tuple[Tensor, int, int, Tensor]:
-    """``w`` as a row-contiguous 2-D tensor, K, padded K, and its fp32 amax (NVFP4)."""
+def _prepare(w: Tensor, fmt: str) -> tuple[Tensor, int, int, Tensor | None]:
+    """``w`` as a row-contiguous 2-D tensor, its block size, padded K, and (NVFP4) its fp32
+    amax, the one extra pass the tensor scale needs."""
     if not triton_fp4.HAS_TRITON:
         raise RuntimeError("the Triton FP4 quantization needs Triton")
     if w.dim() == 0:
@@ -158,19 +159,23 @@ def _prepare(w: Tensor, fmt: str) -> tuple[Tensor, int, int, Tensor]:
     if w2.stride(-1) != 1:
         w2 = w2.contiguous()
     block = NVFP4_BLOCK if fmt == "nvfp4" else MXFP4_BLOCK
-    kp = -(-k // block) * block
+    amax = None
     if fmt == "nvfp4" and w2.numel():
         amax = torch.linalg.vector_norm(w2, ord=math.inf, dtype=torch.float32).reshape(1)
-    else:
-        amax = torch.zeros(1, dtype=torch.float32, device=w.device)
-    return w2, k, kp, amax
+    return w2, block, -(-k // block) * block, amax
 
 
-def _launch(w2: Tensor, amax: Tensor, fmt: str, k: int, kp: int, packed: Tensor,
-            scales: Tensor, ts: Tensor, out: Tensor, fake: bool) -> None:
-    n = w2.shape[0]
-    if n == 0:
+def _launch(w2: Tensor, amax: Tensor | None, fmt: str, kp: int, *, fake: bool,
+            packed: Tensor | None = None, scales: Tensor | None = None,
+            ts: Tensor | None = None, out: Tensor | None = None) -> None:
+    """One kernel over ``w2``; outputs the chosen variant does not write get ``w2`` as a
+    placeholder pointer (never dereferenced)."""
+    if w2.numel() == 0:
         return
+    packed, scales, out = (t if t is not None else w2 for t in (packed, scales, out))
+    amax = amax if amax is not None else w2
+    ts = ts if ts is not None else w2
+    n, k = w2.shape
     grid = (triton.cdiv(n, _BLOCK_R), triton.cdiv(kp, _BLOCK_K))
     _fp4_quantize_kernel[grid](
         w2, amax, packed, scales, ts, out, n, k, kp, w2.stride(0), packed.stride(0),
@@ -180,17 +185,18 @@ def _launch(w2: Tensor, amax: Tensor, fmt: str, k: int, kp: int, packed: Tensor,
 
 def quantize_fp4_triton(w: Tensor, fmt: str) -> FP4Weight:
     """``quantize_fp4(w, fmt)`` on a CUDA tensor with two passes over ``w``."""
-    w2, k, kp, amax = _prepare(w, fmt)
+    w2, block, kp, amax = _prepare(w, fmt)
     n = w2.shape[0]
-    block = NVFP4_BLOCK if fmt == "nvfp4" else MXFP4_BLOCK
     packed = torch.empty((n, kp // 2), dtype=torch.uint8, device=w.device)
     scales = torch.empty((n, kp // block), dtype=torch.uint8, device=w.device)
+    if fmt != "nvfp4":
+        _launch(w2, None, fmt, kp, fake=False, packed=packed, scales=scales)
+        return FP4Weight(fmt, packed, scales, None, tuple(w.shape))
+    # An empty weight launches no kernel and keeps the floor, the reference's scale for it.
     ts = torch.full((1,), NVFP4_MIN_TENSOR_SCALE, dtype=torch.float32, device=w.device)
-    _launch(w2, amax, fmt, k, kp, packed, scales, ts, packed, fake=False)
-    if fmt == "nvfp4":
-        return FP4Weight(fmt, packed, scales.view(torch.float8_e4m3fn), ts.reshape(()),
-                         tuple(w.shape))
-    return FP4Weight(fmt, packed, scales, None, tuple(w.shape))
+    _launch(w2, amax, fmt, kp, fake=False, packed=packed, scales=scales, ts=ts)
+    return FP4Weight(fmt, packed, scales.view(torch.float8_e4m3fn), ts.reshape(()),
+                     tuple(w.shape))
 
 
 def fake_quantize_fp4_triton(w: Tensor, fmt: str, dtype: torch.dtype | None = None) -> Tensor:
@@ -198,8 +204,7 @@ def fake_quantize_fp4_triton(w: Tensor, fmt: str, dtype: torch.dtype | None = No
 
     ``dtype`` defaults to ``w.dtype``; the fp32 result is rounded once into it.
     """
-    w2, k, kp, amax = _prepare(w, fmt)
+    w2, _, kp, amax = _prepare(w, fmt)
     out = torch.empty(w2.shape, dtype=dtype or w.dtype, device=w.device)
-    none = out.new_empty(0, dtype=torch.uint8)
-    _launch(w2, amax, fmt, k, kp, none, none, amax, out, fake=True)
+    _launch(w2, amax, fmt, kp, fake=True, out=out)
     return out.reshape(w.shape)
