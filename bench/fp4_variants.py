@@ -41,9 +41,8 @@ def _variants(m: int) -> list[tuple[str, dict | None, int | None]]:
     chunked = [("chunked", None, (r, o)) for r in (None, 2048, 4096, 8192) for o in (False, True)]
     if m == 1:
         gemv = [("gemv", _c(bn, bk, w, 1, pf), None) for bn, bk, w, pf in (
-            (16, 512, 4, 1), (16, 512, 4, 2), (32, 512, 4, 1), (32, 512, 4, 2),
-            (16, 256, 4, 2), (8, 512, 4, 2), (32, 512, 8, 2), (16, 1024, 8, 1),
-            (64, 512, 8, 2))]
+            (16, 1024, 8, 1), (32, 1024, 4, 0), (32, 2048, 8, 0), (16, 2048, 8, 1),
+            (64, 1024, 8, 0), (64, 512, 4, 0), (16, 512, 4, 2), (32, 512, 8, 1))]
         return gemv + small[:2]
     if m <= 16:
         return small

@@ -242,6 +242,58 @@ def test_triton_matches_fp64(fmt, m, k):
 
 @needs_triton
 @pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gemv_activation_magnitudes(fmt, dtype):
+    """The GEMV sums products in fp16 after scaling x per 16 values: huge, tiny and mixed
+    magnitudes (an outlier group next to small ones) stay within the bf16 tolerance."""
+    seed = _seed()
+    half = dtype == torch.float16  # the output must fit fp16 too
+    x, w, b = _problem(1, 300, 1040, fmt, torch.float32, "cuda", bias=False)
+    n_groups = x.shape[1] // 16 + 1
+    groups = torch.logspace(-4 if half else -6, 2 if half else 5, n_groups, device="cuda")
+    groups = groups[torch.randperm(n_groups, device="cuda")].repeat_interleave(16)
+    cases = {"huge": x * (30 if half else 1e30), "tiny": x * (1e-3 if half else 1e-30),
+             "mixed": x * groups[: x.shape[1]]}
+    for name, xc in cases.items():
+        xc = xc.to(dtype)
+        err = _rel(_run_poisoned(xc, w, None, kernel="gemv"), _ref64(xc, w, None))
+        assert err <= 1e-2, (seed, name, err)
+
+
+@needs_triton
+def test_gemv_inf_and_nan_propagate():
+    x, w, _ = _problem(1, 64, 512, "nvfp4", torch.bfloat16, "cuda", bias=False)
+    x[0, 37] = float("inf")
+    out = tf.fp4_matmul(x, w.packed, w.scales, w.tensor_scale, 512, kernel="gemv")
+    ref = x.double() @ w.dequantize(torch.float64).T
+    assert torch.equal(torch.isinf(out), torch.isinf(ref)) and torch.equal(out.isnan(), ref.isnan())
+    x[0, 37] = float("nan")
+    assert tf.fp4_matmul(x, w.packed, w.scales, w.tensor_scale, 512, kernel="gemv").isnan().all()
+
+
+@needs_triton
+def test_gemv_replays_in_a_cuda_graph():
+    """Two launches (x prepared, then the GEMV; programmatic dependent launch on sm90+)
+    inside one captured graph give the eager result for new inputs."""
+    x, w, b = _problem(1, 2048, 1024, "nvfp4", torch.bfloat16, "cuda")
+    run = lambda: tf.fp4_matmul(x, w.packed, w.scales, w.tensor_scale, 1024, b)  # noqa: E731
+    run()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.testing.assert_close(out, run(), rtol=0, atol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("m", [1, 7, 130])
 def test_triton_other_dtypes(fmt, dtype, m):
