@@ -284,11 +284,16 @@ if HAS_TRITON:
 
     @triton.jit
     def _epilogue(acc, ts_ptr, b_ptr, o_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, pid_k,
-                  IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
-        """Undo 2^-J, apply the tensor scale and bias, store (or accumulate for split-K)."""
+                  IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+                  SCALED_J: tl.constexpr = True):
+        """Undo 2^-J (if ``SCALED_J``), apply the tensor scale and the bias (split 0 only),
+        store (or accumulate, if ``ATOMIC``)."""
         if IS_NV:
-            acc = acc * (tl.load(ts_ptr).to(tl.float32) * 128.0)  # 2^7
-        else:
+            if SCALED_J:
+                acc = acc * (tl.load(ts_ptr).to(tl.float32) * 128.0)  # 2^7
+            else:
+                acc = acc * tl.load(ts_ptr).to(tl.float32)
+        elif SCALED_J:
             acc = acc * 18446744073709551616.0  # 2^64
         if HAS_BIAS:
             bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -426,6 +431,7 @@ if HAS_TRITON:
         current one is decoded, so more loads per warp are in flight; 0 leaves the loads
         in the loop. With ``PDL`` (programmatic dependent launch, sm90+) the program
         starts while the x kernel still runs and waits for it only after its first loads.
+        With split-K, program k writes its partial sums to row k of ``o``.
         """
         BKW: tl.constexpr = BLOCK_K // 8
         G: tl.constexpr = BKW // 2
@@ -466,17 +472,19 @@ if HAS_TRITON:
             grp = kw // 2 + tl.arange(0, G)
             g_mask = grp < kw_end // 2
             xs = tl.load(xs_ptr + grp, mask=g_mask, other=0.0)
-            if IS_NV and HW_E4M3:  # one cvt for two scales; 2^-7 as _scale_factor gives it
+            # The block scales at their true values (no 2^-J): the products below then stay
+            # within a factor 192 of the contributions to the output, whatever x's range.
+            if IS_NV and HW_E4M3:  # one cvt for two scales
                 f = sc_cur.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-                xs = xs * 0.0078125
             else:
-                f = _scale_factor(sc_cur, IS_NV, 0)
+                f = _scale_factor(sc_cur, IS_NV, 7 if IS_NV else 64)
             if not IS_NV:  # one MXFP4 scale per two groups of 16
                 f = tl.reshape(tl.broadcast_to(f[:, :, None], (BLOCK_N, NBLK, 2)), (BLOCK_N, G))
             acc += (_group_dots(pk_cur, xp_ptr, grp, g_mask, KW // 2, USE_ASM, BLOCK_N, G)
                     * (f * xs[None, :]))
-        _epilogue(tl.sum(acc, axis=1)[None, :], ts_ptr, b_ptr, o_ptr, tl.arange(0, 1), offs_n,
-                  tl.arange(0, 1) < 1, n_mask, 0, pid_k, IS_NV, HAS_BIAS, SPLIT_K > 1)
+        _epilogue(tl.sum(acc, axis=1)[None, :], ts_ptr, b_ptr, o_ptr + pid_k.to(tl.int64) * N,
+                  tl.arange(0, 1), offs_n, tl.arange(0, 1) < 1, n_mask, 0, pid_k, IS_NV,
+                  HAS_BIAS, False, False)
 
     @triton.jit
     def _fp4_dequant_kernel(
@@ -565,8 +573,9 @@ if HAS_TRITON:
                 acc = tl.dot(a, tl.trans(w), acc)
         if SWAP:
             acc = tl.trans(acc)
-        _epilogue(acc, ts_ptr, b_ptr, o_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, pid_k,
-                  IS_NV, HAS_BIAS, SPLIT_K > 1)
+        # With split-K, program k writes its partial sums to slice k of ``o`` [split, M, N].
+        _epilogue(acc, ts_ptr, b_ptr, o_ptr + pid_k.to(tl.int64) * M * stride_om, offs_m,
+                  offs_n, m_mask, n_mask, stride_om, pid_k, IS_NV, HAS_BIAS, False)
 
     @triton.jit
     def _fp4_grad_input_kernel(
@@ -609,6 +618,17 @@ if HAS_TRITON:
         _epilogue(acc, ts_ptr, o_ptr, o_ptr, offs_m, offs_k, m_mask, offs_k < K, stride_om,
                   pid_n, IS_NV, False, SPLIT_N > 1)
 
+    @triton.jit
+    def _split_sum_kernel(p_ptr, o_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+        """o = sum over the split-K slices of p [SPLIT, MN] in a fixed order (deterministic,
+        unlike atomic adds), cast to o's dtype."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < MN
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for i in tl.static_range(SPLIT):
+            acc += tl.load(p_ptr + i * MN + offs, mask=mask, other=0.0)
+        tl.store(o_ptr + offs, acc.to(o_ptr.dtype.element_ty), mask=mask)
+
     # --------------------------------------------------------------------- autotuning
 
     def _cfg(num_warps: int, num_stages: int, **meta) -> triton.Config:
@@ -643,11 +663,11 @@ if HAS_TRITON:
     ]
 
     _KEY = ["M_KEY", "N", "K", "IS_NV", "HAS_BIAS", "SPLIT_K"]
-    _gemv_tuned = triton.autotune(GEMV_CONFIGS, key=_KEY, reset_to_zero=["o_ptr"])(
+    _gemv_tuned = triton.autotune(GEMV_CONFIGS, key=_KEY)(
         _fp4_gemv_kernel)
-    _small_tuned = triton.autotune(SMALL_CONFIGS, key=_KEY, reset_to_zero=["o_ptr"])(
+    _small_tuned = triton.autotune(SMALL_CONFIGS, key=_KEY)(
         _fp4_dot_kernel)
-    _gemm_tuned = triton.autotune(GEMM_CONFIGS, key=_KEY, reset_to_zero=["o_ptr"])(
+    _gemm_tuned = triton.autotune(GEMM_CONFIGS, key=_KEY)(
         _fp4_dot_kernel)
 
 
@@ -730,16 +750,16 @@ def _arch(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
 
 
-def _split_k(n: int, kw: int, device: torch.device, kernel: str) -> int:
-    """Split K only when the N tiles alone leave most multiprocessors idle (small layers)."""
+def _split_k(n: int, kw: int, device: torch.device, kernel: str, tile_words: int) -> int:
+    """Split K only when the N tiles alone leave most multiprocessors idle (small layers),
+    keeping at least 2 tiles of ``tile_words`` per split."""
     if device.type != "cuda" or kernel == "gemm":
         return 1
     tiles = _cdiv(n, 32)
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     if tiles >= sms:
         return 1
-    # Keep at least 2 maximal tiles (128 words) of K per split.
-    return max(1, min(_cdiv(2 * sms, tiles), kw // 128, 16))
+    return max(1, min(_cdiv(2 * sms, tiles), kw // (2 * tile_words), 16))
 
 
 def _scale_operands(scales: Tensor, tensor_scale: Tensor | None) -> tuple[bool, Tensor, Tensor]:
@@ -946,32 +966,30 @@ def fp4_matmul(
         kernel = _large_kernel(x, packed, scales, tensor_scale, k, bias)
     if use_asm is None:
         use_asm = not _interpreting()
-    split = split_k if split_k is not None else _split_k(n, kw, x.device, kernel)
-    if kernel == "chunked":
-        split = 1
-    out_dtype = x.dtype
-    result = out
-    if split > 1:
-        out = torch.zeros((m, n), dtype=torch.float32, device=x.device)
-    elif out is None:
-        out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    result = out if out is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
-        return out.to(out_dtype) if result is None else result
+        return result
     if kernel == "chunked":
-        return _chunked(x, words, s_bytes, ts, is_nv, k, bias, out, use_asm, chunk_rows,
+        return _chunked(x, words, s_bytes, ts, is_nv, k, bias, result, use_asm, chunk_rows,
                         overlap)
-    b = bias if bias is not None else out
-    # Words of K per program: a whole number of tiles whatever BLOCK_K the autotuner picks
-    # (64 words = the largest BLOCK_K of 512).
-    k_split = kw if split == 1 else _cdiv(_cdiv(kw, split), 64) * 64
-    m_key = _next_pow2(m) if m <= SMALL_MAX_M else 128 * _next_pow2(_cdiv(m, 128))
-    args = (x, words, s_bytes, ts, b, out, m, n, k, kw, x.stride(0), words.stride(0),
-            s_bytes.stride(0), out.stride(0), k_split, m_key)
-    common = dict(IS_NV=is_nv, HAS_BIAS=bias is not None, SPLIT_K=split, USE_ASM=use_asm)
+    configs = {"gemv": GEMV_CONFIGS, "small": SMALL_CONFIGS, "gemm": GEMM_CONFIGS}[kernel]
     pinned = kernel == "small" and m <= DECODE_PINNED_M
     if config is None and (pinned or not _autotuning()):
-        lists = {"gemv": GEMV_CONFIGS, "small": SMALL_CONFIGS, "gemm": GEMM_CONFIGS}
-        config = config_dict(lists[kernel][0])
+        config = config_dict(configs[0])
+    # Words of K per split: a whole number of tiles of any BLOCK_K the kernel may run.
+    tile_words = (config["BLOCK_K"] if config else max(c.kwargs["BLOCK_K"] for c in configs)) // 8
+    split = split_k if split_k is not None else _split_k(n, kw, x.device, kernel, tile_words)
+    k_split = kw if split <= 1 else _cdiv(_cdiv(kw, split), tile_words) * tile_words
+    split = _cdiv(kw, k_split)
+    # Split-K programs write fp32 partial sums [split, M, N], added up in a fixed order
+    # afterwards: the result does not depend on scheduling (atomics would).
+    out = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 \
+        else result
+    b = bias if bias is not None else out
+    m_key = _next_pow2(m) if m <= SMALL_MAX_M else 128 * _next_pow2(_cdiv(m, 128))
+    args = (x, words, s_bytes, ts, b, out, m, n, k, kw, x.stride(0), words.stride(0),
+            s_bytes.stride(0), n, k_split, m_key)
+    common = dict(IS_NV=is_nv, HAS_BIAS=bias is not None, SPLIT_K=split, USE_ASM=use_asm)
     meta = dict(config or {})
     if config is not None:
         meta.setdefault("PREFETCH", True)
@@ -1005,7 +1023,7 @@ def fp4_matmul(
         f16 = x.dtype == torch.float16 and is_nv
         fn[grid](*args, F16=f16, INTERP=_interpreting(), **common, **meta)
     if split > 1:
-        if result is None:
-            return out.to(out_dtype)
-        return result.copy_(out)
-    return out
+        block = 1024
+        _split_sum_kernel[(triton.cdiv(m * n, block),)](out, result, m * n, SPLIT=split,
+                                                         BLOCK=block)
+    return result
