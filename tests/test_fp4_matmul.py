@@ -402,3 +402,10 @@ def test_public_op_on_cuda_and_compiled(fmt):
     assert _rel(out, _ref64(x, w, b)) <= 1e-2, seed
     compiled = torch.compile(lambda t: fp4_linear(t, w, b), fullgraph=True)
     torch.testing.assert_close(compiled(x), out)
+    # Eager without gradients skips the op's dispatch; with them it goes through the op.
+    from apt_model.ops.fp4_matmul import _FMT_CODES, _tensor_scale_arg
+    torch.testing.assert_close(torch.ops.apt_model.fp4_linear(
+        x, w.packed, w.scales, _tensor_scale_arg(w), _FMT_CODES[fmt], 512, b), out,
+        rtol=0, atol=0)
+    xg = x.clone().requires_grad_()
+    torch.testing.assert_close(fp4_linear(xg, w, b), out, rtol=0, atol=0)

@@ -258,5 +258,11 @@ def fp4_linear(x: Tensor, w: FP4Weight, bias: Tensor | None = None) -> Tensor:
     k = w.shape[-1]
     if x.shape[-1] != k:
         raise ValueError(f"fp4_linear: x has {x.shape[-1]} features, the weight expects {k}")
-    return _fp4_linear_op(x, w.packed, w.scales, _tensor_scale_arg(w), _FMT_CODES[w.fmt], k,
-                          bias)
+    args = (x, w.packed, w.scales, _tensor_scale_arg(w), _FMT_CODES[w.fmt], k, bias)
+    if type(x) is Tensor and x.is_cuda and not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and (x.requires_grad or (bias is not None
+                                                             and bias.requires_grad))):
+        # Eager with nothing to differentiate: the CUDA implementation without the custom
+        # op's dispatch, which costs tens of microseconds a call on a slow host (decode).
+        return _fp4_linear_cuda(*args)
+    return _fp4_linear_op(*args)
