@@ -222,6 +222,19 @@ def test_triton_kernels_in_interpreter():
 # --------------------------------------------------------------------------- Triton on CUDA
 
 
+def _captured(run):
+    """``run`` warmed up on a side stream, then captured: (graph, the graph's output)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    return graph, out
+
+
 def _run_poisoned(x, w, b, **kw):
     """The Triton path writing into a NaN-filled output, so unwritten elements show up."""
     out = torch.full((x.shape[0], w.shape[0]), float("nan"), dtype=x.dtype, device=x.device)
@@ -278,14 +291,7 @@ def test_gemv_replays_in_a_cuda_graph():
     x, w, b = _problem(1, 2048, 1024, "nvfp4", torch.bfloat16, "cuda")
     run = lambda: tf.fp4_matmul(x, w.packed, w.scales, w.tensor_scale, 1024, b)  # noqa: E731
     run()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    graph, out = _captured(run)
     for _ in range(3):
         x.copy_(torch.randn_like(x))
         graph.replay()
@@ -360,14 +366,7 @@ def test_overlapped_chunks_replay_in_a_cuda_graph():
     run = lambda: tf.fp4_matmul(x, w.packed, w.scales, w.tensor_scale, 512, b,  # noqa: E731
                                 kernel="chunked", chunk_rows=256, overlap=True)
     want = run()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    graph, out = _captured(run)
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.testing.assert_close(out, run(), rtol=0, atol=0)
