@@ -284,10 +284,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _epilogue(acc, ts_ptr, b_ptr, o_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, pid_k,
-                  IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-                  SCALED_J: tl.constexpr = True):
+                  IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, SCALED_J: tl.constexpr = True):
         """Undo 2^-J (if ``SCALED_J``), apply the tensor scale and the bias (split 0 only),
-        store (or accumulate, if ``ATOMIC``)."""
+        store."""
         if IS_NV:
             if SCALED_J:
                 acc = acc * (tl.load(ts_ptr).to(tl.float32) * 128.0)  # 2^7
@@ -299,11 +298,7 @@ if HAS_TRITON:
             bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             acc = acc + tl.where(pid_k == 0, bias, 0.0)[None, :]
         o_ptrs = o_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-        mask = m_mask[:, None] & n_mask[None, :]
-        if ATOMIC:
-            tl.atomic_add(o_ptrs, acc, mask=mask, sem="relaxed")
-        else:
-            tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=mask)
+        tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
     # --------------------------------------------------------------------- kernels
 
@@ -484,7 +479,7 @@ if HAS_TRITON:
                     * (f * xs[None, :]))
         _epilogue(tl.sum(acc, axis=1)[None, :], ts_ptr, b_ptr, o_ptr + pid_k.to(tl.int64) * N,
                   tl.arange(0, 1), offs_n, tl.arange(0, 1) < 1, n_mask, 0, pid_k, IS_NV,
-                  HAS_BIAS, False, False)
+                  HAS_BIAS, False)
 
     @triton.jit
     def _fp4_dequant_kernel(
@@ -575,7 +570,7 @@ if HAS_TRITON:
             acc = tl.trans(acc)
         # With split-K, program k writes its partial sums to slice k of ``o`` [split, M, N].
         _epilogue(acc, ts_ptr, b_ptr, o_ptr + pid_k.to(tl.int64) * M * stride_om, offs_m,
-                  offs_n, m_mask, n_mask, stride_om, pid_k, IS_NV, HAS_BIAS, False)
+                  offs_n, m_mask, n_mask, stride_om, pid_k, IS_NV, HAS_BIAS)
 
     @triton.jit
     def _fp4_grad_input_kernel(
@@ -588,7 +583,8 @@ if HAS_TRITON:
         """out = g @ W (the input gradient of ``x @ W^T``), W dequantized tile by tile.
 
         Each program owns a [BLOCK_M, BLOCK_K] output tile and, with ``SPLIT_N``, an
-        ``N_SPLIT`` range of the reduction over weight rows (fp32 atomics then): the weight
+        ``N_SPLIT`` range of the reduction over weight rows (its fp32 partial sums go to
+        slice ``pid_n`` of ``o``): the weight
         tile [BLOCK_N, BLOCK_K] is the same one the forward kernels decode, here used as
         the right-hand operand of ``tl.dot`` as it is laid out.
         """
@@ -615,8 +611,8 @@ if HAS_TRITON:
             g = tl.load(g_rows + offs_n[None, :], mask=m_mask[:, None] & n_mask[None, :],
                         other=0.0).to(CDT).to(DDT)
             acc = tl.dot(g, w, acc)
-        _epilogue(acc, ts_ptr, o_ptr, o_ptr, offs_m, offs_k, m_mask, offs_k < K, stride_om,
-                  pid_n, IS_NV, False, SPLIT_N > 1)
+        _epilogue(acc, ts_ptr, o_ptr, o_ptr + pid_n.to(tl.int64) * M * stride_om, offs_m,
+                  offs_k, m_mask, offs_k < K, stride_om, pid_n, IS_NV, False)
 
     @triton.jit
     def _split_sum_kernel(p_ptr, o_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
@@ -872,6 +868,14 @@ def _chunked(x: Tensor, words: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool,
     return out
 
 
+def _split_sum(partials: Tensor, out: Tensor) -> None:
+    """``out`` = the sum of ``partials`` [split, *out.shape] (fp32) over the first dim."""
+    block = 1024
+    numel = out.numel()
+    _split_sum_kernel[(triton.cdiv(numel, block),)](partials, out, numel,
+                                                    SPLIT=partials.shape[0], BLOCK=block)
+
+
 # Grad-input tiles: a weight tile of 64 rows x 128 columns per step (one config, not tuned).
 GRAD_INPUT_BLOCK = dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
 
@@ -912,19 +916,23 @@ def fp4_grad_input(
             split_n = max(1, min(_cdiv(2 * _sm_count(index), tiles), n // (4 * cfg["BLOCK_N"])))
     n_split = _cdiv(_cdiv(n, split_n), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     split_n = _cdiv(n, n_split) if n else 1
-    out = torch.zeros((m, k), dtype=torch.float32, device=grad.device) if split_n > 1 else \
-        torch.empty((m, k), dtype=grad.dtype, device=grad.device)
+    result = torch.empty((m, k), dtype=grad.dtype, device=grad.device)
     if m == 0 or k == 0:
-        return out.to(grad.dtype)
+        return result
     if n == 0:
-        return out.zero_().to(grad.dtype)
+        return result.zero_()
+    # Split programs write fp32 partial sums [split, M, K], added in a fixed order after.
+    out = torch.empty((split_n, m, k), dtype=torch.float32, device=grad.device) \
+        if split_n > 1 else result
     grid = (_cdiv(k, cfg["BLOCK_K"]), split_n, _cdiv(m, block_m))
     _fp4_grad_input_kernel[grid](
         grad, words, s_bytes, ts, out, m, n, k, kw, grad.stride(0), words.stride(0),
-        s_bytes.stride(0), out.stride(0), n_split, IS_NV=is_nv, SPLIT_N=split_n,
+        s_bytes.stride(0), k, n_split, IS_NV=is_nv, SPLIT_N=split_n,
         USE_ASM=use_asm, F16=grad.dtype == torch.float16 and is_nv, INTERP=_interpreting(),
         BLOCK_M=block_m, **cfg)
-    return out.to(grad.dtype)
+    if split_n > 1:
+        _split_sum(out, result)
+    return result
 
 
 def fp4_matmul(
@@ -1023,7 +1031,5 @@ def fp4_matmul(
         f16 = x.dtype == torch.float16 and is_nv
         fn[grid](*args, F16=f16, INTERP=_interpreting(), **common, **meta)
     if split > 1:
-        block = 1024
-        _split_sum_kernel[(triton.cdiv(m * n, block),)](out, result, m * n, SPLIT=split,
-                                                         BLOCK=block)
+        _split_sum(out, result)
     return result
