@@ -47,10 +47,13 @@ from torch import Tensor
 try:  # Triton is optional: the package must import on CPU-only and NPU machines.
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - depends on the machine
     triton = None
     tl = None
+try:  # programmatic dependent launch (Triton 3.3+); without it the GEMV waits in line
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - depends on the Triton version
+    gdc_launch_dependents = gdc_wait = None
 
 HAS_TRITON = triton is not None
 
@@ -1011,14 +1014,14 @@ def fp4_matmul(
         buf = torch.empty(9 * groups, dtype=torch.int32, device=x.device)  # one allocation
         xp, xs = buf[: 8 * groups], buf[8 * groups:].view(torch.float32)
         arch = _arch(x.device)
-        pdl = arch >= (9, 0) and use_asm
+        pdl = arch >= (9, 0) and use_asm and gdc_wait is not None
         _fp4_gemv_x_kernel[(triton.cdiv(groups, 64),)](x, xp, xs, k, groups, PDL=pdl,
                                                        BLOCK_G=64)
         fn = _fp4_gemv_kernel if config else _gemv_tuned
         grid = lambda meta_: (triton.cdiv(n, meta_["BLOCK_N"]), triton.cdiv(kw, k_split))  # noqa: E731
         fn[grid](xp, xs, words, s_bytes, ts, b, out, n, k, kw, words.stride(0),
                  s_bytes.stride(0), k_split, m_key, **common, HW_E4M3=arch >= (8, 9), PDL=pdl,
-                 launch_pdl=pdl, **meta)
+                 **({"launch_pdl": True} if pdl else {}), **meta)
     else:
         if kernel == "small":
             meta.setdefault("BLOCK_M", max(16, _next_pow2(m)))
