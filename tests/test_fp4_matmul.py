@@ -17,6 +17,7 @@ import torch
 from apt_model.formats.fp4 import quantize_fp4
 from apt_model.ops import fp4_linear, fp4_linear_reference, triton_available
 from apt_model.ops import triton_fp4 as tf
+from apt_model.ops.fp4_matmul import _FMT_CODES, _tensor_scale_arg
 
 FORMATS = ("nvfp4", "mxfp4")
 CUDA = torch.cuda.is_available()
@@ -402,7 +403,6 @@ def test_public_op_on_cuda_and_compiled(fmt):
     compiled = torch.compile(lambda t: fp4_linear(t, w, b), fullgraph=True)
     torch.testing.assert_close(compiled(x), out)
     # Eager without gradients skips the op's dispatch; with them it goes through the op.
-    from apt_model.ops.fp4_matmul import _FMT_CODES, _tensor_scale_arg
     torch.testing.assert_close(torch.ops.apt_model.fp4_linear(
         x, w.packed, w.scales, _tensor_scale_arg(w), _FMT_CODES[fmt], 512, b), out,
         rtol=0, atol=0)

@@ -19,7 +19,6 @@ are bit for bit the reference of :mod:`apt_model.formats.fp4`, which other devic
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -65,13 +64,7 @@ def triton_available(device: torch.device | str) -> bool:
         return False
     if os.environ.get(_DISABLE_ENV, "1") == "0" or not torch.cuda.is_available():
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _capability_ok(index)
-
-
-@functools.lru_cache(maxsize=16)
-def _capability_ok(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= (8, 0)
+    return triton_fp4.device_arch(device) >= (8, 0)
 
 
 def _weight(packed: Tensor, scales: Tensor, tensor_scale: Tensor, fmt_code: int,

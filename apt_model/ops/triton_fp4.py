@@ -63,6 +63,7 @@ __all__ = [
     "LARGE_CHOICE",
     "SMALL_MAX_M",
     "config_dict",
+    "device_arch",
     "fp4_dequantize",
     "fp4_grad_input",
     "fp4_matmul",
@@ -452,7 +453,7 @@ if HAS_TRITON:
         if PDL:
             gdc_wait()
         for kw in range(kw_start, kw_start + K_SPLIT, BKW):
-            kw = tl.multiple_of(kw, BKW)  # splits start on whole tiles: vector loads of x
+            kw = tl.multiple_of(kw, BKW)  # splits start on whole tiles: vector weight loads
             if PREFETCH == 0:  # left to the compiler's pipeliner (num_stages)
                 pk_cur, sc_cur = _load_weight_tile(p_ptr, s_ptr, offs_n, n_mask, kw, kw_end,
                                                    stride_pn, stride_sn, BLOCK_N, BKW, WPB, SRUN)
@@ -636,7 +637,7 @@ if HAS_TRITON:
     # Small lists on purpose: each config is one compile (~1 s) on first use of a shape.
     # H100, M = 1, by CUDA-graph replay (2026-11-26): 0.0596-0.0607 ms for 8192 -> 28672,
     # 0.022-0.026 for 8192 -> 8192 and 0.059-0.069 for 28672 -> 8192 (NVFP4 and MXFP4);
-    # the first config is within 3% of the best on all six.
+    # the first config is within 4% of the best on all six.
     GEMV_CONFIGS = [
         _cfg(8, 1, BLOCK_N=16, BLOCK_K=1024, PREFETCH=1),
         _cfg(4, 1, BLOCK_N=32, BLOCK_K=1024, PREFETCH=0),
@@ -738,15 +739,24 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
+def _index(device: torch.device) -> int:
+    """A CUDA device's index (the current device for a bare "cuda")."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @functools.lru_cache(maxsize=16)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 @functools.lru_cache(maxsize=16)
-def _arch(device: torch.device) -> tuple[int, int]:
-    """Compute capability of a CUDA device, (0, 0) for others (cached: a call per layer)."""
-    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def device_arch(device: torch.device) -> tuple[int, int]:
+    """Compute capability of a CUDA device, (0, 0) for others (cached: asked once a layer)."""
+    return _capability(_index(device)) if device.type == "cuda" else (0, 0)
 
 
 def _split_k(n: int, kw: int, device: torch.device, kernel: str, tile_words: int) -> int:
@@ -755,7 +765,7 @@ def _split_k(n: int, kw: int, device: torch.device, kernel: str, tile_words: int
     if device.type != "cuda" or kernel == "gemm":
         return 1
     tiles = _cdiv(n, 32)
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = _sm_count(_index(device))
     if tiles >= sms:
         return 1
     return max(1, min(_cdiv(2 * sms, tiles), kw // (2 * tile_words), 16))
@@ -851,7 +861,7 @@ def _chunked(x: Tensor, words: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool,
             multiply(i, dequantize(i))
         return out
     main = torch.cuda.current_stream(x.device)
-    side = _side_stream(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    side = _side_stream(_index(x.device))
     side.wait_stream(main)  # the packed weight and the buffers are ready
     ready = [torch.cuda.Event() for _ in starts]
     used = [torch.cuda.Event() for _ in starts]
@@ -917,8 +927,8 @@ def fp4_grad_input(
     if split_n is None:
         split_n = 1
         if grad.device.type == "cuda":
-            index = grad.device.index if grad.device.index is not None else torch.cuda.current_device()
-            split_n = max(1, min(_cdiv(2 * _sm_count(index), tiles), n // (4 * cfg["BLOCK_N"])))
+            split_n = max(1, min(_cdiv(2 * _sm_count(_index(grad.device)), tiles),
+                                 n // (4 * cfg["BLOCK_N"])))
     n_split = _cdiv(_cdiv(n, split_n), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     split_n = _cdiv(n, n_split) if n else 1
     result = torch.empty((m, k), dtype=grad.dtype, device=grad.device)
@@ -1000,8 +1010,6 @@ def fp4_matmul(
         else result
     b = bias if bias is not None else out
     m_key = _next_pow2(m) if m <= SMALL_MAX_M else 128 * _next_pow2(_cdiv(m, 128))
-    args = (x, words, s_bytes, ts, b, out, m, n, k, kw, x.stride(0), words.stride(0),
-            s_bytes.stride(0), n, k_split, m_key)
     common = dict(IS_NV=is_nv, HAS_BIAS=bias is not None, SPLIT_K=split, USE_ASM=use_asm)
     meta = dict(config or {})
     if config is not None:
@@ -1013,7 +1021,7 @@ def fp4_matmul(
         groups = kw // 2  # of 16 k: the padded K is a whole number of 16- or 32-blocks
         buf = torch.empty(9 * groups, dtype=torch.int32, device=x.device)  # one allocation
         xp, xs = buf[: 8 * groups], buf[8 * groups:].view(torch.float32)
-        arch = _arch(x.device)
+        arch = device_arch(x.device)
         pdl = arch >= (9, 0) and use_asm and gdc_wait is not None
         _fp4_gemv_x_kernel[(triton.cdiv(groups, 64),)](x, xp, xs, k, groups, PDL=pdl,
                                                        BLOCK_G=64)
@@ -1034,7 +1042,9 @@ def fp4_matmul(
         # fp16 activations keep fp16 operands with NVFP4 (every E2M1 x E4M3 product is exact
         # in fp16); MXFP4's power-of-two scales can leave fp16's range, so bf16 there.
         f16 = x.dtype == torch.float16 and is_nv
-        fn[grid](*args, F16=f16, INTERP=_interpreting(), **common, **meta)
+        fn[grid](x, words, s_bytes, ts, b, out, m, n, k, kw, x.stride(0), words.stride(0),
+                 s_bytes.stride(0), n, k_split, m_key, F16=f16, INTERP=_interpreting(),
+                 **common, **meta)
     if split > 1:
         _split_sum(out, result)
     return result
