@@ -1,9 +1,13 @@
-"""Durable file writing shared by the training checkpoints and the packed FP4 checkpoints."""
+"""Durable file writing shared by the training checkpoints and the packed FP4 checkpoints:
+fsync, checksums, free space and telling a full disk apart from other write errors."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -22,6 +26,45 @@ def fsync_path(path: Path) -> None:
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks (the file is never whole in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk_bytes), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes this user may still write on the file system that holds ``path``, or that
+    will hold it once created (measured at its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def human_bytes(n: int) -> str:
+    """``n`` bytes in binary units, one decimal above bytes: "512 B", "2.1 MiB"."""
+    if n < 1024:
+        return f"{n} B"
+    size = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        size /= 1024
+        if size < 1024 or unit == "TiB":
+            break
+    return f"{size:.1f} {unit}"
+
+
+# Errors meaning "the disk (or this user's quota) is full"; Windows has no EDQUOT.
+_DISK_FULL = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is an OSError saying the disk or the quota is full."""
+    return isinstance(exc, OSError) and exc.errno in _DISK_FULL
 
 
 def unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

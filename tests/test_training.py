@@ -1,4 +1,4 @@
-"""Tests of the training stack: corpus, checkpoints, the trainer, resume, launchers, errors."""
+"""Tests of the training stack: corpus, the trainer, resume, launchers, errors."""
 
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import apt_model.training.checkpoint as ckpt_module
 from apt_model.errors import VBDataError, run_cli
 from apt_model.modeling.apt_model import APTConfig, APTModel
 from apt_model.optimization import vb_global
 from apt_model.training import launcher
-from apt_model.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from apt_model.training.checkpoint import load_checkpoint
 from apt_model.training.data import ByteCorpus, decode, default_corpus_text, encode, load_text
 from apt_model.training.gpt_trainer import GPTTrainer
 from apt_model.training.trainer import TrainConfig, Trainer, lr_at
@@ -125,68 +124,6 @@ def test_bad_data_paths_are_clear_errors(tmp_path, case):
 def test_too_little_data_for_the_window_is_a_clear_error():
     with pytest.raises(VBDataError, match="seq-len"):
         ByteCorpus.from_text("short text " * 5, source="t").check_fits(64)
-
-
-# ---- checkpoints -------------------------------------------------------------------------
-
-
-def tiny_state(step: int) -> dict:
-    torch.manual_seed(step)
-    model = APTModel(APTConfig.from_preset("tiny"))
-    return {"model": model.state_dict(), "step": step, "note": f"step {step}"}
-
-
-def test_checkpoint_roundtrip_keeps_tied_weights_and_prunes(tmp_path):
-    root = tmp_path / "checkpoints"
-    states = [tiny_state(s) for s in (1, 2, 3)]
-    for state in states:
-        save_checkpoint(root, state, keep=2)
-    assert sorted(p.name for p in root.iterdir()) == ["ckpt-00000002", "ckpt-00000003", "latest"]
-    loaded = load_checkpoint(root)
-    assert loaded["step"] == 3 and loaded["note"] == "step 3"
-    assert loaded["model"]["lm_head.weight"] is loaded["model"]["embed.weight"]
-    for name, tensor in states[-1]["model"].items():
-        assert torch.equal(loaded["model"][name], tensor), name
-    model = APTModel(APTConfig.from_preset("tiny"))
-    model.load_state_dict(loaded["model"])
-    assert model.lm_head.weight is model.embed.weight
-    # the same step saved again replaces the folder in place
-    save_checkpoint(root, {**states[-1], "note": "again"})
-    assert load_checkpoint(root)["note"] == "again"
-
-
-@pytest.mark.parametrize("failing", ["weights", "trainer_state"])
-def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch, failing):
-    root = tmp_path / "checkpoints"
-    save_checkpoint(root, tiny_state(1))
-
-    def disk_full(_obj, target, *args, **kwargs):
-        Path(target if isinstance(target, (str, Path)) else target.name).write_bytes(b"partial")
-        raise OSError(28, "No space left on device")
-
-    if failing == "weights":
-        monkeypatch.setattr(ckpt_module, "save_file", disk_full)
-    else:
-        monkeypatch.setattr(ckpt_module.torch, "save", disk_full)
-    with pytest.raises(VBDataError, match="ckpt-00000002") as info:
-        save_checkpoint(root, tiny_state(2))
-    assert "No space left" in str(info.value)
-    assert sorted(p.name for p in root.iterdir()) == ["ckpt-00000001", "latest"]
-    assert latest_checkpoint(root).name == "ckpt-00000001"
-    assert load_checkpoint(root)["step"] == 1
-
-
-def test_half_written_or_dangling_checkpoints_are_never_picked(tmp_path):
-    root = tmp_path / "checkpoints"
-    save_checkpoint(root, tiny_state(1))
-    crashed = root / "ckpt-00000005.tmp"  # a save killed mid-way
-    crashed.mkdir()
-    (crashed / "model.safetensors").write_bytes(b"garbage")
-    assert latest_checkpoint(root).name == "ckpt-00000001"
-    (root / "latest").write_text("ckpt-00000007\n")  # crash between the two renames
-    assert load_checkpoint(root)["step"] == 1
-    with pytest.raises(VBDataError, match="checkpoint"):
-        load_checkpoint(tmp_path / "nothing-here")
 
 
 # ---- trainer -----------------------------------------------------------------------------
