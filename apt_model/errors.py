@@ -24,6 +24,14 @@ class VBDataError(VBError, OSError):
     """A missing or unreadable data path, or an unwritable output folder."""
 
 
+class VBInterrupted(VBError):
+    """A run stopped by a signal after saving its progress; the process exits 128 + signum."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 _reported: set[str] = set()
 
 
@@ -36,9 +44,13 @@ def report(exc: VBError) -> None:
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run a command-line entry point; report a `VBError` as one line on stderr and exit 2."""
+    """Run a command-line entry point; report a `VBError` as one line on stderr and exit 2
+    (a `VBInterrupted` run: its line, and 128 + the signal number)."""
     try:
         return int(main(argv) or 0)
+    except VBInterrupted as exc:
+        print(exc, file=sys.stderr)
+        return exc.exit_code
     except VBError as exc:
         report(exc)
         return 2

@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import apt_model.optimization.vb_global as vb
+from apt_model.accelerator import default_device
 from apt_model.errors import VBConfigError
 from apt_model.optimization import config
 
@@ -48,15 +50,45 @@ def test_defaults_and_mode_table():
         assert tuple(cfg.switch(s) for s in config.SWITCHES) == flags
 
 
-def test_seed_vbrc_is_parsed(tmp_path):
+def machine_vbrc() -> dict:
+    """The guide's `.vbrc` with level 0 on this machine's own accelerator (or the CPU)."""
+    levels = [dict(level) for level in SEED_VBRC["vgpu_config"]["levels"]]
+    levels[0]["device"] = str(default_device())
+    return {**SEED_VBRC, "vgpu_config": {"levels": levels}}
+
+
+def test_seed_vbrc_is_parsed_where_its_device_exists(tmp_path, monkeypatch):
+    monkeypatch.setenv("VB_LANG", "en")
     write(Path(".vbrc"), SEED_VBRC)
+    if torch.cuda.is_available():
+        assert [lv.device for lv in config.resolve().config.vgpu_config.levels] == ["cuda:0", "cpu", "ssd"]
+    else:  # the guide's file names cuda:0: on a machine without it, one clear error
+        with pytest.raises(VBConfigError, match=r"\.vbrc: vgpu_config\.levels\[0\]: device 'cuda:0'"):
+            config.resolve()
+    write(Path(".vbrc"), machine_vbrc())
     resolved = config.resolve()
     levels = resolved.config.vgpu_config.levels
-    assert [lv.device for lv in levels] == ["cuda:0", "cpu", "ssd"]
+    assert [lv.device for lv in levels] == [str(default_device()), "cpu", "ssd"]
     assert [lv.capacity_mb for lv in levels] == [6400, 8000, 32000]
-    assert [lv.kind for lv in levels] == ["accelerator", "cpu", "ssd"]
+    assert [lv.kind for lv in levels][1:] == ["cpu", "ssd"]
     assert resolved.sources["vgpu_config"].startswith(".vbrc:")
     assert resolved.config.enabled
+
+
+@pytest.mark.parametrize("where", ["level", "device", "env"])
+def test_devices_this_machine_lacks_are_refused_everywhere(where, monkeypatch):
+    """A level, the `device` option and $VB_DEVICE get the check `vb info --device` makes."""
+    monkeypatch.setenv("VB_LANG", "en")
+    missing = "cuda:7" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    if where == "level":
+        write(Path(".vbrc"), {"vgpu_config": {"levels": [{"capacity_mb": 10, "device": missing, "speed_gbps": 1}]}})
+    elif where == "device":
+        write(Path(".vbrc"), {"device": missing})
+    else:
+        monkeypatch.setenv("VB_DEVICE", missing)
+    with pytest.raises(VBConfigError, match=missing) as info:
+        config.resolve()
+    assert ("$VB_DEVICE" if where == "env" else ".vbrc") in str(info.value)
 
 
 def test_precedence_explicit_cli_env_vbrc_default(monkeypatch):

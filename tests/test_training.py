@@ -18,6 +18,7 @@ from apt_model.training import launcher
 from apt_model.training.checkpoint import load_checkpoint
 from apt_model.training.data import ByteCorpus, decode, default_corpus_text, encode, load_text
 from apt_model.training.gpt_trainer import GPTTrainer
+from apt_model.training.run_log import LOG_NAME, PLOT_NAME, read_log
 from apt_model.training.trainer import TrainConfig, Trainer, lr_at
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,10 +165,24 @@ def test_launcher_run_learns_and_checkpoints(tmp_path, capsys):
     assert sum(losses[-5:]) / 5 < 0.7 * losses[0], losses
     assert state["train_config"]["preset"] == "tiny" and state["vb_config"] is None
     assert "ckpt-00000020" in stdout
-    # a second fresh run in the same folder sets the old checkpoints aside
-    assert run_cli(launcher.main, ["--max-steps", "2", "--out", str(out), *FAST_FLAGS]) == 0
+    # the run's log beside its checkpoints: one record per step, then the final validation
+    records = read_log(out / LOG_NAME)
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 21))
+    assert [r["loss"] for r in records if "loss" in r] == losses
+    assert all(r["lr"] > 0 and r["tokens_per_s"] > 0 for r in records if "loss" in r)
+    assert records[-1] == {"step": 20, "val_loss": pytest.approx(records[-1]["val_loss"])}
+    plot = out / PLOT_NAME
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(plot) in stdout
+    # a second fresh run in the same folder never takes over the first one's checkpoints
+    assert run_cli(launcher.main, ["--max-steps", "2", "--out", str(out), *FAST_FLAGS]) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert load_checkpoint(out / "checkpoints")["step"] == 20
+    assert run_cli(launcher.main, ["--max-steps", "2", "--overwrite", "--out", str(out), *FAST_FLAGS]) == 0
+    assert "checkpoints.prev" in capsys.readouterr().out
     assert load_checkpoint(out / "checkpoints")["step"] == 2
     assert load_checkpoint(out / "checkpoints.prev")["step"] == 20
+    assert len(read_log(out / LOG_NAME)) == 3 and len(read_log(out / "train_log.prev.jsonl")) == 21
 
 
 def test_gpt_trainer_on_tiny_hf_gpt2(tmp_path):

@@ -15,9 +15,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from apt_model.errors import VBConfigError
+from apt_model.accelerator import resolve_device
+from apt_model.errors import VBConfigError, VBDeviceError
 from apt_model.i18n import tr
 
 
@@ -46,6 +45,7 @@ MODES: dict[str, ModeSpec] = {
 
 FP4_FORMATS = ("nvfp4", "mxfp4")
 VGPU_LEVEL_KEYS = ("capacity_mb", "device", "speed_gbps", "path")
+LEVEL_DEVICES = ("cpu", "ssd")  # the host levels; any other level names an accelerator
 SWITCHES = tuple(f.name for f in fields(ModeSpec))
 
 
@@ -153,13 +153,18 @@ def _as_names(key: str, value: Any, where: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value)
 
 
-def _check_device_name(name: str, where: str) -> str:
-    if name in ("auto", "ssd"):
+def _check_device(name: str, where: str, allowed: tuple[str, ...]) -> str:
+    """A device this machine really has (or one of ``allowed``), else one clear error.
+
+    The same check as ``vb info --device`` and the launchers' ``--device``
+    (``accelerator.resolve_device``), so a device is accepted or refused alike everywhere.
+    """
+    if name in allowed:
         return name
     try:
-        torch.device(name)
-    except (RuntimeError, ValueError):
-        raise _bad(f"{where}: 未知设备 '{name}'", f"{where}: unknown device '{name}'") from None
+        resolve_device(name)
+    except VBDeviceError as exc:
+        raise VBConfigError(f"{where}: {exc}") from None
     return name
 
 
@@ -194,7 +199,7 @@ def parse_vgpu_config(value: Any, where: str) -> VGPUConfig | None:
             raise _bad(f"{at}: path 应为字符串", f"{at}: path must be a string")
         levels.append(VGPULevel(
             capacity_mb=_as_number("capacity_mb", raw["capacity_mb"], at),
-            device=_check_device_name(device, at),
+            device=_check_device(device, at, LEVEL_DEVICES),
             speed_gbps=_as_number("speed_gbps", raw["speed_gbps"], at),
             path=path,
         ))
@@ -223,7 +228,7 @@ def validate_option(key: str, value: Any, where: str) -> Any:
     if key == "device":
         if not isinstance(value, str):
             raise _bad(f"{where}: device 应为字符串", f"{where}: device must be a string")
-        return _check_device_name(value, where)
+        return _check_device(value, where, ("auto",))
     if key in ("fp4_skip", "checkpoint_blocks"):
         return _as_names(key, value, where)
     if key == "fp4_min_features":

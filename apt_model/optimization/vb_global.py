@@ -24,8 +24,11 @@ from apt_model.optimization import engine, stats
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
-_active: _config.ResolvedConfig | None = None
-_cli_options: dict[str, Any] = {}
+_active: _config.ResolvedConfig | None = None  # the configuration in force; None: VB is off
+_explicit: dict[str, Any] = {}  # options of the last ``enable(...)`` call (the top level)
+_cli_options: dict[str, Any] = {}  # a launcher's flags (the level below explicit arguments)
+_announced: tuple | None = None  # what the last banner announced: one banner per configuration
+_banner_pending = False  # auto-enabled at import: announced when VB first acts
 
 
 def set_cli_options(**options: Any) -> None:
@@ -36,18 +39,67 @@ def set_cli_options(**options: Any) -> None:
     _cli_options.update(options)
 
 
-def enable(**options: Any) -> dict[str, Any]:
-    """Turn VB on with the given options; returns the effective configuration."""
-    global _active
-    resolved = _config.resolve(explicit={**options, "enabled": True}, cli=_cli_options)
+def _source_text(resolved: _config.ResolvedConfig) -> str:
+    """Where the mode (and, when it differs, the switch-on) came from, for the banner."""
+    sources = resolved.sources
+    text = f"{resolved.config.mode} ← {sources['mode']}"
+    if sources["enabled"] not in (sources["mode"], "argument"):
+        text += tr(f"; 启用 ← {sources['enabled']}", f"; enabled ← {sources['enabled']}")
+    return text
+
+
+def _announce() -> None:
+    """Print the banner of the configuration in force, unless it was already announced."""
+    global _announced, _banner_pending
+    _banner_pending = False
+    if _active is None or not _active.config.verbose:
+        return
+    config = _active.config
+    key = (config.mode, config.fp4_format, *(config.switch(name) for name in _config.SWITCHES))
+    if key == _announced:
+        return
+    _announced = key
+    print(tr(f"✅ 虚拟Blackwell已启用: 模式 {_source_text(_active)}",
+             f"✅ Virtual Blackwell enabled: mode {_source_text(_active)}"))
+
+
+def _activate(resolved: _config.ResolvedConfig, announce: bool) -> None:
+    global _active, _banner_pending
     _active = resolved
     if resolved.config.auto_patch:
         from apt_model.optimization import vb_autopatch
 
         vb_autopatch.install()
-    if resolved.config.verbose:
-        print(tr(f"✅ 虚拟Blackwell已启用 (模式: {resolved.config.mode})",
-                 f"✅ Virtual Blackwell enabled (mode: {resolved.config.mode})"))
+    if announce:
+        _announce()
+    else:
+        _banner_pending = True
+
+
+def configure(cli: dict[str, Any] | None = None, *, announce: bool = True) -> _config.ResolvedConfig:
+    """Resolve every level (explicit > ``cli`` > environment > `.vbrc` > defaults) and switch
+    VB on or off as the result says; a bad value anywhere raises ``VBConfigError``.
+
+    The launchers call it with their flags before any work; ``import apt_model`` calls it
+    with ``announce=False`` (the banner then comes when VB first optimizes a model).
+    """
+    global _active
+    if cli is not None:
+        set_cli_options(**cli)
+    resolved = _config.resolve(explicit=_explicit, cli=_cli_options)
+    if resolved.config.enabled:
+        _activate(resolved, announce)
+    else:
+        _active = None
+    return resolved
+
+
+def enable(**options: Any) -> dict[str, Any]:
+    """Turn VB on with the given options; returns the effective configuration."""
+    global _explicit
+    explicit = {**options, "enabled": True}
+    _activate(_config.resolve(explicit=explicit, cli=_cli_options), announce=True)
+    _explicit = explicit
     return get_config()
 
 
@@ -73,8 +125,11 @@ def enable_balanced_mode(**options: Any) -> dict[str, Any]:
 
 def disable() -> None:
     """Turn VB off: models built afterwards are plain (already optimized ones stay as they are)."""
-    global _active
+    global _active, _explicit, _announced, _banner_pending
     _active = None
+    _explicit = {}
+    _announced = None
+    _banner_pending = False
 
 
 def is_enabled() -> bool:
@@ -86,20 +141,25 @@ def active_config() -> _config.VBConfig | None:
     return _active.config if _active else None
 
 
+def _in_force() -> _config.ResolvedConfig:
+    return _active or _config.resolve(explicit=_explicit, cli=_cli_options)
+
+
 def get_config() -> dict[str, Any]:
     """The effective configuration as a dict (what VB would use if it is off)."""
-    resolved = _active or _config.resolve(cli=_cli_options)
-    out = resolved.config.to_dict()
+    out = _in_force().config.to_dict()
     out["enabled"] = is_enabled()
     return out
 
 
 def explain_config() -> dict[str, tuple[Any, str]]:
     """Each option's effective value and where it came from (argument, cli, env, .vbrc, default)."""
-    resolved = _active or _config.resolve(cli=_cli_options)
+    resolved = _in_force()
     values = resolved.config.to_dict()
-    values["enabled"] = is_enabled()
-    return {key: (values[key], resolved.sources[key]) for key in _config.OPTION_NAMES}
+    explained = {key: (values[key], resolved.sources[key]) for key in _config.OPTION_NAMES}
+    if resolved.config.enabled != is_enabled():  # switched off (or on) by a call since
+        explained["enabled"] = (is_enabled(), "argument")
+    return explained
 
 
 def optimize(model: ModelT, **options: Any) -> ModelT:
@@ -107,7 +167,9 @@ def optimize(model: ModelT, **options: Any) -> ModelT:
     if _active is not None and not options:
         cfg = _active.config
     else:
-        cfg = _config.resolve(explicit={**options, "enabled": True}, cli=_cli_options).config
+        cfg = _config.resolve(explicit={**_explicit, **options, "enabled": True}, cli=_cli_options).config
+    if _banner_pending:
+        _announce()
     engine.optimize(model, cfg)
     stats.REGISTRY.track(model)
     return model

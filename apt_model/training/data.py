@@ -106,12 +106,14 @@ class ByteCorpus:
     train: torch.Tensor
     val: torch.Tensor
     source: str
+    digest: str  # SHA-256 of all tokens (train then val), the first 16 hex digits
 
     @classmethod
     def from_text(cls, text: str, source: str, val_fraction: float = VAL_FRACTION) -> ByteCorpus:
         tokens = encode(text)
         n_val = int(len(tokens) * val_fraction)
-        return cls(train=tokens[: len(tokens) - n_val], val=tokens[len(tokens) - n_val:], source=source)
+        return cls(train=tokens[: len(tokens) - n_val], val=tokens[len(tokens) - n_val:], source=source,
+                   digest=hashlib.sha256(text.encode("utf-8")).hexdigest()[:16])
 
     @classmethod
     def load(cls, paths: Sequence[str | os.PathLike] | None = None) -> ByteCorpus:
@@ -121,10 +123,11 @@ class ByteCorpus:
         return cls.from_text(load_text(paths), source=", ".join(map(str, paths)))
 
     def fingerprint(self) -> str:
-        """A short hash of all tokens: a resumed run checks it trains on the same data."""
-        digest = hashlib.sha256(self.train.numpy().tobytes())
-        digest.update(self.val.numpy().tobytes())
-        return digest.hexdigest()[:16]
+        """A short hash of all tokens: a resumed run checks it trains on the same data.
+
+        Taken from the text's bytes when the corpus is built (no tensor-to-bytes round trip:
+        that would need numpy, which a plain ``pip install -e .`` does not bring)."""
+        return self.digest
 
     def check_fits(self, seq_len: int) -> None:
         """Both splits must hold at least one (seq_len + 1)-token window."""

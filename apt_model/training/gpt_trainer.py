@@ -1,24 +1,26 @@
-# ===== 虚拟Blackwell支持 =====
-import apt_model.optimization.vb_global as vb
-if vb.is_enabled():
-    print("✅ GPT Trainer使用虚拟Blackwell优化")
-# ===============================
+"""Training for any GPT-style causal LM whose forward takes ``input_ids``/``labels`` and returns
+an object with ``.loss`` (Hugging Face GPT-2/Llama built from a config, or APT).
 
-# ruff: noqa: I001
-# (the block above is the user's integration recipe, kept verbatim)
+The loop, schedule, checkpoints and resume are the playground trainer's; only model building
+and sampling differ, since such models need not pass through VB's autopatch nor share APT's
+``generate`` signature.
+"""
 
-# Training for any GPT-style causal LM whose forward takes ``input_ids``/``labels`` and returns
-# an object with ``.loss`` (Hugging Face GPT-2/Llama built from a config, or APT). The loop,
-# schedule, checkpoints and resume are the playground trainer's; only model building and
-# sampling differ, since such models neither pass through VB's autopatch nor share APT's
-# ``generate`` signature.
+from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from apt_model.training.trainer import SAMPLE_TEMPERATURE, SAMPLE_TOP_K, TrainConfig, Trainer, context_length
+from apt_model.optimization import vb_global as vb
+from apt_model.training.trainer import (
+    SAMPLE_TEMPERATURE,
+    SAMPLE_TOP_K,
+    TrainConfig,
+    Trainer,
+    context_length,
+)
 
 
 class GPTTrainer(Trainer):

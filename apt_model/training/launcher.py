@@ -1,8 +1,16 @@
 """Command-line launcher shared by ``training/train.py``, ``training/train_vb_apt.py`` and
 ``vb train``: flags → ``TrainConfig`` → the playground trainer.
 
+Every flag defaults to "not given". VB's flags (``--enable-vb``, ``--vb-mode``, ``--device``)
+reach VB's configuration as its CLI level: below explicit arguments, above the environment,
+``.vbrc`` and the defaults, so ``VB_MODE=memory train.py --enable-vb`` trains in memory mode.
+The training flags take the launcher's defaults on a fresh run; with ``--resume`` or
+``--resume-from`` they take the values the run was started with, and a flag given again
+must agree with them, except those in ``RESUME_MAY_CHANGE`` (the run's length and how it
+reports).
+
 Every bad input ends as a ``VBError`` (argparse's own complaints included), which
-``run_cli`` prints as one line with exit code 2.
+``run_cli`` prints as one line with exit code 2, before any work starts.
 """
 
 from __future__ import annotations
@@ -12,21 +20,27 @@ import os
 import shlex
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from pathlib import Path
+from typing import Any
 
+from apt_model.argparsing import ArgumentParser
 from apt_model.errors import VBConfigError
 from apt_model.i18n import tr
-from apt_model.modeling.apt_model import PRESETS, APTConfig
-from apt_model.training.trainer import VB_MODES, TrainConfig, train
+from apt_model.modeling.apt_model import PRESETS
+from apt_model.optimization import vb_global
+from apt_model.optimization.config import MODES
+from apt_model.training.trainer import TrainConfig, load_resume_state, train
 
 BACKENDS = ("playground",)
 TRAIN_ARGS_ENV = "APT_TRAIN_ARGS"
 # Learning rates that train each preset stably with batch 16 on bytes; larger models need less.
 PRESET_LR = {"tiny": 3e-3, "small": 1e-3, "medium": 6e-4, "large": 3e-4, "xl": 2e-4}
-
-
-def _raise_config_error(message: str) -> NoReturn:
-    raise VBConfigError(message)
+# Flags a resumed run may change: its length and how it reports (a longer run changes the
+# learning-rate schedule from the resumed step on). Every other flag must agree.
+RESUME_MAY_CHANGE = frozenset({"epochs", "max_steps", "eval_interval", "save_interval", "eval_batches",
+                               "sample_tokens", "keep_checkpoints", "progress", "device"})
+# About this invocation only: never taken from a checkpoint.
+INVOCATION = frozenset({"backend", "out_dir", "resume", "resume_from", "overwrite"})
 
 
 def with_env_args(argv: Sequence[str] | None = None) -> list[str]:
@@ -39,85 +53,93 @@ def with_env_args(argv: Sequence[str] | None = None) -> list[str]:
     return extra + list(sys.argv[1:] if argv is None else argv)
 
 
-def add_training_arguments(parser: argparse.ArgumentParser, *, preset: str = "tiny",
-                           out_prefix: str = "playground", seq_len: int = 128) -> argparse.ArgumentParser:
-    """Add every training flag except the VB ones; argparse errors become one-line VB errors."""
-    parser.error = _raise_config_error  # type: ignore[method-assign]
-    parser.set_defaults(out_prefix=out_prefix, default_seq_len=seq_len)
+def build_parser(prog: str, *, preset: str, out_prefix: str, seq_len: int) -> ArgumentParser:
+    """Every launcher flag, each defaulting to "not given" (absent from the parsed namespace)."""
+    parser = ArgumentParser(prog=prog, description=tr("训练APT模型", "train an APT model"),
+                            argument_default=argparse.SUPPRESS)
     add = parser.add_argument
-    add("--backend", default="playground", help=tr(f"训练后端: {', '.join(BACKENDS)}", f"training backend: {', '.join(BACKENDS)}"))
-    add("--config", default=preset, help=tr(f"模型预设: {', '.join(PRESETS)}", f"model preset: {', '.join(PRESETS)}"))
-    add("--epochs", type=int, default=None, help=tr("训练轮数 (默认 1)", "epochs over the training split (default 1)"))
-    add("--max-steps", type=int, default=None, help=tr("最多训练步数", "stop after this many optimizer steps"))
-    add("--batch-size", type=int, default=16, help=tr("批大小", "sequences per step"))
-    add("--seq-len", type=int, default=None, help=tr(f"每个序列预测的 token 数 (默认 {seq_len}, 不超过预设上限)",
-                                                    f"tokens predicted per sequence (default {seq_len}, capped by the preset)"))
-    add("--lr", type=float, default=None, help=tr("峰值学习率 (默认随预设)", "peak learning rate (default: by preset)"))
-    add("--warmup", type=int, default=20, help=tr("预热步数", "linear warm-up steps"))
-    add("--data", nargs="+", default=None, help=tr("文本文件或文件夹 (默认: 内置 pydoc 语料)",
-                                                  "text files or folders (default: the embedded pydoc corpus)"))
-    add("--device", default="auto", help="auto, cpu, cuda, cuda:1, npu, ...")
-    add("--out", default=None, help=tr(f"输出目录 (默认 runs/{out_prefix}-<预设>)", f"output folder (default runs/{out_prefix}-<preset>)"))
-    add("--resume", action="store_true", help=tr("从输出目录的最新检查点继续", "continue from the latest checkpoint in --out"))
-    add("--seed", type=int, default=1337, help=tr("随机种子", "random seed"))
-    add("--eval-interval", type=int, default=100, help=tr("每隔多少步验证 (0: 只在结束时)", "validate every N steps (0: only at the end)"))
-    add("--save-interval", type=int, default=100, help=tr("每隔多少步保存检查点 (0: 只在结束时)", "checkpoint every N steps (0: only at the end)"))
-    add("--eval-batches", type=int, default=8, help=tr("每次验证的批数", "batches per validation"))
-    add("--sample-tokens", type=int, default=200, help=tr("结束时生成的样本长度", "length of the sample generated at the end"))
-    add("--no-progress", action="store_true", help=tr("不显示进度条", "hide the progress bar"))
+    add("--backend", choices=BACKENDS, help=tr("训练后端", "training backend"))
+    add("--config", dest="preset", choices=list(PRESETS), help=tr(f"模型预设 (默认 {preset})", f"model preset (default {preset})"))
+    add("--epochs", type=int, help=tr("训练轮数 (默认 1)", "epochs over the training split (default 1)"))
+    add("--max-steps", type=int, help=tr("最多训练步数", "stop after this many optimizer steps"))
+    add("--batch-size", type=int, help=tr(f"批大小 (默认 {TrainConfig.batch_size})", f"sequences per step (default {TrainConfig.batch_size})"))
+    add("--seq-len", type=int, help=tr(f"每个序列预测的 token 数 (默认 {seq_len}, 不超过预设上限)",
+                                       f"tokens predicted per sequence (default {seq_len}, capped by the preset)"))
+    add("--lr", type=float, help=tr("峰值学习率 (默认随预设)", "peak learning rate (default: by preset)"))
+    add("--warmup", type=int, help=tr(f"预热步数 (默认 {TrainConfig.warmup})", f"linear warm-up steps (default {TrainConfig.warmup})"))
+    add("--data", nargs="+", help=tr("文本文件或文件夹 (默认: 内置 pydoc 语料)", "text files or folders (default: the embedded pydoc corpus)"))
+    add("--device", help=tr("auto, cpu, cuda, cuda:1, npu, ... (默认: VB_DEVICE / .vbrc, 否则 auto)",
+                            "auto, cpu, cuda, cuda:1, npu, ... (default: VB_DEVICE / .vbrc, else auto)"))
+    add("--out", dest="out_dir", help=tr(f"输出目录 (默认 runs/{out_prefix}-<预设>)", f"output folder (default runs/{out_prefix}-<preset>)"))
+    add("--resume", action="store_true", help=tr("从输出目录中最新的完好检查点继续", "continue from the newest intact checkpoint in --out"))
+    add("--resume-from", metavar="PATH", help=tr("从指定的检查点文件夹继续", "continue from this checkpoint folder"))
+    add("--overwrite", action="store_true", help=tr("输出目录已有检查点时重新开始 (旧检查点移到 checkpoints.prev)",
+                                                    "start over where --out holds checkpoints (they move to checkpoints.prev)"))
+    add("--keep-checkpoints", type=int, help=tr(f"保留最新的几个检查点 (默认 {TrainConfig.keep_checkpoints})",
+                                                f"how many of the newest checkpoints to keep (default {TrainConfig.keep_checkpoints})"))
+    add("--seed", type=int, help=tr(f"随机种子 (默认 {TrainConfig.seed})", f"random seed (default {TrainConfig.seed})"))
+    add("--eval-interval", type=int, help=tr("每隔多少步验证 (0: 只在结束时)", "validate every N steps (0: only at the end)"))
+    add("--save-interval", type=int, help=tr("每隔多少步保存检查点 (0: 只在结束时)", "checkpoint every N steps (0: only at the end)"))
+    add("--eval-batches", type=int, help=tr("每次验证的批数", "batches per validation"))
+    add("--sample-tokens", type=int, help=tr("结束时生成的样本长度", "length of the sample generated at the end"))
+    add("--no-progress", dest="progress", action="store_false", help=tr("不显示进度条", "hide the progress bar"))
+    add("--enable-vb", action="store_true", help=tr("启用虚拟Blackwell优化", "enable Virtual Blackwell"))
+    add("--vb-mode", choices=list(MODES), help=tr("VB优化模式 (默认: VB_MODE / .vbrc, 否则 balanced)",
+                                                 "VB optimization mode (default: VB_MODE / .vbrc, else balanced)"))
     return parser
 
 
-def add_vb_arguments(parser: argparse.ArgumentParser, *, enabled: bool, mode: str) -> None:
-    """``--enable-vb`` / ``--vb-mode`` for launchers other than train.py (which spells them out)."""
-    parser.add_argument("--enable-vb", action="store_true", default=enabled, help=tr("启用虚拟Blackwell优化", "enable Virtual Blackwell"))
-    parser.add_argument("--vb-mode", default=mode, choices=list(VB_MODES), help=tr("VB优化模式", "VB optimization mode"))
+def _flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    return {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Check the flags that argparse cannot and build the run's configuration."""
-    if args.backend not in BACKENDS:
-        raise VBConfigError(tr(f"未知的训练后端 {args.backend!r}; 可用: {', '.join(BACKENDS)}",
-                               f"unknown backend {args.backend!r}; available backends: {', '.join(BACKENDS)}"))
-    APTConfig.from_preset(args.config)  # unknown preset: one clear error before any work
-    return TrainConfig(
-        preset=args.config,
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len if args.seq_len is not None else min(args.default_seq_len, PRESETS[args.config]["max_seq_len"] - 1),
-        lr=args.lr if args.lr is not None else PRESET_LR[args.config],
-        warmup=args.warmup,
-        data=list(args.data or []),
-        device=args.device,
-        out_dir=args.out or os.path.join("runs", f"{args.out_prefix}-{args.config}"),
-        resume=args.resume,
-        seed=args.seed,
-        eval_interval=args.eval_interval,
-        eval_batches=args.eval_batches,
-        save_interval=args.save_interval,
-        sample_tokens=args.sample_tokens,
-        enable_vb=bool(args.enable_vb),
-        vb_mode=args.vb_mode,
-        progress=not args.no_progress,
-    )
+def fresh_settings(given: dict[str, Any], *, preset: str, out_prefix: str, seq_len: int,
+                   vb_default: bool) -> dict[str, Any]:
+    """A new run's settings: the given flags over the launcher's (preset-dependent) defaults."""
+    name = given.get("preset", preset)
+    defaults: dict[str, Any] = {
+        "preset": name,
+        "seq_len": min(seq_len, PRESETS[name]["max_seq_len"] - 1),
+        "lr": PRESET_LR[name],
+        "out_dir": os.path.join("runs", f"{out_prefix}-{name}"),
+    }
+    if vb_default:
+        defaults["enable_vb"] = True
+    return {**defaults, **given}
 
 
-def run(args: argparse.Namespace) -> int:
-    """Train with parsed flags (VB, if asked for, is already on or is switched on here)."""
-    train(config_from_args(args))
+def resumed_settings(given: dict[str, Any], saved: dict[str, Any], names: dict[str, str],
+                     checkpoint: str) -> dict[str, Any]:
+    """A resumed run's settings: the saved ones, with the flags given again checked against them."""
+    conflicts = [f"{names[key]} {value!r} ({tr('检查点', 'checkpoint')}: {saved.get(key)!r})"
+                 for key, value in given.items()
+                 if key not in RESUME_MAY_CHANGE | INVOCATION and saved.get(key) != value]
+    if conflicts:
+        raise VBConfigError(tr(
+            f"参数与要继续的训练 {checkpoint} 不一致: {'; '.join(conflicts)}; 去掉这些参数, 或用 --out 开始新的训练",
+            f"flags differ from the run being resumed ({checkpoint}): {'; '.join(conflicts)}; drop them, "
+            "or start a new run with --out"))
+    restored = {key: value for key, value in saved.items() if key not in INVOCATION}
+    out_dir = str(Path(checkpoint).parent.parent)  # where the run's checkpoints are now
+    return {**restored, "out_dir": out_dir, **given}
+
+
+def _train_config(settings: dict[str, Any]) -> TrainConfig:
+    return TrainConfig(**{k: v for k, v in settings.items() if k in TrainConfig.__dataclass_fields__})
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str = "train", vb_default: bool = False,
+         preset: str = "tiny", out_prefix: str = "playground", seq_len: int = 128) -> int:
+    """Parse ``$APT_TRAIN_ARGS`` + ``argv`` and train; VB on by default when ``vb_default``."""
+    parser = build_parser(prog, preset=preset, out_prefix=out_prefix, seq_len=seq_len)
+    given = vars(parser.parse_args(with_env_args(argv)))
+    settings = fresh_settings(given, preset=preset, out_prefix=out_prefix, seq_len=seq_len, vb_default=vb_default)
+    first = _train_config(settings)
+    first.validate()
+    vb_global.configure(first.vb_cli_options(), announce=False)  # bad VB settings stop here
+    state = None
+    if first.resume or first.resume_from:
+        state = load_resume_state(Path(first.out_dir).expanduser() / "checkpoints", first.resume_from)
+        settings = resumed_settings(given, state["train_config"], _flag_names(parser), state["path"])
+    train(_train_config(settings), resume_state=state)
     return 0
-
-
-def main(argv: Sequence[str] | None = None, *, vb_default: bool = False, preset: str = "tiny",
-         out_prefix: str = "playground", seq_len: int = 128) -> int:
-    """Parse ``$APT_TRAIN_ARGS`` + ``argv`` and train; VB on by default when ``vb_default``
-    (mode from $VB_MODE)."""
-    parser = argparse.ArgumentParser(prog="train", description=tr("训练APT模型", "train an APT model"))
-    add_training_arguments(parser, preset=preset, out_prefix=out_prefix, seq_len=seq_len)
-    mode = os.environ.get("VB_MODE", "balanced").lower() if vb_default else "balanced"
-    if mode not in VB_MODES:
-        raise VBConfigError(tr(f"$VB_MODE={mode!r} 无效; 可用: {', '.join(VB_MODES)}",
-                               f"$VB_MODE={mode!r} is invalid; valid: {', '.join(VB_MODES)}"))
-    add_vb_arguments(parser, enabled=vb_default, mode=mode)
-    return run(parser.parse_args(with_env_args(argv)))

@@ -1,53 +1,50 @@
-#!/usr/bin/env python
-# -*- coding: utf-8 -*-
+"""The in-process ("playground") trainer.
 
-# ===== 虚拟Blackwell全局启用 =====
-import os
-if os.getenv('ENABLE_VIRTUAL_BLACKWELL', '').lower() in ('1', 'true'):
-    import apt_model.optimization.vb_autopatch
-    import apt_model.optimization.vb_global as vb
-    vb.enable_balanced_mode()
-    print("✅ 虚拟Blackwell已自动启用")
-# ===================================
+AdamW + warmup/cosine, the user's plain loop (``loss = model(x, labels=x).loss;
+loss.backward(); optimizer.step(); zero_grad``), a tqdm bar, held-out validation, a generated
+sample, a JSON-lines log, atomic checkpoints and bit-exact resume. Virtual Blackwell needs no
+change to that loop: models built while it is on come out optimized (autopatch), so the model
+is built only after the run's VB configuration is resolved and switched on.
 
-import torch
-# ... 其他导入
+Progress is not lost: SIGINT (Ctrl-C) and SIGTERM finish the step in flight, save a
+checkpoint and exit (130 / 143); ``--resume`` continues from the newest intact checkpoint.
+"""
 
-# ruff: noqa: F401, I001, UP009
-# (the block above is the user's integration recipe, kept verbatim; hence these exemptions)
+from __future__ import annotations
 
-# The in-process ("playground") trainer: AdamW + warmup/cosine, the user's plain loop
-# (``loss = model(x, labels=x).loss; loss.backward(); optimizer.step(); zero_grad``), a tqdm
-# bar, held-out validation, a generated sample, atomic checkpoints and bit-exact resume.
-# Virtual Blackwell needs no change to that loop: models built while it is on come out
-# optimized (autopatch), so the model is built only after VB is switched on.
-
+import contextlib
 import json
 import math
+import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from tqdm import tqdm
 
 from apt_model import accelerator
-from apt_model.errors import VBConfigError, VBDataError
+from apt_model.errors import VBConfigError, VBDataError, VBInterrupted
 from apt_model.i18n import tr
 from apt_model.modeling.apt_model import APTConfig, APTModel
+from apt_model.optimization import config as vb_config
 from apt_model.optimization import vb_global
-from apt_model.training.checkpoint import load_checkpoint, save_checkpoint
+from apt_model.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from apt_model.training.data import VOCAB_SIZE, ByteCorpus, decode
+from apt_model.training.run_log import (
+    LOG_NAME,
+    PLOT_NAME,
+    RunLog,
+    missing_matplotlib_message,
+    plot_log,
+)
 
-# The seed's block pins balanced mode; an explicit VB_MODE (full/speed/memory) must still win.
-_env_enabled = os.getenv("ENABLE_VIRTUAL_BLACKWELL", "").lower() in ("1", "true")
-if _env_enabled and os.getenv("VB_MODE", "").lower() not in ("", "balanced"):
-    vb_global.enable()
-
-VB_MODES = ("full", "speed", "memory", "balanced")
 SAMPLE_PROMPT_BYTES = 32
 SAMPLE_TEMPERATURE = 0.8
 SAMPLE_TOP_K = 40
@@ -68,9 +65,11 @@ class TrainConfig:
     warmup: int = 20  # linear warm-up steps
     grad_clip: float = 1.0  # 0 disables clipping
     data: list[str] = field(default_factory=list)  # empty: the embedded pydoc corpus
-    device: str = "auto"
+    device: str | None = None  # None: VB's ``device`` option (VB_DEVICE, .vbrc, else auto)
     out_dir: str = "runs/playground-tiny"
-    resume: bool = False
+    resume: bool = False  # continue from the newest intact checkpoint under out_dir
+    resume_from: str | None = None  # continue from this checkpoint folder
+    overwrite: bool = False  # a fresh run may set aside out_dir's earlier checkpoints
     seed: int = 1337
     eval_interval: int = 100  # 0: validate only at the end
     eval_batches: int = 8
@@ -78,8 +77,8 @@ class TrainConfig:
     save_interval: int = 100  # 0: checkpoint only at the end
     keep_checkpoints: int = 2
     sample_tokens: int = 200
-    enable_vb: bool = False
-    vb_mode: str = "balanced"
+    enable_vb: bool | None = None  # the launcher's --enable-vb (None: not given)
+    vb_mode: str | None = None  # the launcher's --vb-mode (None: not given)
     progress: bool = True  # the tqdm bar
 
     def validate(self) -> None:
@@ -99,9 +98,13 @@ class TrainConfig:
                             ("min_lr_ratio", self.min_lr_ratio)):
             if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
                 raise VBConfigError(tr(f"{name} 取值无效: {value!r}", f"invalid {name}: {value!r}"))
-        if self.vb_mode not in VB_MODES:
-            raise VBConfigError(tr(f"未知的VB模式 {self.vb_mode!r}; 可用: {', '.join(VB_MODES)}",
-                                   f"unknown VB mode {self.vb_mode!r}; valid: {', '.join(VB_MODES)}"))
+        for key, value in self.vb_cli_options().items():
+            vb_config.validate_option(key, value, "cli")
+
+    def vb_cli_options(self) -> dict[str, Any]:
+        """The VB options this run gives at the CLI level (the flags that were given)."""
+        options = {"enabled": self.enable_vb, "mode": self.vb_mode, "device": self.device}
+        return {key: value for key, value in options.items() if value is not None}
 
     def total_steps(self, steps_per_epoch: int) -> int:
         by_epochs = (self.epochs or 1) * steps_per_epoch
@@ -128,16 +131,8 @@ class TrainResult:
     peak_memory_bytes: int
     vb_enabled: bool
     vb_stats: dict[str, Any] | None
-
-
-def enable_vb(mode: str) -> None:
-    """Switch VB on in ``mode`` unless it already runs in that mode (no second banner)."""
-    active = vb_global.active_config()
-    if active is not None and active.mode == mode:
-        return
-    enablers = {"full": vb_global.enable_full_optimization, "speed": vb_global.enable_speed_mode,
-                "memory": vb_global.enable_memory_mode, "balanced": vb_global.enable_balanced_mode}
-    enablers[mode]()
+    log: str  # the JSON-lines log of every step and validation
+    plot: str | None  # the loss curve (PNG), None without matplotlib
 
 
 def context_length(model: nn.Module) -> int | None:
@@ -177,11 +172,16 @@ def _process_rss() -> int | None:
         return None
 
 
+def memory_bytes(device: torch.device) -> int | None:
+    """Device memory held by tensors now; on the CPU the process's resident memory."""
+    return accelerator.memory_allocated(device) if device.type != "cpu" else _process_rss()
+
+
 def memory_text(device: torch.device) -> str:
-    if device.type != "cpu":
-        return _fmt_bytes(accelerator.memory_allocated(device))
-    rss = _process_rss()
-    return "-" if rss is None else "rss " + _fmt_bytes(rss)
+    used = memory_bytes(device)
+    if used is None:
+        return "-"
+    return _fmt_bytes(used) if device.type != "cpu" else "rss " + _fmt_bytes(used)
 
 
 def prepare_out_dir(path: str | os.PathLike) -> Path:
@@ -198,19 +198,111 @@ def prepare_out_dir(path: str | os.PathLike) -> Path:
     return out
 
 
-def set_aside_checkpoints(ckpt_root: Path) -> None:
-    """A fresh run moves older checkpoints to ``checkpoints.prev`` (one generation kept), so
-    a later ``--resume`` cannot continue someone else's run by mistake."""
-    if not ckpt_root.exists():
+def start_fresh(out: Path, ckpt_root: Path, overwrite: bool) -> None:
+    """A fresh run never takes over an earlier run's checkpoints silently.
+
+    If ``ckpt_root`` holds checkpoints: without ``overwrite`` that is an error saying how to
+    go on (``--resume``, ``--overwrite`` or another ``--out``); with it they move to
+    ``checkpoints.prev`` (and the log to ``train_log.prev.jsonl``), replacing the ones an
+    earlier ``--overwrite`` set aside there.
+    """
+    latest = latest_checkpoint(ckpt_root)
+    if latest is None:
         return
     previous = ckpt_root.with_name(ckpt_root.name + ".prev")
+    if not overwrite:
+        raise VBConfigError(tr(
+            f"{ckpt_root} 中已有一次训练的检查点 (最新: {latest.name}): 用 --resume 继续, 用 --overwrite "
+            f"重新开始 (旧检查点移到 {previous}), 或用 --out 换一个目录",
+            f"{ckpt_root} already holds a run's checkpoints (latest: {latest.name}): continue it with "
+            f"--resume, start over with --overwrite (they move to {previous}), or pick another --out"))
     shutil.rmtree(previous, ignore_errors=True)
     try:
         os.replace(ckpt_root, previous)
+        log = out / LOG_NAME
+        if log.exists():
+            os.replace(log, log.with_suffix(".prev.jsonl"))
     except OSError as exc:
         raise VBDataError(tr(f"无法移走旧检查点 {ckpt_root}: {exc.strerror}",
                              f"cannot move old checkpoints {ckpt_root} aside: {exc.strerror}")) from None
-    print(tr(f"新的训练: 旧检查点已移到 {previous}", f"fresh run: old checkpoints moved to {previous}"))
+    print(tr(f"--overwrite: 旧检查点 (最新 {latest.name}) 已移到 {previous}",
+             f"--overwrite: the earlier checkpoints (latest {latest.name}) moved to {previous}"))
+
+
+def load_resume_state(ckpt_root: Path, resume_from: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The checkpoint a resumed run continues from: ``resume_from`` (one checkpoint folder,
+    verified), else the newest intact one under ``ckpt_root``; says which, and which newer
+    ones were passed over and why."""
+    state = load_checkpoint(resume_from if resume_from is not None else ckpt_root)
+    for folder, reason in state.get("skipped", ()):
+        print(tr(f"跳过损坏的检查点 {folder}: {reason}", f"skipping damaged checkpoint {folder}: {reason}"))
+    print(tr(f"从 {state['path']} (第 {state['step']} 步) 继续", f"resuming from {state['path']} (step {state['step']})"))
+    return state
+
+
+def _vb_text(vb: dict[str, Any] | None) -> str:
+    return tr(f"模式 {vb['mode']}", f"mode {vb['mode']}") if vb else tr("关闭", "off")
+
+
+def check_same_vb(state: dict[str, Any]) -> None:
+    """A resumed run trains with the VB the checkpoint was trained with (on/off and mode)."""
+    saved = state.get("vb_config")
+    now = vb_global.get_config() if vb_global.is_enabled() else None
+    if (saved and saved["mode"]) != (now and now["mode"]):
+        raise VBConfigError(tr(
+            f"检查点 {state['path']} 训练时虚拟Blackwell为{_vb_text(saved)}, 现在为{_vb_text(now)}; "
+            "请用相同的 --enable-vb/--vb-mode, VB_MODE 或 .vbrc 继续",
+            f"checkpoint {state['path']} was trained with Virtual Blackwell {_vb_text(saved)}, now it is "
+            f"{_vb_text(now)}; resume with the same --enable-vb/--vb-mode, VB_MODE or .vbrc"))
+
+
+@dataclass
+class _StopRequest:
+    """The termination signal received during training, if any."""
+
+    signum: int | None = None
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Any:
+    """Turn SIGINT/SIGTERM into a request the loop honours after the step in flight (a
+    second signal stops at once). Only the main thread can take signals; elsewhere the
+    request never comes."""
+    request = _StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        if request.signum is not None:
+            raise KeyboardInterrupt
+        request.signum = signum
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _mismatch_detail(model: nn.Module, saved: dict[str, torch.Tensor]) -> str:
+    """Which tensors differ between ``model`` and a saved state_dict, in one short line."""
+    own = model.state_dict()
+
+    def listed(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (f" (+{len(names) - 3})" if len(names) > 3 else "")
+
+    parts = []
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    shapes = [f"{k} {list(saved[k].shape)}≠{list(own[k].shape)}" for k in own
+              if k in saved and saved[k].shape != own[k].shape]
+    for label, names in ((tr("缺少", "missing"), missing), (tr("多余", "unexpected"), unexpected),
+                         (tr("形状不同", "shape differs"), shapes)):
+        if names:
+            parts.append(f"{label}: {listed(names)}")
+    return "; ".join(parts)
 
 
 def _json_safe(value: Any) -> Any:
@@ -237,9 +329,11 @@ class Trainer:
     resume) starts from the same place and VB's autopatch applies to it.
     """
 
-    def __init__(self, cfg: TrainConfig, model_factory: Callable[[], nn.Module] | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, model_factory: Callable[[], nn.Module] | None = None,
+                 resume_state: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.model_factory = model_factory or self._apt_factory
+        self.resume_state = resume_state  # already loaded by the launcher (``load_resume_state``)
 
     def _apt_factory(self) -> nn.Module:
         return APTModel(APTConfig.from_preset(self.cfg.preset))
@@ -317,15 +411,21 @@ class Trainer:
 
     def _restore(self, state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
                  generator: torch.Generator, device: torch.device) -> None:
-        try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
+        saved_preset = state["train_config"].get("preset")
+        detail = _mismatch_detail(model, state["model"])
+        if saved_preset != self.cfg.preset or state.get("model_class") != type(model).__name__ or detail:
             raise VBConfigError(tr(
-                f"检查点 {state['path']} 与当前模型不匹配 ({state.get('model_class')}, 预设 "
-                f"{state['train_config'].get('preset')}): {str(exc).splitlines()[0]}",
-                f"checkpoint {state['path']} does not match this model ({state.get('model_class')}, preset "
-                f"{state['train_config'].get('preset')}): {str(exc).splitlines()[0]}")) from None
+                f"检查点 {state['path']} 保存的是 {state.get('model_class')} (预设 {saved_preset}), 本次训练构建 "
+                f"{type(model).__name__} (预设 {self.cfg.preset})" + (f": {detail}" if detail else ""),
+                f"checkpoint {state['path']} holds {state.get('model_class')} (preset {saved_preset}); this run "
+                f"builds {type(model).__name__} (preset {self.cfg.preset})" + (f": {detail}" if detail else "")))
+        model.load_state_dict(state["model"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise VBConfigError(tr(f"检查点 {state['path']} 的优化器状态与本模型不符: {exc}",
+                                   f"the optimizer state in checkpoint {state['path']} does not fit this model: "
+                                   f"{exc}")) from None
         torch.set_rng_state(state["rng"]["torch"])
         _set_device_rng_states(device, state["rng"]["device"])
         generator.set_state(state["rng"]["data"])
@@ -333,17 +433,20 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg = self.cfg
         cfg.validate()
-        device = accelerator.resolve_device(cfg.device)
+        vb_settings = vb_global.configure(cfg.vb_cli_options())  # bad settings stop here
+        device = accelerator.resolve_device(vb_settings.config.device)
         out = prepare_out_dir(cfg.out_dir)
         ckpt_root = out / "checkpoints"
         corpus = ByteCorpus.load(cfg.data)
         corpus.check_fits(cfg.seq_len)
-        if cfg.enable_vb:
-            enable_vb(cfg.vb_mode)
 
-        resumed = load_checkpoint(ckpt_root) if cfg.resume else None
+        resumed = self.resume_state
+        if resumed is None and (cfg.resume or cfg.resume_from):
+            resumed = load_resume_state(ckpt_root, cfg.resume_from)
         if resumed is None:
-            set_aside_checkpoints(ckpt_root)
+            start_fresh(out, ckpt_root, cfg.overwrite)
+        else:
+            check_same_vb(resumed)
 
         torch.manual_seed(cfg.seed)
         model = self.build_model().to(device)
@@ -376,11 +479,12 @@ class Trainer:
         started = time.perf_counter()
         bar = tqdm(total=total, initial=start, disable=not cfg.progress, dynamic_ncols=True,
                    desc=tr("训练", "train"), unit=tr("步", "step"))
-        try:
+        with stop_on_signals() as stop, contextlib.closing(bar), RunLog(out / LOG_NAME, start) as log:
             for step in range(start, total):
                 tick = time.perf_counter()
+                lr = lr_at(step, total, cfg)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, total, cfg)
+                    group["lr"] = lr
                 x = corpus.get_batch("train", cfg.batch_size, cfg.seq_len, generator).to(device)
                 loss = model(x, labels=x).loss
                 loss.backward()
@@ -394,23 +498,32 @@ class Trainer:
                 if not math.isfinite(losses[-1]):
                     raise VBConfigError(tr(f"训练在第 {done} 步发散 (loss={losses[-1]}); 请降低 --lr",
                                            f"training diverged at step {done} (loss={losses[-1]}); lower --lr"))
+                tokens_per_s = (done - start) * tokens_per_step / max(train_time, 1e-9)
+                log.write({"step": done, "loss": losses[-1], "lr": lr, "tokens_per_s": tokens_per_s,
+                           "memory_bytes": memory_bytes(device), "epoch": done / steps_per_epoch,
+                           "time_s": time.perf_counter() - started})
                 bar.update(1)
                 if done % cfg.log_interval == 0 or done == total:
                     recent = losses[-cfg.log_interval:]
                     bar.set_postfix_str(
                         f"epoch {done / steps_per_epoch:.2f} loss {sum(recent) / len(recent):.3f} "
-                        f"{(done - start) * tokens_per_step / max(train_time, 1e-9):,.0f} tok/s "
-                        f"mem {memory_text(device)}")
+                        f"{tokens_per_s:,.0f} tok/s mem {memory_text(device)}")
                 if cfg.eval_interval and done % cfg.eval_interval == 0 and done < total:
                     val = self.evaluate(model, corpus, device)
+                    log.write({"step": done, "val_loss": val})
                     bar.write(tr(f"第 {done} 步: 验证损失 {val:.4f}", f"step {done}: val loss {val:.4f}"))
+                if stop.signum is not None and done < total:
+                    path = save(done)
+                    raise VBInterrupted(stop.signum, tr(
+                        f"收到 {signal.Signals(stop.signum).name}: 第 {done} 步的检查点已保存到 {path}; 用 --resume 继续",
+                        f"{signal.Signals(stop.signum).name} received: the checkpoint of step {done} is saved in "
+                        f"{path}; continue with --resume"))
                 if cfg.save_interval and done % cfg.save_interval == 0 and done < total:
                     save(done)
-        finally:
-            bar.close()
-
-        val_loss = self.evaluate(model, corpus, device)
-        checkpoint = save(len(losses))
+            val_loss = self.evaluate(model, corpus, device)
+            log.write({"step": len(losses), "val_loss": val_loss})
+            checkpoint = save(len(losses))
+        plot = plot_log(log.path, out / PLOT_NAME)
         sample = self.sample(model, corpus, device)
         steps_run = max(0, total - start)
         recent = losses[-cfg.log_interval:] or [float("nan")]
@@ -429,6 +542,8 @@ class Trainer:
             peak_memory_bytes=accelerator.max_memory_allocated(device),
             vb_enabled=vb_on,
             vb_stats=vb_global.get_stats() if vb_on else None,
+            log=str(log.path),
+            plot=None if plot is None else str(plot),
         )
         self._report(result)
         return result
@@ -452,12 +567,17 @@ class Trainer:
             f"done: {r.steps} steps ({r.epochs:.2f} epochs), train loss {first}{r.final_loss:.4f}, val loss "
             f"{r.val_loss:.4f}, {r.tokens_per_sec:,.0f} tokens/s, {r.elapsed_s:.1f} s"))
         print(tr(f"检查点: {r.checkpoint}", f"checkpoint: {r.checkpoint}"))
+        print(tr(f"日志: {r.log}", f"log: {r.log}"))
+        print(tr(f"损失曲线: {r.plot}", f"loss curve: {r.plot}") if r.plot else missing_matplotlib_message(r.log))
+        print(tr(f"生成文本: vb generate {Path(r.checkpoint).parent.parent} --prompt \"...\"",
+                 f"generate text: vb generate {Path(r.checkpoint).parent.parent} --prompt \"...\""))
         print(tr("样本:", "sample:"))
         print(r.sample)
         if r.vb_enabled:
             vb_global.print_stats()
 
 
-def train(cfg: TrainConfig, model_factory: Callable[[], nn.Module] | None = None) -> TrainResult:
+def train(cfg: TrainConfig, model_factory: Callable[[], nn.Module] | None = None,
+          resume_state: dict[str, Any] | None = None) -> TrainResult:
     """Run one training job (see ``Trainer``)."""
-    return Trainer(cfg, model_factory).run()
+    return Trainer(cfg, model_factory, resume_state).run()
