@@ -1,18 +1,25 @@
-"""The ``vb`` command: ``vb info`` (device, capabilities, memory, effective configuration)
-and ``vb train`` (the training launcher)."""
+"""The ``vb`` command: ``vb info`` (device, capabilities, memory, effective configuration),
+``vb train`` (the training launcher), ``vb generate`` (text from a trained APT checkpoint)
+and ``vb plot`` (a training log's loss curve)."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from apt_model import accelerator
-from apt_model.errors import run_cli
+from apt_model.errors import VBConfigError, VBDataError, run_cli
 from apt_model.i18n import tr
 from apt_model.optimization import vb_global
+
+if TYPE_CHECKING:
+    from apt_model.modeling.apt_model import APTModel
 
 
 def _gib(n: int) -> str:
@@ -53,6 +60,99 @@ def info(device_name: str | None) -> str:
     return "\n".join(lines)
 
 
+APT_CLASSES = ("APTModel", "APTLargeModel")
+DEFAULT_PROMPT = "The "
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run's output folder, a checkpoint root or one ``ckpt-XXXXXXXX`` folder → the
+    checkpoint folder to read (the root's latest). Raises ``VBDataError`` when there is none."""
+    from apt_model.training.checkpoint import META_FILE, latest_checkpoint
+
+    given = Path(path).expanduser()
+    if not given.exists():
+        raise VBDataError(tr(f"检查点路径不存在: {given}", f"checkpoint path does not exist: {given}"))
+    if (given / META_FILE).is_file():
+        return given
+    root = given / "checkpoints" if (given / "checkpoints").is_dir() else given
+    folder = latest_checkpoint(root)
+    if folder is None:
+        raise VBDataError(tr(
+            f"{given} 中没有检查点 (应为训练输出目录、其 checkpoints/ 目录或某个 ckpt-XXXXXXXX 目录)",
+            f"no checkpoint in {given} (give a run's output folder, its checkpoints/ folder or a "
+            "ckpt-XXXXXXXX folder)"))
+    return folder
+
+
+def load_apt_model(path: str | Path, device: torch.device) -> APTModel:
+    """The APT model saved in the checkpoint at ``path`` (see ``resolve_checkpoint``), with
+    its weights, in eval mode on ``device``. Raises ``VBConfigError`` for a checkpoint of
+    another model class or whose weights do not fit its recorded configuration."""
+    from apt_model.modeling.apt_model import APTConfig, APTLargeModel, APTModel
+    from apt_model.training.checkpoint import load_checkpoint
+
+    state = load_checkpoint(resolve_checkpoint(path))
+    model_class = state.get("model_class")
+    if model_class not in APT_CLASSES or not isinstance(state.get("model_config"), dict):
+        raise VBConfigError(tr(
+            f"vb generate 只支持 APT 模型的检查点 ({', '.join(APT_CLASSES)}); {state['path']} 中是 {model_class}",
+            f"vb generate supports only APT checkpoints ({', '.join(APT_CLASSES)}); {state['path']} holds "
+            f"{model_class}"))
+    try:
+        config = APTConfig(**state["model_config"])
+        model = (APTLargeModel if model_class == "APTLargeModel" else APTModel)(config)
+        model.load_state_dict(state["model"])
+    except (TypeError, RuntimeError) as exc:
+        raise VBConfigError(tr(f"检查点 {state['path']} 的权重与其模型配置不符: {str(exc).splitlines()[0]}",
+                               f"checkpoint {state['path']} does not match its model configuration: "
+                               f"{str(exc).splitlines()[0]}")) from None
+    return model.to(device).eval()
+
+
+def generate(args: argparse.Namespace) -> str:
+    """The text of ``vb generate``: the prompt and the model's continuation."""
+    from apt_model.training.data import decode, encode
+
+    if args.max_new_tokens < 0:
+        raise VBConfigError(tr(f"--max-new-tokens 不能为负, 得到 {args.max_new_tokens}",
+                               f"--max-new-tokens must not be negative, got {args.max_new_tokens}"))
+    if not math.isfinite(args.temperature) or args.temperature <= 0:
+        raise VBConfigError(tr(f"--temperature 必须为正数, 得到 {args.temperature} (不采样请用 --greedy)",
+                               f"--temperature must be positive, got {args.temperature} (--greedy does not sample)"))
+    if args.top_k < 0:
+        raise VBConfigError(tr(f"--top-k 不能为负, 得到 {args.top_k}", f"--top-k must not be negative, got {args.top_k}"))
+    if not args.prompt:
+        raise VBConfigError(tr("--prompt 不能为空", "--prompt must not be empty"))
+    prompt = encode(args.prompt).long()
+    device = accelerator.resolve_device(args.device)
+    model = load_apt_model(args.checkpoint, device)
+    limit = model.config.max_seq_len
+    if prompt.numel() + args.max_new_tokens > limit:
+        raise VBConfigError(tr(
+            f"提示 ({prompt.numel()} 字节) + --max-new-tokens {args.max_new_tokens} 超过模型的上下文 {limit}; "
+            f"最多 {max(0, limit - prompt.numel())} 个新 token",
+            f"the prompt ({prompt.numel()} bytes) + --max-new-tokens {args.max_new_tokens} exceeds the model's "
+            f"context of {limit}; at most {max(0, limit - prompt.numel())} new tokens fit"))
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    tokens = model.generate(prompt[None].to(device), max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_k=args.top_k or None,
+                            do_sample=not args.greedy, generator=generator)
+    return decode(tokens[0].cpu())
+
+
+def plot(log: str, out: str | None) -> Path:
+    """Draw the loss curve of ``log`` (a ``train_log.jsonl`` or the run folder holding it)."""
+    from apt_model.training.run_log import LOG_NAME, missing_matplotlib_message, plot_log
+
+    log_path = Path(log).expanduser()
+    if log_path.is_dir():
+        log_path = log_path / LOG_NAME
+    png = plot_log(log_path, out)
+    if png is None:
+        raise VBConfigError(missing_matplotlib_message())
+    return png
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vb", description=tr("虚拟Blackwell命令行", "Virtual Blackwell command line"))
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +160,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_info.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1, npu, ...")
     sub.add_parser("train", help=tr("训练APT模型（同 training/train.py）", "train an APT model (as training/train.py)"),
                    add_help=False)
+    p_gen = sub.add_parser("generate", help=tr("用训练好的 APT 检查点生成文本", "generate text from a trained APT checkpoint"))
+    p_gen.add_argument("checkpoint", help=tr("训练输出目录、其 checkpoints/ 目录或某个 ckpt-XXXXXXXX 目录",
+                                             "a run's output folder, its checkpoints/ folder or a ckpt-XXXXXXXX folder"))
+    p_gen.add_argument("--prompt", default=DEFAULT_PROMPT,
+                       help=tr("开头的文本 (默认 %(default)r)", "the text to continue (default %(default)r)"))
+    p_gen.add_argument("--max-new-tokens", type=int, default=200,
+                       help=tr("生成的字节数 (默认 %(default)s)", "bytes to generate (default %(default)s)"))
+    p_gen.add_argument("--temperature", type=float, default=0.8,
+                       help=tr("采样温度 (默认 %(default)s)", "sampling temperature (default %(default)s)"))
+    p_gen.add_argument("--top-k", type=int, default=40,
+                       help=tr("只从概率最高的 k 个中采样, 0 表示不限 (默认 %(default)s)",
+                               "sample among the k likeliest bytes only, 0 for all (default %(default)s)"))
+    p_gen.add_argument("--greedy", action="store_true",
+                       help=tr("每步取概率最高者 (不采样)", "always take the likeliest byte (no sampling)"))
+    p_gen.add_argument("--seed", type=int, default=1337, help=tr("采样种子 (默认 %(default)s)",
+                                                                 "sampling seed (default %(default)s)"))
+    p_gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, npu, ...")
+    p_plot = sub.add_parser("plot", help=tr("画训练日志的损失曲线 (需要 matplotlib)",
+                                            "draw a training log's loss curve (needs matplotlib)"))
+    p_plot.add_argument("log", help=tr("train_log.jsonl 或包含它的训练输出目录",
+                                       "a train_log.jsonl, or the run's output folder holding it"))
+    p_plot.add_argument("--out", default=None, help=tr("PNG 路径 (默认: 日志旁的 loss.png)",
+                                                        "the PNG to write (default: loss.png beside the log)"))
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":
         from apt_model.training.launcher import main as train_main
@@ -67,7 +190,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(train_main(rest) or 0)
     if rest:
         parser.error(tr(f"未知参数: {' '.join(rest)}", f"unrecognized arguments: {' '.join(rest)}"))
-    print(info(args.device))
+    if args.command == "generate":
+        print(generate(args))
+    elif args.command == "plot":
+        png = plot(args.log, args.out)
+        print(tr(f"损失曲线: {png}", f"loss curve: {png}"))
+    else:
+        print(info(args.device))
     return 0
 
 
