@@ -3,10 +3,11 @@ module to a model and reports what it changed."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
+from apt_model.errors import VBConfigError
 from apt_model.i18n import tr
 from apt_model.optimization.attention import use_fused_attention, use_fused_loss
 from apt_model.optimization.checkpointing import apply_checkpointing
@@ -15,6 +16,7 @@ from apt_model.optimization.fp4_linear import FP4Linear, convert_to_fp4
 from apt_model.optimization.precision import apply_autocast
 
 REPORT_ATTR = "_vb_report"
+_COMPARED_SWITCHES = ("fp4", "fused_attention", "fused_loss", "mixed_precision", "gradient_checkpointing")
 
 
 @dataclass
@@ -29,6 +31,8 @@ class OptimizationReport:
     attention_fused: int
     fused_losses: int
     checkpointed_blocks: int
+    switches: dict[str, bool | str] = field(default_factory=dict)
+    """The effective switches it was optimized with (see ``effective_switches``)."""
 
     @property
     def linears_optimized(self) -> int:
@@ -39,11 +43,40 @@ def _count_linears(model: nn.Module) -> int:
     return sum(isinstance(m, (nn.Linear, FP4Linear)) for m in model.modules())
 
 
+def effective_switches(config: VBConfig) -> dict[str, bool | str]:
+    """The switches that decide what ``optimize`` does, plus the FP4 format when FP4 is on."""
+    switches: dict[str, bool | str] = {name: config.switch(name) for name in _COMPARED_SWITCHES}
+    if switches["fp4"]:
+        switches["fp4_format"] = config.fp4_format
+    return switches
+
+
+def _reoptimize_error(existing: OptimizationReport, config: VBConfig,
+                      asked: dict[str, bool | str]) -> VBConfigError:
+    changed = ", ".join(f"{name}: {existing.switches.get(name, '-')} → {asked.get(name, '-')}"
+                        for name in (*_COMPARED_SWITCHES, "fp4_format")
+                        if existing.switches.get(name) != asked.get(name))
+    detail = f" ({changed})" if changed else ""
+    return VBConfigError(tr(
+        f"此模型已按模式 '{existing.mode}' 优化，不能再按模式 '{config.mode}'{detail} 优化；"
+        "请在VB切换到新模式后重新构建模型（从其配置或检查点）",
+        f"this model is already optimized in mode '{existing.mode}' and cannot be optimized again "
+        f"in mode '{config.mode}'{detail}; build the model again (from its config or checkpoint) "
+        "with VB in the new mode"))
+
+
 def optimize(model: nn.Module, config: VBConfig) -> OptimizationReport:
-    """Apply the optimizations ``config`` switches on; a model is optimized at most once."""
+    """Apply the optimizations ``config`` switches on; a model is optimized at most once.
+
+    Asking again with the same mode and effective switches returns the stored report (no
+    second banner); asking for anything else raises ``VBConfigError``.
+    """
+    switches = effective_switches(config)
     existing = getattr(model, REPORT_ATTR, None)
     if existing is not None:
-        return existing
+        if existing.mode == config.mode and existing.switches == switches:
+            return existing
+        raise _reoptimize_error(existing, config, switches)
     fp4_layers = []
     if config.switch("fp4"):
         fp4_layers = convert_to_fp4(model, config.fp4_format, config.fp4_skip, config.fp4_min_features)
@@ -63,6 +96,7 @@ def optimize(model: nn.Module, config: VBConfig) -> OptimizationReport:
         attention_fused=attention,
         fused_losses=fused_losses,
         checkpointed_blocks=len(blocks),
+        switches=switches,
     )
     object.__setattr__(model, REPORT_ATTR, report)
     if config.verbose:
