@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "train":
         from apt_model.training.launcher import main as train_main
 
-        return int(train_main(rest) or 0)
+        return int(train_main(rest, prog="vb train") or 0)
     if rest:
         parser.error(tr(f"未知参数: {' '.join(rest)}", f"unrecognized arguments: {' '.join(rest)}"))
     if args.command == "generate":

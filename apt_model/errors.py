@@ -32,15 +32,9 @@ class VBInterrupted(VBError):
         self.exit_code = 128 + signum
 
 
-_reported: set[str] = set()
-
-
 def report(exc: VBError) -> None:
-    """Print an error as one line on stderr, once (the package import may have reported it)."""
-    line = tr("错误: ", "error: ") + str(exc)
-    if line not in _reported:
-        _reported.add(line)
-        print(line, file=sys.stderr)
+    """Print an error as one line on stderr."""
+    print(tr("错误: ", "error: ") + str(exc), file=sys.stderr)
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:

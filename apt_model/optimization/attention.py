@@ -49,7 +49,7 @@ def _register_hf_implementation() -> bool:
 def _switch_hf_model(model: nn.Module) -> int:
     target = HF_IMPLEMENTATION if _register_hf_implementation() else "sdpa"
     for name in (target, "sdpa"):
-        if model.config._attn_implementation in (HF_IMPLEMENTATION, "sdpa"):
+        if model.config._attn_implementation in (target, name):
             break
         with contextlib.suppress(ValueError, ImportError, AttributeError, KeyError):
             model.set_attn_implementation(name)

@@ -198,13 +198,13 @@ def prepare_out_dir(path: str | os.PathLike) -> Path:
     return out
 
 
-def start_fresh(out: Path, ckpt_root: Path, overwrite: bool) -> None:
+def start_fresh(ckpt_root: Path, overwrite: bool) -> None:
     """A fresh run never takes over an earlier run's checkpoints silently.
 
     If ``ckpt_root`` holds checkpoints: without ``overwrite`` that is an error saying how to
     go on (``--resume``, ``--overwrite`` or another ``--out``); with it they move to
-    ``checkpoints.prev`` (and the log to ``train_log.prev.jsonl``), replacing the ones an
-    earlier ``--overwrite`` set aside there.
+    ``checkpoints.prev``, replacing the ones an earlier ``--overwrite`` set aside there (the
+    run log moves to ``train_log.prev.jsonl`` when the new run opens it, see ``RunLog``).
     """
     latest = latest_checkpoint(ckpt_root)
     if latest is None:
@@ -219,9 +219,6 @@ def start_fresh(out: Path, ckpt_root: Path, overwrite: bool) -> None:
     shutil.rmtree(previous, ignore_errors=True)
     try:
         os.replace(ckpt_root, previous)
-        log = out / LOG_NAME
-        if log.exists():
-            os.replace(log, log.with_suffix(".prev.jsonl"))
     except OSError as exc:
         raise VBDataError(tr(f"无法移走旧检查点 {ckpt_root}: {exc.strerror}",
                              f"cannot move old checkpoints {ckpt_root} aside: {exc.strerror}")) from None
@@ -444,7 +441,7 @@ class Trainer:
         if resumed is None and (cfg.resume or cfg.resume_from):
             resumed = load_resume_state(ckpt_root, cfg.resume_from)
         if resumed is None:
-            start_fresh(out, ckpt_root, cfg.overwrite)
+            start_fresh(ckpt_root, cfg.overwrite)
         else:
             check_same_vb(resumed)
 
