@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import pytest
 import torch.nn.functional as F
 
@@ -39,3 +42,18 @@ def sdpa_calls(monkeypatch: pytest.MonkeyPatch) -> list:
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     return calls
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 1 MiB tmpfs, unmounted afterwards."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command here to make a small tmpfs (CI runs this test as root)")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a 1 MiB tmpfs here ({proc.stderr.strip()}); CI runs this test as root")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)

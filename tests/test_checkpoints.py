@@ -7,7 +7,6 @@ import hashlib
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -273,21 +272,6 @@ def test_human_bytes():
 
 
 # ---- a real small file system (needs root to mount; CI runs as root) -----------------------
-
-
-@pytest.fixture
-def small_fs(tmp_path):
-    """A 1 MiB tmpfs, unmounted afterwards."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command here to make a small tmpfs (CI runs this test as root)")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a 1 MiB tmpfs here ({proc.stderr.strip()}); CI runs this test as root")
-    yield mount_point
-    subprocess.run(["umount", str(mount_point)], check=True)
 
 
 def test_real_small_disk_refuses_a_checkpoint_that_cannot_fit(small_fs):

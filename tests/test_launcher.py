@@ -348,3 +348,11 @@ def test_vb_verbose_0_silences_every_banner(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "✅" not in proc.stdout and "✓" not in proc.stdout
     assert load_checkpoint(tmp_path / "run" / "checkpoints")["vb_config"]["mode"] == "balanced"
+
+
+def test_a_full_disk_stops_the_run_with_the_space_needed(small_fs, capsys):
+    """A run whose checkpoint does not fit: one line naming the path and the space, exit 2."""
+    rc = train("--max-steps", "2", "--save-interval", "1", "--out", str(small_fs / "run"))
+    line = one_error_line(capsys.readouterr().err)
+    assert rc == 2 and str(small_fs / "run" / "checkpoints" / "ckpt-00000001") in line
+    assert re.search(r"not enough disk space \(needs \d+\.\d MiB, \d+\.\d KiB free\)", line), line
