@@ -21,7 +21,7 @@ from apt_model.modeling import (
     KVCache,
     decoding,
 )
-from apt_model.modeling.apt_model import StaticKVCache, StaticLayerKVCache
+from apt_model.modeling.kv_cache import StaticKVCache, StaticLayerKVCache
 
 IMPLS = ["eager", "sdpa"]
 

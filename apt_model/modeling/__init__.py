@@ -8,11 +8,10 @@ from apt_model.modeling.apt_model import (
     APTLargeModel,
     APTModel,
     APTOutput,
-    KVCache,
-    LayerKVCache,
     RMSNorm,
     SwiGLU,
 )
+from apt_model.modeling.kv_cache import KVCache, LayerKVCache, StaticKVCache
 
 __all__ = [
     "PRESETS",
@@ -25,5 +24,6 @@ __all__ = [
     "KVCache",
     "LayerKVCache",
     "RMSNorm",
+    "StaticKVCache",
     "SwiGLU",
 ]

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from apt_model.i18n import tr
-from apt_model.modeling.apt_model import KVCache, StaticKVCache
+from apt_model.modeling.kv_cache import KVCache, StaticKVCache
 
 MAX_DECODERS_PER_MODEL = 4  # shapes kept per model; each holds its cache and graph memory
 WARMUP_STEPS = 2  # eager steps before capture: lazy initialisation, FP4 packing, cuBLAS

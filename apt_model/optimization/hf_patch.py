@@ -24,6 +24,8 @@ from importlib.machinery import ModuleSpec
 from types import FrameType, ModuleType
 from typing import Any
 
+from apt_model.optimization.autopatch import building, hand_over
+
 _TARGET = "transformers.modeling_utils"
 _BUILDERS = ("from_pretrained", "_from_config")
 
@@ -46,8 +48,6 @@ def _wrap(build: Callable[..., Any], base: type) -> classmethod:
 
     @functools.wraps(build)
     def builder(cls: type, *args: Any, **kwargs: Any) -> Any:
-        from apt_model.optimization.vb_autopatch import building, hand_over
-
         with building() as outermost:
             model = build(cls, *args, **kwargs)
         if outermost and not _inside_hf_constructor(sys._getframe(1), base):

@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 from torch import nn
 
 from apt_model.i18n import tr
+from apt_model.optimization import autopatch, engine, hf_patch, stats
 from apt_model.optimization import config as _config
-from apt_model.optimization import engine, stats
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -67,9 +67,7 @@ def _activate(resolved: _config.ResolvedConfig, announce: bool) -> None:
     global _active, _banner_pending
     _active = resolved
     if resolved.config.auto_patch:
-        from apt_model.optimization import vb_autopatch
-
-        vb_autopatch.install()
+        install_patches()
     if announce:
         _announce()
     else:
@@ -177,9 +175,23 @@ def optimize(model: ModelT, **options: Any) -> ModelT:
 
 def register_model_class(cls: type[nn.Module]) -> type[nn.Module]:
     """Make instances of ``cls`` built while VB is on come out optimized (usable as a decorator)."""
-    from apt_model.optimization import vb_autopatch
+    return autopatch.register(cls)
 
-    return vb_autopatch.register(cls)
+
+def install_patches() -> None:
+    """Patch the APT classes and arm the Hugging Face builders' hook (safe to call again)."""
+    autopatch.install()
+    hf_patch.install()
+
+
+def _on_model_built(model: nn.Module) -> None:
+    """A patched constructor built ``model``: optimize it when VB is on with ``auto_patch``."""
+    config = active_config()
+    if config is not None and config.auto_patch:
+        optimize(model)
+
+
+autopatch.set_handler(_on_model_built)
 
 
 def get_stats() -> dict[str, Any]:
@@ -196,14 +208,14 @@ def freeze_fp4(model: nn.Module) -> int:
 
     Returns how many layers were frozen; the model is put in eval mode.
     """
-    from apt_model.optimization.fp4_linear import freeze_fp4 as _freeze
+    from apt_model.fp4.layer import freeze_fp4 as _freeze
 
     return _freeze(model)
 
 
 def save_fp4(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``model`` as one packed FP4 safetensors file (atomic); returns its path."""
-    from apt_model.formats.checkpoint import save_fp4_checkpoint
+    from apt_model.fp4.packed_checkpoint import save_fp4_checkpoint
 
     return save_fp4_checkpoint(model, path)
 
@@ -211,7 +223,7 @@ def save_fp4(model: nn.Module, path: str | os.PathLike) -> Path:
 def load_fp4(path: str | os.PathLike, model: ModelT | None = None) -> ModelT | nn.Module:
     """Load a packed FP4 checkpoint (into ``model``, or into the APT model it records);
     ``get_stats`` counts the loaded model."""
-    from apt_model.formats.checkpoint import load_fp4_checkpoint
+    from apt_model.fp4.packed_checkpoint import load_fp4_checkpoint
 
     loaded = load_fp4_checkpoint(path, model)
     stats.REGISTRY.track(loaded)
