@@ -11,7 +11,7 @@ Variants (each in a fresh subprocess, the same seeded model built on the card):
   bf16             model.to(bfloat16), SDPA, ``generate(static_cache=True, cuda_graph=True)``
   vb-speed         ``vb.enable_speed_mode()`` before the model is built; the same ``generate``
                    call; FP4 layers use whatever inference path ``FP4Linear`` has
-  vb-speed-frozen  the same + ``fp4_linear.freeze_fp4(model)`` (fp32 masters dropped), where
+  vb-speed-frozen  the same + ``vb.freeze_fp4(model)`` (fp32 masters dropped), where
                    that function exists
   bf16-compiled / vb-speed-compiled
                    bf16 / vb-speed-frozen with ``generate(..., compile_step=True)``: the step
@@ -48,16 +48,14 @@ def _tensor_bytes(model: torch.nn.Module) -> int:
 
 
 def run_variant(args: argparse.Namespace) -> dict:
+    import apt_model.optimization.vb_global as vb
     from apt_model.modeling.apt_model import APTConfig, APTModel
-    from apt_model.optimization import fp4_linear
 
     variant = args.variant
     device = torch.device("cuda")
-    if variant in ("vb-speed-frozen", "vb-speed-compiled") and not hasattr(fp4_linear, "freeze_fp4"):
-        return {"variant": variant, "skipped": "apt_model.optimization.fp4_linear.freeze_fp4 does not exist"}
+    if variant in ("vb-speed-frozen", "vb-speed-compiled") and not hasattr(vb, "freeze_fp4"):
+        return {"variant": variant, "skipped": "vb.freeze_fp4 does not exist"}
     if variant.startswith("vb-"):
-        import apt_model.optimization.vb_global as vb
-
         vb.enable_speed_mode(verbose=False)
     config = APTConfig.from_preset(args.preset, vocab_size=args.vocab)
     torch.manual_seed(0)
@@ -67,7 +65,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         model.to(torch.bfloat16)
         model.set_attn_implementation("sdpa")
     if variant in ("vb-speed-frozen", "vb-speed-compiled"):
-        fp4_linear.freeze_fp4(model)
+        vb.freeze_fp4(model)
     model.eval()
     torch.cuda.synchronize()
     allocated_after_build = torch.cuda.memory_allocated(device)

@@ -5,7 +5,8 @@
 Rows per (layer K -> N, M activation rows), all timed in the same process:
   bf16-cublas        F.linear with the bf16 weight (the speed to beat)
   dequant+cublas     the reference path: dequantize the whole weight to bf16, then F.linear
-  ours-nvfp4/mxfp4   apt_model.ops.fp4_linear (fused Triton kernels, autotuned)
+  ours-nvfp4/mxfp4   apt_model.fp4.fp4_linear (fused Triton kernels, autotuned; each row
+                     records the kernel and config run, from apt_model.fp4.kernel_plan.plan)
   torchao-nvfp4      torchao NVFP4WeightOnlyConfig, eager and torch.compile'd (if importable)
   bnb-fp4            bitsandbytes Linear4bit(quant_type="fp4") (if importable)
 Times are ``triton.testing.do_bench`` medians (it flushes L2 before every call), with the
@@ -26,9 +27,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-from apt_model.formats.fp4 import quantize_fp4
-from apt_model.ops import fp4_linear, fp4_linear_reference
-from apt_model.ops import triton_fp4 as tf
+from apt_model.fp4.format import quantize_fp4
+from apt_model.fp4.kernel_plan import chosen_large_kernels, plan
+from apt_model.fp4.ops import fp4_linear, fp4_linear_reference
+
+try:
+    import triton
+except ImportError:  # smoke runs on a machine without Triton
+    triton = None
 
 
 def _bench(fn, inputs, rep_ms: int) -> float:
@@ -49,7 +55,7 @@ def _bench(fn, inputs, rep_ms: int) -> float:
     return do_bench(call, warmup=max(10, rep_ms // 4), rep=rep_ms, return_mode="median")
 
 
-def _bench_graph(fn, inputs, reps: int = 20) -> float:
+def bench_graph(fn, inputs, reps: int = 20) -> float:
     """Median ms per call from CUDA-graph replays, without launch gaps (what decode with
     CUDA graphs sees). Each call follows an L2 flush inside the graph; a graph of the
     flushes alone is timed the same way and subtracted."""
@@ -141,7 +147,7 @@ def main() -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev),
         "torch": torch.__version__,
-        "triton": getattr(tf.triton, "__version__", None), "python": platform.python_version(),
+        "triton": getattr(triton, "__version__", None), "python": platform.python_version(),
         "command": " ".join(sys.argv),
     }
     print(json.dumps(meta))
@@ -205,24 +211,22 @@ def main() -> int:
                 if dev.type == "cuda" and m <= args.graph_max_m:
                     try:
                         with torch.no_grad():
-                            row["graph_ms"] = _bench_graph(fn, inputs)
+                            row["graph_ms"] = bench_graph(fn, inputs)
                     except Exception as exc:  # noqa: BLE001 - not every baseline captures
                         notes[f"{name} {k}->{n} M={m} graph"] = f"{type(exc).__name__}: {exc}"
                 if name.startswith("ours-"):
                     q = qs[name[5:]]
                     nbytes = q.nbytes() + (m * k + m * n) * 2
                     row["gb_s"] = nbytes / ms / 1e6
-                    kernel = tf.kernel_for(m)
-                    if kernel == "large":
-                        kernel = next((v for key, v in tf.LARGE_CHOICE.items()
-                                       if key[1:4] == (n, k, 1 << (m - 1).bit_length())
-                                       and key[5] == q.scales.dtype), "chunked")
-                    tuned = {"gemv": tf._gemv_tuned, "small": tf._small_tuned,
-                             "gemm": tf._gemm_tuned}.get(kernel)
-                    cfg = getattr(tuned, "best_config", None)
-                    if kernel == "small" and m <= tf.DECODE_PINNED_M:
-                        cfg = tf.SMALL_CONFIGS[0]
-                    row["kernel"] = kernel
+                    # what ran: the plan (the large-M kernel is measured by now), and the
+                    # autotuner's pick where the plan leaves the config open
+                    ran = plan(m, n, k, device=dev, dtype=inputs[0].dtype, fmt=name[5:])
+                    cfg = ran.config
+                    if cfg is None and ran.kernel in ("gemv", "small", "gemm"):
+                        from apt_model.fp4.triton_matmul import autotuned_config
+
+                        cfg = autotuned_config(ran.kernel)
+                    row["kernel"] = ran.kernel
                     row["config"] = str(cfg) if cfg is not None else None
                 rows.append(row)
                 print(f"{k}->{n} M={m:5d} {name:24s} {ms:8.4f} ms  {row['tflops']:7.1f} TFLOP/s"
@@ -246,7 +250,7 @@ def main() -> int:
               f"{r['tflops']:.1f} | {gbs} | {rel} |")
     if args.json:
         with open(args.json, "w") as f:
-            choice = {str(key): v for key, v in tf.LARGE_CHOICE.items()}
+            choice = {str(key): v for key, v in chosen_large_kernels().items()}
             json.dump(dict(meta=meta, rows=rows, checks=checks, notes=notes,
                            large_choice=choice), f, indent=1)
     bad = [c for c in checks if not c["rel_err"] <= 1e-2]

@@ -28,8 +28,8 @@ from torch import nn
 
 import apt_model.optimization.vb_global as vb
 from apt_model import accelerator
+from apt_model.fp4.layer import FP4Linear
 from apt_model.modeling.apt_model import APTConfig, APTModel
-from apt_model.optimization.fp4_linear import FP4Linear
 from apt_model.training.data import ByteCorpus
 from apt_model.training.trainer import TrainConfig, Trainer, TrainResult
 

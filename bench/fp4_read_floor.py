@@ -6,7 +6,8 @@ A GEMV over a packed weight cannot beat reading the weight once. This times, in 
   copy-1GiB / copy-layer   a device-to-device copy (bytes read + written), the card's ceiling
   read-<tiling>            a Triton kernel that reads the layer's packed words and scales
                            with the GEMV's tilings and only XORs them (no decode, no FMAs)
-  gemv                     the real GEMV (``fp4_matmul(kernel="gemv")``, autotuned)
+  gemv                     the real GEMV (``fp4_matmul`` with its default plan for one row:
+                           the "gemv" kernel, autotuned)
 All by CUDA-graph replay with the L2 flushed before each call (``bench/fp4_linear.py``'s
 method), so launch gaps do not count. The gap between ``gemv`` and the best ``read`` row is
 what decoding and arithmetic cost over the bytes.
@@ -21,10 +22,11 @@ import platform
 import sys
 
 import torch
-from fp4_linear import _bench_graph  # bench/ is on the path when this runs as a script
+from fp4_linear import bench_graph  # bench/ is on the path when this runs as a script
 
-from apt_model.formats.fp4 import quantize_fp4
-from apt_model.ops import triton_fp4 as tf
+from apt_model.fp4.format import quantize_fp4
+from apt_model.fp4.kernel_plan import plan
+from apt_model.fp4.triton_matmul import fp4_matmul
 
 try:
     import triton
@@ -49,7 +51,7 @@ if triton is not None:
 
 def _graph_ms(fn, reps: int = 20) -> float:
     """Median ms per call by CUDA-graph replay, L2 flushed inside the graph, flushes removed."""
-    return _bench_graph(lambda _x: fn(), [torch.empty(1, device="cuda")], reps)
+    return bench_graph(lambda _x: fn(), [torch.empty(1, device="cuda")], reps)
 
 
 def main() -> int:
@@ -63,7 +65,8 @@ def main() -> int:
         return 1
     k, n = (int(v) for v in args.shape.split("x"))
     q = quantize_fp4(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02, args.fmt)
-    words, scales = tf._as_words(q.packed), q.scales.view(torch.uint8)
+    # quantize_fp4's packed bytes are contiguous rows of a whole number of int32 words
+    words, scales = q.packed.view(torch.int32), q.scales.view(torch.uint8)
     layer_bytes = words.numel() * 4 + scales.numel()
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     rows = []
@@ -88,7 +91,8 @@ def main() -> int:
             lambda g=grid, bn=block_n, b=bkw, s=spb, w=warps: _read_kernel[g](
                 words, scales, out, words.shape[1], words.stride(0), scales.stride(0),
                 BLOCK_N=bn, BKW=b, SPB=s, num_warps=w)), layer_bytes)
-    record("gemv", _graph_ms(lambda: tf.fp4_matmul(x, q.packed, q.scales, q.tensor_scale, k)),
+    assert plan(1, n, k, fmt=args.fmt).kernel == "gemv"
+    record("gemv", _graph_ms(lambda: fp4_matmul(x, q.packed, q.scales, q.tensor_scale, k)),
            layer_bytes)
     if args.json:
         meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

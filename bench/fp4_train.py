@@ -24,7 +24,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from apt_model.optimization import fp4_linear as fl
+from apt_model.fp4 import layer as fl
 
 
 def _step(fn, x, grad_out):
@@ -64,7 +64,7 @@ def main() -> int:
         def ref(x, w=w, b=b, fmt=fmt):
             os.environ["APT_FP4_TRITON"] = "0"
             try:
-                return F.linear(x, fl._QuantizeStraightThrough.apply(w, fmt, x.dtype), b)
+                return F.linear(x, fl.straight_through_fp4(w, fmt, x.dtype), b)
             finally:
                 os.environ.pop("APT_FP4_TRITON")
 
@@ -72,8 +72,8 @@ def main() -> int:
             "bf16-linear": lambda x, lin=lin: lin(x),
             "ref-fakequant": ref,
             "triton-fakequant": lambda x, w=w, b=b, fmt=fmt: F.linear(
-                x, fl._QuantizeStraightThrough.apply(w, fmt, x.dtype), b),
-            "fused": lambda x, w=w, b=b, fmt=fmt: fl._FusedFP4LinearTrain.apply(x, w, b, fmt),
+                x, fl.straight_through_fp4(w, fmt, x.dtype), b),
+            "fused": lambda x, w=w, b=b, fmt=fmt: fl.fused_training_linear(x, w, b, fmt),
             "auto": layer,
         }
         for m in (int(v) for v in args.m.split(",")):

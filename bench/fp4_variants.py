@@ -2,10 +2,11 @@
 
     python bench/fp4_variants.py --json variants.json
 
-Each row pins one kernel of ``apt_model.ops.triton_fp4.fp4_matmul`` ("gemv", "small",
-"gemm" with a config, or "chunked" with a slice size), checks it against fp64 on the
-timing input, then times it (``triton.testing.do_bench`` median, L2 flushed before each
-call), next to bf16 cuBLAS on the same input.
+Each row pins one kernel of ``apt_model.fp4.triton_matmul.fp4_matmul`` through a
+``KernelPlan`` ("gemv", "small", "gemm" with a config, or "chunked" with a slice size, with
+or without overlap; ``apt_model.fp4.kernel_plan.plan`` says what runs by default), checks it
+against fp64 on the timing input, then times it (``triton.testing.do_bench`` median, L2
+flushed before each call), next to bf16 cuBLAS on the same input.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from apt_model.formats.fp4 import quantize_fp4
-from apt_model.ops import triton_fp4 as tf
+from apt_model.fp4.format import quantize_fp4
+from apt_model.fp4.kernel_plan import KernelPlan
+from apt_model.fp4.triton_matmul import fp4_matmul
 
 
 def _c(bn, bk, w, st, pf, **kw):
@@ -87,11 +89,11 @@ def main() -> int:
                     try:
                         out = torch.full((m, n), float("nan"), device=dev, dtype=x.dtype)
 
-                        def run(x=x, q=q, k=k, kern=kern, cfg=cfg, rows_=rows_, ov=overlap,
-                                out=out):
-                            return tf.fp4_matmul(x, q.packed, q.scales, q.tensor_scale, k,
-                                                 kernel=kern, config=cfg, chunk_rows=rows_,
-                                                 overlap=ov, out=out)
+                        plan = KernelPlan(kern, config=cfg, chunk_rows=rows_, overlap=overlap)
+
+                        def run(x=x, q=q, k=k, plan=plan, out=out):
+                            return fp4_matmul(x, q.packed, q.scales, q.tensor_scale, k,
+                                              plan=plan, out=out)
 
                         run()
                         err = ((out.double() - ref).norm() / ref.norm()).item()

@@ -671,7 +671,7 @@ def test_graph_fingerprint_sees_what_a_replay_would_miss() -> None:
 
 def test_static_generate_after_weights_change_and_with_vb_modes() -> None:
     import apt_model.optimization.vb_global as vb
-    from apt_model.optimization import fp4_linear
+    from apt_model.fp4 import layer as fp4_linear
 
     model = tiny().eval()
     prompt = ids(batch=2, length=6)

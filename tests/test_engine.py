@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import apt_model.optimization.vb_global as vb
-from apt_model.formats.fp4 import fake_quantize_fp4, fp4_nbytes
+from apt_model.fp4.format import fake_quantize_fp4, fp4_nbytes
+from apt_model.fp4.layer import FP4Linear
 from apt_model.modeling.apt_model import APTConfig, APTLargeModel, APTModel
-from apt_model.optimization.fp4_linear import FP4Linear
 from apt_model.optimization.wrapping import wrapped_tags
 
 CFG = APTConfig.from_preset("tiny", n_layers=2, max_seq_len=64)
@@ -172,7 +172,7 @@ def test_fp4_training_uses_quantized_weights_with_straight_through_gradients(fmt
 def test_fp4_fused_training_path_gives_the_fake_quantized_gradients(fmt, monkeypatch):
     """The few-rows path (packed weight, fused kernels on CUDA; the reference ops here) gives
     the same loss and gradients as the fake-quantized path."""
-    import apt_model.optimization.fp4_linear as fl
+    import apt_model.fp4.layer as fl
 
     x = batch(5, b=2, t=8)  # 16 rows: within FUSED_TRAIN_MAX_ROWS
     assert x.numel() <= fl.FUSED_TRAIN_MAX_ROWS
@@ -212,7 +212,7 @@ def test_fp4_master_weights_are_the_optimizers_parameters_and_learn():
 
 
 def test_fp4_inference_uses_the_packed_weight_and_repacks_after_updates(monkeypatch):
-    import apt_model.optimization.fp4_linear as fl
+    import apt_model.fp4.layer as fl
 
     model = build(mode="speed").eval()
     layer = next(m for m in model.modules() if isinstance(m, FP4Linear))

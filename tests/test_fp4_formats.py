@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apt_model.errors import VBConfigError
-from apt_model.formats import (
+from apt_model.fp4.format import (
     E2M1_VALUES,
     FP4_FORMATS,
     MXFP4_BLOCK,
@@ -183,13 +183,13 @@ def test_e2m1_encode_matches_torchao_on_random_bit_patterns(torchao_mx):
 @pytest.mark.parametrize("variant", ["_round_by_magic_add", "_round_by_bucket"])
 def test_fast_rounding_equals_encode_decode_on_random_bit_patterns(variant):
     """Both fake-quantization rounding kernels (CPU and CUDA) must agree with the code path."""
-    from apt_model.formats import fp4
+    from apt_model.fp4 import format as fp4_format
 
     bits = torch.randint(-(2**31), 2**31 - 1, (1 << 18,), generator=_gen(18), dtype=torch.int32)
     grid = torch.linspace(-8, 8, 4097)  # every tie and every E2M1 value, both signs
     y = torch.cat([bits.view(torch.float32), grid, torch.tensor([math.inf, -math.inf, -0.0])])
     y = y[~torch.isnan(y)]
-    fast = getattr(fp4, variant)(y.abs()).copysign_(y)
+    fast = getattr(fp4_format, variant)(y.abs()).copysign_(y)
     assert _same_bits(fast, e2m1_decode(e2m1_encode(y)))
 
 
@@ -516,3 +516,21 @@ def test_fake_quantize_with_nan_and_no_autograd(fmt):
         assert torch.isnan(fq).all()
     else:
         assert torch.isnan(fq[0, :32]).all() and not torch.isnan(fq[1:]).any()
+
+
+def test_the_fp4_package_names_resolve_lazily():
+    """``apt_model.fp4`` imports its modules on first use of a name; every public name
+    resolves to the object its module defines."""
+    import importlib
+
+    import apt_model.fp4 as fp4_package
+
+    for name in fp4_package.__all__:
+        value = getattr(fp4_package, name)
+        module = getattr(value, "__module__", "apt_model.fp4.format")  # FP4_FORMATS: a tuple
+        assert module.startswith("apt_model.fp4."), (name, module)
+        assert getattr(importlib.import_module(module), name) is value, name
+    assert fp4_package.FP4_FORMATS == FP4_FORMATS == ("nvfp4", "mxfp4")
+    assert fp4_package.quantize_fp4 is quantize_fp4
+    with pytest.raises(AttributeError):
+        fp4_package.no_such_name  # noqa: B018

@@ -1,4 +1,5 @@
-"""fp4_linear: the reference path, the custom op's tracing, and (on CUDA) the Triton kernels.
+"""fp4_linear: the reference path, the custom op's tracing, the kernel plan, and (on CUDA) the
+Triton kernels, each pinned through a ``KernelPlan``.
 
 Every comparison is against fp64 ``x @ dequant(W)^T (+ bias)`` on fresh random inputs, by
 relative error ||out - ref|| / ||ref||.
@@ -14,10 +15,16 @@ import textwrap
 import pytest
 import torch
 
-from apt_model.formats.fp4 import quantize_fp4
-from apt_model.ops import fp4_linear, fp4_linear_reference, triton_available
-from apt_model.ops import triton_fp4 as tf
-from apt_model.ops.fp4_matmul import _FMT_CODES, _tensor_scale_arg
+from apt_model.fp4.format import FP4_FORMATS, quantize_fp4
+from apt_model.fp4.kernel_plan import (
+    DECODE_PINNED_M,
+    KernelPlan,
+    candidate_configs,
+    chosen_large_kernels,
+    fixed_config,
+    plan,
+)
+from apt_model.fp4.ops import fp4_linear, fp4_linear_reference, triton_available
 
 FORMATS = ("nvfp4", "mxfp4")
 CUDA = torch.cuda.is_available()
@@ -79,17 +86,73 @@ def test_fp4_linear_checks_features():
 
 def test_triton_not_used_off_cuda():
     assert not triton_available("cpu")
-    assert tf.kernel_for(1) == "gemv" and tf.kernel_for(16) == "small"
-    assert tf.kernel_for(4096) == "large"
+
+
+def test_importing_the_package_and_running_the_ops_off_cuda_imports_no_kernels():
+    script = textwrap.dedent("""
+        import sys, torch
+        import apt_model, apt_model.fp4, apt_model.fp4.format
+        from apt_model.fp4 import FP4Linear, fp4_linear, plan, quantize_fp4
+        w = quantize_fp4(torch.randn(8, 32), "nvfp4")
+        fp4_linear(torch.randn(2, 32), w)
+        FP4Linear(torch.nn.Linear(32, 8))(torch.randn(2, 32)).sum().backward()
+        plan(4096, 8, 32)
+        # the kernel modules are the package's only way to Triton (torch may import it itself)
+        print(sorted(m for m in sys.modules if m.startswith("apt_model.fp4.triton_")))
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_plan_names_the_default_kernel_and_fixed_config(monkeypatch):
+    monkeypatch.setenv("APT_FP4_AUTOTUNE", "1")
+    small = candidate_configs("small")[0]
+    assert plan(1, 4096, 4096) == KernelPlan("gemv")
+    assert plan(2, 4096, 4096) == KernelPlan("small", config=small)
+    assert plan(DECODE_PINNED_M, 4096, 4096).config == small
+    assert plan(DECODE_PINNED_M + 1, 4096, 4096) == KernelPlan("small")
+    assert plan(64, 4096, 4096).kernel == "small" and plan(65, 4096, 4096).kernel != "small"
+    big = plan(4096, 28672, 8192, device="cpu")
+    assert big == KernelPlan("large")  # measured at the first call on a GPU
+    assert plan(4096, 28672, 8192, device="cpu", dtype=torch.float32) == KernelPlan(
+        "gemm", config=None)
+    monkeypatch.setenv("APT_FP4_LARGE_KERNEL", "chunked")
+    assert plan(4096, 28672, 8192, device="cpu").kernel == "chunked"
+    monkeypatch.delenv("APT_FP4_LARGE_KERNEL")
+    monkeypatch.setenv("APT_FP4_AUTOTUNE", "0")  # every kernel runs its first config
+    assert plan(1, 4096, 4096).config == candidate_configs("gemv")[0]
+    assert plan(40, 4096, 4096).config == small
+    assert plan(4096, 28672, 8192, device="cpu") == KernelPlan("chunked")
+    assert fixed_config("gemm", 4096) == candidate_configs("gemm")[0]
+    assert isinstance(chosen_large_kernels(), dict)
+
+
+def test_kernel_plan_checks_its_fields():
+    with pytest.raises(ValueError, match="unknown FP4 kernel"):
+        KernelPlan("fast")
+    with pytest.raises(ValueError, match="split_k"):
+        KernelPlan("gemv", split_k=0)
+    configs = candidate_configs("gemm")
+    configs[0]["BLOCK_M"] = 1  # a copy
+    assert candidate_configs("gemm")[0]["BLOCK_M"] != 1
+    assert candidate_configs("chunked") == []
 
 
 # --------------------------------------------------------------------------- the custom op
 
 
+def _args(x, w, b):
+    """The ``apt_model::fp4_linear`` arguments of ``fp4_linear(x, w, b)``: the format as its
+    index in FP4_FORMATS, MXFP4's missing tensor scale as an empty fp32 tensor."""
+    ts = w.tensor_scale if w.tensor_scale is not None else torch.empty(0, device=x.device)
+    return (x, w.packed, w.scales, ts, FP4_FORMATS.index(w.fmt), w.shape[-1], b)
+
+
 def _op_args(fmt, device="cpu", bias=True):
     x, w, b = _problem(3, 16, 64, fmt, torch.float32, device, bias=bias)
-    ts = w.tensor_scale if w.tensor_scale is not None else torch.empty(0, device=device)
-    return (x, w.packed, w.scales, ts, 0 if fmt == "nvfp4" else 1, 64, b), w
+    return _args(x, w, b), w
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -147,7 +210,7 @@ def test_backward_matches_reference():
 def test_training_ops_opcheck(fmt):
     """The quantize, fake-quantize and input-gradient ops: schema, fake kernels, tracing."""
     w = torch.randn(16, 40)
-    code = 0 if fmt == "nvfp4" else 1
+    code = FP4_FORMATS.index(fmt)
     utils = ["test_schema", "test_autograd_registration", "test_faketensor",
              "test_aot_dispatch_dynamic"]
     if fmt == "nvfp4":
@@ -163,8 +226,8 @@ def test_training_ops_opcheck(fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_training_ops_match_the_reference(fmt):
-    from apt_model.formats.fp4 import fake_quantize_fp4
-    from apt_model.ops import fp4_fake_quantize, fp4_grad_input, fp4_quantize
+    from apt_model.fp4.format import fake_quantize_fp4
+    from apt_model.fp4.ops import fp4_fake_quantize, fp4_grad_input, fp4_quantize
 
     w = torch.randn(24, 200)
     q, r = fp4_quantize(w, fmt), quantize_fp4(w, fmt)
@@ -186,8 +249,9 @@ def test_triton_kernels_in_interpreter():
     """The kernels' tiling, masks and split-K on CPU (the pure-Triton decode; no PTX)."""
     script = textwrap.dedent("""
         import torch
-        from apt_model.formats.fp4 import quantize_fp4
-        from apt_model.ops import triton_fp4 as tf
+        from apt_model.fp4.format import quantize_fp4
+        from apt_model.fp4.kernel_plan import KernelPlan
+        from apt_model.fp4.triton_matmul import fp4_grad_input, fp4_matmul
         cases = [("gemv", dict(BLOCK_N=16, BLOCK_K=64), 1, None),
                  ("gemv", dict(BLOCK_N=16, BLOCK_K=64), 1, 3),
                  ("small", dict(BLOCK_N=32, BLOCK_K=64, GROUP_M=1, SWAP=True), 3, None),
@@ -200,15 +264,15 @@ def test_triton_kernels_in_interpreter():
                     w = quantize_fp4(torch.randn(40, k), fmt)
                     x = torch.randn(m, k).bfloat16()
                     b = torch.randn(40).bfloat16()
-                    out = tf.fp4_matmul(x, w.packed, w.scales, w.tensor_scale, k, b,
-                                        kernel=kernel, config=cfg, split_k=split, chunk_rows=16)
+                    plan = KernelPlan(kernel, config=cfg, split_k=split, chunk_rows=16)
+                    out = fp4_matmul(x, w.packed, w.scales, w.tensor_scale, k, b, plan=plan)
                     ref = x.double() @ w.dequantize(torch.float64).T + b.double()
                     err = ((out.double() - ref).norm() / ref.norm()).item()
                     assert err < 1e-2, (fmt, kernel, m, k, split, err)
             for m, split in ((1, None), (17, 3)):
                 w = quantize_fp4(torch.randn(300, 200), fmt)
                 g = torch.randn(m, 300).bfloat16()
-                out = tf.fp4_grad_input(g, w.packed, w.scales, w.tensor_scale, 200, split_n=split)
+                out = fp4_grad_input(g, w.packed, w.scales, w.tensor_scale, 200, split_n=split)
                 ref = g.double() @ w.dequantize(torch.float64)
                 err = ((out.double() - ref).norm() / ref.norm()).item()
                 assert err < 1e-2, (fmt, "grad_input", m, split, err)
@@ -236,10 +300,19 @@ def _captured(run):
     return graph, out
 
 
-def _run_poisoned(x, w, b, **kw):
+def _matmul(x, w, b=None, **plan):
+    """The Triton launcher on ``w``'s tensors; ``plan`` fields pin a kernel and variant."""
+    from apt_model.fp4.triton_matmul import fp4_matmul
+
+    out = plan.pop("out", None)
+    return fp4_matmul(x, w.packed, w.scales, w.tensor_scale, w.shape[-1], b, out=out,
+                      plan=KernelPlan(**plan) if plan else None)
+
+
+def _run_poisoned(x, w, b, **plan):
     """The Triton path writing into a NaN-filled output, so unwritten elements show up."""
     out = torch.full((x.shape[0], w.shape[0]), float("nan"), dtype=x.dtype, device=x.device)
-    tf.fp4_matmul(x, w.packed, w.scales, w.tensor_scale, w.shape[-1], b, out=out, **kw)
+    _matmul(x, w, b, out=out, **plan)
     return out
 
 
@@ -278,11 +351,11 @@ def test_gemv_activation_magnitudes(fmt, dtype):
 def test_gemv_inf_and_nan_propagate():
     x, w, _ = _problem(1, 64, 512, "nvfp4", torch.bfloat16, "cuda", bias=False)
     x[0, 37] = float("inf")
-    out = tf.fp4_matmul(x, w.packed, w.scales, w.tensor_scale, 512, kernel="gemv")
+    out = _matmul(x, w, kernel="gemv")
     ref = x.double() @ w.dequantize(torch.float64).T
     assert torch.equal(torch.isinf(out), torch.isinf(ref)) and torch.equal(out.isnan(), ref.isnan())
     x[0, 37] = float("nan")
-    assert tf.fp4_matmul(x, w.packed, w.scales, w.tensor_scale, 512, kernel="gemv").isnan().all()
+    assert _matmul(x, w, kernel="gemv").isnan().all()
 
 
 @needs_triton
@@ -290,7 +363,7 @@ def test_gemv_replays_in_a_cuda_graph():
     """Two launches (x prepared, then the GEMV; programmatic dependent launch on sm90+)
     inside one captured graph give the eager result for new inputs."""
     x, w, b = _problem(1, 2048, 1024, "nvfp4", torch.bfloat16, "cuda")
-    run = lambda: tf.fp4_matmul(x, w.packed, w.scales, w.tensor_scale, 1024, b)  # noqa: E731
+    run = lambda: _matmul(x, w, b)  # noqa: E731
     run()
     graph, out = _captured(run)
     for _ in range(3):
@@ -313,18 +386,34 @@ def test_triton_other_dtypes(fmt, dtype, m):
 
 @needs_triton
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("kernel,configs", [
-    ("gemv", "GEMV_CONFIGS"), ("small", "SMALL_CONFIGS"), ("gemm", "GEMM_CONFIGS")])
-def test_every_autotune_config(fmt, kernel, configs):
+@pytest.mark.parametrize("kernel", ["gemv", "small", "gemm"])
+def test_every_autotune_config(fmt, kernel):
     """Any config the autotuner may pick is correct (tails in N and K included)."""
     seed = _seed()
     m = {"gemv": 1, "small": 9, "gemm": 200}[kernel]
     x, w, b = _problem(m, 300, 1552, fmt, torch.bfloat16, "cuda")
     ref = _ref64(x, w, b)
-    for cfg in getattr(tf, configs):
-        meta = tf.config_dict(cfg)
+    for meta in candidate_configs(kernel):
         err = _rel(_run_poisoned(x, w, b, kernel=kernel, config=meta), ref)
         assert err <= 1e-2, (seed, meta, err)
+
+
+@needs_triton
+def test_the_default_plan_is_what_runs(monkeypatch):
+    """``plan()`` handed back to the launcher gives the default's bits; a large shape gets
+    its kernel measured at the first call, and ``plan()`` names it from then on."""
+    for m in (1, 9, 40, 200):
+        x, w, b = _problem(m, 300, 1552, "nvfp4", torch.bfloat16, "cuda")
+        p = plan(m, 300, 1552, device=x.device, dtype=x.dtype, fmt="nvfp4", bias=True)
+        torch.testing.assert_close(_matmul(x, w, b), _matmul(x, w, b, **vars(p)), rtol=0,
+                                   atol=0)
+    monkeypatch.setenv("APT_FP4_AUTOTUNE", "1")  # measured only when autotuning
+    x, w, b = _problem(200, 328, 1040, "mxfp4", torch.bfloat16, "cuda")
+    before = plan(200, 328, 1040, device="cuda", fmt="mxfp4", bias=True).kernel
+    _matmul(x, w, b)
+    after = plan(200, 328, 1040, device="cuda", fmt="mxfp4", bias=True).kernel
+    assert after in ("gemm", "chunked") and before in ("large", after)
+    assert after in chosen_large_kernels().values()
 
 
 @needs_triton
@@ -364,8 +453,7 @@ def test_chunked_path(fmt, dtype, bias):
 @needs_triton
 def test_overlapped_chunks_replay_in_a_cuda_graph():
     x, w, b = _problem(256, 1024, 512, "nvfp4", torch.bfloat16, "cuda")
-    run = lambda: tf.fp4_matmul(x, w.packed, w.scales, w.tensor_scale, 512, b,  # noqa: E731
-                                kernel="chunked", chunk_rows=256, overlap=True)
+    run = lambda: _matmul(x, w, b, kernel="chunked", chunk_rows=256, overlap=True)  # noqa: E731
     want = run()
     graph, out = _captured(run)
     x.copy_(torch.randn_like(x))
@@ -385,7 +473,7 @@ def test_every_code_and_scale_decodes_exactly():
         for m, kernel in ((1, "gemv"), (16, "small")):
             for row in range(0, 512, m):
                 x = eye[row:row + m].contiguous()
-                out = tf.fp4_matmul(x, w.packed, w.scales, w.tensor_scale, 512, kernel=kernel)
+                out = _matmul(x, w, kernel=kernel)
                 # NVFP4: (e2m1 * scale) * tensor_scale here, e2m1 * (scale * tensor_scale) in
                 # the reference: each rounded once in fp32, so equal within 1-2 ulp.
                 torch.testing.assert_close(out.double(), wd[:, row:row + m].T, rtol=3e-7,
@@ -403,8 +491,7 @@ def test_public_op_on_cuda_and_compiled(fmt):
     compiled = torch.compile(lambda t: fp4_linear(t, w, b), fullgraph=True)
     torch.testing.assert_close(compiled(x), out)
     # Eager without gradients skips the op's dispatch; with them it goes through the op.
-    torch.testing.assert_close(torch.ops.apt_model.fp4_linear(
-        x, w.packed, w.scales, _tensor_scale_arg(w), _FMT_CODES[fmt], 512, b), out,
-        rtol=0, atol=0)
+    torch.testing.assert_close(torch.ops.apt_model.fp4_linear(*_args(x, w, b)), out,
+                               rtol=0, atol=0)
     xg = x.clone().requires_grad_()
     torch.testing.assert_close(fp4_linear(xg, w, b), out, rtol=0, atol=0)

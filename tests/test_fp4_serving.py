@@ -12,17 +12,18 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import apt_model.formats.checkpoint as ckpt
+import apt_model.fp4.packed_checkpoint as ckpt
 import apt_model.optimization.vb_global as vb
 from apt_model.errors import VBConfigError, VBDataError
-from apt_model.formats.checkpoint import load_fp4_checkpoint, save_fp4_checkpoint
-from apt_model.formats.fp4 import fp4_nbytes, quantize_fp4
-from apt_model.modeling.apt_model import APTConfig, APTModel
+from apt_model.fp4.format import fp4_nbytes, quantize_fp4
+from apt_model.fp4.layer import FP4Linear, freeze_fp4
+from apt_model.fp4.packed_checkpoint import load_fp4_checkpoint, save_fp4_checkpoint
+from apt_model.modeling.apt_model import APTConfig, APTLargeModel, APTModel
 from apt_model.optimization import config as vb_config
 from apt_model.optimization import stats as vb_stats
-from apt_model.optimization.fp4_linear import FP4Linear, freeze_fp4
 
 CFG = APTConfig.from_preset("tiny", n_layers=2, max_seq_len=64)
+APT = (APTModel, APTLargeModel)  # the classes a checkpoint without a model is built from
 FORMATS = ("nvfp4", "mxfp4")
 BITS = {"nvfp4": 4.5, "mxfp4": 4.25}  # per weight: 4-bit codes + one 8-bit scale per 16 / 32
 
@@ -168,7 +169,7 @@ def test_checkpoint_round_trip_is_bit_exact(fmt, tmp_path):
     for key, value in frozen.state_dict().items():
         if key != "lm_head.weight":  # tied: stored once, under embed.weight
             assert torch.equal(stored[key], value), key
-    loaded = load_fp4_checkpoint(path)
+    loaded = load_fp4_checkpoint(path, classes=APT)
     assert type(loaded) is APTModel and loaded.config == model.config and not loaded.training
     assert loaded.lm_head.weight is loaded.embed.weight
     assert set(fp4_layers(loaded)) == set(fp4_layers(model))
@@ -192,6 +193,19 @@ def test_metadata_records_format_layers_aliases_and_config(tmp_path):
         "fmt": "mxfp4", "shape": [CFG.d_model, CFG.d_ff], "dtype": "float32", "bias": False}
 
 
+def test_load_builds_the_recorded_class_from_the_classes_given(tmp_path, monkeypatch):
+    monkeypatch.setenv("VB_LANG", "en")
+    model = fp4_model("nvfp4")
+    path = save_fp4_checkpoint(model, tmp_path / "m.safetensors")
+    loaded = load_fp4_checkpoint(path, classes=(APTLargeModel, APTModel))
+    assert type(loaded) is APTModel and loaded.config == model.config
+    assert torch.equal(logits(loaded), logits(model))
+    for classes in ((APTLargeModel,), None):  # the loader knows no model family by itself
+        with pytest.raises(VBConfigError, match="model class APTModel.*pass model=") as exc:
+            load_fp4_checkpoint(path, classes=classes)
+        _one_line(exc)
+
+
 @pytest.mark.parametrize("device", ["cpu", "meta"])
 def test_load_into_a_given_plain_model(device, tmp_path):
     model = fp4_model("nvfp4")
@@ -211,13 +225,13 @@ def test_load_into_an_fp4_model_of_another_format(tmp_path):
     target = fp4_model("mxfp4", seed=9)
     load_fp4_checkpoint(path, target)
     assert all(m.frozen and m.fmt == "nvfp4" for m in fp4_layers(target).values())
-    assert torch.equal(logits(target), logits(load_fp4_checkpoint(path)))
+    assert torch.equal(logits(target), logits(load_fp4_checkpoint(path, classes=APT)))
 
 
 def test_bf16_model_round_trip(tmp_path):
     model = fp4_model("nvfp4").to(torch.bfloat16)
     ref = logits(model)
-    loaded = load_fp4_checkpoint(save_fp4_checkpoint(model, tmp_path / "m.safetensors"))
+    loaded = load_fp4_checkpoint(save_fp4_checkpoint(model, tmp_path / "m.safetensors"), classes=APT)
     assert loaded.embed.weight.dtype == torch.bfloat16
     assert all(m.compute_dtype == torch.bfloat16 for m in fp4_layers(loaded).values())
     assert torch.equal(logits(loaded), ref)
@@ -295,7 +309,7 @@ def test_model_mismatches_give_one_line_errors(tmp_path, monkeypatch):
     vb.optimize(bare, mode="speed", verbose=False)
     bare_path = save_fp4_checkpoint(bare, tmp_path / "bare.safetensors")
     with pytest.raises(VBConfigError, match="pass model=") as exc:
-        load_fp4_checkpoint(bare_path)
+        load_fp4_checkpoint(bare_path, classes=APT)
     _one_line(exc)
     loaded = load_fp4_checkpoint(bare_path, nn.Sequential(nn.Linear(64, 64)))
     x = torch.randn(3, 64)

@@ -10,10 +10,10 @@ import os
 import pytest
 import torch
 
-from apt_model.formats.fp4 import fake_quantize_fp4, quantize_fp4
-from apt_model.ops import fp4_fake_quantize, fp4_grad_input, fp4_quantize, triton_available
-from apt_model.ops import triton_fp4 as tf
-from apt_model.optimization.fp4_linear import FP4Linear
+import apt_model.fp4.layer as fl
+from apt_model.fp4.format import fake_quantize_fp4, quantize_fp4
+from apt_model.fp4.layer import FP4Linear
+from apt_model.fp4.ops import fp4_fake_quantize, fp4_grad_input, fp4_quantize, triton_available
 
 FORMATS = ("nvfp4", "mxfp4")
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and triton_available("cuda")),
@@ -94,7 +94,9 @@ def test_grad_input_kernel_split_variants(split):
     seed = _seed()
     w = quantize_fp4(torch.randn(1000, 512, device="cuda"), "nvfp4")
     grad = torch.randn(5, 1000, device="cuda", dtype=torch.bfloat16)
-    out = tf.fp4_grad_input(grad, w.packed, w.scales, w.tensor_scale, 512, split_n=split)
+    from apt_model.fp4.triton_matmul import fp4_grad_input as grad_input_kernel
+
+    out = grad_input_kernel(grad, w.packed, w.scales, w.tensor_scale, 512, split_n=split)
     ref = grad.double() @ w.dequantize(torch.float64)
     assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-2, seed
 
@@ -124,14 +126,12 @@ def _layer_grads(layer, x, env=None):
 def test_fp4_layer_training_paths_on_cuda(fmt, fused, monkeypatch):
     """The fused path (few rows) and the Triton fake quantization + cuBLAS against the
     reference path (PyTorch fake quantization + cuBLAS, APT_FP4_TRITON=0)."""
-    import apt_model.optimization.fp4_linear as fl
-
     seed = _seed()
-    if fused:
+    if fused:  # the layer is small: lower the size from which training takes the fused path
         monkeypatch.setattr(fl, "FUSED_TRAIN_MIN_WEIGHTS", 0)
     calls = []
-    real = fl._FusedFP4LinearTrain.apply
-    monkeypatch.setattr(fl._FusedFP4LinearTrain, "apply", lambda *a: calls.append(1) or real(*a))
+    real = fl.fused_training_linear
+    monkeypatch.setattr(fl, "fused_training_linear", lambda *a: calls.append(1) or real(*a))
     layer = FP4Linear(torch.nn.Linear(512, 768, device="cuda"), fmt).train()
     x = torch.randn(16 if fused else 4096, 512, device="cuda")
     got = _layer_grads(layer, x)
@@ -148,7 +148,6 @@ def test_fp4_layer_training_paths_on_cuda(fmt, fused, monkeypatch):
 
 def test_fused_path_trains_a_model_on_cuda(monkeypatch):
     """Speed mode with batches of 16 rows through the fused path: the loss falls."""
-    import apt_model.optimization.fp4_linear as fl
     import apt_model.optimization.vb_global as vb
     from apt_model.modeling.apt_model import APTConfig, APTModel
 

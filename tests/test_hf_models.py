@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import apt_model.optimization.vb_global as vb
+from apt_model.fp4.layer import FP4Linear
 from apt_model.optimization import config as vb_config
 from apt_model.optimization import hf_patch, vb_autopatch
 from apt_model.optimization.engine import report_of
-from apt_model.optimization.fp4_linear import FP4Linear
 from apt_model.optimization.wrapping import wrapped_tags
 
 transformers = pytest.importorskip("transformers")

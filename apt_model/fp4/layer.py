@@ -1,4 +1,5 @@
-"""FP4 weights for ``nn.Linear`` layers.
+"""FP4 weights for ``nn.Linear`` layers: :class:`FP4Linear`, :func:`convert_to_fp4`,
+:func:`freeze_fp4`.
 
 The master weight stays the same ``nn.Parameter`` object the user's optimizer updates, so
 the model keeps learning and its state_dict stays plain. In training the layer computes
@@ -7,16 +8,16 @@ with the FP4-quantized weight and passes gradients straight through to the maste
 which is re-packed only when the master weight changes.
 
 Training takes one of two paths per call, by the number of activation rows, each the
-faster one there (H100: bench/fp4_train.py); both quantize with the Triton kernels on CUDA:
+faster one there (the measurements: BENCHMARKS.md, ``bench/fp4_train.py``); both quantize
+with the Triton kernels on CUDA, and both give the same loss and gradients up to rounding:
 
-* by default: the weight fake-quantized in one pass straight into the matmul's dtype,
-  then cuBLAS forward and backward;
-* a few rows through a large layer (``FUSED_TRAIN_MAX_ROWS``, ``FUSED_TRAIN_MIN_WEIGHTS``):
-  the weight packed, the forward and the input gradient by the fused FP4 kernels, which
-  read 4.5 bits per weight instead of 16. Both paths re-read the fp32 master weight to
-  quantize it, so the fused one only wins where the matmuls' weight reads dominate the
-  launch overheads: on an H100 by 3% for 8192 -> 28672 at 16 rows, while at 4096 -> 4096
-  it is slower at every row count.
+* by default (:func:`straight_through_fp4`): the weight fake-quantized in one pass straight
+  into the matmul's dtype, then cuBLAS forward and backward;
+* a few rows through a large layer (``FUSED_TRAIN_MAX_ROWS``, ``FUSED_TRAIN_MIN_WEIGHTS``;
+  :func:`fused_training_linear`): the weight packed, the forward and the input gradient by
+  the fused FP4 kernels, which read 4.5 bits per weight instead of 16. Both paths re-read
+  the fp32 master weight to quantize it, so the fused one only wins where the matmuls'
+  weight reads dominate the launch overheads: large layers at a few rows.
 
 For serving, :meth:`FP4Linear.freeze` (or :func:`freeze_fp4` on a whole model) drops the
 master weight: the layer then holds only the packed weight, as buffers named
@@ -34,18 +35,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from apt_model.formats.fp4 import FP4Weight
-from apt_model.i18n import tr
-from apt_model.ops.fp4_matmul import (
+from apt_model.fp4.format import FP4Weight
+from apt_model.fp4.ops import (
     fp4_fake_quantize,
     fp4_grad_input,
     fp4_linear,
     fp4_quantize,
     triton_available,
 )
+from apt_model.i18n import tr
+
+__all__ = [
+    "FUSED_TRAIN_MAX_ROWS",
+    "FUSED_TRAIN_MIN_WEIGHTS",
+    "PACKED_BUFFERS",
+    "FP4Linear",
+    "convert_to_fp4",
+    "fp4_candidates",
+    "freeze_fp4",
+    "fused_training_linear",
+    "straight_through_fp4",
+]
 
 # Training takes the fused kernels for at most this many rows through a layer of at least
-# this many weights (H100 measurements: bench/fp4_train.py, see the module docstring).
+# this many weights (H100 measurements: bench/fp4_train.py, BENCHMARKS.md). On an H100 the
+# fused path won by 3% for 8192 -> 28672 at 16 rows and lost at every row count for
+# 4096 -> 4096.
 FUSED_TRAIN_MAX_ROWS = 16
 FUSED_TRAIN_MIN_WEIGHTS = 1 << 27
 
@@ -100,6 +115,21 @@ class _FusedFP4LinearTrain(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b = g2.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None
+
+
+def straight_through_fp4(weight: torch.Tensor, fmt: str, dtype: torch.dtype) -> torch.Tensor:
+    """The FP4 round trip of ``weight`` in ``dtype``, whose gradient reaches ``weight``
+    unchanged (straight-through, in the weight's dtype): the default training path of
+    :class:`FP4Linear` multiplies by this with ``F.linear``."""
+    return _QuantizeStraightThrough.apply(weight, fmt, dtype)
+
+
+def fused_training_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          fmt: str) -> torch.Tensor:
+    """``x @ fp4(weight)^T + bias`` by the fused FP4 kernels (the reference ops off CUDA),
+    gradients straight through to ``weight``: :class:`FP4Linear`'s training path for a few
+    rows through a large layer. ``x``, ``weight`` and ``bias`` share one dtype."""
+    return _FusedFP4LinearTrain.apply(x, weight, bias, fmt)
 
 
 class FP4Linear(nn.Module):
@@ -259,9 +289,8 @@ class FP4Linear(nn.Module):
         if (x.dtype == dtype and x.numel() <= FUSED_TRAIN_MAX_ROWS * self.in_features
                 and self.in_features * self.out_features >= FUSED_TRAIN_MIN_WEIGHTS
                 and triton_available(x.device)):
-            return _FusedFP4LinearTrain.apply(x, self.weight, self.bias, self.fmt)
-        weight = _QuantizeStraightThrough.apply(self.weight, self.fmt, dtype)
-        return F.linear(x, weight, self.bias)
+            return fused_training_linear(x, self.weight, self.bias, self.fmt)
+        return F.linear(x, straight_through_fp4(self.weight, self.fmt, dtype), self.bias)
 
     def _describe(self) -> str:
         return f"FP4Linear({self.in_features}->{self.out_features}, {self.fmt})"

@@ -3,9 +3,10 @@
 Why an op: ``torch.compile(fullgraph=True)`` must see one opaque call (no graph break, no
 Triton launch traced into the graph), and each device must get its best implementation.
 ``apt_model::fp4_linear`` takes plain tensors; on CUDA with Triton it runs the fused
-kernels of :mod:`apt_model.ops.triton_fp4` (the weight is never dequantized in full;
-the first call per large-M shape also times two strategies, see ``_large_kernel``),
-everywhere else (CPU, NPU, ...) the PyTorch reference: dequantize, then ``F.linear``.
+kernels of :mod:`apt_model.fp4.triton_matmul` (the weight is never dequantized in full;
+which kernel runs for which shape is :mod:`apt_model.fp4.kernel_plan`'s policy, and the
+first call per large-M shape also times two strategies), everywhere else (CPU, NPU, ...)
+the PyTorch reference: dequantize, then ``F.linear``.
 
 The backward (w.r.t. ``x`` and ``bias`` only; the packed weight is frozen) is the op
 ``apt_model::fp4_grad_input``: for few rows a fused Triton kernel, otherwise the weight
@@ -14,18 +15,29 @@ dequantized and a plain matmul, so a frozen FP4 base can sit under trainable lay
 Training an FP4 layer re-quantizes its master weight every step, through two more ops
 with Triton kernels on CUDA: ``apt_model::fp4_quantize`` (packed codes and scales) and
 ``apt_model::fp4_fake_quantize`` (the dequantized weight, in the matmul's dtype). Both
-are bit for bit the reference of :mod:`apt_model.formats.fp4`, which other devices run.
+are bit for bit the reference of :mod:`apt_model.fp4.format`, which other devices run.
+
+The ops' schemas: ``fmt_code`` is the format's index in ``FP4_FORMATS`` (nvfp4: 0,
+mxfp4: 1), ``k`` the weight's unpadded number of columns, and ``tensor_scale`` the NVFP4
+tensor scale, or an empty fp32 tensor for MXFP4.
+
+The Triton modules (:mod:`~apt_model.fp4.triton_matmul`,
+:mod:`~apt_model.fp4.triton_quantize`), and with them Triton, are imported by the CUDA
+implementations on first use only: importing this module, or running the ops on another
+device, never imports Triton.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from apt_model.formats.fp4 import (
+from apt_model.fp4.format import (
     FP4_FORMATS,
     MXFP4_BLOCK,
     NVFP4_BLOCK,
@@ -33,7 +45,7 @@ from apt_model.formats.fp4 import (
     fake_quantize_fp4,
     quantize_fp4,
 )
-from apt_model.ops import triton_fp4, triton_fp4_quantize
+from apt_model.fp4.kernel_plan import SMALL_MAX_M
 
 __all__ = [
     "fp4_fake_quantize",
@@ -50,21 +62,39 @@ _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _DISABLE_ENV = "APT_FP4_TRITON"
 # Up to this many rows the input gradient of a packed weight runs the fused kernel, the
 # forward's small-M bound; above, a Triton dequantize + cuBLAS. Not measured on its own.
-_FUSED_GRAD_MAX_ROWS = triton_fp4.SMALL_MAX_M
+_FUSED_GRAD_MAX_ROWS = SMALL_MAX_M
+
+
+@functools.cache
+def _matmul_kernels() -> ModuleType:
+    """The Triton matmul kernels, imported on first use (the import imports Triton)."""
+    import apt_model.fp4.triton_matmul as triton_matmul
+
+    return triton_matmul
+
+
+@functools.cache
+def _quantize_kernels() -> ModuleType:
+    """The Triton quantization kernels, imported on first use."""
+    import apt_model.fp4.triton_quantize as triton_quantize
+
+    return triton_quantize
 
 
 def triton_available(device: torch.device | str) -> bool:
     """Whether the fused Triton kernels can run on ``device``.
 
     Needs a CUDA device of compute capability 8.0+ (the kernels use bf16x2 FMAs), an
-    importable Triton, and ``APT_FP4_TRITON`` not set to 0.
+    importable Triton, and ``APT_FP4_TRITON`` not set to 0. Asking about a CUDA device
+    imports the kernels (and Triton) on a machine with CUDA; other devices import nothing.
     """
     device = torch.device(device)
-    if device.type != "cuda" or not triton_fp4.HAS_TRITON:
+    if device.type != "cuda":
         return False
     if os.environ.get(_DISABLE_ENV, "1") == "0" or not torch.cuda.is_available():
         return False
-    return triton_fp4.device_arch(device) >= (8, 0)
+    kernels = _matmul_kernels()
+    return kernels.HAS_TRITON and kernels.device_arch(device) >= (8, 0)
 
 
 def _weight(packed: Tensor, scales: Tensor, tensor_scale: Tensor, fmt_code: int,
@@ -98,7 +128,7 @@ def _fp4_linear_cuda(x: Tensor, packed: Tensor, scales: Tensor, tensor_scale: Te
     ts = tensor_scale if FP4_FORMATS[fmt_code] == "nvfp4" else None
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    out = triton_fp4.fp4_matmul(x.reshape(-1, k), packed, scales, ts, k, bias)
+    out = _matmul_kernels().fp4_matmul(x.reshape(-1, k), packed, scales, ts, k, bias)
     return out.reshape(*lead, packed.shape[0])
 
 
@@ -130,10 +160,10 @@ def _fp4_grad_input_cuda(grad: Tensor, packed: Tensor, scales: Tensor, tensor_sc
     rows = grad.numel() // max(1, grad.shape[-1])
     ts = tensor_scale if FP4_FORMATS[fmt_code] == "nvfp4" else None
     if rows <= _FUSED_GRAD_MAX_ROWS:
-        out = triton_fp4.fp4_grad_input(grad.reshape(rows, -1), packed, scales, ts, k)
+        out = _matmul_kernels().fp4_grad_input(grad.reshape(rows, -1), packed, scales, ts, k)
         return out.reshape(*grad.shape[:-1], k)
     w = torch.empty((packed.shape[0], k), dtype=grad.dtype, device=grad.device)
-    triton_fp4.fp4_dequantize(packed, scales, ts, k, out=w)
+    _matmul_kernels().fp4_dequantize(packed, scales, ts, k, out=w)
     return grad @ w
 
 
@@ -180,7 +210,7 @@ def _fp4_quantize_op(w: Tensor, fmt_code: int) -> tuple[Tensor, Tensor, Tensor]:
 def _fp4_quantize_cuda(w: Tensor, fmt_code: int) -> tuple[Tensor, Tensor, Tensor]:
     if not triton_available(w.device):
         return _quantize_reference(w, fmt_code)
-    q = triton_fp4_quantize.quantize_fp4_triton(w, FP4_FORMATS[fmt_code])
+    q = _quantize_kernels().quantize_fp4_triton(w, FP4_FORMATS[fmt_code])
     return q.packed, q.scales, _tensor_scale_arg(q)
 
 
@@ -209,7 +239,7 @@ def _fp4_fake_quantize_op(w: Tensor, fmt_code: int, dtype: torch.dtype) -> Tenso
 def _fp4_fake_quantize_cuda(w: Tensor, fmt_code: int, dtype: torch.dtype) -> Tensor:
     if not triton_available(w.device):
         return _fake_quantize_reference(w, fmt_code, dtype)
-    return triton_fp4_quantize.fake_quantize_fp4_triton(w, FP4_FORMATS[fmt_code], dtype)
+    return _quantize_kernels().fake_quantize_fp4_triton(w, FP4_FORMATS[fmt_code], dtype)
 
 
 @_fp4_fake_quantize_op.register_fake

@@ -15,6 +15,10 @@ The safetensors metadata (strings only) records::
     model_class       the model's class name
     config            JSON of the model's dataclass ``config``, when it has one
 
+Loading needs the model to fill: one the caller gives, or one built from ``model_class`` and
+``config`` by one of the classes the caller names (``classes``; ``vb.load_fp4`` names the APT
+model classes). This module knows no model family of its own and imports none.
+
 The write is atomic (temporary file in the same folder, fsync, ``os.replace``): a crash or a
 full disk leaves the previous file untouched.
 """
@@ -25,6 +29,7 @@ import contextlib
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +39,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from apt_model.errors import VBConfigError, VBDataError
-from apt_model.formats.fp4 import FP4_FORMATS, FP4Weight
+from apt_model.fp4.format import FP4_FORMATS, FP4Weight
+from apt_model.fp4.layer import PACKED_BUFFERS, FP4Linear
 from apt_model.i18n import tr
-from apt_model.optimization.fp4_linear import PACKED_BUFFERS, FP4Linear
 from apt_model.storage import fsync_path, unique_tensors
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load_fp4_checkpoint", "read_fp4_metadata",
@@ -44,8 +49,6 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "load_fp4_checkpoint", "read_fp4_metadata
 
 FORMAT = "apt_model.fp4"
 FORMAT_VERSION = 1
-# Classes built from the recorded config when no model is given (each takes ``config``).
-_APT_CLASSES = ("APTModel", "APTLargeModel")
 
 
 # --------------------------------------------------------------------------------- saving
@@ -171,22 +174,24 @@ def read_fp4_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def _build_model(path: Path, meta: dict[str, Any]) -> nn.Module:
-    """The APT model the metadata describes, on the meta device (the file fills it)."""
-    from apt_model.modeling import apt_model as apt
-
+def _build_model(path: Path, meta: dict[str, Any],
+                 classes: Sequence[type[nn.Module]]) -> nn.Module:
+    """The model the metadata describes, on the meta device (the file fills it): the class of
+    ``classes`` named ``model_class``, called with the recorded config's fields."""
     cls_name, config = meta["model_class"], meta["config"]
-    if config is None or cls_name not in _APT_CLASSES:
+    cls = next((c for c in classes if c.__name__ == cls_name), None)
+    if config is None or cls is None:
         raise VBConfigError(tr(
-            f"{path}: 检查点没有APT模型配置 (模型类 {cls_name}); 请传入 model=",
-            f"{path}: the checkpoint holds no APT model config (model class {cls_name}); pass model="))
+            f"{path}: 检查点没有可构建的模型配置 (模型类 {cls_name}); 请传入 model= (或在 classes= 中给出该类)",
+            f"{path}: the checkpoint holds no config of a model class this loader builds "
+            f"(model class {cls_name}); pass model= (or that class in classes=)"))
     try:
-        apt_config = apt.APTConfig(**config)
-    except (TypeError, VBConfigError) as exc:
-        raise VBConfigError(tr(f"{path}: 检查点中的APT配置无效: {exc}",
-                               f"{path}: invalid APT config in the checkpoint: {exc}")) from None
-    with torch.device("meta"):
-        return getattr(apt, cls_name)(apt_config)
+        with torch.device("meta"):
+            return cls(**config)
+    except (TypeError, ValueError, VBConfigError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise VBConfigError(tr(f"{path}: 检查点中的 {cls_name} 配置无效: {reason}",
+                               f"{path}: invalid {cls_name} config in the checkpoint: {reason}")) from None
 
 
 def _mismatch(path: Path, zh: str, en: str) -> VBConfigError:
@@ -255,20 +260,23 @@ def _retie(model: nn.Module, groups: list[list[str]]) -> None:
             setattr(model.get_submodule(owner) if owner else model, leaf, param)
 
 
-def load_fp4_checkpoint(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+def load_fp4_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, *,
+                        classes: Sequence[type[nn.Module]] | None = None) -> nn.Module:
     """Load a packed FP4 checkpoint into a model whose FP4 layers are frozen packed layers.
 
     With ``model`` (a plain or VB-optimized one, on the CPU, another device or the meta
     device), the linear layers the file names are replaced by frozen `FP4Linear` layers and
     everything is loaded into it; a meta model gets the file's CPU tensors. Without
-    ``model``, the APT model recorded in the metadata is built. The model comes back in eval
-    mode. A missing or foreign file raises ``VBDataError``, a model that does not fit the
-    file ``VBConfigError``.
+    ``model``, the model the metadata records is built on the meta device: the class of
+    ``classes`` whose name is the recorded ``model_class``, called with the recorded
+    config's fields as keyword arguments (``cls(**config)``, as the APT model classes take
+    them). The model comes back in eval mode. A missing or foreign file raises
+    ``VBDataError``; a model that does not fit the file, or none to build, ``VBConfigError``.
     """
     path = Path(path).expanduser()
     meta = read_fp4_metadata(path)
     if model is None:
-        model = _build_model(path, meta)
+        model = _build_model(path, meta, classes or ())
     try:
         tensors = load_file(path)
     except (OSError, RuntimeError, SafetensorError) as exc:

@@ -5,7 +5,9 @@ bf16 before a cuBLAS call writes and re-reads 4x the packed bytes. These kernels
 packed bytes and block scales once and dequantize tile by tile in registers, so no
 full-size bf16 weight ever exists.
 
-Kernels, picked by the number of activation rows M (see :func:`kernel_for`):
+Kernels, picked by the number of activation rows M (the policy, thresholds and candidate
+configs live in :mod:`apt_model.fp4.kernel_plan`; :func:`fp4_matmul` takes a
+:class:`~apt_model.fp4.kernel_plan.KernelPlan` to pin one):
 
 * ``gemv`` (M = 1): a small kernel first turns the row into fp16 pairs, scaled by a power
   of two per 16 values; the GEMV then decodes each code to fp16 with integer instructions
@@ -19,7 +21,7 @@ Kernels, picked by the number of activation rows M (see :func:`kernel_for`):
   activations with NVFP4), fp32 accumulation; or ``chunked``: a 64 MiB slice of weight
   rows at a time dequantized by Triton (the next slice on a side stream while cuBLAS
   multiplies the current one). The first call per shape times both and keeps the
-  faster (:func:`_large_kernel`).
+  faster (:func:`_large_kernel`; :func:`~apt_model.fp4.kernel_plan.chosen_large_kernels`).
 
 Dequantization (``_ASM_DECODE``): one PTX block turns a packed int32 word (8 E2M1 codes)
 into 8 values in k order. ``prmt`` puts codes k_2j and k_2j+1 into the two 16-bit lanes
@@ -33,16 +35,28 @@ multiplied by ``2**J * tensor_scale`` once at the end. 8 "=h" outputs per word l
 compiler keep the pairs packed, so no unpacking is emitted. A plain-Triton decode
 computes the same values; it runs under ``TRITON_INTERPRET=1`` (CPU) and is the fallback.
 
-Importing this module without Triton works; only launching a kernel needs it.
+Importing this module without Triton works; only launching a kernel needs it. The package
+imports this module only when a kernel is first needed on a CUDA device.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 from torch import Tensor
+
+from apt_model.fp4.kernel_plan import (
+    SMALL_MAX_M,
+    KernelPlan,
+    _large_key,
+    _remember_large_kernel,
+    _settled_large_kernel,
+    candidate_configs,
+    fixed_config,
+    kernel_for,
+)
+from apt_model.fp4.kernel_plan import interpreting as _interpreting
 
 try:  # Triton is optional: the package must import on CPU-only and NPU machines.
     import triton
@@ -58,32 +72,15 @@ except ImportError:  # pragma: no cover - depends on the Triton version
 HAS_TRITON = triton is not None
 
 __all__ = [
-    "GEMV_MAX_M",
+    "GRAD_INPUT_BLOCK",
     "HAS_TRITON",
-    "LARGE_CHOICE",
-    "SMALL_MAX_M",
+    "autotuned_config",
     "config_dict",
     "device_arch",
     "fp4_dequantize",
     "fp4_grad_input",
     "fp4_matmul",
-    "kernel_for",
 ]
-
-# Row-count thresholds between the kernels (H100 measurements: bench/fp4_variants.py).
-GEMV_MAX_M = 1
-SMALL_MAX_M = 64
-# Up to this many rows the small kernel runs its first config without autotuning.
-DECODE_PINNED_M = 16
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _autotuning() -> bool:
-    """APT_FP4_AUTOTUNE=0 skips autotuning (first config of each list: fast start, tests)."""
-    return os.environ.get("APT_FP4_AUTOTUNE", "1") != "0"
-
 
 if HAS_TRITON:
     # --------------------------------------------------------------------- dequantization
@@ -631,36 +628,15 @@ if HAS_TRITON:
 
     # --------------------------------------------------------------------- autotuning
 
-    def _cfg(num_warps: int, num_stages: int, **meta) -> triton.Config:
-        return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+    def _cfg(config: dict) -> triton.Config:
+        meta = dict(config)
+        return triton.Config(meta, num_warps=meta.pop("num_warps"),
+                             num_stages=meta.pop("num_stages"))
 
-    # Small lists on purpose: each config is one compile (~1 s) on first use of a shape.
-    # H100, M = 1, by CUDA-graph replay (2026-11-26): 0.0596-0.0607 ms for 8192 -> 28672,
-    # 0.022-0.026 for 8192 -> 8192 and 0.059-0.069 for 28672 -> 8192 (NVFP4 and MXFP4);
-    # the first config is within 4% of the best on all six.
-    GEMV_CONFIGS = [
-        _cfg(8, 1, BLOCK_N=16, BLOCK_K=1024, PREFETCH=1),
-        _cfg(4, 1, BLOCK_N=32, BLOCK_K=1024, PREFETCH=0),
-        _cfg(8, 1, BLOCK_N=32, BLOCK_K=2048, PREFETCH=0),
-        _cfg(8, 1, BLOCK_N=16, BLOCK_K=2048, PREFETCH=1),
-    ]
-    # H100, M = 16 (bench/fp4_variants.py, 2026-11-26): the first config 0.082 ms for
-    # 8192 -> 28672 and 0.032 ms for 8192 -> 8192, the best of eight both times; with register
-    # prefetch instead of the compiler's pipeline 0.14 ms. Up to DECODE_PINNED_M rows it is
-    # used as is: an earlier autotuning over these once kept a config that then ran 2x slower.
-    SMALL_CONFIGS = [
-        _cfg(4, 4, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, SWAP=False, PREFETCH=False),
-        _cfg(4, 3, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, SWAP=False, PREFETCH=False),
-        _cfg(4, 4, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, SWAP=False, PREFETCH=False),
-    ]
-    # H100, 8192 -> 28672, M = 4096: the first config 4.3 ms (1.5x cuBLAS), the others
-    # 4.5-6.2 ms; the chunked path (2.9-3.0 ms) wins there and is picked at run time.
-    GEMM_CONFIGS = [
-        _cfg(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SWAP=False, PREFETCH=True),
-        _cfg(4, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SWAP=False, PREFETCH=True),
-        _cfg(8, 4, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SWAP=False, PREFETCH=False),
-        _cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SWAP=False, PREFETCH=True),
-    ]
+    # The candidate lists (and why they are so short): apt_model.fp4.kernel_plan.
+    GEMV_CONFIGS = [_cfg(c) for c in candidate_configs("gemv")]
+    SMALL_CONFIGS = [_cfg(c) for c in candidate_configs("small")]
+    GEMM_CONFIGS = [_cfg(c) for c in candidate_configs("gemm")]
 
     _KEY = ["M_KEY", "N", "K", "IS_NV", "HAS_BIAS", "SPLIT_K"]
     _gemv_tuned = triton.autotune(GEMV_CONFIGS, key=_KEY)(
@@ -675,24 +651,20 @@ if HAS_TRITON:
 
 
 def config_dict(cfg) -> dict:
-    """A ``triton.Config`` as the ``config=`` dict :func:`fp4_matmul` takes."""
+    """A ``triton.Config`` as the ``config`` dict a :class:`KernelPlan` takes."""
     return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def kernel_for(m: int) -> str:
-    """The kernel family for ``m`` activation rows: "gemv", "small" or "large".
-
-    "large" is the fused "gemm" or the "chunked" dequantize + cuBLAS path, whichever
-    :func:`_large_kernel` measured faster for the shape.
-    """
-    if m <= GEMV_MAX_M:
-        return "gemv"
-    return "small" if m <= SMALL_MAX_M else "large"
-
-
-# (device, N, K, M bucket, dtype, format, bias) -> "gemm" | "chunked", measured once.
-LARGE_CHOICE: dict[tuple, str] = {}
-_LARGE_ENV = "APT_FP4_LARGE_KERNEL"
+def autotuned_config(kernel: str) -> dict | None:
+    """The config the autotuner of ``kernel`` ("gemv", "small" or "gemm") ran at its latest
+    autotuned launch, as a :class:`KernelPlan` config dict; None before any (or without
+    Triton). Launches with a fixed config (:func:`~apt_model.fp4.kernel_plan.fixed_config`)
+    do not go through the autotuner."""
+    if not HAS_TRITON:
+        return None
+    tuned = {"gemv": _gemv_tuned, "small": _small_tuned, "gemm": _gemm_tuned}[kernel]
+    best = getattr(tuned, "best_config", None)
+    return None if best is None else config_dict(best)
 
 
 def _large_kernel(x: Tensor, packed: Tensor, scales: Tensor, tensor_scale: Tensor | None,
@@ -707,27 +679,21 @@ def _large_kernel(x: Tensor, packed: Tensor, scales: Tensor, tensor_scale: Tenso
     ``APT_FP4_LARGE_KERNEL=gemm|chunked`` pins one; fp32 activations always take the
     fused GEMM (the chunked path is for 16-bit cuBLAS).
     """
-    pinned = os.environ.get(_LARGE_ENV)
-    if pinned in ("gemm", "chunked"):
-        return pinned
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        return "gemm"
-    if not _autotuning() or _interpreting():
-        return "chunked"
-    key = (x.device, packed.shape[0], k, _next_pow2(x.shape[0]), x.dtype, scales.dtype,
-           bias is not None)
-    choice = LARGE_CHOICE.get(key)
+    key = _large_key(x.device, packed.shape[0], k, x.shape[0], x.dtype, scales.dtype,
+                     bias is not None)
+    choice = _settled_large_kernel(key)
     if choice is None:
         from triton.testing import do_bench
 
         times = {}
         for kernel in ("gemm", "chunked"):
             def run(kernel=kernel):
-                return fp4_matmul(x, packed, scales, tensor_scale, k, bias, kernel=kernel)
+                return fp4_matmul(x, packed, scales, tensor_scale, k, bias,
+                                  plan=KernelPlan(kernel))
 
             run()  # autotunes the GEMM configs on its first call
             times[kernel] = do_bench(run, warmup=5, rep=25, return_mode="median")
-        choice = LARGE_CHOICE[key] = min(times, key=times.get)
+        choice = _remember_large_kernel(key, min(times, key=times.get))
     return choice
 
 
@@ -786,14 +752,12 @@ def _as_words(packed: Tensor) -> Tensor:
     return packed.view(torch.int32)
 
 
+# Fewer, larger GEMMs waste less on partial waves: on an H100 at M = 4096 slices of ~1280
+# rows ran 1.14x bf16 cuBLAS, 4096 rows 0.99-1.11x, 8192 rows 1.14-1.20x
+# (bench/fp4_variants.py; BENCHMARKS.md).
 def _chunk_rows(n: int, k: int) -> int:
     """Weight rows per cuBLAS call of the chunked path: 64 MiB of bf16 (4096 rows for
-    K = 8192), a multiple of 256.
-
-    Fewer, larger GEMMs waste less on partial waves: on an H100 at M = 4096 slices of
-    ~1280 rows ran 1.14x bf16 cuBLAS, 4096 rows 0.99-1.11x, 8192 rows 1.14-1.20x
-    (bench/fp4_variants.py).
-    """
+    K = 8192), a multiple of 256."""
     rows = max(256, (64 * 2**20 // (2 * max(k, 1))) // 256 * 256)
     return min(rows, _cdiv(n, 256) * 256)
 
@@ -958,25 +922,26 @@ def fp4_matmul(
     k: int,
     bias: Tensor | None = None,
     *,
-    kernel: str | None = None,
-    config: dict | None = None,
-    use_asm: bool | None = None,
-    split_k: int | None = None,
-    chunk_rows: int | None = None,
-    overlap: bool = True,
+    plan: KernelPlan | None = None,
     out: Tensor | None = None,
 ) -> Tensor:
     """``x @ dequant(W).T (+ bias)`` for 2-D ``x`` [M, k] with Triton; returns x's dtype.
 
     ``packed`` is uint8 [N, Kp/2] (Kp = k padded to the block), ``scales`` float8_e4m3fn
     (NVFP4) or uint8 E8M0 (MXFP4) [N, Kp/block]; ``tensor_scale`` the fp32 NVFP4 tensor
-    scale (None for MXFP4). The keyword-only arguments pin a kernel ("gemv", "small",
-    "gemm", "chunked") / config / variant, for tests and benchmarks; by default the kernel
-    follows :func:`kernel_for` and is autotuned; ``chunk_rows`` and ``overlap`` shape the
-    chunked path. ``out`` (contiguous [M, N], x's dtype) receives the result when given.
+    scale (None for MXFP4). ``plan`` pins the kernel, config and variant (tests,
+    benchmarks); by default the kernel and config are those of
+    :func:`apt_model.fp4.kernel_plan.plan`, autotuned where it leaves the config open.
+    ``out`` (contiguous [M, N], x's dtype) receives the result when given.
     """
     if not HAS_TRITON:
         raise RuntimeError("fp4_matmul needs Triton")
+    if plan is None:
+        kernel = config = use_asm = split_k = chunk_rows = None
+        overlap = True
+    else:
+        kernel, config, use_asm = plan.kernel, plan.config, plan.use_asm
+        split_k, chunk_rows, overlap = plan.split_k, plan.chunk_rows, plan.overlap
     is_nv, s_bytes, ts = _scale_operands(scales, tensor_scale)
     m = x.shape[0]
     n = packed.shape[0]
@@ -996,9 +961,8 @@ def fp4_matmul(
         return _chunked(x, words, s_bytes, ts, is_nv, k, bias, result, use_asm, chunk_rows,
                         overlap)
     configs = {"gemv": GEMV_CONFIGS, "small": SMALL_CONFIGS, "gemm": GEMM_CONFIGS}[kernel]
-    pinned = kernel == "small" and m <= DECODE_PINNED_M
-    if config is None and (pinned or not _autotuning()):
-        config = config_dict(configs[0])
+    if config is None:  # the first candidate for decode-sized "small", or without autotuning
+        config = fixed_config(kernel, m)
     # Words of K per split: a whole number of tiles of any BLOCK_K the kernel may run.
     tile_words = (config["BLOCK_K"] if config else max(c.kwargs["BLOCK_K"] for c in configs)) // 8
     split = split_k if split_k is not None else _split_k(n, kw, x.device, kernel, tile_words)

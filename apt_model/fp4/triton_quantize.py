@@ -1,7 +1,7 @@
 """Triton NVFP4 / MXFP4 quantization: packed codes and scales, or the fake-quantized weight.
 
 Why: FP4 training re-quantizes every FP4 weight on every step. The PyTorch reference
-(:mod:`apt_model.formats.fp4`) takes a dozen elementwise passes with fp32 temporaries;
+(:mod:`apt_model.fp4.format`) takes a dozen elementwise passes with fp32 temporaries;
 these kernels read the weight once (plus one ``amax`` pass for the NVFP4 tensor scale)
 and write either the packed form (0.56 bytes per weight) or the fake-quantized weight
 in the dtype the matmul wants. The numerics are the reference's operation by operation
@@ -17,7 +17,8 @@ import math
 import torch
 from torch import Tensor
 
-from apt_model.formats.fp4 import (
+import apt_model.fp4.triton_matmul as triton_matmul
+from apt_model.fp4.format import (
     E2M1_MAX,
     E4M3_MAX,
     E4M3_MIN_NORMAL,
@@ -26,15 +27,14 @@ from apt_model.formats.fp4 import (
     NVFP4_MIN_TENSOR_SCALE,
     FP4Weight,
 )
-from apt_model.ops import triton_fp4
 
 __all__ = ["fake_quantize_fp4_triton", "quantize_fp4_triton"]
 
-if triton_fp4.HAS_TRITON:
+if triton_matmul.HAS_TRITON:
     import triton
     import triton.language as tl
 
-    _e2m1_to_f32 = triton_fp4._e2m1_to_f32
+    _e2m1_to_f32 = triton_matmul._e2m1_to_f32
     # Globals a kernel reads must be constexprs.
     _NVFP4_AMAX_DIV = tl.constexpr(E4M3_MAX * E2M1_MAX)
     _NVFP4_TS_MIN = tl.constexpr(NVFP4_MIN_TENSOR_SCALE)
@@ -148,7 +148,7 @@ _BLOCK_R, _BLOCK_K = 16, 128
 def _prepare(w: Tensor, fmt: str) -> tuple[Tensor, int, int, Tensor | None]:
     """``w`` as a row-contiguous 2-D tensor, its block size, padded K, and (NVFP4) its fp32
     amax, the one extra pass the tensor scale needs."""
-    if not triton_fp4.HAS_TRITON:
+    if not triton_matmul.HAS_TRITON:
         raise RuntimeError("the Triton FP4 quantization needs Triton")
     if w.dim() == 0:
         raise ValueError("an FP4 weight needs at least one dimension")

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from apt_model.errors import VBConfigError
+from apt_model.fp4.layer import FP4Linear, convert_to_fp4
 from apt_model.i18n import tr
 from apt_model.optimization.attention import use_fused_attention, use_fused_loss
 from apt_model.optimization.checkpointing import apply_checkpointing
 from apt_model.optimization.config import VBConfig
-from apt_model.optimization.fp4_linear import FP4Linear, convert_to_fp4
 from apt_model.optimization.precision import apply_autocast
 
 REPORT_ATTR = "_vb_report"

@@ -14,11 +14,11 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from apt_model import accelerator
-from apt_model.formats.fp4 import fp4_nbytes
+from apt_model.fp4.format import fp4_nbytes
+from apt_model.fp4.layer import FP4Linear
 from apt_model.i18n import tr
 from apt_model.optimization.config import VBConfig
 from apt_model.optimization.engine import OptimizationReport, report_of
-from apt_model.optimization.fp4_linear import FP4Linear
 
 
 class StatsRegistry:
