@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
+from apt_model import env
 
 
 def language() -> str:
     """The message language in force now ("zh" or "en"); read on every call so tests can switch."""
-    return "en" if os.environ.get("VB_LANG", "").lower().startswith("en") else "zh"
+    return "en" if (env.get(env.LANG) or "").lower().startswith("en") else "zh"
 
 
 def tr(zh: str, en: str) -> str:

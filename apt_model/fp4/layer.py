@@ -206,6 +206,19 @@ class FP4Linear(nn.Module):
             self._install_packed(self.packed_weight(), self.weight.dtype)
         return self
 
+    def to_linear(self) -> nn.Linear:
+        """The plain ``nn.Linear`` this layer stands for: holding the same master weight and
+        bias ``Parameter`` objects, or for a frozen layer its dequantized weight (in the
+        compute dtype, on the packed weight's device)."""
+        weight = self.weight
+        if weight is None:
+            weight = nn.Parameter(self.packed_weight().dequantize(self.compute_dtype))
+        linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+        linear.weight = weight
+        linear.bias = self.bias
+        linear.train(self.training)
+        return linear
+
     def _install_packed(self, weight: FP4Weight, dtype: torch.dtype) -> None:
         """Replace the master weight (if any) by ``weight``'s tensors, registered as buffers."""
         shape = (self.out_features, self.in_features)

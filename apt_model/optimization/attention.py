@@ -11,6 +11,7 @@ off its flash kernel.)
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -79,3 +80,20 @@ def use_fused_loss(model: nn.Module) -> int:
     """Switch models that expose ``loss_implementation`` (APT) to the fused chunked
     linear + cross-entropy, which never materializes the full logits."""
     return _switch(model, "loss_implementation", ("logits", "fused"), "fused")
+
+
+def remember_implementations(model: nn.Module) -> Callable[[], None]:
+    """A function that puts back the attention and loss implementations ``model`` has now
+    (what ``use_fused_attention`` / ``use_fused_loss`` change), for ``vb.restore``."""
+    hf_attention = model.config._attn_implementation if _is_hf_model(model) else None
+    attributes = [(module, name, getattr(module, name)) for module in model.modules()
+                  for name in ("attn_implementation", "loss_implementation")
+                  if isinstance(getattr(module, name, None), str)]
+
+    def put_back() -> None:
+        if hf_attention is not None and model.config._attn_implementation != hf_attention:
+            model.set_attn_implementation(hf_attention)
+        for module, name, value in attributes:
+            setattr(module, name, value)
+
+    return put_back

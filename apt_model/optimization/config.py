@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from apt_model import env
 from apt_model.accelerator import resolve_device
 from apt_model.errors import VBConfigError, VBDeviceError
 from apt_model.i18n import tr
@@ -106,16 +107,8 @@ class VBConfig:
 
 OPTION_NAMES = tuple(f.name for f in fields(VBConfig))
 
-ENV_VARS: dict[str, str] = {
-    "ENABLE_VIRTUAL_BLACKWELL": "enabled",
-    "VB_MODE": "mode",
-    "VB_AUTO_PATCH": "auto_patch",
-    "VB_AUTO_ESTIMATE": "auto_estimate",
-    "VB_VERBOSE": "verbose",
-    "VB_DEVICE": "device",
-    "VB_FP4_FORMAT": "fp4_format",
-}
-VBRC_ENV = "VB_CONFIG"
+ENV_VARS = env.OPTION_VARS
+VBRC_ENV = env.CONFIG_FILE
 VBRC_NAME = ".vbrc"
 
 
@@ -126,15 +119,12 @@ def _bad(zh: str, en: str) -> VBConfigError:
 def _as_bool(key: str, value: Any, where: str) -> bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, str):
-        low = value.strip().lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off", ""):
-            return False
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    raise _bad(f"{where}: '{key}' 应为布尔值，收到 {value!r}", f"{where}: '{key}' must be a boolean, got {value!r}")
+    parsed = env.parse_switch(value) if isinstance(value, str) else None
+    if parsed is None and isinstance(value, int) and value in (0, 1):
+        parsed = bool(value)
+    if parsed is None:
+        raise _bad(f"{where}: '{key}' 应为布尔值，收到 {value!r}", f"{where}: '{key}' must be a boolean, got {value!r}")
+    return parsed
 
 
 def _as_number(key: str, value: Any, where: str) -> float:
@@ -240,7 +230,7 @@ def validate_option(key: str, value: Any, where: str) -> Any:
 
 def find_vbrc(cwd: str | os.PathLike | None = None) -> Path | None:
     """The `.vbrc` in force: named by $VB_CONFIG, else ./.vbrc, else ~/.vbrc."""
-    named = os.environ.get(VBRC_ENV)
+    named = env.get(VBRC_ENV)
     if named:
         path = Path(named).expanduser()
         if not path.is_file():
@@ -274,7 +264,7 @@ def read_env() -> dict[str, tuple[Any, str]]:
     """Options set through environment variables, each with its variable's name."""
     out: dict[str, tuple[Any, str]] = {}
     for var, key in ENV_VARS.items():
-        raw = os.environ.get(var)
+        raw = env.get(var)
         if raw is None or (raw == "" and key != "enabled"):
             continue
         out[key] = (validate_option(key, raw, f"${var}"), f"env:{var}")

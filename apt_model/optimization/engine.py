@@ -3,6 +3,8 @@ module to a model and reports what it changed."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -10,10 +12,15 @@ from torch import nn
 from apt_model.errors import VBConfigError
 from apt_model.fp4.layer import FP4Linear, convert_to_fp4
 from apt_model.i18n import tr
-from apt_model.optimization.attention import use_fused_attention, use_fused_loss
+from apt_model.optimization.attention import (
+    remember_implementations,
+    use_fused_attention,
+    use_fused_loss,
+)
 from apt_model.optimization.checkpointing import apply_checkpointing
 from apt_model.optimization.config import VBConfig
 from apt_model.optimization.precision import apply_autocast
+from apt_model.optimization.wrapping import unwrap
 
 REPORT_ATTR = "_vb_report"
 _COMPARED_SWITCHES = ("fp4", "fused_attention", "fused_loss", "mixed_precision", "gradient_checkpointing")
@@ -33,6 +40,8 @@ class OptimizationReport:
     checkpointed_blocks: int
     switches: dict[str, bool | str] = field(default_factory=dict)
     """The effective switches it was optimized with (see ``effective_switches``)."""
+    undo: list[Callable[[], None]] = field(default_factory=list, repr=False, compare=False)
+    """What ``restore`` runs, in reverse order, to give the plain model back."""
 
     @property
     def linears_optimized(self) -> int:
@@ -77,16 +86,21 @@ def optimize(model: nn.Module, config: VBConfig) -> OptimizationReport:
         if existing.mode == config.mode and existing.switches == switches:
             return existing
         raise _reoptimize_error(existing, config, switches)
+    undo: list[Callable[[], None]] = []  # run in reverse by ``restore``
     fp4_layers = []
     if config.switch("fp4"):
         fp4_layers = convert_to_fp4(model, config.fp4_format, config.fp4_skip, config.fp4_min_features)
+        undo.append(lambda: _unconvert_fp4(model))
+    undo.append(remember_implementations(model))
     attention = use_fused_attention(model) if config.switch("fused_attention") else 0
     fused_losses = use_fused_loss(model) if config.switch("fused_loss") else 0
     blocks = apply_checkpointing(model, config.checkpoint_blocks) if config.switch("gradient_checkpointing") else []
+    undo.extend(functools.partial(unwrap, block) for block in blocks)
     linear_total = _count_linears(model)
     autocast = config.switch("mixed_precision")
     if autocast:
         apply_autocast(model)
+        undo.append(functools.partial(unwrap, model))
     report = OptimizationReport(
         mode=config.mode,
         fp4_format=config.fp4_format if fp4_layers else None,
@@ -97,6 +111,7 @@ def optimize(model: nn.Module, config: VBConfig) -> OptimizationReport:
         fused_losses=fused_losses,
         checkpointed_blocks=len(blocks),
         switches=switches,
+        undo=undo,
     )
     object.__setattr__(model, REPORT_ATTR, report)
     if config.verbose:
@@ -107,3 +122,25 @@ def optimize(model: nn.Module, config: VBConfig) -> OptimizationReport:
 
 def report_of(model: nn.Module) -> OptimizationReport | None:
     return getattr(model, REPORT_ATTR, None)
+
+
+def _unconvert_fp4(model: nn.Module) -> None:
+    """Every ``FP4Linear`` of ``model`` back to an ``nn.Linear`` (see ``FP4Linear.to_linear``)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FP4Linear):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.to_linear())
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undo ``optimize``: the plain model again, with its weights (FP4 layers become
+    ``nn.Linear`` holding the same master ``Parameter``; a frozen one, its dequantized
+    weight). A model that was never optimized is returned as it is."""
+    report = report_of(model)
+    if report is None:
+        return model
+    for step in reversed(report.undo):
+        step()
+    object.__delattr__(model, REPORT_ATTR)
+    return model

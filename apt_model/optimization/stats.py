@@ -37,6 +37,13 @@ class StatsRegistry:
         if self._hook is None:
             self._hook = register_optimizer_step_post_hook(self._on_step)
 
+    def untrack(self, model: nn.Module) -> None:
+        """Stop counting ``model`` (``vb.restore`` gave the plain model back)."""
+        self._models.discard(model)
+        for param in model.parameters():
+            if self._param_ids.get(id(param)) is param:
+                del self._param_ids[id(param)]
+
     def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         for group in optimizer.param_groups:
             for param in group["params"]:

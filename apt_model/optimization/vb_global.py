@@ -19,8 +19,23 @@ from typing import Any, TypeVar
 from torch import nn
 
 from apt_model.i18n import tr
-from apt_model.optimization import autopatch, engine, hf_patch, stats
+from apt_model.optimization import autopatch, hf_patch
 from apt_model.optimization import config as _config
+
+# The engine, its passes, the FP4 layers and the statistics load when first used
+# (``_engine()``, ``_stats()``): ``import apt_model`` stays light.
+
+
+def _engine():
+    from apt_model.optimization import engine
+
+    return engine
+
+
+def _stats():
+    from apt_model.optimization import stats
+
+    return stats
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -168,8 +183,18 @@ def optimize(model: ModelT, **options: Any) -> ModelT:
         cfg = _config.resolve(explicit={**_explicit, **options, "enabled": True}, cli=_cli_options).config
     if _banner_pending:
         _announce()
-    engine.optimize(model, cfg)
-    stats.REGISTRY.track(model)
+    _engine().optimize(model, cfg)
+    _stats().REGISTRY.track(model)
+    return model
+
+
+def restore(model: ModelT) -> ModelT:
+    """Turn a model VB optimized back into the plain one, weights included: FP4 layers become
+    ``nn.Linear`` again (holding the same master weight; a frozen layer its dequantized
+    weight), attention and loss implementations, autocast and checkpointing are undone.
+    It can then be optimized again, in any mode."""
+    _engine().restore(model)
+    _stats().REGISTRY.untrack(model)
     return model
 
 
@@ -196,11 +221,11 @@ autopatch.set_handler(_on_model_built)
 
 def get_stats() -> dict[str, Any]:
     """The numbers behind ``print_stats``: layers, bytes, peak memory, steps, VGPU."""
-    return stats.collect(active_config(), is_enabled())
+    return _stats().collect(active_config(), is_enabled())
 
 
 def print_stats() -> None:
-    print(stats.render(get_stats()))
+    print(_stats().render(get_stats()))
 
 
 def freeze_fp4(model: nn.Module) -> int:
@@ -224,7 +249,8 @@ def load_fp4(path: str | os.PathLike, model: ModelT | None = None) -> ModelT | n
     """Load a packed FP4 checkpoint (into ``model``, or into the APT model it records);
     ``get_stats`` counts the loaded model."""
     from apt_model.fp4.packed_checkpoint import load_fp4_checkpoint
+    from apt_model.modeling.apt_model import APTLargeModel, APTModel
 
-    loaded = load_fp4_checkpoint(path, model)
-    stats.REGISTRY.track(loaded)
+    loaded = load_fp4_checkpoint(path, model, classes=(APTModel, APTLargeModel))
+    _stats().REGISTRY.track(loaded)
     return loaded
