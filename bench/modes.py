@@ -1,6 +1,7 @@
 """Peak memory and step time of each VB mode next to plain-PyTorch baselines, one run.
 
     python bench/modes.py --preset large --vocab 50304 --batch 8 --seq 1024
+    python bench/modes.py --device cpu --threads 2 --preset small --vocab 256 --batch 2 --seq 128 --warmup 1 --steps 3
 
 Variants (each in a fresh subprocess so allocator state never leaks between them):
   fp32-eager         the plain APT model, eager attention, fp32 (the seed's baseline)
@@ -9,16 +10,31 @@ Variants (each in a fresh subprocess so allocator state never leaks between them
   vb-balanced / vb-memory / vb-speed / vb-full
                      the plain model and loop, with one VB line before the model is built
 
-Every variant runs the same training step: AdamW, ``loss = model(x, labels=x).loss``.
-Peak memory is ``max_memory_allocated`` over model, optimizer state and steps; step time is
-the median of CUDA-event-timed steps after warm-up, on fresh random tokens each step.
+Every variant runs the same training step: AdamW, ``loss = model(x, labels=x).loss``, on
+fresh random tokens each step; step time is the median of the steps after warm-up.
+- CUDA: peak memory is ``max_memory_allocated`` over model, optimizer state and steps; steps
+  are timed with CUDA events.
+- CPU (``--device cpu``): the CPU has no allocator counter, so peak memory is the peak
+  resident set size of the variant's own process (``getrusage(RUSAGE_SELF).ru_maxrss`` after
+  the last step) minus its resident set size just before the model is built (read from
+  ``/proc/self/statm``, Linux): what model, optimizer state and steps added to the process at
+  their peak. ``--threads`` sets torch's threads. Steps are timed with ``time.perf_counter``
+  (median and minimum) and with ``time.process_time`` (CPU time of all the process's
+  threads), and the load average is recorded. The variants run with
+  ``OMP_WAIT_POLICY=PASSIVE`` unless it is set: OpenMP threads that spin at barriers make a
+  step 10-30x slower as soon as another process takes a core, and count the spinning as CPU
+  time; passive threads sleep, so CPU time stays the work done on a shared machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import resource
 import statistics
+import time
 
 import torch
 from variants import run_in_subprocesses
@@ -35,10 +51,37 @@ def _hand_checkpoint(model: torch.nn.Module) -> None:
         block.forward = lambda *a, _f=forward: checkpoint(_f, *a, use_reentrant=False)
 
 
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux)."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else cpu_name()
+
+
 def run_variant(args: argparse.Namespace) -> dict:
     from apt_model.modeling.apt_model import APTConfig, APTModel
 
-    device = torch.device("cuda")
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if not cuda:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = APTConfig.from_preset(args.preset, vocab_size=args.vocab, max_seq_len=args.seq)
     variant = args.variant
@@ -47,7 +90,9 @@ def run_variant(args: argparse.Namespace) -> dict:
 
         getattr(vb, {"balanced": "enable_balanced_mode", "memory": "enable_memory_mode",
                      "speed": "enable_speed_mode", "full": "enable_full_optimization"}[variant[3:]])(verbose=False)
-    torch.cuda.reset_peak_memory_stats(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    rss_before, peak_rss_before = rss_bytes(), peak_rss_bytes()
     model = APTModel(config).to(device)
     autocast = variant in ("bf16-sdpa", "bf16-sdpa-ckpt")
     if autocast:
@@ -60,35 +105,55 @@ def run_variant(args: argparse.Namespace) -> dict:
 
     def step() -> float:
         x = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device, generator=gen)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = model(x, labels=x).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
 
-    times, losses = [], []
+    def timed_step() -> tuple[float, float, float]:
+        """(loss, milliseconds, CPU milliseconds of this process: all its threads, CPU only)"""
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            loss = step()
+            end.record()
+            torch.cuda.synchronize()
+            return float(loss), start.elapsed_time(end), float("nan")
+        start, cpu_start = time.perf_counter(), time.process_time()
+        loss = float(step())
+        return loss, (time.perf_counter() - start) * 1000, (time.process_time() - cpu_start) * 1000
+
+    times, cpu_times, losses = [], [], []
+    load_before = os.getloadavg()[0]
     for i in range(args.warmup + args.steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        loss = step()
-        end.record()
-        torch.cuda.synchronize()
-        losses.append(float(loss))
+        loss, ms, cpu_ms = timed_step()
+        losses.append(loss)
         if i >= args.warmup:
-            times.append(start.elapsed_time(end))
+            times.append(ms)
+            cpu_times.append(cpu_ms)
+    if cuda:
+        memory = {"peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    else:
+        peak = peak_rss_bytes()
+        memory = {"peak_gib": (peak - rss_before) / 2**30, "rss_before_model_gib": rss_before / 2**30,
+                  "peak_rss_gib": peak / 2**30, "peak_rss_before_model_gib": peak_rss_before / 2**30,
+                  "threads": torch.get_num_threads(), "step_cpu_ms": statistics.median(cpu_times),
+                  "loadavg_1min": [load_before, os.getloadavg()[0]]}
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         step()
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
     kernels = sorted({e.name[:60] for e in prof.events() if any(
         k in e.name.lower() for k in ("flash", "fmha", "attention", "softmax"))})
     return {
         "variant": variant,
         "attention_kernels": kernels,
         "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
-        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+        **memory,
         "step_ms": statistics.median(times),
         "step_ms_spread": [min(times), max(times)],
         "first_loss": losses[0],
@@ -98,6 +163,8 @@ def run_variant(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads on the CPU")
     parser.add_argument("--preset", default="large")
     parser.add_argument("--vocab", type=int, default=50304)
     parser.add_argument("--batch", type=int, default=8)
@@ -111,23 +178,34 @@ def main() -> None:
     if args.variant:
         print(json.dumps(run_variant(args)))
         return
-    results = run_in_subprocesses(__file__, args.only, args, ("preset", "vocab", "batch", "seq", "warmup", "steps"))
+    if args.device == "cpu":
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    results = run_in_subprocesses(__file__, args.only, args,
+                                  ("device", "threads", "preset", "vocab", "batch", "seq", "warmup", "steps"))
     base = next((r for r in results if r["variant"] == "fp32-eager" and "error" not in r), None)
     hand = next((r for r in results if r["variant"] == "bf16-sdpa" and "error" not in r), None)
-    print(f"\n{torch.cuda.get_device_name()} torch {torch.__version__} preset={args.preset} vocab={args.vocab} "
-          f"batch={args.batch} seq={args.seq}")
-    print(f"{'variant':16} {'peak GiB':>9} {'vs fp32':>8} {'step ms':>8} {'tok/s':>9} {'vs bf16-sdpa':>12}")
+    memory = "peak GiB" if args.device == "cuda" else "peak RSS+"
+    print(f"\n{device_name(args.device)} torch {torch.__version__} preset={args.preset} vocab={args.vocab} "
+          f"batch={args.batch} seq={args.seq}" + (f" threads={args.threads}" if args.device == "cpu" else ""))
+    print(f"{'variant':16} {memory:>10} {'vs fp32':>8} {'step ms':>8} {'min ms':>8} {'CPU ms':>8} {'tok/s':>9} "
+          f"{'vs bf16-sdpa':>12} {'vs fp32':>8}")
     for r in results:
         if "error" in r:
             print(f"{r['variant']:16} ERROR {r['error']}")
             continue
-        saving = f"{100 * (1 - r['peak_gib'] / base['peak_gib']):.0f}%" if base else "-"
+        saving = f"{100 * (r['peak_gib'] / base['peak_gib'] - 1):+.0f}%" if base else "-"
         rel = f"{hand['step_ms'] / r['step_ms']:.3f}x" if hand else "-"
+        rel_fp32 = f"{base['step_ms'] / r['step_ms']:.3f}x" if base else "-"
         tok = args.batch * args.seq / (r["step_ms"] / 1000)
-        print(f"{r['variant']:16} {r['peak_gib']:9.2f} {saving:>8} {r['step_ms']:8.1f} {tok:9.0f} {rel:>12}")
+        cpu_ms = f"{r['step_cpu_ms']:8.1f}" if "step_cpu_ms" in r else f"{'-':>8}"
+        print(f"{r['variant']:16} {r['peak_gib']:10.3f} {saving:>8} {r['step_ms']:8.1f} {r['step_ms_spread'][0]:8.1f} "
+              f"{cpu_ms} {tok:9.0f} {rel:>12} {rel_fp32:>8}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args),
+            json.dump({"device": device_name(args.device), "torch": torch.__version__, "args": vars(args),
+                       "date": time.strftime("%Y-%m-%d"), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                       "memory": "max_memory_allocated" if args.device == "cuda" else
+                       "peak RSS (ru_maxrss) minus RSS before the model was built, per fresh process",
                        "results": results}, fh, indent=1)
 
 

@@ -129,3 +129,107 @@ def test_shell_block_runs(index, body, tmp_path):
     if "train" in body:
         assert "Traceback" not in proc.stderr
         assert "虚拟Blackwell统计" in proc.stdout  # VB was on, by flag or by environment
+
+
+# ---- the guide against the user's original document and against what was measured ----------
+
+SEED_NAME = "000_afdbf6f62eb17230.txt"
+SEED_CANDIDATES = (Path("/work/shared/seeds") / SEED_NAME,
+                   Path(__file__).resolve().parents[2] / "shared" / "seeds" / SEED_NAME)
+CODE_LANGS = ("python", "bash", "json")
+# Claims of the original that nothing here measured (or that point at nothing).
+UNMEASURED = ("95.2%", "6.8×", "2.57×", "NPU_INTEGRATION_GUIDE", "提升次数: 145", "降级次数: 23",
+              "-1.3%", "<5%", "两者互补", "~90%", "~75%", "~50%", "+257%")
+
+
+def code_blocks(text: str) -> list[tuple[str, str]]:
+    return [(lang, body) for lang, body in re.findall(r"```(\w*)\n(.*?)```", text, re.S) if lang in CODE_LANGS]
+
+
+def headings(text: str) -> list[str]:
+    """The markdown headings, outside code blocks."""
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    return [line.strip() for line in prose.splitlines() if re.match(r"#{1,6} ", line)]
+
+
+def seed_text() -> str:
+    for path in SEED_CANDIDATES:
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    pytest.skip(f"the user's original document {SEED_NAME} is not reachable (looked in "
+                f"{', '.join(str(p.parent) for p in SEED_CANDIDATES)})")
+
+
+def test_code_blocks_are_the_originals():
+    """The user's document is the contract for the commands: only prose, figures, tables and
+    answers may change, never a python/bash/json block (nor its order)."""
+    seed, guide = seed_text(), GUIDE.read_text(encoding="utf-8")
+    assert code_blocks(guide) == code_blocks(seed)
+
+
+def test_headings_of_the_original_are_kept_in_order():
+    guide = iter(headings(GUIDE.read_text(encoding="utf-8")))
+    missing = [h for h in headings(seed_text()) if h not in guide]  # subsequence check
+    assert not missing
+
+
+def github_slugs(markdown: str) -> set[str]:
+    """The anchors GitHub gives the headings of a markdown file."""
+    slugs: set[str] = set()
+    for heading in headings(markdown):
+        base = re.sub(r"[^\w\- ]", "", heading.lstrip("#").strip().lower()).replace(" ", "-")
+        slug, n = base, 0
+        while slug in slugs:
+            n += 1
+            slug = f"{base}-{n}"
+        slugs.add(slug)
+    return slugs
+
+
+def test_guide_links_only_what_exists():
+    text = GUIDE.read_text(encoding="utf-8")
+    links = re.findall(r"\[[^\]]*\]\(([^)\s]+)\)", re.sub(r"```.*?```", "", text, flags=re.S))
+    assert links, "the guide points its figures at BENCHMARKS.md"
+    for link in links:
+        if re.match(r"[a-z]+:", link):
+            continue
+        path, _, anchor = link.partition("#")
+        target = (GUIDE.parent / path).resolve() if path else GUIDE
+        assert target.is_file(), f"{link}: {target} does not exist"
+        assert ROOT in target.parents, f"{link} leaves the repository"
+        if anchor and target.suffix == ".md":
+            assert anchor in github_slugs(target.read_text(encoding="utf-8")), f"{link}: no such heading"
+
+
+def test_guide_makes_no_unmeasured_claims():
+    text = GUIDE.read_text(encoding="utf-8")
+    assert [claim for claim in UNMEASURED if claim in text] == []
+    assert "../BENCHMARKS.md#" in text  # the figures it does give point at their measurement
+
+
+def expected_output_block() -> str:
+    match = re.search(r"\*\*预期输出\*\*[^\n]*\n```\n(.*?)```", GUIDE.read_text(encoding="utf-8"), re.S)
+    assert match, "the guide shows print_stats output under **预期输出**"
+    return match.group(1)
+
+
+PRINT_STATS = """
+import apt_model.optimization.vb_global as vb
+vb.enable_balanced_mode(verbose=False)
+from apt_model.modeling.apt_model import APTConfig, APTLargeModel
+model = APTLargeModel(APTConfig.from_preset("tiny"))
+vb.print_stats()
+"""
+
+
+def print_stats_output(cwd: Path) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in (*vb_config.ENV_VARS, vb_config.VBRC_ENV, "VB_LANG")}
+    env["HOME"] = str(cwd)
+    return subprocess.run([sys.executable, "-c", PRINT_STATS], cwd=cwd, env=env, capture_output=True,
+                          text=True, check=True).stdout
+
+
+def test_expected_output_is_what_print_stats_prints(tmp_path):
+    """**预期输出** is print_stats' real output (tiny model, balanced mode, no .vbrc, Chinese)."""
+    assert print_stats_output(tmp_path).strip() == expected_output_block().strip()
+
