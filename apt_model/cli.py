@@ -14,16 +14,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from apt_model import accelerator
+from apt_model.argparsing import ArgumentParser
 from apt_model.errors import VBConfigError, VBDataError, run_cli
 from apt_model.i18n import tr
 from apt_model.optimization import vb_global
+from apt_model.storage import human_bytes
 
 if TYPE_CHECKING:
     from apt_model.modeling.apt_model import APTModel
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
 
 
 def _yes(flag: bool) -> str:
@@ -47,13 +45,13 @@ def info(device_name: str | None) -> str:
     ]
     dev_mem = desc.memory.get("device")
     if dev_mem is not None:
-        lines.append(f"    L0 {device}: {_gib(dev_mem[0])} / {_gib(dev_mem[1])}")
+        lines.append(f"    L0 {device}: {human_bytes(dev_mem[0])} / {human_bytes(dev_mem[1])}")
     host_free, host_total = desc.memory["host"]
-    lines.append(f"    {'L1' if dev_mem else 'L0'} cpu: {_gib(host_free)} / {_gib(host_total)}")
+    lines.append(f"    {'L1' if dev_mem else 'L0'} cpu: {human_bytes(host_free)} / {human_bytes(host_total)}")
     vgpu = effective["vgpu_config"][0]
     ssd_paths = [lv.get("path") or "." for lv in (vgpu or {}).get("levels", []) if lv["device"] == "ssd"] or ["."]
     for path in ssd_paths:
-        lines.append(f"    ssd {path}: {_gib(accelerator.disk_free(path))} {tr('可用', 'free')}")
+        lines.append(f"    ssd {path}: {human_bytes(accelerator.disk_free(path))} {tr('可用', 'free')}")
     lines.append(tr("  生效配置 (值 ← 来源):", "  effective configuration (value ← source):"))
     for key, (value, source) in effective.items():
         lines.append(f"    {key} = {value!r}  ← {source}")
@@ -154,7 +152,7 @@ def plot(log: str, out: str | None) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vb", description=tr("虚拟Blackwell命令行", "Virtual Blackwell command line"))
+    parser = ArgumentParser(prog="vb", description=tr("虚拟Blackwell命令行", "Virtual Blackwell command line"))
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help=tr("显示设备与生效配置", "show the device and the effective configuration"))
     p_info.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1, npu, ...")
@@ -189,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return int(train_main(rest, prog="vb train") or 0)
     if rest:
-        parser.error(tr(f"未知参数: {' '.join(rest)}", f"unrecognized arguments: {' '.join(rest)}"))
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "generate":
         print(generate(args))
     elif args.command == "plot":

@@ -46,8 +46,8 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def human_bytes(n: int) -> str:
-    """``n`` bytes in binary units, one decimal above bytes: "512 B", "2.1 MiB"."""
+def human_bytes(n: int, digits: int = 1) -> str:
+    """``n`` bytes in binary units, ``digits`` decimals above bytes: "512 B", "2.1 MiB"."""
     if n < 1024:
         return f"{n} B"
     size = float(n)
@@ -55,7 +55,7 @@ def human_bytes(n: int) -> str:
         size /= 1024
         if size < 1024 or unit == "TiB":
             break
-    return f"{size:.1f} {unit}"
+    return f"{size:.{digits}f} {unit}"
 
 
 # Errors meaning "the disk (or this user's quota) is full"; Windows has no EDQUOT.

@@ -3,7 +3,7 @@
     python bench/cpu_decode.py --threads 2 --preset small --prompt 64 --new 64 --runs 3
 
 On the CPU an FP4 layer has no fused kernel: every call dequantizes the packed weight to the
-activations' dtype and multiplies with ``F.linear`` (``apt_model.ops.fp4_matmul``, the
+activations' dtype and multiplies with ``F.linear`` (``apt_model.fp4.ops``, the
 reference path). So FP4 should save memory there, not time; this bench measures both.
 
 Variants (each in a fresh subprocess, the same seeded model, batch 1, greedy):

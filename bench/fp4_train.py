@@ -5,7 +5,7 @@
 Rows per (layer K -> N, M activation rows), fp32 master weight, bf16 autocast, all timed
 in the same process (``triton.testing.do_bench`` medians, L2 flushed before each call):
   bf16-linear        nn.Linear under autocast (no quantization: the speed to beat)
-  ref-fakequant      the PyTorch reference fake quantization + cuBLAS (APT_FP4_TRITON=0)
+  ref-fakequant      the PyTorch reference fake quantization + cuBLAS (VB_FP4_TRITON=0)
   triton-fakequant   the Triton fake-quantization kernel (straight into bf16) + cuBLAS
   fused              Triton quantization to packed FP4, fused forward and input gradient
   auto               what FP4Linear picks for this M
@@ -62,11 +62,11 @@ def main() -> int:
         w, b, fmt = layer.weight, layer.bias, args.fmt
 
         def ref(x, w=w, b=b, fmt=fmt):
-            os.environ["APT_FP4_TRITON"] = "0"
+            os.environ["VB_FP4_TRITON"] = "0"
             try:
                 return F.linear(x, fl.straight_through_fp4(w, fmt, x.dtype), b)
             finally:
-                os.environ.pop("APT_FP4_TRITON")
+                os.environ.pop("VB_FP4_TRITON")
 
         paths = {
             "bf16-linear": lambda x, lin=lin: lin(x),

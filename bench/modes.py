@@ -88,8 +88,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     if variant.startswith("vb-"):
         import apt_model.optimization.vb_global as vb
 
-        getattr(vb, {"balanced": "enable_balanced_mode", "memory": "enable_memory_mode",
-                     "speed": "enable_speed_mode", "full": "enable_full_optimization"}[variant[3:]])(verbose=False)
+        vb.enable(mode=variant[3:], verbose=False)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     rss_before, peak_rss_before = rss_bytes(), peak_rss_bytes()

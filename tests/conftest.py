@@ -8,9 +8,10 @@ import subprocess
 import pytest
 import torch.nn.functional as F
 
-from apt_model.optimization import config, stats, vb_global
+from apt_model import env
+from apt_model.optimization import stats, vb_global
 
-VB_ENV = (*config.ENV_VARS, config.VBRC_ENV, "VB_LANG", "APT_TRAIN_ARGS")
+VB_ENV = env.ALL
 
 
 @pytest.fixture(autouse=True)

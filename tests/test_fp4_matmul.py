@@ -36,7 +36,7 @@ needs_triton = pytest.mark.skipif(not (CUDA and triton_available("cuda")),
 @pytest.fixture(autouse=True)
 def _no_autotune(monkeypatch: pytest.MonkeyPatch):
     """One config per kernel: the GPU tests compile a few kernels, not every tuning candidate."""
-    monkeypatch.setenv("APT_FP4_AUTOTUNE", "0")
+    monkeypatch.setenv("VB_FP4_AUTOTUNE", "0")
 
 
 def _seed() -> int:
@@ -107,7 +107,7 @@ def test_importing_the_package_and_running_the_ops_off_cuda_imports_no_kernels()
 
 
 def test_plan_names_the_default_kernel_and_fixed_config(monkeypatch):
-    monkeypatch.setenv("APT_FP4_AUTOTUNE", "1")
+    monkeypatch.setenv("VB_FP4_AUTOTUNE", "1")
     small = candidate_configs("small")[0]
     assert plan(1, 4096, 4096) == KernelPlan("gemv")
     assert plan(2, 4096, 4096) == KernelPlan("small", config=small)
@@ -118,10 +118,10 @@ def test_plan_names_the_default_kernel_and_fixed_config(monkeypatch):
     assert big == KernelPlan("large")  # measured at the first call on a GPU
     assert plan(4096, 28672, 8192, device="cpu", dtype=torch.float32) == KernelPlan(
         "gemm", config=None)
-    monkeypatch.setenv("APT_FP4_LARGE_KERNEL", "chunked")
+    monkeypatch.setenv("VB_FP4_LARGE_KERNEL", "chunked")
     assert plan(4096, 28672, 8192, device="cpu").kernel == "chunked"
-    monkeypatch.delenv("APT_FP4_LARGE_KERNEL")
-    monkeypatch.setenv("APT_FP4_AUTOTUNE", "0")  # every kernel runs its first config
+    monkeypatch.delenv("VB_FP4_LARGE_KERNEL")
+    monkeypatch.setenv("VB_FP4_AUTOTUNE", "0")  # every kernel runs its first config
     assert plan(1, 4096, 4096).config == candidate_configs("gemv")[0]
     assert plan(40, 4096, 4096).config == small
     assert plan(4096, 28672, 8192, device="cpu") == KernelPlan("chunked")
@@ -243,8 +243,8 @@ def test_training_ops_match_the_reference(fmt):
 # --------------------------------------------------------------------------- Triton, CPU interpreter
 
 
-@pytest.mark.skipif(os.environ.get("APT_TEST_TRITON_INTERPRET") != "1",
-                    reason="set APT_TEST_TRITON_INTERPRET=1 (needs triton and numpy < 2.4; slow)")
+@pytest.mark.skipif(os.environ.get("VB_TEST_TRITON_INTERPRET") != "1",
+                    reason="set VB_TEST_TRITON_INTERPRET=1 (needs triton and numpy < 2.4; slow)")
 def test_triton_kernels_in_interpreter():
     """The kernels' tiling, masks and split-K on CPU (the pure-Triton decode; no PTX)."""
     script = textwrap.dedent("""
@@ -407,7 +407,7 @@ def test_the_default_plan_is_what_runs(monkeypatch):
         p = plan(m, 300, 1552, device=x.device, dtype=x.dtype, fmt="nvfp4", bias=True)
         torch.testing.assert_close(_matmul(x, w, b), _matmul(x, w, b, **vars(p)), rtol=0,
                                    atol=0)
-    monkeypatch.setenv("APT_FP4_AUTOTUNE", "1")  # measured only when autotuning
+    monkeypatch.setenv("VB_FP4_AUTOTUNE", "1")  # measured only when autotuning
     x, w, b = _problem(200, 328, 1040, "mxfp4", torch.bfloat16, "cuda")
     before = plan(200, 328, 1040, device="cuda", fmt="mxfp4", bias=True).kernel
     _matmul(x, w, b)

@@ -105,9 +105,9 @@ def _layer_grads(layer, x, env=None):
     layer.weight.grad = None
     layer.bias.grad = None
     x = x.detach().requires_grad_(True)
-    old = os.environ.get("APT_FP4_TRITON")
+    old = os.environ.get("VB_FP4_TRITON")
     if env is not None:
-        os.environ["APT_FP4_TRITON"] = env
+        os.environ["VB_FP4_TRITON"] = env
     try:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = layer(x)
@@ -115,9 +115,9 @@ def _layer_grads(layer, x, env=None):
     finally:
         if env is not None:
             if old is None:
-                os.environ.pop("APT_FP4_TRITON")
+                os.environ.pop("VB_FP4_TRITON")
             else:
-                os.environ["APT_FP4_TRITON"] = old
+                os.environ["VB_FP4_TRITON"] = old
     return out, x.grad, layer.weight.grad.clone(), layer.bias.grad.clone()
 
 
@@ -125,7 +125,7 @@ def _layer_grads(layer, x, env=None):
 @pytest.mark.parametrize("fused", [True, False])
 def test_fp4_layer_training_paths_on_cuda(fmt, fused, monkeypatch):
     """The fused path (few rows) and the Triton fake quantization + cuBLAS against the
-    reference path (PyTorch fake quantization + cuBLAS, APT_FP4_TRITON=0)."""
+    reference path (PyTorch fake quantization + cuBLAS, VB_FP4_TRITON=0)."""
     seed = _seed()
     if fused:  # the layer is small: lower the size from which training takes the fused path
         monkeypatch.setattr(fl, "FUSED_TRAIN_MIN_WEIGHTS", 0)

@@ -48,7 +48,7 @@ def script(*args: str, env: dict[str, str] | None = None, cwd: Path | None = Non
            **pipes) -> subprocess.CompletedProcess | subprocess.Popen:
     """Run (or, with ``popen``, start) a repository script with VB's variables cleared."""
     clean = {k: v for k, v in os.environ.items()
-             if not (k.startswith("VB_") or k in ("ENABLE_VIRTUAL_BLACKWELL", "APT_TRAIN_ARGS"))}
+             if not (k.startswith("VB_") or k in ("ENABLE_VIRTUAL_BLACKWELL", "VB_TRAIN_ARGS"))}
     home = cwd or tempfile.mkdtemp(prefix="vb-home-")  # no ~/.vbrc in reach, caches kept out of the repo
     full_env = {**clean, "OMP_NUM_THREADS": "1", "VB_LANG": "en", "HOME": str(home),
                 "PYTHONPATH": str(REPO), **(env or {})}

@@ -260,9 +260,9 @@ def test_env_auto_enable_honours_vb_mode(tmp_path):
 
 
 def test_train_vb_apt_script_enables_vb_and_takes_env_args(tmp_path):
-    """The guide's ``--config ... --epochs 20``, kept short by $APT_TRAIN_ARGS (which the
+    """The guide's ``--config ... --epochs 20``, kept short by $VB_TRAIN_ARGS (which the
     command line overrides: the --seq-len 16 given there wins over FAST_FLAGS' 32)."""
-    env = {**script_env(), "APT_TRAIN_ARGS": " ".join(["--max-steps", "2", "--out", str(tmp_path / "apt"), *FAST_FLAGS])}
+    env = {**script_env(), "VB_TRAIN_ARGS": " ".join(["--max-steps", "2", "--out", str(tmp_path / "apt"), *FAST_FLAGS])}
     proc = run_script("training/train_vb_apt.py", "--config", "tiny", "--epochs", "20", "--seq-len", "16", env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     state = load_checkpoint(tmp_path / "apt" / "checkpoints")

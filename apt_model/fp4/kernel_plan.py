@@ -17,11 +17,11 @@ The kernels, by the number of rows ``m``:
   and the shape, so the first call per :class:`LargeKey` (device, N, K, M bucket, dtype,
   format, bias) times both and keeps the faster; until then :func:`plan` answers
   ``"large"``, afterwards the kernel kept (:func:`chosen_large_kernels` lists every choice).
-  ``APT_FP4_LARGE_KERNEL=gemm|chunked`` pins one; fp32 activations always take ``"gemm"``
+  ``VB_FP4_LARGE_KERNEL=gemm|chunked`` pins one; fp32 activations always take ``"gemm"``
   (the chunked path is for 16-bit cuBLAS); without autotuning or in the interpreter,
   ``"chunked"``.
 
-``APT_FP4_AUTOTUNE=0`` runs every kernel with its first candidate config (a fast start, for
+``VB_FP4_AUTOTUNE=0`` runs every kernel with its first candidate config (a fast start, for
 tests); by default the candidates of :func:`candidate_configs` are autotuned per shape, on
 the first call of each. The measurements behind the thresholds and the configs are in
 BENCHMARKS.md (``bench/fp4_variants.py``, ``bench/fp4_linear.py``).
@@ -29,11 +29,12 @@ BENCHMARKS.md (``bench/fp4_variants.py``, ``bench/fp4_linear.py``).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+
+from apt_model import env
 
 __all__ = [
     "DECODE_PINNED_M",
@@ -60,18 +61,16 @@ DECODE_PINNED_M = 16
 # What a KernelPlan may name: a kernel, or "large" (gemm or chunked, timed at the first call).
 KERNELS = ("gemv", "small", "gemm", "chunked", "large")
 
-AUTOTUNE_ENV = "APT_FP4_AUTOTUNE"
-LARGE_KERNEL_ENV = "APT_FP4_LARGE_KERNEL"
 
 
 def interpreting() -> bool:
     """Whether Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return env.get(env.TRITON_INTERPRET) == "1"
 
 
 def autotuning() -> bool:
-    """APT_FP4_AUTOTUNE=0 skips autotuning (first config of each list: fast start, tests)."""
-    return os.environ.get(AUTOTUNE_ENV, "1") != "0"
+    """VB_FP4_AUTOTUNE=0 skips autotuning (first config of each list: fast start, tests)."""
+    return env.switch(env.FP4_AUTOTUNE, True)
 
 
 def _c(num_warps: int, num_stages: int, **meta) -> dict:
@@ -129,7 +128,7 @@ def fixed_config(kernel: str, m: int) -> dict | None:
     the autotuner picks (or the kernel has no config).
 
     Fixed: the first candidate for ``"small"`` up to ``DECODE_PINNED_M`` rows, and for every
-    kernel when autotuning is off (``APT_FP4_AUTOTUNE=0``).
+    kernel when autotuning is off (``VB_FP4_AUTOTUNE=0``).
     """
     configs = _CONFIGS.get(_check_kernel(kernel))
     if not configs:
@@ -216,7 +215,7 @@ def _large_key(device: torch.device, n: int, k: int, m: int, dtype: torch.dtype,
 
 def _settled_large_kernel(key: LargeKey) -> str | None:
     """The large-M kernel for ``key`` when no measurement is needed (or one was made)."""
-    pinned = os.environ.get(LARGE_KERNEL_ENV)
+    pinned = env.get(env.FP4_LARGE_KERNEL)
     if pinned in ("gemm", "chunked"):
         return pinned
     if key.dtype not in (torch.bfloat16, torch.float16):

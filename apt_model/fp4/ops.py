@@ -30,13 +30,13 @@ device, never imports Triton.
 from __future__ import annotations
 
 import functools
-import os
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from apt_model import env
 from apt_model.fp4.format import (
     FP4_FORMATS,
     MXFP4_BLOCK,
@@ -58,8 +58,6 @@ __all__ = [
 
 _FMT_CODES = {fmt: i for i, fmt in enumerate(FP4_FORMATS)}  # nvfp4: 0, mxfp4: 1
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# Set APT_FP4_TRITON=0 to force the reference path on CUDA (debugging, A/B checks).
-_DISABLE_ENV = "APT_FP4_TRITON"
 # Up to this many rows the input gradient of a packed weight runs the fused kernel, the
 # forward's small-M bound; above, a Triton dequantize + cuBLAS. Not measured on its own.
 _FUSED_GRAD_MAX_ROWS = SMALL_MAX_M
@@ -85,13 +83,13 @@ def triton_available(device: torch.device | str) -> bool:
     """Whether the fused Triton kernels can run on ``device``.
 
     Needs a CUDA device of compute capability 8.0+ (the kernels use bf16x2 FMAs), an
-    importable Triton, and ``APT_FP4_TRITON`` not set to 0. Asking about a CUDA device
+    importable Triton, and ``VB_FP4_TRITON`` not set to 0. Asking about a CUDA device
     imports the kernels (and Triton) on a machine with CUDA; other devices import nothing.
     """
     device = torch.device(device)
     if device.type != "cuda":
         return False
-    if os.environ.get(_DISABLE_ENV, "1") == "0" or not torch.cuda.is_available():
+    if not env.switch(env.FP4_TRITON, True) or not torch.cuda.is_available():
         return False
     kernels = _matmul_kernels()
     return kernels.HAS_TRITON and kernels.device_arch(device) >= (8, 0)

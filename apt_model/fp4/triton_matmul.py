@@ -676,7 +676,7 @@ def _large_kernel(x: Tensor, packed: Tensor, scales: Tensor, tensor_scale: Tenso
     the chunked path runs cuBLAS on weight slices of at most 64 MiB. Which wins depends on
     the GPU and the shape, so the first call per (shape, M bucket, dtype) times both, like
     the autotuner does for configs (so, like autotuning, not inside CUDA-graph capture).
-    ``APT_FP4_LARGE_KERNEL=gemm|chunked`` pins one; fp32 activations always take the
+    ``VB_FP4_LARGE_KERNEL=gemm|chunked`` pins one; fp32 activations always take the
     fused GEMM (the chunked path is for 16-bit cuBLAS).
     """
     key = _large_key(x.device, packed.shape[0], k, x.shape[0], x.dtype, scales.dtype,

@@ -44,7 +44,6 @@ MODES: dict[str, ModeSpec] = {
                          gradient_checkpointing=False),
 }
 
-FP4_FORMATS = ("nvfp4", "mxfp4")
 VGPU_LEVEL_KEYS = ("capacity_mb", "device", "speed_gbps", "path")
 LEVEL_DEVICES = ("cpu", "ssd")  # the host levels; any other level names an accelerator
 SWITCHES = tuple(f.name for f in fields(ModeSpec))
@@ -207,6 +206,8 @@ def validate_option(key: str, value: Any, where: str) -> Any:
                        f"{where}: unknown mode {value!r}; valid: {', '.join(MODES)}")
         return value.lower()
     if key == "fp4_format":
+        from apt_model.fp4.format import FP4_FORMATS  # the formats' one definition
+
         if not isinstance(value, str) or value.lower() not in FP4_FORMATS:
             raise _bad(f"{where}: 未知FP4格式 {value!r}，可用: {', '.join(FP4_FORMATS)}",
                        f"{where}: unknown FP4 format {value!r}; valid: {', '.join(FP4_FORMATS)}")

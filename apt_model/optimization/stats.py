@@ -19,6 +19,7 @@ from apt_model.fp4.layer import FP4Linear
 from apt_model.i18n import tr
 from apt_model.optimization.config import VBConfig
 from apt_model.optimization.engine import OptimizationReport, report_of
+from apt_model.storage import human_bytes
 
 
 class StatsRegistry:
@@ -135,13 +136,7 @@ def collect(config: VBConfig | None, enabled: bool) -> dict[str, Any]:
 
 
 def _fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "n/a"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
+    return "n/a" if n is None else human_bytes(n, digits=2)
 
 
 def render(stats: dict[str, Any]) -> str:

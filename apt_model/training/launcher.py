@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from apt_model import env
 from apt_model.argparsing import ArgumentParser
 from apt_model.errors import VBConfigError
 from apt_model.i18n import tr
@@ -32,7 +33,6 @@ from apt_model.optimization.config import MODES
 from apt_model.training.trainer import TrainConfig, load_resume_state, train
 
 BACKENDS = ("playground",)
-TRAIN_ARGS_ENV = "APT_TRAIN_ARGS"
 # Learning rates that train each preset stably with batch 16 on bytes; larger models need less.
 PRESET_LR = {"tiny": 3e-3, "small": 1e-3, "medium": 6e-4, "large": 3e-4, "xl": 2e-4}
 # Flags a resumed run may change: its length and how it reports (a longer run changes the
@@ -44,12 +44,12 @@ INVOCATION = frozenset({"backend", "out_dir", "resume", "resume_from", "overwrit
 
 
 def with_env_args(argv: Sequence[str] | None = None) -> list[str]:
-    """``$APT_TRAIN_ARGS`` flags, then the command line's (``argv``, default ``sys.argv[1:]``),
+    """``$VB_TRAIN_ARGS`` flags, then the command line's (``argv``, default ``sys.argv[1:]``),
     so the command line overrides them; lets a wrapper shorten a documented command."""
     try:
-        extra = shlex.split(os.environ.get(TRAIN_ARGS_ENV, ""))
+        extra = shlex.split(env.get(env.TRAIN_ARGS) or "")
     except ValueError as exc:
-        raise VBConfigError(tr(f"${TRAIN_ARGS_ENV} 无法解析: {exc}", f"${TRAIN_ARGS_ENV} cannot be parsed: {exc}")) from None
+        raise VBConfigError(tr(f"${env.TRAIN_ARGS} 无法解析: {exc}", f"${env.TRAIN_ARGS} cannot be parsed: {exc}")) from None
     return extra + list(sys.argv[1:] if argv is None else argv)
 
 
@@ -130,7 +130,7 @@ def _train_config(settings: dict[str, Any]) -> TrainConfig:
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "train", vb_default: bool = False,
          preset: str = "tiny", out_prefix: str = "playground", seq_len: int = 128) -> int:
-    """Parse ``$APT_TRAIN_ARGS`` + ``argv`` and train; VB on by default when ``vb_default``."""
+    """Parse ``$VB_TRAIN_ARGS`` + ``argv`` and train; VB on by default when ``vb_default``."""
     parser = build_parser(prog, preset=preset, out_prefix=out_prefix, seq_len=seq_len)
     given = vars(parser.parse_args(with_env_args(argv)))
     settings = fresh_settings(given, preset=preset, out_prefix=out_prefix, seq_len=seq_len, vb_default=vb_default)

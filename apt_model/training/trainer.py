@@ -35,6 +35,7 @@ from apt_model.i18n import tr
 from apt_model.modeling.apt_model import APTConfig, APTModel
 from apt_model.optimization import config as vb_config
 from apt_model.optimization import vb_global
+from apt_model.storage import human_bytes
 from apt_model.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from apt_model.training.data import VOCAB_SIZE, ByteCorpus, decode
 from apt_model.training.run_log import (
@@ -155,14 +156,6 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "K", "M", "G"):
-        if n < 1024 or unit == "G":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return str(n)
-
-
 def _process_rss() -> int | None:
     """Resident memory of this process (Linux /proc), the CPU's stand-in for device memory."""
     try:
@@ -181,7 +174,7 @@ def memory_text(device: torch.device) -> str:
     used = memory_bytes(device)
     if used is None:
         return "-"
-    return _fmt_bytes(used) if device.type != "cpu" else "rss " + _fmt_bytes(used)
+    return human_bytes(used) if device.type != "cpu" else "rss " + human_bytes(used)
 
 
 def prepare_out_dir(path: str | os.PathLike) -> Path:
