@@ -180,11 +180,10 @@ def test_fp4_fused_training_path_gives_the_fake_quantized_gradients(fmt, monkeyp
     loss_ref = train_step(plain, x)
     fused = build(mode="speed", fp4_format=fmt)
     calls = []
-    real = fl._FusedFP4LinearTrain.apply
+    real = fl.fused_training_linear
     monkeypatch.setattr(fl, "triton_available", lambda device: True)
     monkeypatch.setattr(fl, "FUSED_TRAIN_MIN_WEIGHTS", 0)
-    monkeypatch.setattr(fl._FusedFP4LinearTrain, "apply",
-                        lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(fl, "fused_training_linear", lambda *a: calls.append(a[0].shape) or real(*a))
     loss = train_step(fused, x)
     n_fp4 = sum(isinstance(m, FP4Linear) for m in fused.modules())
     assert len(calls) == n_fp4 > 0
