@@ -67,7 +67,7 @@ def test_checkpoint_given_as_run_root_or_checkpoint_folder(run, capsys, where):
 
 def test_sampling_is_seeded(run, capsys):
     folder, model = run
-    args = ["generate", str(folder), "--prompt", "The ", "--max-new-tokens", "12", "--seed", "7"]
+    args = ["generate", str(folder), "--prompt", "The ", "--max-new-tokens", "12", "--seed", "7", "--device", "cpu"]
     outputs = []
     for _ in range(2):
         assert main(args) == 0
