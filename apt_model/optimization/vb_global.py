@@ -7,7 +7,8 @@
 
 Options (``vb.enable(**options)``), the ``.vbrc`` keys and the environment variables are
 validated and merged by one rule: explicit arguments > CLI flags > environment > ``.vbrc``
-> defaults (see ``apt_model.optimization.config``).
+> defaults (see ``apt_model.optimization.config``). ``vb.restore(model)`` gives an optimized
+model back plain.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def _stats():
     from apt_model.optimization import stats
 
     return stats
+
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
