@@ -178,18 +178,26 @@ class FP4Linear(nn.Module):
         """The packed FP4 weight, re-quantized only when the master weight was changed or moved.
 
         A frozen layer's is built from its buffers, so it follows ``.to()`` and
-        ``load_state_dict`` (rebuilt only when a buffer was replaced or written to).
+        ``load_state_dict`` (rebuilt only when a buffer was replaced or written to). Inside
+        ``torch.compile`` nothing is cached: a tensor's version counter cannot be guarded
+        on, so the compiled graph builds (frozen) or quantizes (master weight) it in place,
+        with no graph break.
         """
+        compiling = torch.compiler.is_compiling()
         if self.frozen:
             tensors = {key: getattr(self, name) for key, name in PACKED_BUFFERS.items()}
-            key = tuple((id(t), t._version) for t in tensors.values() if t is not None)
+            present = {k: t for k, t in tensors.items() if t is not None}
+            if compiling:
+                return FP4Weight.from_state_tensors(self.fmt, (self.out_features, self.in_features), present)
+            key = tuple((id(t), t._version) for t in present.values())
             if self._packed is None or self._packed_key != key:
                 self._packed = FP4Weight.from_state_tensors(
-                    self.fmt, (self.out_features, self.in_features),
-                    {k: t for k, t in tensors.items() if t is not None})
+                    self.fmt, (self.out_features, self.in_features), present)
                 self._packed_key = key
             return self._packed
         w = self.weight
+        if compiling:
+            return fp4_quantize(w.detach(), self.fmt)
         key = (id(w), w._version, w.device)
         if self._packed is None or self._packed_key != key:
             with torch.no_grad():
