@@ -190,3 +190,21 @@ def test_cli_layer_ranks_between_arguments_and_environment(monkeypatch):
     assert vb.enable(mode="full", verbose=False)["mode"] == "full"
     with pytest.raises(VBConfigError):
         vb.set_cli_options(mode="nope")
+
+
+def test_fp4_modes_say_once_where_fp4_saves_memory_not_time(monkeypatch, capsys):
+    from apt_model.fp4.ops import triton_available
+
+    monkeypatch.setenv("VB_LANG", "en")
+    monkeypatch.setattr(vb, "_fp4_noted", False)
+    vb.enable_balanced_mode()
+    assert "no fused FP4 kernels" not in capsys.readouterr().out
+    vb.enable_speed_mode()
+    vb.enable_full_optimization()
+    out = capsys.readouterr().out
+    fused = triton_available(default_device())
+    assert out.count("no fused FP4 kernels: FP4 weights save memory there, not time") == (0 if fused else 1)
+    monkeypatch.setattr(vb, "_fp4_noted", False)
+    vb.disable()
+    vb.enable(mode="speed", verbose=False)
+    assert capsys.readouterr().out == ""

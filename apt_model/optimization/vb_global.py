@@ -46,6 +46,7 @@ _explicit: dict[str, Any] = {}  # options of the last ``enable(...)`` call (the 
 _cli_options: dict[str, Any] = {}  # a launcher's flags (the level below explicit arguments)
 _announced: tuple | None = None  # what the last banner announced: one banner per configuration
 _banner_pending = False  # auto-enabled at import: announced when VB first acts
+_fp4_noted = False  # the note that FP4 saves memory, not time, where no kernel runs: said once
 
 
 def set_cli_options(**options: Any) -> None:
@@ -67,7 +68,7 @@ def _source_text(resolved: _config.ResolvedConfig) -> str:
 
 def _announce() -> None:
     """Print the banner of the configuration in force, unless it was already announced."""
-    global _announced, _banner_pending
+    global _announced, _banner_pending, _fp4_noted
     _banner_pending = False
     if _active is None or not _active.config.verbose:
         return
@@ -78,6 +79,24 @@ def _announce() -> None:
     _announced = key
     print(tr(f"✅ 虚拟Blackwell已启用: 模式 {_source_text(_active)}",
              f"✅ Virtual Blackwell enabled: mode {_source_text(_active)}"))
+    if config.switch("fp4") and not _fp4_noted:
+        _fp4_noted = True
+        note = _fp4_speed_note(config.device)
+        if note:
+            print(note)
+
+
+def _fp4_speed_note(device_name: str) -> str | None:
+    """Where FP4 has no fused kernels, the one line saying it saves memory, not time."""
+    from apt_model.accelerator import resolve_device
+    from apt_model.fp4.ops import triton_available
+
+    device = resolve_device(device_name)
+    if triton_available(device):
+        return None
+    return tr(f"   注意: {device} 上没有融合FP4内核, FP4 权重节省内存, 但不加速 (每次计算先反量化; 见 BENCHMARKS.md)",
+              f"   note: {device} has no fused FP4 kernels: FP4 weights save memory there, not time "
+              "(each product dequantizes first; see BENCHMARKS.md)")
 
 
 def _activate(resolved: _config.ResolvedConfig, announce: bool) -> None:
