@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import shutil
 from dataclasses import dataclass, field
 
 import torch
@@ -150,14 +149,6 @@ def host_memory_info() -> tuple[int, int]:
                 avail = int(line.split()[1]) * 1024 // page
                 break
     return avail * page, pages * page
-
-
-def disk_free(path: str) -> int:
-    """Free bytes on the file system that holds ``path`` (its nearest existing parent)."""
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    return shutil.disk_usage(probe).free
 
 
 @dataclass

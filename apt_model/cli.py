@@ -18,7 +18,7 @@ from apt_model.argparsing import ArgumentParser
 from apt_model.errors import VBConfigError, VBDataError, run_cli
 from apt_model.i18n import tr
 from apt_model.optimization import vb_global
-from apt_model.storage import human_bytes
+from apt_model.storage import free_bytes, human_bytes
 
 if TYPE_CHECKING:
     from apt_model.modeling.apt_model import APTModel
@@ -51,7 +51,7 @@ def info(device_name: str | None) -> str:
     vgpu = effective["vgpu_config"][0]
     ssd_paths = [lv.get("path") or "." for lv in (vgpu or {}).get("levels", []) if lv["device"] == "ssd"] or ["."]
     for path in ssd_paths:
-        lines.append(f"    ssd {path}: {human_bytes(accelerator.disk_free(path))} {tr('可用', 'free')}")
+        lines.append(f"    ssd {path}: {human_bytes(free_bytes(path))} {tr('可用', 'free')}")
     lines.append(tr("  生效配置 (值 ← 来源):", "  effective configuration (value ← source):"))
     for key, (value, source) in effective.items():
         lines.append(f"    {key} = {value!r}  ← {source}")

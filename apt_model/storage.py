@@ -37,7 +37,7 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def free_bytes(path: Path) -> int:
+def free_bytes(path: str | os.PathLike) -> int:
     """Bytes this user may still write on the file system that holds ``path``, or that
     will hold it once created (measured at its nearest existing parent)."""
     path = Path(path).absolute()

@@ -33,7 +33,6 @@ from apt_model import accelerator
 from apt_model.errors import VBConfigError, VBDataError, VBInterrupted
 from apt_model.i18n import tr
 from apt_model.modeling.apt_model import APTConfig, APTModel
-from apt_model.optimization import config as vb_config
 from apt_model.optimization import vb_global
 from apt_model.storage import human_bytes
 from apt_model.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -99,8 +98,6 @@ class TrainConfig:
                             ("min_lr_ratio", self.min_lr_ratio)):
             if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
                 raise VBConfigError(tr(f"{name} 取值无效: {value!r}", f"invalid {name}: {value!r}"))
-        for key, value in self.vb_cli_options().items():
-            vb_config.validate_option(key, value, "cli")
 
     def vb_cli_options(self) -> dict[str, Any]:
         """The VB options this run gives at the CLI level (the flags that were given)."""
