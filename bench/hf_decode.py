@@ -1,0 +1,283 @@
+"""Batch-1 greedy decoding where users run models: Hugging Face ``generate()`` on Llama-shaped
+models built from a config (random weights, no download), and APT xl, in bf16 and VB speed mode.
+
+    python bench/hf_decode.py --model llama-1b llama-8b apt-xl --json bench/results/hf-decode.json
+
+Variants (each in a fresh subprocess, the same seeded bf16 model built on the card):
+  bf16-eager     ``model.generate(ids, max_new_tokens=N)`` as HF documents it (dynamic cache)
+  bf16-static    the same after ``model.generation_config.cache_implementation = "static"``:
+                 HF's static-cache recipe, which compiles the decode step (CUDA graphs)
+  vb-eager       ``vb.optimize(model, mode="speed")`` + ``vb.freeze_fp4(model)``, then as bf16-eager
+  vb-static      the same, then as bf16-static
+  bnb-4bit       transformers' ``BitsAndBytesConfig(load_in_4bit=True)`` (NF4, bf16 compute),
+                 loaded by ``from_pretrained`` from the same weights saved to /dev/shm; eager
+For APT xl, "eager" is ``APTModel.generate`` as is and "static" adds
+``static_cache=True, cuda_graph=True, compile_step=True`` (its best bf16 configuration).
+
+Timing: a stopping criterion records a CUDA event after every new token, so one call gives
+the prefill (start to first token) and the decode time per token (first to last token,
+divided by N - 1), without a host sync per token. Median over ``--runs`` calls after a
+warm-up call (whose wall time is reported as the first-call time: it includes compiling).
+``--profile`` adds a torch.profiler pass per variant: device-busy and host time per token,
+kernels per token, and the top ops (written beside the JSON). Dynamo's counters (graph
+breaks, unique graphs, cudagraph skips) are reported for every variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from variants import run_in_subprocesses
+
+MODELS = ("llama-1b", "llama-8b", "apt-xl")
+VARIANTS = ("bf16-eager", "bf16-static", "vb-eager", "vb-static", "bnb-4bit")
+
+# Llama-3.2-1B and Llama-3-8B shapes (their published configs, minus the weights).
+LLAMA_SHAPES = {
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                     tie_word_embeddings=True),
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     tie_word_embeddings=False),
+}
+
+
+def _tensor_bytes(model: torch.nn.Module) -> int:
+    seen = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in seen.values())
+
+
+def _build_llama(name: str, device: torch.device):
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=128256, max_position_embeddings=8192,
+                                   rope_theta=500000.0, **LLAMA_SHAPES[name])
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
+    model.generation_config.eos_token_id = None  # always N new tokens
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def _bnb_llama(model, device: torch.device):
+    """The same weights through transformers' documented 4-bit route."""
+    import transformers
+
+    folder = tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    model.save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache()
+    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                            bnb_4bit_compute_dtype=torch.bfloat16)
+    loaded = transformers.LlamaForCausalLM.from_pretrained(folder, quantization_config=quant,
+                                                           device_map={"": device.index or 0},
+                                                           dtype=torch.bfloat16)
+    loaded.generation_config.eos_token_id = None
+    loaded.generation_config.pad_token_id = 0
+    return loaded.eval()
+
+
+class _TokenClock:
+    """A stopping criterion that never stops and records a CUDA event per new token."""
+
+    def __init__(self) -> None:
+        self.events: list[torch.cuda.Event] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self.events.append(event)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def _hf_call(model, prompt: torch.Tensor, new: int):
+    from transformers import StoppingCriteriaList
+
+    def call() -> tuple[float, float, torch.Tensor]:
+        clock = _TokenClock()
+        torch.cuda.synchronize()
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             stopping_criteria=StoppingCriteriaList([clock]))
+        torch.cuda.synchronize()
+        first, last = clock.events[0], clock.events[-1]
+        return (start.elapsed_time(first), first.elapsed_time(last) / (len(clock.events) - 1),
+                out[0, prompt.shape[1]:])
+
+    return call
+
+
+def _apt_call(model, prompt: torch.Tensor, new: int, static: bool):
+    kw = dict(static_cache=True, cuda_graph=True, compile_step=True) if static else {}
+
+    def timed(n: int) -> tuple[float, torch.Tensor]:
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = model.generate(prompt, n, do_sample=False, **kw)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end), out[0, prompt.shape[1]:]
+
+    def call() -> tuple[float, float, torch.Tensor]:
+        prefill, _ = timed(1)
+        full, tokens = timed(new)
+        return prefill, (full - prefill) / (new - 1), tokens
+
+    return call
+
+
+def _profile(call, tokens: int, path: Path) -> dict:
+    """Device-busy and host time per token, kernels per token; the top ops to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        wall = time.perf_counter()
+        call()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - wall
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(e.device_time for e in kernels)
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40) + "\n"
+                    + prof.key_averages().table(sort_by="cpu_time_total", row_limit=40))
+    return {"wall_ms_per_token": 1000 * wall / tokens, "device_busy_ms_per_token": busy_us / 1000 / tokens,
+            "kernels_per_token": len(kernels) / tokens}
+
+
+def _dynamo_counters() -> dict:
+    from torch._dynamo.utils import counters
+
+    return {"graph_breaks": sum(counters["graph_break"].values()),
+            "unique_graphs": counters["stats"]["unique_graphs"],
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+
+
+def run_variant(args: argparse.Namespace) -> dict:
+    import apt_model.optimization.vb_global as vb
+
+    device = torch.device("cuda")
+    variant = args.variant
+    if variant == "bnb-4bit":
+        if args.model == "apt-xl":
+            return {"variant": variant, "skipped": "bitsandbytes loads Hugging Face models only"}
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            return {"variant": variant, "skipped": "bitsandbytes is not installed"}
+    if args.model == "apt-xl":
+        from apt_model.modeling.apt_model import APTConfig, APTModel
+
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = APTModel(APTConfig.from_preset("xl", vocab_size=32000)).to(torch.bfloat16)
+        model.set_attn_implementation("sdpa")
+        model.eval()
+        vocab = 32000
+    else:
+        model = _build_llama(args.model, device)
+        vocab = model.config.vocab_size
+    if variant == "bnb-4bit":
+        model = _bnb_llama(model, device)
+    if variant.startswith("vb-"):
+        vb.optimize(model, mode="speed", verbose=False)
+        vb.freeze_fp4(model)
+    static = variant.endswith("-static")
+    if static and args.model != "apt-xl":
+        model.generation_config.cache_implementation = "static"
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    weight_bytes = _tensor_bytes(model)
+
+    gen = torch.Generator(device=device).manual_seed(1)
+    prompt = torch.randint(0, vocab, (1, args.prompt), device=device, generator=gen)
+    call = (_apt_call(model, prompt, args.new, static) if args.model == "apt-xl"
+            else _hf_call(model, prompt, args.new))
+    wall = time.perf_counter()
+    with torch.inference_mode():
+        _, _, tokens = call()
+        first_call_s = time.perf_counter() - wall
+        prefill, per_token, repeats = [], [], []
+        for _ in range(args.runs):
+            p, t, again = call()
+            prefill.append(p)
+            per_token.append(t)
+            repeats.append(torch.equal(again, tokens))
+        result = {
+            "variant": variant, "model": args.model,
+            "weight_bytes": weight_bytes,
+            "fp4_layers": sum(type(m).__name__ == "FP4Linear" for m in model.modules()),
+            "peak_allocated": torch.cuda.max_memory_allocated(device),
+            "first_call_s": first_call_s,
+            "prefill_ms": statistics.median(prefill),
+            "decode_ms_per_token": statistics.median(per_token),
+            "decode_ms_runs": per_token,
+            "decode_tok_s": 1000 / statistics.median(per_token),
+            "tokens_repeat": all(repeats),
+            "dynamo": _dynamo_counters(),
+            "tokens": tokens.tolist(),
+        }
+        if args.profile:
+            out = Path(args.profile)
+            out.mkdir(parents=True, exist_ok=True)
+            result["profile"] = _profile(call, args.new,
+                                         out / f"{args.model}.{variant}.prof.txt")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", nargs="*", choices=MODELS, default=["llama-1b"])
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--variant", choices=VARIANTS)
+    parser.add_argument("--only", nargs="*", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--profile", default="", help="folder for torch.profiler tables (off if empty)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    if args.new < 2:
+        parser.error("--new must be at least 2")
+    if args.variant:
+        args.model = args.model[0]
+        print(json.dumps(run_variant(args)))
+        return
+    results = []
+    for model in args.model:
+        args.model = model
+        results += run_in_subprocesses(__file__, args.only, args,
+                                       ("model", "prompt", "new", "runs", "profile"))
+    print(f"\n{torch.cuda.get_device_name()} torch {torch.__version__} batch=1 prompt={args.prompt} "
+          f"new={args.new} greedy, median of {args.runs}")
+    print(f"{'model':9} {'variant':12} {'weights GiB':>11} {'peak GiB':>8} {'first s':>7} "
+          f"{'prefill ms':>10} {'ms/token':>8} {'tok/s':>7} {'vs bf16 same cache':>18}")
+    for r in results:
+        if "decode_tok_s" not in r:
+            print(f"{r.get('model', ''):9} {r['variant']:12} "
+                  f"{'SKIPPED ' + r['skipped'] if 'skipped' in r else 'ERROR ' + str(r['error'])}")
+            continue
+        base = next((b for b in results if b.get("model") == r["model"] and "decode_tok_s" in b
+                     and b["variant"] == ("bf16-static" if r["variant"].endswith("static") else "bf16-eager")),
+                    None)
+        ratio = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if base else "-"
+        print(f"{r['model']:9} {r['variant']:12} {r['weight_bytes'] / 2**30:11.2f} "
+              f"{r['peak_allocated'] / 2**30:8.2f} {r['first_call_s']:7.1f} {r['prefill_ms']:10.1f} "
+              f"{r['decode_ms_per_token']:8.3f} {r['decode_tok_s']:7.1f} {ratio:>18}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "args": vars(args), "results": results}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
