@@ -67,6 +67,16 @@ def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in _DISK_FULL
 
 
+def module_nbytes(module: torch.nn.Module) -> int:
+    """Bytes of memory behind ``module``'s parameters and buffers: each storage counted once
+    (tied weights, and views such as fused FP4 groups' members, share one)."""
+    storages = {}
+    for tensor in (*module.parameters(), *module.buffers()):
+        storage = tensor.untyped_storage()
+        storages[(tensor.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
+
+
 def unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Contiguous CPU tensors safetensors accepts, and ``{alias: stored_name}``.
 

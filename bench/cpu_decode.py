@@ -36,12 +36,9 @@ import torch
 from modes import cpu_name
 from variants import run_in_subprocesses
 
+from apt_model.storage import module_nbytes
+
 VARIANTS = ("fp32", "vb-balanced", "vb-speed", "vb-speed-frozen")
-
-
-def _tensor_bytes(model: torch.nn.Module) -> int:
-    seen = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return sum(t.numel() * t.element_size() for t in seen.values())
 
 
 def run_variant(args: argparse.Namespace) -> dict:
@@ -87,7 +84,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         "variant": variant,
         "threads": torch.get_num_threads(),
         "fp4_layers": sum(type(m).__name__ == "FP4Linear" for m in model.modules()),
-        "weight_bytes": _tensor_bytes(model),
+        "weight_bytes": module_nbytes(model),
         "vb_param_bytes_before": stats.get("param_bytes_before"),
         "vb_param_bytes_after": stats.get("param_bytes_after"),
         "generate_ms": statistics.median(full),

@@ -34,17 +34,14 @@ import time
 import torch
 from variants import run_in_subprocesses
 
+from apt_model.storage import module_nbytes
+
 VARIANTS = ("fp32-eager", "bf16", "vb-speed", "vb-speed-frozen", "bf16-compiled", "vb-speed-compiled")
 
 
 def _agreement(a: list[int], b: list[int]) -> float:
     n = min(len(a), len(b))
     return sum(x == y for x, y in zip(a[:n], b[:n], strict=True)) / n if n else 0.0
-
-
-def _tensor_bytes(model: torch.nn.Module) -> int:
-    seen = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return sum(t.numel() * t.element_size() for t in seen.values())
 
 
 def run_variant(args: argparse.Namespace) -> dict:
@@ -114,7 +111,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         "generate_kwargs": fast,
         "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
         "fp4_layers": fp4_layers,
-        "param_buffer_bytes": _tensor_bytes(model),
+        "param_buffer_bytes": module_nbytes(model),
         "allocated_after_build": allocated_after_build,
         "allocated_after_warmup": allocated_after_warmup,
         "peak_allocated": torch.cuda.max_memory_allocated(device),

@@ -30,6 +30,7 @@ import apt_model.optimization.vb_global as vb
 from apt_model import accelerator
 from apt_model.fp4.layer import FP4Linear
 from apt_model.modeling.apt_model import APTConfig, APTModel
+from apt_model.storage import module_nbytes
 from apt_model.training.data import ByteCorpus
 from apt_model.training.trainer import TrainConfig, Trainer, TrainResult
 
@@ -69,18 +70,13 @@ def to_fp4(model: nn.Module, fmt: str) -> nn.Module:
     return converted
 
 
-def _state_bytes(model: nn.Module) -> int:
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
 def measure(model: nn.Module, cfg: TrainConfig, eval_batches: int = 32,
             formats: tuple[str, ...] = FORMATS) -> list[dict[str, Any]]:
     """One row per variant: loss, relative change against fp32, model bytes."""
     corpus = ByteCorpus.load(cfg.data)
     base = val_loss(model, cfg, corpus, eval_batches)
     rows = [{"variant": "fp32", "val_loss": base, "rel_change": 0.0, "fp4_layers": 0,
-             "model_bytes": _state_bytes(model), "checkpoint_exact": None}]
+             "model_bytes": module_nbytes(model), "checkpoint_exact": None}]
     for fmt in formats:
         fp4 = to_fp4(model, fmt)
         loss = val_loss(fp4, cfg, corpus, eval_batches)
@@ -90,7 +86,7 @@ def measure(model: nn.Module, cfg: TrainConfig, eval_batches: int = 32,
             exact = val_loss(reloaded, cfg, corpus, eval_batches) == loss
         rows.append({"variant": fmt, "val_loss": loss, "rel_change": (loss - base) / base,
                      "fp4_layers": sum(isinstance(m, FP4Linear) for m in fp4.modules()),
-                     "model_bytes": _state_bytes(fp4), "checkpoint_exact": exact})
+                     "model_bytes": module_nbytes(fp4), "checkpoint_exact": exact})
     return rows
 
 

@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 from variants import run_in_subprocesses
 
+from apt_model.storage import module_nbytes
+
 MODELS = ("llama-1b", "llama-8b", "apt-xl")
 VARIANTS = ("bf16-eager", "bf16-static", "vb-eager", "vb-static", "bnb-4bit")
 
@@ -48,11 +50,6 @@ LLAMA_SHAPES = {
                      num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                      tie_word_embeddings=False),
 }
-
-
-def _tensor_bytes(model: torch.nn.Module) -> int:
-    seen = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return sum(t.numel() * t.element_size() for t in seen.values())
 
 
 def _build_llama(name: str, device: torch.device):
@@ -197,7 +194,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         model.generation_config.cache_implementation = "static"
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats(device)
-    weight_bytes = _tensor_bytes(model)
+    weight_bytes = module_nbytes(model)
 
     gen = torch.Generator(device=device).manual_seed(1)
     prompt = torch.randint(0, vocab, (1, args.prompt), device=device, generator=gen)

@@ -282,6 +282,20 @@ def test_triton_kernels_in_interpreter():
                     ref = x.double() @ w.dequantize(torch.float64).T + b.double()
                     err = ((out.double() - ref).norm() / ref.norm()).item()
                     assert err < 1e-2, (fmt, kernel, m, k, split, err)
+            # Rows of two layers with their own NVFP4 tensor scales, multiplied at once (the
+            # fused q/k/v product): each output column equals its own layer's product.
+            parts = [quantize_fp4(torch.randn(n, 200) * s, fmt) for n, s in ((24, 1.0), (40, 9.0))]
+            x = torch.randn(1, 200).bfloat16()
+            ts = (torch.cat([p.tensor_scale.reshape(1).expand(p.shape[0]) for p in parts])
+                  .reshape(-1, 1) if fmt == "nvfp4" else None)
+            for kernel, m in (("gemv", 1), ("small", 5)):
+                xm = x.expand(m, -1).contiguous()
+                fused = fp4_matmul(xm, torch.cat([p.packed for p in parts]),
+                                   torch.cat([p.scales for p in parts]), ts, 200,
+                                   plan=KernelPlan(kernel))
+                alone = torch.cat([fp4_matmul(xm, p.packed, p.scales, p.tensor_scale, 200,
+                                              plan=KernelPlan(kernel)) for p in parts], dim=-1)
+                assert torch.allclose(fused.float(), alone.float(), rtol=1e-2, atol=1e-2), (fmt, kernel)
             for m, split in ((1, None), (17, 3)):
                 w = quantize_fp4(torch.randn(300, 200), fmt)
                 g = torch.randn(m, 300).bfloat16()

@@ -52,7 +52,10 @@ def logits(model: nn.Module, x: torch.Tensor | None = None) -> torch.Tensor:
 
 
 def state_bytes(model: nn.Module) -> int:
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    """Bytes of the model's state (parameters and persistent buffers, a tied one once). The
+    fused groups' non-persistent buffers are left out: the members' packed tensors are views
+    of them, and their per-row tensor scales (4 bytes a row) are the only extra."""
+    tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 

@@ -145,6 +145,8 @@ class FP4Linear(nn.Module):
         self._packed: FP4Weight | None = None
         self._packed_key: tuple | None = None
         self._compute_dtype: torch.dtype | None = None  # a frozen layer's output dtype
+        self._fused = None  # the FusedFP4Projections this layer belongs to (not a submodule)
+        self._fused_index = 0
 
     @classmethod
     def from_packed(cls, weight: FP4Weight, bias: torch.Tensor | None = None,
@@ -209,10 +211,19 @@ class FP4Linear(nn.Module):
         """Keep only the packed weight (for serving): the master weight is dropped for good.
 
         The packed weight is exactly the one inference used before, so outputs do not change.
+        The layer's fused group (if any) packs once all its members are frozen.
         """
         if not self.frozen:
             self._install_packed(self.packed_weight(), self.weight.dtype)
+        if self._fused is not None:
+            self._fused.pack()
         return self
+
+    def join_fused(self, group, index: int) -> None:
+        """Belong to ``group`` (a :class:`~apt_model.fp4.fused.FusedFP4Projections`) as its
+        member ``index``, or to none (``group`` None)."""
+        object.__setattr__(self, "_fused", group)  # a reference, not a submodule
+        self._fused_index = index
 
     def to_linear(self) -> nn.Linear:
         """The plain ``nn.Linear`` this layer stands for: holding the same master weight and
@@ -275,13 +286,18 @@ class FP4Linear(nn.Module):
     def _inference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The one inference path (no master-weight gradient needed): the packed weight,
         multiplied by the fused FP4 kernel on CUDA (the dequantize-then-matmul reference
-        elsewhere). Under autocast the activations go in the autocast dtype, as
-        ``F.linear`` would take them."""
+        elsewhere), or this layer's part of its fused group's product. Under autocast the
+        activations go in the autocast dtype, as ``F.linear`` would take them."""
+        given = x
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             x = x.to(torch.get_autocast_dtype(device_type))
         elif x.dtype != self.compute_dtype:
             x = x.to(self.compute_dtype)
+        if self._fused is not None:
+            out = self._fused.take(self._fused_index, given, x)
+            if out is not None:
+                return out
         return fp4_linear(x, self.packed_weight(), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

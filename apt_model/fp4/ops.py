@@ -89,16 +89,26 @@ def triton_available(device: torch.device | str) -> bool:
     device = torch.device(device)
     if device.type != "cuda":
         return False
-    if not env.switch(env.FP4_TRITON, True) or not torch.cuda.is_available():
+    return _triton_runs(device.index, env.get(env.FP4_TRITON))
+
+
+@functools.cache
+def _triton_runs(index: int | None, switch: str | None) -> bool:
+    """``triton_available`` for CUDA device ``index`` under the ``VB_FP4_TRITON`` value
+    ``switch`` (asked every eager call: cached)."""
+    on = None if switch is None else env.parse_switch(switch)
+    if on is False or not torch.cuda.is_available():
         return False
     kernels = _matmul_kernels()
-    return kernels.HAS_TRITON and kernels.device_arch(device) >= (8, 0)
+    return kernels.HAS_TRITON and kernels.device_arch(torch.device("cuda", index)) >= (8, 0)
 
 
 def _weight(packed: Tensor, scales: Tensor, tensor_scale: Tensor, fmt_code: int,
             k: int) -> FP4Weight:
     fmt = FP4_FORMATS[fmt_code]
-    ts = tensor_scale.reshape(()) if fmt == "nvfp4" else None
+    ts = None
+    if fmt == "nvfp4":  # one tensor scale, or one per row (FP4Weight.dequantize broadcasts it)
+        ts = tensor_scale.reshape(()) if tensor_scale.numel() == 1 else tensor_scale.reshape(-1, 1)
     return FP4Weight(fmt, packed, scales, ts, (packed.shape[0], k))
 
 

@@ -285,14 +285,20 @@ if HAS_TRITON:
 
     @triton.jit
     def _epilogue(acc, ts_ptr, b_ptr, o_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, pid_k,
-                  IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, SCALED_J: tl.constexpr = True):
-        """Undo 2^-J (if ``SCALED_J``), apply the tensor scale and the bias (split 0 only),
-        store."""
+                  IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, SCALED_J: tl.constexpr = True,
+                  TS_ROWS: tl.constexpr = False):
+        """Undo 2^-J (if ``SCALED_J``), apply the tensor scale (one per output column with
+        ``TS_ROWS``: weight rows of several layers, each with its own) and the bias (split 0
+        only), store."""
         if IS_NV:
-            if SCALED_J:
-                acc = acc * (tl.load(ts_ptr).to(tl.float32) * 128.0)  # 2^7
+            if TS_ROWS:
+                ts = tl.load(ts_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             else:
-                acc = acc * tl.load(ts_ptr).to(tl.float32)
+                ts = tl.load(ts_ptr).to(tl.float32)
+            if SCALED_J:
+                acc = acc * (ts * 128.0)  # 2^7
+            else:
+                acc = acc * ts
         elif SCALED_J:
             acc = acc * 18446744073709551616.0  # 2^64
         if HAS_BIAS:
@@ -414,7 +420,7 @@ if HAS_TRITON:
         xp_ptr, xs_ptr, p_ptr, s_ptr, ts_ptr, b_ptr, o_ptr,
         N, K, KW, stride_pn, stride_sn, K_SPLIT, M_KEY,
         IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-        USE_ASM: tl.constexpr, HW_E4M3: tl.constexpr, PDL: tl.constexpr,
+        USE_ASM: tl.constexpr, HW_E4M3: tl.constexpr, PDL: tl.constexpr, TS_ROWS: tl.constexpr,
         PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """out[0, n] = sum_k x[0, k] w[n, k] for one row prepared by ``_fp4_gemv_x_kernel``.
@@ -480,7 +486,7 @@ if HAS_TRITON:
                     * (f * xs[None, :]))
         _epilogue(tl.sum(acc, axis=1)[None, :], ts_ptr, b_ptr, o_ptr + pid_k.to(tl.int64) * N,
                   tl.arange(0, 1), offs_n, tl.arange(0, 1) < 1, n_mask, 0, pid_k, IS_NV,
-                  HAS_BIAS, False)
+                  HAS_BIAS, False, TS_ROWS)
 
     @triton.jit
     def _fp4_dequant_kernel(
@@ -510,7 +516,7 @@ if HAS_TRITON:
         x_ptr, p_ptr, s_ptr, ts_ptr, b_ptr, o_ptr,
         M, N, K, KW, stride_xm, stride_pn, stride_sn, stride_om, K_SPLIT, M_KEY,
         IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-        USE_ASM: tl.constexpr, F16: tl.constexpr, PREFETCH: tl.constexpr,
+        USE_ASM: tl.constexpr, F16: tl.constexpr, TS_ROWS: tl.constexpr, PREFETCH: tl.constexpr,
         INTERP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr,
     ):
@@ -571,7 +577,7 @@ if HAS_TRITON:
             acc = tl.trans(acc)
         # With split-K, program k writes its partial sums to slice k of ``o`` [split, M, N].
         _epilogue(acc, ts_ptr, b_ptr, o_ptr + pid_k.to(tl.int64) * M * stride_om, offs_m,
-                  offs_n, m_mask, n_mask, stride_om, pid_k, IS_NV, HAS_BIAS)
+                  offs_n, m_mask, n_mask, stride_om, pid_k, IS_NV, HAS_BIAS, True, TS_ROWS)
 
     @triton.jit
     def _fp4_grad_input_kernel(
@@ -739,10 +745,18 @@ def _split_k(n: int, kw: int, device: torch.device, kernel: str, tile_words: int
 
 def _scale_operands(scales: Tensor, tensor_scale: Tensor | None) -> tuple[bool, Tensor, Tensor]:
     """(is NVFP4, the block scales as bytes, the tensor-scale pointer operand): MXFP4 has no
-    tensor scale, so the kernels get the scale bytes there and never read them as one."""
+    tensor scale, so the kernels get the scale bytes there and never read them as one. An
+    NVFP4 tensor scale is one fp32 value, or one per weight row ([N, 1]: the rows of several
+    layers multiplied at once; the fused product kernels only)."""
     s_bytes = scales.view(torch.uint8)
-    ts = tensor_scale.reshape(1) if tensor_scale is not None else s_bytes
+    ts = tensor_scale.reshape(-1) if tensor_scale is not None else s_bytes
     return scales.dtype == torch.float8_e4m3fn, s_bytes, ts
+
+
+def _one_tensor_scale(ts: Tensor, is_nv: bool, what: str) -> None:
+    if is_nv and ts.numel() != 1:
+        raise ValueError(f"{what} takes one NVFP4 tensor scale, got {ts.numel()} (per-row scales "
+                         "are for the fused product kernels)")
 
 
 def _as_words(packed: Tensor) -> Tensor:
@@ -779,6 +793,7 @@ def fp4_dequantize(packed: Tensor, scales: Tensor, tensor_scale: Tensor | None, 
     if not HAS_TRITON:
         raise RuntimeError("fp4_dequantize needs Triton")
     is_nv, s_bytes, ts = _scale_operands(scales, tensor_scale)
+    _one_tensor_scale(ts, is_nv, "fp4_dequantize")
     if out.numel():
         _dequantize_words(_as_words(packed), s_bytes, ts, is_nv, k, out, not _interpreting())
     return out
@@ -849,8 +864,9 @@ def _split_sum(partials: Tensor, out: Tensor) -> None:
     """``out`` = the sum of ``partials`` [split, *out.shape] (fp32) over the first dim."""
     block = 1024
     numel = out.numel()
-    _split_sum_kernel[(triton.cdiv(numel, block),)](partials, out, numel,
-                                                    SPLIT=partials.shape[0], BLOCK=block)
+    _direct_launch(("split_sum", out.device.index, out.dtype, numel, partials.shape[0]),
+                   _split_sum_kernel, (triton.cdiv(numel, block),), (partials, out),
+                   dict(MN=numel, SPLIT=partials.shape[0], BLOCK=block))
 
 
 # Grad-input tiles: a weight tile of 64 rows x 128 columns per step. Of 12 tilings timed on
@@ -878,6 +894,7 @@ def fp4_grad_input(
     if not HAS_TRITON:
         raise RuntimeError("fp4_grad_input needs Triton")
     is_nv, s_bytes, ts = _scale_operands(scales, tensor_scale)
+    _one_tensor_scale(ts, is_nv, "fp4_grad_input")
     m, n = grad.shape
     words = _as_words(packed)
     kw = words.shape[1]
@@ -912,6 +929,69 @@ def fp4_grad_input(
     if split_n > 1:
         _split_sum(out, result)
     return result
+
+
+# Eager decoding launches the same few GEMV shapes thousands of times, and Triton's per-call
+# work (the autotuner's lookup, binding and specializing ~20 arguments) costs several times
+# the ~15 µs of a cuBLAS call on a slow host. So after the first launch of a kernel for a
+# given key (shape, dtypes, constants and the 16-byte alignment of each tensor, which is
+# what Triton specializes on), the compiled kernel is launched through its own runner with
+# the constant arguments bound once; the key's alignment part is checked every call.
+_DIRECT: dict[tuple, tuple] = {}
+
+
+def _aligned(tensors: tuple[Tensor, ...]) -> tuple[bool, ...]:
+    return tuple(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _direct_launch(key: tuple, fn, grid, tensors: tuple[Tensor, ...], consts: dict) -> None:
+    """``fn[grid](*tensors, **consts)``: the first time for ``key`` through the JIT (or the
+    autotuner ``fn``), then straight through the compiled kernel. ``tensors`` are the
+    kernel's leading parameters (the only ones that may change under one key)."""
+    key = (key, _aligned(tensors))
+    direct = _DIRECT.get(key)
+    if direct is not None:
+        runner, tail = direct
+        runner(*tensors, *tail)
+        return
+    grids = []
+
+    def grid_fn(meta: dict) -> tuple[int, ...]:
+        grids.append(grid(meta) if callable(grid) else grid)
+        return grids[-1]
+
+    compiled = fn[grid_fn](*tensors, **consts)
+    if compiled is None or not hasattr(compiled, "__getitem__"):  # the interpreter
+        return
+    jit = getattr(fn, "fn", fn)  # an autotuner wraps the JIT function
+    chosen = {**consts, **(fn.best_config.kwargs if jit is not fn else {})}
+    names = jit.arg_names[len(tensors):]
+    if all(name in chosen for name in names):
+        _DIRECT[key] = (compiled[grids[-1]], tuple(chosen[name] for name in names))
+
+
+def _gemv(x: Tensor, words: Tensor, s_bytes: Tensor, ts: Tensor, b: Tensor, out: Tensor,
+          n: int, k: int, k_split: int, m_key: int, common: dict, meta: dict, tuned) -> None:
+    """One row: the x kernel (fp16 pairs and group scales) then the GEMV, into ``out``
+    (``tuned``: the autotuner, or None to run the config in ``meta``)."""
+    kw = words.shape[1]
+    groups = kw // 2  # of 16 k: the padded K is a whole number of 16- or 32-blocks
+    buf = torch.empty(9 * groups, dtype=torch.int32, device=x.device)  # one allocation
+    xp, xs = buf[: 8 * groups], buf[8 * groups:].view(torch.float32)
+    arch = device_arch(x.device)
+    pdl = arch >= (9, 0) and common["USE_ASM"] and gdc_wait is not None
+    index = x.device.index
+    _direct_launch(("x", index, x.dtype, k, groups, pdl), _fp4_gemv_x_kernel,
+                   (triton.cdiv(groups, 64),), (x, xp, xs), dict(K=k, G=groups, PDL=pdl, BLOCK_G=64))
+    consts = dict(N=n, K=k, KW=kw, stride_pn=words.stride(0), stride_sn=s_bytes.stride(0),
+                  K_SPLIT=k_split, M_KEY=m_key, **common, HW_E4M3=arch >= (8, 9), PDL=pdl,
+                  **meta)
+    key = ("gemv", index, x.dtype, out.dtype, b.dtype, tuned is None, tuple(consts.items()))
+    if pdl:
+        consts["launch_pdl"] = True
+    grid = lambda meta_: (triton.cdiv(n, meta_["BLOCK_N"]), triton.cdiv(kw, k_split))  # noqa: E731
+    _direct_launch(key, tuned or _fp4_gemv_kernel, grid, (xp, xs, words, s_bytes, ts, b, out),
+                   consts)
 
 
 def fp4_matmul(
@@ -958,6 +1038,7 @@ def fp4_matmul(
     if m == 0 or n == 0:
         return result
     if kernel == "chunked":
+        _one_tensor_scale(ts, is_nv, "the chunked FP4 product")
         return _chunked(x, words, s_bytes, ts, is_nv, k, bias, result, use_asm, chunk_rows,
                         overlap)
     configs = {"gemv": GEMV_CONFIGS, "small": SMALL_CONFIGS, "gemm": GEMM_CONFIGS}[kernel]
@@ -974,7 +1055,8 @@ def fp4_matmul(
         else result
     b = bias if bias is not None else out
     m_key = _next_pow2(m) if m <= SMALL_MAX_M else 128 * _next_pow2(_cdiv(m, 128))
-    common = dict(IS_NV=is_nv, HAS_BIAS=bias is not None, SPLIT_K=split, USE_ASM=use_asm)
+    common = dict(IS_NV=is_nv, HAS_BIAS=bias is not None, SPLIT_K=split, USE_ASM=use_asm,
+                  TS_ROWS=ts.numel() > 1)
     meta = dict(config or {})
     if config is not None:
         meta.setdefault("PREFETCH", True)
@@ -982,18 +1064,8 @@ def fp4_matmul(
     if kernel == "gemv":
         if m != 1:
             raise ValueError(f"the gemv kernel takes one row, got {m}")
-        groups = kw // 2  # of 16 k: the padded K is a whole number of 16- or 32-blocks
-        buf = torch.empty(9 * groups, dtype=torch.int32, device=x.device)  # one allocation
-        xp, xs = buf[: 8 * groups], buf[8 * groups:].view(torch.float32)
-        arch = device_arch(x.device)
-        pdl = arch >= (9, 0) and use_asm and gdc_wait is not None
-        _fp4_gemv_x_kernel[(triton.cdiv(groups, 64),)](x, xp, xs, k, groups, PDL=pdl,
-                                                       BLOCK_G=64)
-        fn = _fp4_gemv_kernel if config else _gemv_tuned
-        grid = lambda meta_: (triton.cdiv(n, meta_["BLOCK_N"]), triton.cdiv(kw, k_split))  # noqa: E731
-        fn[grid](xp, xs, words, s_bytes, ts, b, out, n, k, kw, words.stride(0),
-                 s_bytes.stride(0), k_split, m_key, **common, HW_E4M3=arch >= (8, 9), PDL=pdl,
-                 **({"launch_pdl": True} if pdl else {}), **meta)
+        _gemv(x, words, s_bytes, ts, b, out, n, k, k_split, m_key, common, meta,
+              None if config else _gemv_tuned)
     else:
         if kernel == "small":
             meta.setdefault("BLOCK_M", max(16, _next_pow2(m)))

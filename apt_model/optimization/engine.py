@@ -19,6 +19,7 @@ from apt_model.optimization.attention import (
 )
 from apt_model.optimization.checkpointing import apply_checkpointing
 from apt_model.optimization.config import VBConfig
+from apt_model.optimization.fused_projections import fuse_projections
 from apt_model.optimization.precision import apply_autocast
 from apt_model.optimization.wrapping import unwrap
 
@@ -38,6 +39,8 @@ class OptimizationReport:
     attention_fused: int
     fused_losses: int
     checkpointed_blocks: int
+    fused_projections: int = 0
+    """Groups of sibling FP4 projections multiplied as one (q/k/v, gate/up)."""
     switches: dict[str, bool | str] = field(default_factory=dict)
     """The effective switches it was optimized with (see ``effective_switches``)."""
     undo: list[Callable[[], None]] = field(default_factory=list, repr=False, compare=False)
@@ -88,9 +91,12 @@ def optimize(model: nn.Module, config: VBConfig) -> OptimizationReport:
         raise _reoptimize_error(existing, config, switches)
     undo: list[Callable[[], None]] = []  # run in reverse by ``restore``
     fp4_layers = []
+    fused = 0
     if config.switch("fp4"):
         fp4_layers = convert_to_fp4(model, config.fp4_format, config.fp4_skip, config.fp4_min_features)
         undo.append(lambda: _unconvert_fp4(model))
+        fused, unfuse = fuse_projections(model)
+        undo.append(unfuse)
     undo.append(remember_implementations(model))
     attention = use_fused_attention(model) if config.switch("fused_attention") else 0
     fused_losses = use_fused_loss(model) if config.switch("fused_loss") else 0
@@ -110,6 +116,7 @@ def optimize(model: nn.Module, config: VBConfig) -> OptimizationReport:
         attention_fused=attention,
         fused_losses=fused_losses,
         checkpointed_blocks=len(blocks),
+        fused_projections=fused,
         switches=switches,
         undo=undo,
     )

@@ -1,0 +1,155 @@
+"""One product for sibling FP4 layers that read the same input: :class:`FusedFP4Projections`.
+
+At batch-1 decoding an attention block multiplies one row by q, k and v, and a gated MLP by
+gate and up: small products whose launches (host) and ramp-up (device) cost more than their
+weight reads. Concatenating the members' packed weights by rows turns them into one GEMV.
+
+How it stays invisible to the model's code: the members stay ordinary :class:`FP4Linear`
+modules, called by the model as before. The first member called with a row computes the
+product for all of them and returns its slice; a member called with that same tensor
+afterwards gets its slice without a launch. Anything else (several rows, another input,
+members not frozen) runs the member alone, so results never depend on whether the members
+really share their input; a group that sees its members called with different inputs stops
+fusing for good.
+
+Storage: the group holds the concatenated packed codes, block scales, per-row tensor scales
+(NVFP4: each member keeps its own) and biases as non-persistent buffers, and the members'
+``weight_packed`` / ``weight_scales`` become views of them, so nothing is stored twice,
+state_dict and checkpoints are unchanged, and writing into a member's buffers (as
+``load_state_dict`` does) writes the group's. After ``.to()`` moves members and group apart,
+the group's ``_apply`` points the members at its moved tensors again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from apt_model.fp4.format import FP4Weight
+from apt_model.fp4.layer import FP4Linear
+from apt_model.fp4.ops import fp4_linear
+
+__all__ = ["FusedFP4Projections"]
+
+
+def _held(member: FP4Linear) -> tuple:
+    """What a member's part of the group was built from: its packed tensors (by identity),
+    and its tensor scale and bias, which the group copies (by identity and version)."""
+    return tuple((id(t), t._version) if t is not None else None
+                 for t in (member.weight_packed, member.weight_scales,
+                           member.weight_tensor_scale, member.bias))
+
+
+class FusedFP4Projections(nn.Module):
+    """The frozen members' packed weights as one, and their product at one activation row."""
+
+    def __init__(self, members: Sequence[FP4Linear]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError("a fused projection needs at least two FP4 layers")
+        first = members[0]
+        for member in members:
+            if (member.in_features, member.fmt) != (first.in_features, first.fmt) or (
+                    (member.bias is None) != (first.bias is None)):
+                raise ValueError(f"cannot fuse {member!r} with {first!r}: inputs, format or "
+                                 "bias differ")
+        object.__setattr__(self, "members", tuple(members))  # not submodules
+        self.in_features = first.in_features
+        self.fmt = first.fmt
+        self.sizes = [member.out_features for member in members]
+        self.active = True  # False once the members were seen reading different inputs
+        for name in ("packed", "scales", "tensor_scale", "bias"):
+            self.register_buffer(name, None, persistent=False)
+        self._weight: FP4Weight | None = None
+        self._views: list[tuple] = []
+        self._input: Tensor | None = None
+        self._outputs: list[Tensor | None] = []
+        for index, member in enumerate(members):
+            member.join_fused(self, index)
+        self.pack()
+
+    def pack(self) -> bool:
+        """Concatenate the members' packed weights once all are frozen (again if a member's
+        buffers were replaced since); True if the group is packed now."""
+        if not all(member.frozen for member in self.members):
+            self.packed = self.scales = self.tensor_scale = self.bias = None
+            return False
+        weights = [member.packed_weight() for member in self.members]
+        self.packed = torch.cat([w.packed for w in weights])
+        self.scales = torch.cat([w.scales for w in weights])
+        if self.fmt == "nvfp4":
+            self.tensor_scale = torch.cat([w.tensor_scale.reshape(1).float().expand(w.shape[0])
+                                           for w in weights]).reshape(-1, 1)
+        if self.members[0].bias is not None:
+            self.bias = torch.cat([member.bias.detach() for member in self.members])
+        self._link()
+        return True
+
+    def _link(self) -> None:
+        """Point each member's packed buffers at its rows of the group's tensors."""
+        start = 0
+        self._views = []
+        for member, size in zip(self.members, self.sizes, strict=True):
+            rows = slice(start, start + size)
+            member.weight_packed = self.packed[rows]
+            member.weight_scales = self.scales[rows]
+            self._views.append(_held(member))
+            start += size
+        self._weight = None
+
+    def _linked(self) -> bool:
+        """Whether every member still holds the group's views (not tensors put in their place)."""
+        return all(_held(member) == held for member, held in zip(self.members, self._views, strict=True))
+
+    def _fused_weight(self) -> FP4Weight:
+        if torch.compiler.is_compiling():
+            return FP4Weight(self.fmt, self.packed, self.scales, self.tensor_scale,
+                             (self.packed.shape[0], self.in_features))
+        if self._weight is None:
+            self._weight = FP4Weight(self.fmt, self.packed, self.scales, self.tensor_scale,
+                                     (self.packed.shape[0], self.in_features))
+        return self._weight
+
+    def take(self, index: int, given: Tensor, x: Tensor) -> Tensor | None:
+        """Member ``index``'s output for the tensor it was ``given`` (``x``: that input in
+        the compute dtype) from the fused product, or None when the member must run alone
+        (not packed, not one row, group inactive)."""
+        if not self.active or self.packed is None or x.numel() != x.shape[-1]:
+            return None
+        if self._input is not given or self._outputs[index] is None:
+            if self._input is not given and any(out is not None for out in self._outputs):
+                # Outputs for another input were never taken: the members do not share it.
+                self.active = False
+                self._input, self._outputs = None, []
+                return None
+            if not torch.compiler.is_compiling() and not self._linked() and not self.pack():
+                return None  # a member's buffers were replaced (packed again) or unfrozen
+            out = fp4_linear(x, self._fused_weight(), self.bias)
+            self._input = given
+            self._outputs = list(out.split(self.sizes, dim=-1))
+        out = self._outputs[index]
+        self._outputs[index] = None
+        if all(o is None for o in self._outputs):
+            self._input, self._outputs = None, []
+        return out
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> FusedFP4Projections:
+        """Move (never cast: float8 scales, fp32 tensor scales) the group's tensors, then point
+        the members at them again (``.to()`` moved the members' views on their own)."""
+        for name, tensor in list(self._buffers.items()):
+            if tensor is not None:
+                moved = fn(tensor)
+                self._buffers[name] = moved if moved.dtype == tensor.dtype else tensor.to(moved.device)
+        if self.packed is not None:
+            self._link()
+        return self
+
+    def release(self) -> None:
+        """Detach the members (they keep views of the group's tensors, alive through them)."""
+        for member in self.members:
+            member.join_fused(None, 0)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, sizes={self.sizes}, fmt={self.fmt}"
