@@ -234,8 +234,10 @@ def test_gpt2_freeze_keeps_logits_and_restore_gives_conv1d_back():
     with torch.no_grad():
         assert torch.equal(model(input_ids=x).logits, plain_logits)
     vb.optimize(model, mode="speed", verbose=False)
+    stats = vb.get_stats()
     assert vb.freeze_fp4(model) == 8
     assert all(m.frozen for m in model.modules() if isinstance(m, FP4Linear))
+    assert vb.get_stats()["param_bytes_after"] == stats["param_bytes_after"]  # the packed bytes
     with torch.no_grad():
         assert torch.equal(model(input_ids=x).logits, fp4_logits)
         packed = {n: model.get_submodule(n).packed_weight() for n in params}
