@@ -41,3 +41,17 @@ def test_speed_mode_hugging_face_model_compiles_whole():
     assert vb.get_stats()["layers"]["fp4"] == 14
     vb.freeze_fp4(model)
     compiled_logits_match(model, torch.randint(0, 256, (1, 16)), use_cache=False)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_speed_mode_gpt2_compiles_whole(frozen):
+    """GPT-2's Conv1D projections in FP4 (their [in, out] weights used transposed)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=64)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    vb.optimize(model, mode="speed", verbose=False)
+    assert vb.get_stats()["layers"]["fp4"] == 8
+    if frozen:
+        vb.freeze_fp4(model)
+    compiled_logits_match(model, torch.randint(0, 256, (1, 16)), use_cache=False)

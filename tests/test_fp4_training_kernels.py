@@ -101,6 +101,19 @@ def test_grad_input_kernel_split_variants(split):
     assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-2, seed
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transposed_view_quantizes_as_its_contiguous_copy(fmt, dtype):
+    """A GPT-2 Conv1D's [in, out] weight is quantized through its [out, in] view ``w.t()``."""
+    seed = _seed()
+    w = _weights((96, 1056), dtype).t()
+    c = w.contiguous()
+    q, r = fp4_quantize(w, fmt), fp4_quantize(c, fmt)
+    assert torch.equal(q.packed, r.packed) and torch.equal(_bits(q.scales), _bits(r.scales)), seed
+    assert torch.equal(_bits(fp4_fake_quantize(w, fmt, torch.bfloat16)),
+                       _bits(fp4_fake_quantize(c, fmt, torch.bfloat16))), seed
+
+
 def _layer_grads(layer, x, env=None):
     layer.weight.grad = None
     layer.bias.grad = None
@@ -144,6 +157,27 @@ def test_fp4_layer_training_paths_on_cuda(fmt, fused, monkeypatch):
         for a, b in zip(got, want, strict=True):
             err = ((a.double() - b.double()).norm() / b.double().norm()).item()
             assert err <= 1e-2, (seed, err)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_conv1d_layer_trains_as_the_linear_of_its_transposed_weight_on_cuda(fused, monkeypatch):
+    """Both CUDA training paths give a GPT-2 Conv1D's FP4 layer exactly what an nn.Linear's
+    holding the transposed weight gets, its weight gradient transposed back to [in, out]."""
+    transformers = pytest.importorskip("transformers")
+    seed = _seed()
+    if fused:
+        monkeypatch.setattr(fl, "FUSED_TRAIN_MIN_WEIGHTS", 0)
+    conv = transformers.pytorch_utils.Conv1D(768, 512).cuda()
+    linear = torch.nn.Linear(512, 768, device="cuda")
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.t())
+        linear.bias.copy_(conv.bias)
+    x = torch.randn(16 if fused else 4096, 512, device="cuda")
+    got = _layer_grads(FP4Linear(conv).train(), x)
+    want = _layer_grads(FP4Linear(linear).train(), x)
+    assert got[2].shape == (512, 768)
+    for a, b in zip(got, (want[0], want[1], want[2].t(), want[3]), strict=True):
+        assert torch.equal(a, b), seed
 
 
 def test_fused_path_trains_a_model_on_cuda(monkeypatch):

@@ -1,5 +1,5 @@
-"""FP4 weights for ``nn.Linear`` layers: :class:`FP4Linear`, :func:`convert_to_fp4`,
-:func:`freeze_fp4`.
+"""FP4 weights for ``nn.Linear`` layers and GPT-2's ``Conv1D`` projections: :class:`FP4Linear`,
+:func:`convert_to_fp4`, :func:`freeze_fp4`.
 
 The master weight stays the same ``nn.Parameter`` object the user's optimizer updates, so
 the model keeps learning and its state_dict stays plain. In training the layer computes
@@ -24,11 +24,19 @@ master weight: the layer then holds only the packed weight, as buffers named
 ``weight_packed``, ``weight_scales`` and (NVFP4) ``weight_tensor_scale``, so the device holds
 4.5 (NVFP4) or 4.25 (MXFP4) bits per weight instead of 32, and ``.to()`` and the state_dict
 carry the packed form.
+
+A ``Conv1D`` (``transformers.pytorch_utils``: ``x @ W + b`` with ``W`` stored ``[in, out]``) is
+the same linear map with its weight stored transposed. Its `FP4Linear` keeps that Parameter
+in its ``[in, out]`` layout (so the optimizer and the state_dict see the ``Conv1D``'s own
+weight) and computes with the ``[out, in]`` view ``weight.t()``; gradients reach the
+Parameter through that view, in its own layout. Packed and frozen weights are ``[out, in]``
+for both kinds.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import sys
 from collections.abc import Callable
 
 import torch
@@ -51,9 +59,11 @@ __all__ = [
     "PACKED_BUFFERS",
     "FP4Linear",
     "convert_to_fp4",
+    "count_linear_layers",
     "fp4_candidates",
     "freeze_fp4",
     "fused_training_linear",
+    "is_conv1d",
     "straight_through_fp4",
 ]
 
@@ -67,6 +77,29 @@ FUSED_TRAIN_MIN_WEIGHTS = 1 << 27
 # Buffer names of a frozen layer, in FP4Weight.state_tensors() order.
 PACKED_BUFFERS = {"packed": "weight_packed", "scales": "weight_scales",
                   "tensor_scale": "weight_tensor_scale"}
+
+
+def _conv1d_class() -> type[nn.Module] | None:
+    """GPT-2's ``transformers.pytorch_utils.Conv1D`` if that module is imported, else None.
+
+    Looked up in ``sys.modules``, never imported: a model can only hold ``Conv1D`` layers once
+    their module has been imported, so a model without any costs no transformers import.
+    Matching the class itself, not its name, cannot mistake another library's ``Conv1D`` (a
+    real convolution, or a copy with another forward) for this one.
+    """
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is exactly GPT-2's ``Conv1D`` (not a subclass, whose forward may differ)."""
+    conv1d = _conv1d_class()
+    return conv1d is not None and type(module) is conv1d
+
+
+def count_linear_layers(model: nn.Module) -> int:
+    """The linear layers of ``model`` that reports count: ``nn.Linear`` (and subclasses),
+    GPT-2 ``Conv1D`` and `FP4Linear`."""
+    return sum(isinstance(m, (nn.Linear, FP4Linear)) or is_conv1d(m) for m in model.modules())
 
 
 class _QuantizeStraightThrough(torch.autograd.Function):
@@ -135,10 +168,16 @@ def fused_training_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 class FP4Linear(nn.Module):
     """A linear layer whose weight is used in NVFP4 or MXFP4 form."""
 
-    def __init__(self, linear: nn.Linear, fmt: str = "nvfp4") -> None:
+    def __init__(self, linear: nn.Module, fmt: str = "nvfp4") -> None:
+        """Take over ``linear``, an ``nn.Linear`` or a GPT-2 ``Conv1D``: its weight and bias
+        ``Parameter`` objects, the weight kept in its own layout (``[in, out]`` for ``Conv1D``,
+        recorded as ``weight_transposed``)."""
         super().__init__()
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
+        self.weight_transposed = is_conv1d(linear)
+        if self.weight_transposed:
+            self.in_features, self.out_features = linear.nx, linear.nf
+        else:
+            self.in_features, self.out_features = linear.in_features, linear.out_features
         self.fmt = fmt
         self.weight = linear.weight
         self.bias = linear.bias
@@ -176,6 +215,12 @@ class FP4Linear(nn.Module):
             return self._compute_dtype
         return self.weight.dtype
 
+    def master_weight(self) -> torch.Tensor:
+        """The master weight (of a layer not frozen) as ``[out, in]``: the Parameter, or for a
+        ``Conv1D`` its transposed view, through which gradients reach the Parameter in its own
+        ``[in, out]`` layout."""
+        return self.weight.t() if self.weight_transposed else self.weight
+
     def packed_weight(self) -> FP4Weight:
         """The packed FP4 weight, re-quantized only when the master weight was changed or moved.
 
@@ -199,11 +244,11 @@ class FP4Linear(nn.Module):
             return self._packed
         w = self.weight
         if compiling:
-            return fp4_quantize(w.detach(), self.fmt)
+            return fp4_quantize(self.master_weight().detach(), self.fmt)
         key = (id(w), w._version, w.device)
         if self._packed is None or self._packed_key != key:
             with torch.no_grad():
-                self._packed = fp4_quantize(w, self.fmt)
+                self._packed = fp4_quantize(self.master_weight(), self.fmt)
             self._packed_key = key
         return self._packed
 
@@ -225,18 +270,24 @@ class FP4Linear(nn.Module):
         object.__setattr__(self, "_fused", group)  # a reference, not a submodule
         self._fused_index = index
 
-    def to_linear(self) -> nn.Linear:
-        """The plain ``nn.Linear`` this layer stands for: holding the same master weight and
-        bias ``Parameter`` objects, or for a frozen layer its dequantized weight (in the
-        compute dtype, on the packed weight's device)."""
+    def to_plain(self) -> nn.Module:
+        """The plain layer this one stands for, an ``nn.Linear`` or (``weight_transposed``) a
+        GPT-2 ``Conv1D``: holding the same master weight and bias ``Parameter`` objects, or for
+        a frozen layer its dequantized weight (in the compute dtype, on the packed weight's
+        device; ``[in, out]`` and contiguous for a ``Conv1D``)."""
         weight = self.weight
         if weight is None:
-            weight = nn.Parameter(self.packed_weight().dequantize(self.compute_dtype))
-        linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
-        linear.weight = weight
-        linear.bias = self.bias
-        linear.train(self.training)
-        return linear
+            dense = self.packed_weight().dequantize(self.compute_dtype)
+            weight = nn.Parameter(dense.t().contiguous() if self.weight_transposed else dense)
+        if self.weight_transposed:
+            with torch.device("meta"):
+                plain = _conv1d_class()(self.out_features, self.in_features)
+        else:
+            plain = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+        plain.weight = weight
+        plain.bias = self.bias
+        plain.train(self.training)
+        return plain
 
     def _install_packed(self, weight: FP4Weight, dtype: torch.dtype) -> None:
         """Replace the master weight (if any) by ``weight``'s tensors, registered as buffers."""
@@ -326,15 +377,17 @@ class FP4Linear(nn.Module):
         if (x.dtype == dtype and x.numel() <= FUSED_TRAIN_MAX_ROWS * self.in_features
                 and self.in_features * self.out_features >= FUSED_TRAIN_MIN_WEIGHTS
                 and triton_available(x.device)):
-            return fused_training_linear(x, self.weight, self.bias, self.fmt)
-        return F.linear(x, straight_through_fp4(self.weight, self.fmt, dtype), self.bias)
+            return fused_training_linear(x, self.master_weight(), self.bias, self.fmt)
+        return F.linear(x, straight_through_fp4(self.master_weight(), self.fmt, dtype), self.bias)
 
     def _describe(self) -> str:
         return f"FP4Linear({self.in_features}->{self.out_features}, {self.fmt})"
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, fmt={self.fmt}" + (", frozen=True" if self.frozen else ""))
+                f"bias={self.bias is not None}, fmt={self.fmt}"
+                + (", weight_transposed=True" if self.weight_transposed else "")
+                + (", frozen=True" if self.frozen else ""))
 
 
 def freeze_fp4(model: nn.Module) -> int:
@@ -358,16 +411,28 @@ def _shared_weight_ids(model: nn.Module) -> set[int]:
     return {pid for pid, count in seen.items() if count > 1}
 
 
-def fp4_candidates(model: nn.Module, skip: tuple[str, ...], min_features: int) -> list[tuple[str, nn.Linear]]:
-    """Linear layers worth converting: not tied, not tiny, not named in the skip list."""
+def _plain_features(module: nn.Module) -> tuple[int, int] | None:
+    """``(in, out)`` of an ``nn.Linear`` or GPT-2 ``Conv1D`` (exactly those classes: a
+    subclass may compute something else); None for any other module."""
+    if type(module) is nn.Linear:
+        return module.in_features, module.out_features
+    if is_conv1d(module):
+        return module.nx, module.nf
+    return None
+
+
+def fp4_candidates(model: nn.Module, skip: tuple[str, ...], min_features: int) -> list[tuple[str, nn.Module]]:
+    """Linear layers (``nn.Linear``, GPT-2 ``Conv1D``) worth converting: not tied, not tiny,
+    not named in the skip list."""
     shared = _shared_weight_ids(model)
     out = []
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear:
+        features = _plain_features(module)
+        if features is None:
             continue
         if id(module.weight) in shared:
             continue
-        if min(module.in_features, module.out_features) < min_features:
+        if min(features) < min_features:
             continue
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in skip):
             continue
@@ -376,7 +441,8 @@ def fp4_candidates(model: nn.Module, skip: tuple[str, ...], min_features: int) -
 
 
 def convert_to_fp4(model: nn.Module, fmt: str, skip: tuple[str, ...], min_features: int) -> list[FP4Linear]:
-    """Swap every candidate ``nn.Linear`` for an `FP4Linear` holding the same parameters."""
+    """Swap every candidate ``nn.Linear`` or ``Conv1D`` for an `FP4Linear` holding the same
+    parameters."""
     converted = []
     for name, linear in fp4_candidates(model, skip, min_features):
         parent_name, _, child = name.rpartition(".")

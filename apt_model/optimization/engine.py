@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from apt_model.errors import VBConfigError
-from apt_model.fp4.layer import FP4Linear, convert_to_fp4
+from apt_model.fp4.layer import FP4Linear, convert_to_fp4, count_linear_layers
 from apt_model.i18n import tr
 from apt_model.optimization.attention import (
     remember_implementations,
@@ -49,10 +49,6 @@ class OptimizationReport:
     @property
     def linears_optimized(self) -> int:
         return self.fp4_layers + self.autocast_linears
-
-
-def _count_linears(model: nn.Module) -> int:
-    return sum(isinstance(m, (nn.Linear, FP4Linear)) for m in model.modules())
 
 
 def effective_switches(config: VBConfig) -> dict[str, bool | str]:
@@ -102,7 +98,7 @@ def optimize(model: nn.Module, config: VBConfig) -> OptimizationReport:
     fused_losses = use_fused_loss(model) if config.switch("fused_loss") else 0
     blocks = apply_checkpointing(model, config.checkpoint_blocks) if config.switch("gradient_checkpointing") else []
     undo.extend(functools.partial(unwrap, block) for block in blocks)
-    linear_total = _count_linears(model)
+    linear_total = count_linear_layers(model)
     autocast = config.switch("mixed_precision")
     if autocast:
         apply_autocast(model)
@@ -132,18 +128,19 @@ def report_of(model: nn.Module) -> OptimizationReport | None:
 
 
 def _unconvert_fp4(model: nn.Module) -> None:
-    """Every ``FP4Linear`` of ``model`` back to an ``nn.Linear`` (see ``FP4Linear.to_linear``)."""
+    """Every ``FP4Linear`` of ``model`` back to its plain layer, an ``nn.Linear`` or ``Conv1D``
+    (see ``FP4Linear.to_plain``)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, FP4Linear):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, module.to_linear())
+            setattr(parent, child, module.to_plain())
 
 
 def restore(model: nn.Module) -> nn.Module:
-    """Undo ``optimize``: the plain model again, with its weights (FP4 layers become
-    ``nn.Linear`` holding the same master ``Parameter``; a frozen one, its dequantized
-    weight). A model that was never optimized is returned as it is."""
+    """Undo ``optimize``: the plain model again, with its weights (FP4 layers become the
+    ``nn.Linear`` or ``Conv1D`` they were, holding the same master ``Parameter``; a frozen one,
+    its dequantized weight). A model that was never optimized is returned as it is."""
     report = report_of(model)
     if report is None:
         return model

@@ -15,7 +15,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from apt_model import accelerator
 from apt_model.fp4.format import fp4_nbytes
-from apt_model.fp4.layer import FP4Linear
+from apt_model.fp4.layer import FP4Linear, count_linear_layers
 from apt_model.i18n import tr
 from apt_model.optimization.config import VBConfig
 from apt_model.optimization.engine import OptimizationReport, report_of
@@ -77,7 +77,7 @@ def _loaded_report(model: nn.Module) -> OptimizationReport:
     fp4 = [m for m in model.modules() if isinstance(m, FP4Linear)]
     return OptimizationReport(
         mode="fp4-checkpoint", fp4_format=fp4[0].fmt if fp4 else None,
-        linear_total=sum(isinstance(m, (nn.Linear, FP4Linear)) for m in model.modules()),
+        linear_total=count_linear_layers(model),
         fp4_layers=len(fp4), autocast_linears=0, attention_fused=0, fused_losses=0,
         checkpointed_blocks=0)
 
@@ -108,7 +108,7 @@ def collect(config: VBConfig | None, enabled: bool) -> dict[str, Any]:
                 param_bytes += module.plain_weight_nbytes()
                 compute_bytes += module.packed_weight().nbytes()
             else:
-                fp4_weights[id(module.weight)] = fp4_nbytes(tuple(module.weight.shape), module.fmt)
+                fp4_weights[id(module.weight)] = fp4_nbytes((module.out_features, module.in_features), module.fmt)
         compute_bytes += sum(fp4_weights.get(id(p), _bytes(p)) for p in params)
         if params and params[0].device not in devices:
             devices.append(params[0].device)

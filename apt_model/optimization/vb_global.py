@@ -211,8 +211,9 @@ def optimize(model: ModelT, **options: Any) -> ModelT:
 
 def restore(model: ModelT) -> ModelT:
     """Turn a model VB optimized back into the plain one, weights included: FP4 layers become
-    ``nn.Linear`` again (holding the same master weight; a frozen layer its dequantized
-    weight), attention and loss implementations, autocast and checkpointing are undone.
+    ``nn.Linear`` (or GPT-2 ``Conv1D``) again (holding the same master weight; a frozen layer
+    its dequantized weight), attention and loss implementations, autocast and checkpointing
+    are undone.
     It can then be optimized again, in any mode."""
     _engine().restore(model)
     _stats().REGISTRY.untrack(model)
