@@ -530,3 +530,42 @@ def test_public_op_on_cuda_and_compiled(fmt):
                                rtol=0, atol=0)
     xg = x.clone().requires_grad_()
     torch.testing.assert_close(fp4_linear(xg, w, b), out, rtol=0, atol=0)
+
+
+def test_direct_launch_binds_constants_once_and_rechecks_alignment():
+    """After the first launch of a key (through the JIT or the autotuner), the compiled
+    kernel's runner gets the tensors plus the constants (the autotuner's choice included)."""
+    triton = pytest.importorskip("triton")
+    import apt_model.fp4.triton_matmul as tm
+
+    launches = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *args: launches.append(("direct", grid, args[2:]))
+
+    class Jit:
+        arg_names = ["a", "b", "N", "BLOCK"]
+
+        def __getitem__(self, grid):
+            def launch(*tensors, **consts):
+                launches.append(("jit", grid({"BLOCK": consts.get("BLOCK", 8)})))
+                return Compiled()
+            return launch
+
+    class Tuned(triton.runtime.Autotuner):
+        def __init__(self):  # the fields _direct_launch reads
+            self.fn, self.best_config = Jit(), triton.Config({"BLOCK": 8})
+
+        __getitem__ = Jit.__getitem__
+
+    a, b = torch.zeros(8), torch.zeros(8)
+    for fn, consts, block in ((Jit(), dict(N=3, BLOCK=4), 4), (Tuned(), dict(N=3), 8)):
+        launches.clear()
+        tm._DIRECT.clear()
+        for _ in range(2):
+            tm._direct_launch(("key",), fn, lambda meta: (meta["BLOCK"], 1), (a, b), consts)
+        tm._direct_launch(("key",), fn, lambda meta: (meta["BLOCK"], 1), (a[1:], b), consts)
+        assert launches == [("jit", (block, 1)), ("direct", (block, 1), (3, block)),
+                            ("jit", (block, 1))]  # a misaligned tensor: another specialization
+    tm._DIRECT.clear()

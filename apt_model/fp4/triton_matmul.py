@@ -963,8 +963,9 @@ def _direct_launch(key: tuple, fn, grid, tensors: tuple[Tensor, ...], consts: di
     compiled = fn[grid_fn](*tensors, **consts)
     if compiled is None or not hasattr(compiled, "__getitem__"):  # the interpreter
         return
-    jit = getattr(fn, "fn", fn)  # an autotuner wraps the JIT function
-    chosen = {**consts, **(fn.best_config.kwargs if jit is not fn else {})}
+    tuned = isinstance(fn, triton.runtime.Autotuner)  # it wraps the JIT function
+    jit = fn.fn if tuned else fn
+    chosen = {**consts, **(fn.best_config.kwargs if tuned else {})}
     names = jit.arg_names[len(tensors):]
     if all(name in chosen for name in names):
         _DIRECT[key] = (compiled[grids[-1]], tuple(chosen[name] for name in names))
