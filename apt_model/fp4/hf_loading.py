@@ -296,19 +296,24 @@ def _plan(model: nn.Module, shards: list[Path]) -> list[tuple[Path, dict[str, st
 # ------------------------------------------------------------------------------ loading
 
 
+def _moved(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` on ``device`` in ``dtype``, in memory of its own (never the checkpoint's
+    mapping): moved first and converted there, so loading onto an accelerator makes no
+    host copy of it."""
+    moved = tensor.to(device)
+    return moved.to(dtype, copy=moved is tensor)
+
+
 def _put(model: nn.Module, name: str, tensor: torch.Tensor, device: torch.device,
          dtype: torch.dtype) -> None:
     """Fill parameter or buffer ``name``: an `FP4Linear`'s weight quantized on ``device``,
-    anything else copied there (floating point in ``dtype``). The result never shares the
-    checkpoint's mapped memory."""
+    anything else put there (floating point in ``dtype``, other tensors in their own)."""
     owner_name, _, leaf = name.rpartition(".")
     owner = model.get_submodule(owner_name)
     if isinstance(owner, FP4Linear) and leaf == "weight":
-        weight = tensor.to(device=device, dtype=dtype)
-        owner._install_packed(fp4_quantize(weight, owner.fmt), dtype)
+        owner._install_packed(fp4_quantize(_moved(tensor, device, dtype), owner.fmt), dtype)
         return
-    value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype,
-                      copy=True)
+    value = _moved(tensor, device, dtype if tensor.is_floating_point() else tensor.dtype)
     if leaf in owner._parameters:
         owner._parameters[leaf] = nn.Parameter(value, requires_grad=owner._parameters[leaf].requires_grad)
     else:
