@@ -278,8 +278,10 @@ def _plan(model: nn.Module, shards: list[Path]) -> list[tuple[Path, dict[str, st
             filled.add(alias.get(target, target))
             keys[key] = target
         plan.append((shard, keys))
-    missing = [name for name in expected if alias.get(name, name) not in filled
-               and (skip_missing is None or not skip_missing.search(name))]
+    # a buffer the constructor built may be left out where the model says so; a parameter,
+    # still on meta, never
+    missing = [name for name, tensor in expected.items() if alias.get(name, name) not in filled
+               and (tensor.is_meta or skip_missing is None or not skip_missing.search(name))]
     if missing or unexpected:
         parts = ([f"missing {missing[:5]}" + (f" (+{len(missing) - 5})" if len(missing) > 5 else "")]
                  if missing else [])
