@@ -18,6 +18,7 @@ from torch import nn
 
 import apt_model.optimization.vb_global as vb
 from apt_model.errors import VBConfigError, VBDataError
+from apt_model.fp4 import hf_loading
 from apt_model.fp4.hf_loading import INDEX_NAME, checkpoint_shards
 from apt_model.fp4.layer import FP4Linear
 from apt_model.optimization.engine import report_of
@@ -177,6 +178,29 @@ def test_stats_count_it_and_restore_gives_the_dequantized_plain_model(checkpoint
     assert not any(isinstance(m, FP4Linear) for m in model.modules())
     with torch.no_grad():  # dequantize-then-matmul, as the FP4 layers computed off CUDA
         assert torch.equal(model(input_ids=x).logits, before)
+
+
+def test_one_weight_in_the_compute_dtype_at_a_time(checkpoints, monkeypatch):
+    """Whenever a weight is quantized, every other FP4 layer is still on meta or already
+    packed: the device holds the FP4 model plus one weight in the compute dtype."""
+    built, seen = [], []
+    build, quantize = hf_loading._build, hf_loading.fp4_quantize
+
+    def spy_build(*args):
+        built.append(build(*args))
+        return built[-1]
+
+    def spy_quantize(weight, fmt):
+        layers = [m for m in built[0].modules() if isinstance(m, FP4Linear)]
+        assert all(m.frozen or m.weight.is_meta for m in layers)
+        assert weight.dtype == torch.bfloat16 and not weight.is_meta
+        seen.append(sum(m.frozen for m in layers))
+        return quantize(weight, fmt)
+
+    monkeypatch.setattr(hf_loading, "_build", spy_build)
+    monkeypatch.setattr(hf_loading, "fp4_quantize", spy_quantize)
+    vb.load_pretrained_fp4(checkpoints["llama"], dtype=torch.bfloat16, verbose=False)
+    assert seen == list(range(14))
 
 
 def test_base_model_checkpoint_loads_into_the_head_model(tmp_path):

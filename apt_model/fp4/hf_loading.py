@@ -76,7 +76,7 @@ def _first_line(exc: BaseException) -> str:
 
 def checkpoint_shards(folder: str | os.PathLike) -> list[Path]:
     """The safetensors files of a Hugging Face checkpoint folder, in load order:
-    ``model.safetensors``, else the shards ``model.safetensors.index.json`` names.
+    ``model.safetensors``, else the shards ``model.safetensors.index.json`` names, by name.
 
     Raises ``VBDataError`` naming the folder, the index or the shard that is missing or
     unreadable.
@@ -92,7 +92,7 @@ def checkpoint_shards(folder: str | os.PathLike) -> list[Path]:
                              f"{folder}: no safetensors checkpoint ({SINGLE_NAME} or {INDEX_NAME})"))
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        names = list(dict.fromkeys(weight_map.values()))
+        names = sorted(set(weight_map.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         reason = _first_line(exc) if not isinstance(exc, KeyError) else f"no {exc}"
         raise VBDataError(tr(f"{index}: 索引文件无效 ({reason})",
@@ -175,6 +175,8 @@ def _skeleton(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
     A parameter's storage is requested on ``device`` and dropped at once (never written:
     ``reset_parameters`` runs on the meta tensor), so at most one parameter is allocated
     at a time; the buffers the constructor computes (rotary ``inv_freq``...) are real.
+    ``nn.Module.register_parameter`` is patched process-wide meanwhile (as accelerate's
+    ``init_empty_weights`` does): modules built by other threads then go to meta too.
     """
     register = nn.Module.register_parameter
 
