@@ -23,6 +23,8 @@ transformers matches them for the usual causal LMs: as they are, or with the mod
 ignoring the model's ``_keys_to_ignore_on_load_*`` patterns and the legacy
 ``rotary_emb.inv_freq`` / ``position_ids`` buffers. Checkpoints that need transformers'
 weight conversions (fused MoE experts, ...) are refused, naming the keys that do not fit.
+transformers' ``_keep_in_fp32_modules`` are not applied: the few models that list some
+(GPT-OSS norms in fp16, ...) get them in the compute dtype too.
 
 Why this matters, for a Llama-3-70B-class model (vocab 128256, hidden 8192, 80 layers,
 intermediate 28672, 64 heads, 8 KV heads; figures from ``fp4_nbytes``):
