@@ -251,12 +251,15 @@ def test_missing_folder_and_no_checkpoint_are_data_errors(tmp_path, monkeypatch)
         vb.load_pretrained_fp4(tmp_path / "empty")
 
 
-def test_a_shard_named_in_the_index_but_missing_is_named(checkpoints, tmp_path, monkeypatch):
+def test_a_missing_or_corrupt_shard_is_named(checkpoints, tmp_path, monkeypatch):
     monkeypatch.setenv("VB_LANG", "en")
     path = copy_checkpoint(checkpoints["llama"], tmp_path / "ckpt")
-    gone = checkpoint_shards(path)[2]
-    gone.unlink()
-    with pytest.raises(VBDataError, match=f"names shard {gone.name}, which does not exist"):
+    shards = checkpoint_shards(path)
+    shards[1].write_bytes(b"not safetensors")
+    with pytest.raises(VBDataError, match=f"{shards[1].name}: not a readable safetensors file"):
+        vb.load_pretrained_fp4(path)
+    shards[2].unlink()
+    with pytest.raises(VBDataError, match=f"names shard {shards[2].name}, which does not exist"):
         vb.load_pretrained_fp4(path)
     (path / INDEX_NAME).write_text("{not json")
     with pytest.raises(VBDataError, match="invalid index file"):
