@@ -8,7 +8,8 @@
 Options (``vb.enable(**options)``), the ``.vbrc`` keys and the environment variables are
 validated and merged by one rule: explicit arguments > CLI flags > environment > ``.vbrc``
 > defaults (see ``apt_model.optimization.config``). ``vb.restore(model)`` gives an optimized
-model back plain.
+model back plain. ``vb.load_pretrained_fp4(folder)`` loads a Hugging Face checkpoint straight
+into frozen FP4 layers (speed mode), one tensor at a time.
 """
 
 from __future__ import annotations
@@ -294,10 +295,11 @@ def load_pretrained_fp4(path: str | os.PathLike, model_class: type | None = None
     The FP4 format, skip patterns and minimum size come from the configuration
     ``vb.optimize(model, **options)`` would apply, in speed mode where no mode is set
     anywhere, and with FP4 on whatever the mode (``fp4=False`` is refused); the model is
-    then optimized with it (``vb.get_stats`` counts it, ``vb.restore`` dequantizes it). ``model_class`` is a transformers model or auto class
-    (default: the config's architecture), ``config`` replaces the folder's config,
-    ``device`` defaults to the configured device, ``dtype`` (the compute dtype) to the
-    config's, else bf16. Raises ``VBDataError`` / ``VBConfigError`` naming what is wrong.
+    then optimized with it (``vb.get_stats`` counts it, ``vb.restore`` dequantizes it).
+    ``model_class`` is a transformers model or auto class (default: the config's
+    architecture), ``config`` replaces the folder's config, ``device`` defaults to the
+    configured device, ``dtype`` (the compute dtype) to the config's, else bf16. Raises
+    ``VBDataError`` / ``VBConfigError`` naming what is wrong.
     """
     from apt_model.accelerator import resolve_device
     from apt_model.fp4.hf_loading import load_hf_checkpoint_fp4
