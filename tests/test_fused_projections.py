@@ -162,3 +162,25 @@ def test_speed_mode_model_with_fused_groups_compiles_whole():
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(x).logits
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     assert all(g._input is None and g._outputs == [] for g in groups(model))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_fused_kernels_on_cuda_match_the_members_alone(fmt):
+    """The fused GEMV (per-row tensor scales) and the direct relaunches of compiled kernels."""
+    def build() -> APTModel:
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = APTModel(APTConfig.from_preset("tiny", vocab_size=256)).to(torch.bfloat16)
+        vb.optimize(model, mode="speed", fp4_format=fmt, verbose=False)
+        vb.freeze_fp4(model)
+        return model.eval()
+
+    model, reference = build(), unfused(build())
+    prompt = torch.randint(0, 256, (1, 12), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    with torch.no_grad():
+        first = model.generate(prompt, 24, do_sample=False)  # the JIT launches, then direct ones
+        assert torch.equal(model.generate(prompt, 24, do_sample=False), first)
+        assert torch.equal(reference.generate(prompt, 24, do_sample=False), first)
+        one_row = first[:, -1:]
+        torch.testing.assert_close(model(one_row).logits, reference(one_row).logits, rtol=2e-2, atol=2e-2)

@@ -12,6 +12,8 @@
 ``triton_quantize``    the Triton quantization kernels (imports Triton)
 ``layer``              :class:`FP4Linear`, :func:`convert_to_fp4`, :func:`freeze_fp4`
 ``packed_checkpoint``  packed FP4 safetensors checkpoints: save, load, read the metadata
+``hf_loading``         Hugging Face safetensors checkpoints loaded straight into frozen FP4
+                       layers, one tensor at a time (imports transformers when called)
 =====================  ===================================================================
 
 Importing this package imports none of them: each name below is imported from its module
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
         quantize_mxfp4,
         quantize_nvfp4,
     )
+    from apt_model.fp4.hf_loading import checkpoint_shards, load_hf_checkpoint_fp4
     from apt_model.fp4.kernel_plan import KernelPlan, chosen_large_kernels, plan
     from apt_model.fp4.layer import FP4Linear, convert_to_fp4, fp4_candidates, freeze_fp4
     from apt_model.fp4.ops import (
@@ -79,6 +82,8 @@ _EXPORTS = {
     "load_fp4_checkpoint": "packed_checkpoint",
     "read_fp4_metadata": "packed_checkpoint",
     "save_fp4_checkpoint": "packed_checkpoint",
+    "checkpoint_shards": "hf_loading",
+    "load_hf_checkpoint_fp4": "hf_loading",
 }
 
 __all__ = [
@@ -86,6 +91,7 @@ __all__ = [
     "FP4Weight",
     "FP4_FORMATS",
     "KernelPlan",
+    "checkpoint_shards",
     "chosen_large_kernels",
     "convert_to_fp4",
     "fake_quantize_fp4",
@@ -99,6 +105,7 @@ __all__ = [
     "fp4_quantize",
     "freeze_fp4",
     "load_fp4_checkpoint",
+    "load_hf_checkpoint_fp4",
     "plan",
     "quantize_fp4",
     "quantize_mxfp4",

@@ -86,10 +86,12 @@ def optimize(model: nn.Module, config: VBConfig) -> OptimizationReport:
             return existing
         raise _reoptimize_error(existing, config, switches)
     undo: list[Callable[[], None]] = []  # run in reverse by ``restore``
-    fp4_layers = []
+    fp4_layers = 0
     fused = 0
     if config.switch("fp4"):
-        fp4_layers = convert_to_fp4(model, config.fp4_format, config.fp4_skip, config.fp4_min_features)
+        convert_to_fp4(model, config.fp4_format, config.fp4_skip, config.fp4_min_features)
+        # converted now, or before (a checkpoint loaded straight into FP4 layers)
+        fp4_layers = sum(isinstance(m, FP4Linear) for m in model.modules())
         undo.append(lambda: _unconvert_fp4(model))
         fused, unfuse = fuse_projections(model)
         undo.append(unfuse)
@@ -107,8 +109,8 @@ def optimize(model: nn.Module, config: VBConfig) -> OptimizationReport:
         mode=config.mode,
         fp4_format=config.fp4_format if fp4_layers else None,
         linear_total=linear_total,
-        fp4_layers=len(fp4_layers),
-        autocast_linears=(linear_total - len(fp4_layers)) if autocast else 0,
+        fp4_layers=fp4_layers,
+        autocast_linears=(linear_total - fp4_layers) if autocast else 0,
         attention_fused=attention,
         fused_losses=fused_losses,
         checkpointed_blocks=len(blocks),

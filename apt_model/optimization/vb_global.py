@@ -8,17 +8,21 @@
 Options (``vb.enable(**options)``), the ``.vbrc`` keys and the environment variables are
 validated and merged by one rule: explicit arguments > CLI flags > environment > ``.vbrc``
 > defaults (see ``apt_model.optimization.config``). ``vb.restore(model)`` gives an optimized
-model back plain.
+model back plain. ``vb.load_pretrained_fp4(folder)`` loads a Hugging Face checkpoint straight
+into frozen FP4 layers (speed mode), one tensor at a time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 from torch import nn
 
+from apt_model.errors import VBConfigError
 from apt_model.i18n import tr
 from apt_model.optimization import autopatch, hf_patch
 from apt_model.optimization import config as _config
@@ -196,12 +200,16 @@ def explain_config() -> dict[str, tuple[Any, str]]:
     return explained
 
 
+def _resolved_for(options: dict[str, Any]) -> _config.ResolvedConfig:
+    """The configuration ``optimize(model, **options)`` applies: the active one, plus ``options``."""
+    if _active is not None and not options:
+        return _active
+    return _config.resolve(explicit={**_explicit, **options, "enabled": True}, cli=_cli_options)
+
+
 def optimize(model: ModelT, **options: Any) -> ModelT:
     """Optimize any ``nn.Module`` now, with the active configuration (plus ``options``)."""
-    if _active is not None and not options:
-        cfg = _active.config
-    else:
-        cfg = _config.resolve(explicit={**_explicit, **options, "enabled": True}, cli=_cli_options).config
+    cfg = _resolved_for(options).config
     if _banner_pending:
         _announce()
     _engine().optimize(model, cfg)
@@ -276,3 +284,41 @@ def load_fp4(path: str | os.PathLike, model: ModelT | None = None) -> ModelT | n
     loaded = load_fp4_checkpoint(path, model, classes=(APTModel, APTLargeModel))
     _stats().REGISTRY.track(loaded)
     return loaded
+
+
+def load_pretrained_fp4(path: str | os.PathLike, model_class: type | None = None, *,
+                        config: Any = None, device: str | torch.device | None = None,
+                        dtype: torch.dtype | str | None = None, **options: Any) -> nn.Module:
+    """A Hugging Face safetensors checkpoint (folder ``path``, sharded or not) loaded straight
+    into frozen FP4 layers, one tensor at a time: neither the card nor host memory ever holds
+    the whole model in ``dtype`` (see ``apt_model.fp4.hf_loading``).
+
+    The FP4 format, skip patterns and minimum size come from the configuration
+    ``vb.optimize(model, **options)`` would apply, in speed mode where no mode is set
+    anywhere, and with FP4 on whatever the mode (``fp4=False`` is refused); the model is
+    then optimized with it (``vb.get_stats`` counts it, ``vb.restore`` dequantizes it).
+    ``model_class`` is a transformers model or auto class (default: the config's
+    architecture), ``config`` replaces the folder's config, ``device`` defaults to the
+    configured device, ``dtype`` (the compute dtype) to the config's, else bf16. Raises
+    ``VBDataError`` / ``VBConfigError`` naming what is wrong.
+    """
+    from apt_model.accelerator import resolve_device
+    from apt_model.fp4.hf_loading import load_hf_checkpoint_fp4
+
+    if options.get("fp4", True) is False:
+        raise VBConfigError(tr("load_pretrained_fp4 加载为FP4权重, 不能与 fp4=False 一起使用",
+                               "load_pretrained_fp4 loads FP4 weights and cannot take fp4=False"))
+    resolved = _resolved_for(options)
+    cfg = resolved.config
+    if resolved.sources["mode"] == "default":
+        cfg = dataclasses.replace(cfg, mode="speed")
+    if not cfg.switch("fp4"):
+        cfg = dataclasses.replace(cfg, fp4=True)
+    model = load_hf_checkpoint_fp4(
+        path, model_class, config=config, fmt=cfg.fp4_format, skip=cfg.fp4_skip,
+        min_features=cfg.fp4_min_features, device=resolve_device(device or cfg.device), dtype=dtype)
+    if _banner_pending:
+        _announce()
+    _engine().optimize(model, cfg)
+    _stats().REGISTRY.track(model)
+    return model
