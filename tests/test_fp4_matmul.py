@@ -542,7 +542,8 @@ def test_direct_launch_binds_constants_once_and_rechecks_alignment():
 
     class Compiled:
         def __getitem__(self, grid):
-            return lambda *args: launches.append(("direct", grid, args[2:]))
+            x, y, z = grid  # Triton's runner reads three grid dimensions
+            return lambda *args: launches.append(("direct", (x, y, z), args[2:]))
 
     class Jit:
         arg_names = ["a", "b", "N", "BLOCK"]
@@ -564,8 +565,8 @@ def test_direct_launch_binds_constants_once_and_rechecks_alignment():
         launches.clear()
         tm._DIRECT.clear()
         for _ in range(2):
-            tm._direct_launch(("key",), fn, lambda meta: (meta["BLOCK"], 1), (a, b), consts)
-        tm._direct_launch(("key",), fn, lambda meta: (meta["BLOCK"], 1), (a[1:], b), consts)
-        assert launches == [("jit", (block, 1)), ("direct", (block, 1), (3, block)),
-                            ("jit", (block, 1))]  # a misaligned tensor: another specialization
+            tm._direct_launch(("key",), fn, lambda meta: (meta["BLOCK"],), (a, b), consts)
+        tm._direct_launch(("key",), fn, lambda meta: (meta["BLOCK"],), (a[1:], b), consts)
+        assert launches == [("jit", (block, 1, 1)), ("direct", (block, 1, 1), (3, block)),
+                            ("jit", (block, 1, 1))]  # a misaligned tensor: another specialization
     tm._DIRECT.clear()

@@ -957,7 +957,8 @@ def _direct_launch(key: tuple, fn, grid, tensors: tuple[Tensor, ...], consts: di
     grids = []
 
     def grid_fn(meta: dict) -> tuple[int, ...]:
-        grids.append(grid(meta) if callable(grid) else grid)
+        launch_grid = tuple(grid(meta) if callable(grid) else grid)
+        grids.append(launch_grid + (1,) * (3 - len(launch_grid)))  # the runner reads 3
         return grids[-1]
 
     compiled = fn[grid_fn](*tensors, **consts)
