@@ -184,3 +184,14 @@ def test_fused_kernels_on_cuda_match_the_members_alone(fmt):
         assert torch.equal(reference.generate(prompt, 24, do_sample=False), first)
         one_row = first[:, -1:]
         torch.testing.assert_close(model(one_row).logits, reference(one_row).logits, rtol=2e-2, atol=2e-2)
+
+
+def test_packing_a_group_frees_the_members_own_packed_tensors():
+    model = apt("nvfp4", freeze=False)
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 1)))  # the members' packed weights cached for inference
+    vb.freeze_fp4(model)
+    for group in groups(model):  # no cache holds tensors the group's concatenation replaced
+        storage = group.packed.untyped_storage().data_ptr()
+        for member in group.members:
+            assert member._packed is None or member._packed.packed.untyped_storage().data_ptr() == storage

@@ -93,8 +93,7 @@ class FusedFP4Projections(nn.Module):
         self._views = []
         for member, size in zip(self.members, self.sizes, strict=True):
             rows = slice(start, start + size)
-            member.weight_packed = self.packed[rows]
-            member.weight_scales = self.scales[rows]
+            member.hold_packed(self.packed[rows], self.scales[rows])
             self._views.append(_held(member))
             start += size
         self._weight = None

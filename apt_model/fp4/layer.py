@@ -264,6 +264,14 @@ class FP4Linear(nn.Module):
             self._fused.pack()
         return self
 
+    def hold_packed(self, packed: torch.Tensor, scales: torch.Tensor) -> None:
+        """Serve (frozen) from ``packed`` and ``scales`` (equal in value to the layer's own, e.g.
+        views of a fused group's rows), dropping the cached weight that held the old ones."""
+        self.weight_packed = packed
+        self.weight_scales = scales
+        self._packed = None
+        self._packed_key = None
+
     def join_fused(self, group, index: int) -> None:
         """Belong to ``group`` (a :class:`~apt_model.fp4.fused.FusedFP4Projections`) as its
         member ``index``, or to none (``group`` None)."""
