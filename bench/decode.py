@@ -32,7 +32,7 @@ import statistics
 import time
 
 import torch
-from variants import run_in_subprocesses
+from variants import cuda_timed, run_in_subprocesses
 
 from apt_model.storage import module_nbytes
 
@@ -75,13 +75,8 @@ def run_variant(args: argparse.Namespace) -> dict:
         fast["compile_step"] = True
 
     def timed(new_tokens: int, **kw) -> tuple[float, torch.Tensor]:
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = model.generate(prompt, new_tokens, do_sample=False, **kw)
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end), out[0, args.prompt:]
+        ms, out = cuda_timed(lambda: model.generate(prompt, new_tokens, do_sample=False, **kw))
+        return ms, out[0, args.prompt:]
 
     wall = time.perf_counter()
     first_ms, tokens = timed(args.new, **fast)  # warm-up; captures the graph

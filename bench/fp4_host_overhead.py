@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import pstats
 import time
 
 import torch
 import torch.nn.functional as F
+from variants import write_results
 
 
 def _host_us(fn, calls: int) -> tuple[float, float]:
@@ -68,10 +68,7 @@ def main() -> None:
     for name, (host, device) in rows.items():
         print(f"{name:28} host {host:7.1f} µs/call   device {device:7.1f} µs/call")
     print(text.getvalue())
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "args": vars(args), "rows": rows}, fh, indent=1)
+    write_results(args.json, {"args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

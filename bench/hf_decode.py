@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from variants import run_in_subprocesses
+from variants import cuda_timed, run_in_subprocesses, write_results
 
 from apt_model.storage import module_nbytes
 
@@ -118,13 +118,8 @@ def _apt_call(model, prompt: torch.Tensor, new: int, static: bool):
     kw = dict(static_cache=True, cuda_graph=True, compile_step=True) if static else {}
 
     def timed(n: int) -> tuple[float, torch.Tensor]:
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = model.generate(prompt, n, do_sample=False, **kw)
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end), out[0, prompt.shape[1]:]
+        ms, out = cuda_timed(lambda: model.generate(prompt, n, do_sample=False, **kw))
+        return ms, out[0, prompt.shape[1]:]
 
     def call() -> tuple[float, float, torch.Tensor]:
         prefill, _ = timed(1)
@@ -270,10 +265,7 @@ def main() -> None:
         print(f"{r['model']:9} {r['variant']:12} {r['weight_bytes'] / 2**30:11.2f} "
               f"{r['peak_allocated'] / 2**30:8.2f} {r['first_call_s']:7.1f} {r['prefill_ms']:10.1f} "
               f"{r['decode_ms_per_token']:8.3f} {r['decode_tok_s']:7.1f} {ratio:>18}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "args": vars(args), "results": results}, fh, indent=1)
+    write_results(args.json, {"args": vars(args), "results": results})
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import sys
 import time
 
 import torch
+from variants import write_results
 
 SHAPE = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
              num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
@@ -84,10 +85,7 @@ def main() -> None:
     stream, reference = (r for r in rows[1:])
     if "tokens" in stream and "tokens" in reference:
         print(f"tokens equal: {stream['tokens'] == reference['tokens']}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "rows": rows}, fh, indent=1)
+    write_results(args.json, {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Run each benchmark variant in a fresh subprocess (no allocator state or compiled kernels
-leak between variants) and collect the one JSON line each prints last."""
+"""What the benchmarks share: each variant run in a fresh subprocess (no allocator state or
+compiled kernels leak between variants, the one JSON line each prints last collected), CUDA
+event timing, and the results file."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 
 def run_in_subprocesses(script: str, variants: Iterable[str], args: argparse.Namespace,
@@ -24,3 +26,26 @@ def run_in_subprocesses(script: str, variants: Iterable[str], args: argparse.Nam
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print({k: v for k, v in results[-1].items() if k != "tokens"}, flush=True)
     return results
+
+
+def cuda_timed(call: Callable[[], Any]) -> tuple[float, Any]:
+    """(milliseconds by CUDA events, result) of ``call()``, the device idle before and after."""
+    import torch
+
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    out = call()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end), out
+
+
+def write_results(path: str | None, payload: dict) -> None:
+    """``payload`` with the card and torch version, as JSON at ``path`` (nothing if None)."""
+    if path:
+        import torch
+
+        with open(path, "w") as fh:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       **payload}, fh, indent=1)

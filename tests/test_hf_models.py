@@ -44,6 +44,19 @@ def gpt2(attn: str = "eager"):
     return transformers.GPT2LMHeadModel(cfg)
 
 
+def train(model: nn.Module, x: torch.Tensor, steps: int) -> list[float]:
+    """Losses of ``steps`` AdamW steps of language modelling on ``x``."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def tokens(seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(seed))
 
@@ -84,15 +97,7 @@ def test_llama_fp4_layers_and_state_dict(sdpa_calls):
 
 def test_gpt2_training_step_with_full_mode():
     model = vb.optimize(gpt2(), mode="full", verbose=False)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = tokens(2)
-    losses = []
-    for _ in range(8):
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train(model, tokens(2), steps=8)
     assert losses[-1] < losses[0]
     assert vb.get_stats()["steps"] == 8  # optimize() tracks the model: its optimizer steps count
 
@@ -175,14 +180,7 @@ def test_gpt2_speed_mode_gradients_are_straight_through_and_it_learns():
         assert got.shape == want.shape  # [in, out], the Conv1D's own layout
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-6), name
     model.zero_grad()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(6):
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train(model, x, steps=6)
     assert losses[-1] < losses[0] - 0.1
 
 
