@@ -404,3 +404,26 @@ def test_fp4_serving_quality_within_five_percent(trained):
         assert rows[fmt]["fp4_layers"] == 4 * 7
         assert rows[fmt]["model_bytes"] < 0.25 * rows["fp32"]["model_bytes"]
     assert all(not isinstance(m, FP4Linear) for m in model.modules())  # the fp32 model untouched
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_trained_model_decodes_the_same_with_fused_projections(trained, fmt):
+    """Greedy tokens of the trained model in speed mode: the fused q/k/v and gate/up products
+    against every FP4 layer run alone (the unfused reference path)."""
+    import copy
+
+    from apt_model.fp4.fused import FusedFP4Projections
+
+    _, model, _, _ = trained
+    served = []
+    for fused in (True, False):
+        fp4 = vb.optimize(copy.deepcopy(model), mode="speed", fp4_format=fmt, verbose=False)
+        vb.freeze_fp4(fp4)
+        groups = [m for m in fp4.modules() if isinstance(m, FusedFP4Projections)]
+        assert groups and all(g.packed is not None for g in groups)
+        for group in groups:
+            group.active = fused
+        prompt = torch.tensor([list(b"def main():\n    return ")])
+        with torch.no_grad():
+            served.append(fp4.generate(prompt, 48, do_sample=False))
+    assert torch.equal(served[0], served[1])
