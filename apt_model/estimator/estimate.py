@@ -133,6 +133,16 @@ def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> str:
     return value
 
 
+def _device_type(name: str) -> str:
+    """The device type ``name`` stands for ("auto": this machine's), without needing it here."""
+    if name == "auto":
+        return resolve_device(name).type
+    try:
+        return torch.device(name).type
+    except RuntimeError:
+        raise VBConfigError(tr(f"未知设备 {name!r}", f"unknown device {name!r}")) from None
+
+
 # ---- the model, without data -------------------------------------------------------------------
 
 
@@ -376,7 +386,9 @@ def estimate(target: Any, *, mode: str | None = None, batch: int = 1, seq: int |
     ``ESTIMATE_MODES`` ("off": no VB pass; None: "balanced", or a module's own mode).
     ``seq`` defaults to the model's context length; ``training=False`` traces a decode
     step (FP4 layers frozen, as for serving). ``device`` ("cpu", "cuda", ...; default the
-    configured one) decides the runtime overhead and the optimizer's multi-tensor path.
+    configured one; it need not exist here) decides the runtime overhead and the
+    optimizer's multi-tensor path; the step itself is traced with CPU semantics (autocast's
+    CPU policy, the attention kernel SDPA picks on the CPU).
     ``base`` supplies the FP4 format, skip list and checkpointed blocks. Bad input raises
     ``VBConfigError`` (or ``VBDataError`` for a missing config file).
     """
@@ -389,7 +401,7 @@ def estimate(target: Any, *, mode: str | None = None, batch: int = 1, seq: int |
     if mode is not None:
         _check_choice(tr("模式", "mode"), mode, ESTIMATE_MODES)
     _check_choice(tr("优化器", "optimizer"), optimizer, OPTIMIZERS)
-    device_type = resolve_device(device or (base.device if base else "auto")).type
+    device_type = _device_type(device or (base.device if base else "auto"))
     source, description = _meta_model(target)
     report = engine.report_of(source)
     if report is not None and mode not in (None, report.mode):
