@@ -1,6 +1,6 @@
 """The ``vb`` command: ``vb info`` (device, capabilities, memory, effective configuration),
-``vb train`` (the training launcher), ``vb generate`` (text from a trained APT checkpoint)
-and ``vb plot`` (a training log's loss curve)."""
+``vb train`` (the training launcher), ``vb generate`` (text from a trained APT checkpoint),
+``vb plot`` (a training log's loss curve) and ``vb estimate`` (one step's peak memory per mode)."""
 
 from __future__ import annotations
 
@@ -151,6 +151,23 @@ def plot(log: str, out: str | None) -> Path:
     return png
 
 
+def estimate(args: argparse.Namespace) -> str:
+    """The text of ``vb estimate``: one table per mode."""
+    from apt_model.estimator import ESTIMATE_MODES
+    from apt_model.estimator import estimate as run_estimate
+
+    if (args.preset is None) == (args.hf_config is None):
+        raise VBConfigError(tr("请给出 --preset 或 --hf-config 之一", "give one of --preset or --hf-config"))
+    if args.mode not in (*ESTIMATE_MODES, "all"):
+        raise VBConfigError(tr(f"未知模式 {args.mode!r}, 可用: {', '.join(ESTIMATE_MODES)}, all",
+                               f"unknown mode {args.mode!r}; valid: {', '.join(ESTIMATE_MODES)}, all"))
+    target = args.preset if args.preset is not None else Path(args.hf_config)
+    modes = ESTIMATE_MODES if args.mode == "all" else (args.mode,)
+    tables = [run_estimate(target, mode=mode, batch=args.batch, seq=args.seq, optimizer=args.optimizer,
+                           training=not args.decode, device=args.device).table() for mode in modes]
+    return "\n\n".join(tables)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="vb", description=tr("虚拟Blackwell命令行", "Virtual Blackwell command line"))
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,6 +198,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        "a train_log.jsonl, or the run's output folder holding it"))
     p_plot.add_argument("--out", default=None, help=tr("PNG 路径 (默认: 日志旁的 loss.png)",
                                                         "the PNG to write (default: loss.png beside the log)"))
+    p_est = sub.add_parser("estimate", help=tr("估算一步训练 (或解码) 的峰值内存, 按模式",
+                                               "estimate one training (or decode) step's peak memory, per mode"))
+    p_est.add_argument("--preset", default=None, help=tr("APT 预设名", "an APT preset name"))
+    p_est.add_argument("--hf-config", default=None, help=tr("Hugging Face 的 config.json 路径",
+                                                           "the path of a Hugging Face config.json"))
+    p_est.add_argument("--batch", type=int, default=1, help=tr("批大小 (默认 %(default)s)", "batch size (default %(default)s)"))
+    p_est.add_argument("--seq", type=int, default=None, help=tr("序列长度 (默认: 模型的上下文长度)",
+                                                               "sequence length (default: the model's context length)"))
+    p_est.add_argument("--mode", default="all", help="speed, memory, balanced, full, off, all (default all)")
+    p_est.add_argument("--optimizer", default="adamw", help="adamw, sgd (default adamw)")
+    p_est.add_argument("--decode", action="store_true", help=tr("估算一步解码 (不是训练)", "a decode step, not training"))
+    p_est.add_argument("--device", default="cpu", help=tr("目标设备类型, 决定固定开销 (默认 %(default)s)",
+                                                        "the target device type, which sets the fixed overhead "
+                                                        "(default %(default)s)"))
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":
         from apt_model.training.launcher import main as train_main
@@ -190,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "generate":
         print(generate(args))
+    elif args.command == "estimate":
+        print(estimate(args))
     elif args.command == "plot":
         png = plot(args.log, args.out)
         print(tr(f"损失曲线: {png}", f"loss curve: {png}"))

@@ -20,7 +20,7 @@ PACKAGE = ROOT / "apt_model"
 LAYERS = (
     {"env", "i18n", "errors", "accelerator", "storage", "argparsing"},
     {"ops", "modeling", "fp4", "vgpu"},
-    {"optimization"},
+    {"optimization", "estimator"},
     {"training", "cli"},
 )
 FEATURES = 1

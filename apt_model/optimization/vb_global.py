@@ -322,3 +322,15 @@ def load_pretrained_fp4(path: str | os.PathLike, model_class: type | None = None
     _engine().optimize(model, cfg)
     _stats().REGISTRY.track(model)
     return model
+
+
+def estimate(target: Any, *, mode: str | None = None, batch: int = 1, seq: int | None = None,
+             optimizer: str = "adamw", training: bool = True, device: str | None = None) -> Any:
+    """The peak memory of one training (or decode) step of ``target`` in ``mode`` (default:
+    the configured mode), measured by tracing the step on fake tensors with VB's passes
+    applied: an ``apt_model.estimator.Estimate``. See ``apt_model.estimator.estimate``."""
+    from apt_model.estimator import estimate as _estimate
+
+    config = _in_force().config
+    return _estimate(target, mode=mode or (None if isinstance(target, nn.Module) else config.mode), batch=batch,
+                     seq=seq, optimizer=optimizer, training=training, device=device, base=config)

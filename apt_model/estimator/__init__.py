@@ -1,0 +1,16 @@
+"""Know before you run: the peak memory of one training or decode step, measured by tracing
+the step on fake tensors with VB's passes applied (``estimate``), and the tracker that
+counts it (``MemoryTracker``, which runs on real tensors too: ``measure``)."""
+
+from apt_model.estimator.estimate import (
+    CUDA_RUNTIME_OVERHEAD,
+    ESTIMATE_MODES,
+    OPTIMIZERS,
+    Estimate,
+    estimate,
+    measure,
+)
+from apt_model.estimator.tracker import MemoryTracker
+
+__all__ = ["CUDA_RUNTIME_OVERHEAD", "ESTIMATE_MODES", "OPTIMIZERS", "Estimate", "MemoryTracker", "estimate",
+           "measure"]

@@ -1,0 +1,431 @@
+"""``estimate``: the peak memory of one training (or decode) step, measured on fake tensors.
+
+The model is built without data (on the meta device, then given fake CPU tensors of the
+same shapes and dtypes), VB's real passes are applied for the mode, and one step runs under
+``FakeTensorMode`` with a :class:`MemoryTracker` counting every storage the step allocates
+and frees. Fake *CPU* tensors rather than meta ones: autocast applies to CPU tensors but
+has no meta policy, so on meta the bf16 modes would trace in fp32.
+
+A training step is the second of two (forward, loss, backward, optimizer step, then
+``zero_grad(set_to_none=True)``): the optimizer state exists from the start, as in any
+step after the first. A decode step is a prefill of ``seq - 1`` tokens with the KV cache,
+then one token.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from apt_model.accelerator import resolve_device
+from apt_model.errors import VBConfigError, VBDataError
+from apt_model.estimator.tracker import MemoryTracker
+from apt_model.i18n import tr
+from apt_model.optimization import autopatch
+from apt_model.optimization.config import MODES, VBConfig
+from apt_model.storage import human_bytes
+
+# What a CUDA process holds beyond its tensors (context, cuBLAS workspace, allocator
+# slack) is not traced; this fixed allowance stands for it. 512 MiB is the order of an H100's
+# or H200's CUDA context with cuBLAS loaded; it is an allowance, not a measurement.
+CUDA_RUNTIME_OVERHEAD = 512 * 2**20
+
+OFF = "off"
+ESTIMATE_MODES = (*MODES, OFF)
+OPTIMIZERS = ("adamw", "sgd")
+COMPONENTS = ("parameters", "buffers", "gradients", "optimizer_state", "activations", "logits_loss")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One step's memory, in bytes.
+
+    ``parameters`` (by dtype; frozen FP4 weights as their packed bytes), ``gradients`` and
+    ``optimizer_state`` are what the step holds of each; ``activations`` is the largest
+    amount of everything else (activations, temporaries, KV cache) live during the forward
+    and backward passes (prefill and decode), beside logits and loss. ``at_peak`` breaks
+    ``traced_peak`` down by the same components at the moment of the peak (it sums to it).
+    ``peak_bytes`` adds the runtime's fixed overhead (``CUDA_RUNTIME_OVERHEAD`` on CUDA, 0
+    elsewhere).
+    """
+
+    target: str
+    mode: str
+    device: str
+    batch: int
+    seq: int
+    optimizer: str | None  # None for a decode step
+    parameters: dict[str, int]
+    buffers: int
+    gradients: int
+    optimizer_state: int
+    activations: int
+    logits_loss: int
+    traced_peak: int
+    at_peak: dict[str, int] = field(default_factory=dict)
+    runtime_overhead: int = 0
+
+    @property
+    def training(self) -> bool:
+        return self.optimizer is not None
+
+    @property
+    def parameter_bytes(self) -> int:
+        return sum(self.parameters.values())
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.traced_peak + self.runtime_overhead
+
+    def table(self) -> str:
+        """The estimate as a small text table (human-readable sizes)."""
+        step = (tr(f"训练 ({self.optimizer})", f"training ({self.optimizer})") if self.training
+                else tr("解码", "decode"))
+        lines = [tr(f"{self.target} · 模式 {self.mode} · {step} · batch {self.batch} × seq {self.seq} · {self.device}",
+                    f"{self.target} · mode {self.mode} · {step} · batch {self.batch} × seq {self.seq} · {self.device}")]
+        names = {
+            "parameters": tr("参数", "parameters"),
+            "buffers": tr("缓冲区与输入", "buffers and inputs"),
+            "gradients": tr("梯度", "gradients"),
+            "optimizer_state": tr("优化器状态", "optimizer state"),
+            "activations": tr("激活与临时张量", "activations and temporaries"),
+            "logits_loss": tr("logits 与损失", "logits and loss"),
+        }
+        totals = {"parameters": self.parameter_bytes, "buffers": self.buffers, "gradients": self.gradients,
+                  "optimizer_state": self.optimizer_state, "activations": self.activations,
+                  "logits_loss": self.logits_loss}
+        lines.append(f"  {tr('组成', 'component'):<28}{tr('总量', 'total'):>12}{tr('峰值时', 'at peak'):>12}")
+        for key in COMPONENTS:
+            lines.append(f"  {names[key]:<28}{human_bytes(totals[key]):>12}{human_bytes(self.at_peak.get(key, 0)):>12}")
+            if key == "parameters" and len(self.parameters) > 1:
+                for dtype, nbytes in self.parameters.items():
+                    lines.append(f"    {dtype:<26}{human_bytes(nbytes):>12}")
+        if self.runtime_overhead:
+            lines.append(f"  {tr('运行时固定开销', 'runtime overhead'):<28}{'':>12}"
+                         f"{human_bytes(self.runtime_overhead):>12}")
+        lines.append(f"  {tr('峰值', 'peak'):<28}{'':>12}{human_bytes(self.peak_bytes):>12}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+# ---- checks ----------------------------------------------------------------------------------
+
+
+def _positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise VBConfigError(tr(f"{name} 必须是正整数, 得到 {value!r}", f"{name} must be a positive integer, got {value!r}"))
+    return value
+
+
+def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> str:
+    if value not in valid:
+        raise VBConfigError(tr(f"未知的{name} {value!r}; 可用: {', '.join(valid)}",
+                               f"unknown {name} {value!r}; valid: {', '.join(valid)}"))
+    return value
+
+
+def _device_type(name: str) -> str:
+    """The device type ``name`` stands for ("auto": this machine's), without needing it here."""
+    if name == "auto":
+        return resolve_device(name).type
+    try:
+        return torch.device(name).type
+    except RuntimeError:
+        raise VBConfigError(tr(f"未知设备 {name!r}", f"unknown device {name!r}")) from None
+
+
+# ---- the model, without data -------------------------------------------------------------------
+
+
+def fake_copy(model: nn.Module, fake_mode: FakeTensorMode) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are fake CPU tensors of the same
+    shapes, dtypes and ``requires_grad`` (tied ones stay tied); ``model`` and its tensors are
+    not touched or copied."""
+    memo: dict[int, Any] = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        if id(tensor) in memo:
+            continue
+        with fake_mode:
+            fake = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+        memo[id(tensor)] = (nn.Parameter(fake, requires_grad=tensor.requires_grad)
+                            if isinstance(tensor, nn.Parameter) else fake)
+    return copy.deepcopy(model, memo)
+
+
+def _hf_model(config: Any) -> nn.Module:
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise VBConfigError(tr("估算 Hugging Face 配置需要安装 transformers",
+                               "estimating a Hugging Face config needs transformers installed")) from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _hf_config(path: Path) -> Any:
+    if not path.exists():
+        raise VBDataError(tr(f"配置文件不存在: {path}", f"config file does not exist: {path}"))
+    try:
+        from transformers import AutoConfig
+    except ImportError:
+        raise VBConfigError(tr("读取 config.json 需要安装 transformers",
+                               "reading a config.json needs transformers installed")) from None
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as exc:
+        raise VBConfigError(tr(f"无法读取 Hugging Face 配置 {path}: {str(exc).splitlines()[0]}",
+                               f"cannot read the Hugging Face config {path}: {str(exc).splitlines()[0]}")) from None
+
+
+def _meta_model(target: Any) -> tuple[nn.Module, str]:
+    """The model ``target`` names, built on the meta device (a module is returned as it is),
+    and its description."""
+    from apt_model.modeling.apt_model import APTConfig, APTModel
+
+    if isinstance(target, nn.Module):
+        return target, type(target).__name__
+    if isinstance(target, (str, Path)) and (isinstance(target, Path) or target.endswith(".json")
+                                            or Path(target).exists()):
+        target = _hf_config(Path(target).expanduser())
+    elif isinstance(target, str):
+        target = APTConfig.from_preset(target)  # an unknown name raises VBConfigError
+    with autopatch.building():  # not outermost: VB's hook leaves the model alone
+        if isinstance(target, APTConfig):
+            with torch.device("meta"):
+                return APTModel(target), f"APT d{target.d_model}×{target.n_layers}"
+        if hasattr(target, "model_type") and hasattr(target, "to_dict"):
+            return _hf_model(target), f"{type(target).__name__.removesuffix('Config')} ({target.model_type})"
+    raise VBConfigError(tr(f"无法估算 {type(target).__name__}: 需要 APT 预设名、APTConfig、Hugging Face 配置、"
+                           "config.json 路径或 nn.Module",
+                           f"cannot estimate a {type(target).__name__}: give an APT preset name, an APTConfig, a "
+                           "Hugging Face config, a config.json path or an nn.Module"))
+
+
+def _vocab_and_context(model: nn.Module) -> tuple[int, int | None]:
+    """The token range and the longest context of ``model`` (from its config, else its
+    first embedding; the context None when unknown)."""
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is None:
+        vocab = next((m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if vocab is None:
+        raise VBConfigError(tr(f"{type(model).__name__} 没有词表大小 (config.vocab_size 或 nn.Embedding)",
+                               f"{type(model).__name__} has no vocabulary size (config.vocab_size or an nn.Embedding)"))
+    context = next((getattr(config, name) for name in ("max_seq_len", "max_position_embeddings", "n_positions")
+                    if isinstance(getattr(config, name, None), int)), None)
+    return vocab, context
+
+
+def mode_config(mode: str, base: VBConfig | None = None) -> VBConfig:
+    """The configuration that optimizes for ``mode``: its switches, with the FP4 format, skip
+    list, minimum size and checkpointed blocks of ``base``."""
+    base = base or VBConfig()
+    return VBConfig(enabled=True, mode=mode, verbose=False, fp4_format=base.fp4_format, fp4_skip=base.fp4_skip,
+                    fp4_min_features=base.fp4_min_features, checkpoint_blocks=base.checkpoint_blocks)
+
+
+# ---- measuring one step ------------------------------------------------------------------------
+
+
+def _output_tensors(out: Any, names: tuple[str, ...]) -> list[torch.Tensor]:
+    found = [out.get(n) if isinstance(out, dict) else getattr(out, n, None) for n in names]
+    return [t for t in found if isinstance(t, torch.Tensor)]
+
+
+def _optimizer(name: str, params: list[nn.Parameter], device_type: str) -> torch.optim.Optimizer:
+    """AdamW with torch's defaults, or plain SGD (no momentum, no state). On an accelerator
+    AdamW takes the multi-tensor (foreach) path, torch's default there."""
+    foreach = device_type != "cpu"
+    if name == "adamw":
+        return torch.optim.AdamW(params, foreach=foreach)
+    return torch.optim.SGD(params, lr=1e-3, foreach=foreach)
+
+
+def _parameter_bytes(model: nn.Module) -> tuple[dict[str, int], set[int]]:
+    """Bytes of the parameters by dtype, and of frozen FP4 layers' packed weights by format;
+    plus the ids of those tensors."""
+    from apt_model.fp4.layer import PACKED_BUFFERS, FP4Linear
+
+    by_kind: dict[str, int] = {}
+    ids: set[int] = set()
+    tensors = [(str(p.dtype).removeprefix("torch."), p) for p in model.parameters()]
+    for module in model.modules():
+        if isinstance(module, FP4Linear) and module.frozen:
+            tensors += [(f"{module.fmt} packed", t) for name in PACKED_BUFFERS.values()
+                        if (t := getattr(module, name)) is not None]
+    storages: set[int] = set()  # a fused group's members are views of one storage: counted once
+    for kind, tensor in tensors:
+        ids.add(id(tensor))
+        storage = tensor.untyped_storage()
+        if storage._cdata not in storages:
+            storages.add(storage._cdata)
+            by_kind[kind] = by_kind.get(kind, 0) + storage.nbytes()
+    return by_kind, ids
+
+
+def _serials(tracker: MemoryTracker, tensors: list[torch.Tensor]) -> set[int]:
+    return {s for t in tensors if (s := tracker.serial_of(t)) is not None}
+
+
+def _sum(snapshot: dict[int, int], serials: set[int]) -> int:
+    return sum(nbytes for serial, nbytes in snapshot.items() if serial in serials)
+
+
+def measure(model: nn.Module, *, batch: int, seq: int, optimizer: str | None = "adamw",
+            device_type: str = "cpu", target: str = "", mode: str = OFF) -> Estimate:
+    """Run one step of ``model`` (real or fake tensors, as it holds) under a
+    :class:`MemoryTracker` and return what it counted. ``optimizer`` None: a decode step.
+
+    ``model`` must take ``model(input_ids=..., labels=...)`` and return the loss as
+    ``.loss`` (training), and ``use_cache=True`` / ``past_key_values=`` (decode), as APT and
+    Hugging Face causal language models do. It is left trained by the two steps.
+    """
+    vocab, _context = _vocab_and_context(model)
+    device = next(model.parameters()).device
+    params, param_ids = _parameter_bytes(model)
+    tracker = MemoryTracker()
+    tracker.add([*model.parameters(), *model.buffers()])
+    with tracker:
+        ids = torch.randint(0, vocab, (batch, seq), device=device)
+        if optimizer is not None:
+            model.train()
+            opt = _optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], device_type)
+            step = _training_step(model, opt, ids)
+            step(tracker=None)  # the first step creates the optimizer state
+            opt.zero_grad(set_to_none=True)
+            tracker.reset_peak()
+            outputs, grads = step(tracker=tracker)
+            state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        else:
+            model.eval()
+            tracker.reset_peak()
+            outputs = _decode_step(model, ids, tracker)
+            grads, state = [], []
+        tracker.finish()
+        kinds = {
+            "parameters": _serials(tracker, [t for t in (*model.parameters(), *model.buffers()) if id(t) in param_ids]),
+            "gradients": _serials(tracker, grads),
+            "optimizer_state": _serials(tracker, state),
+            "logits_loss": _serials(tracker, outputs),
+        }
+    baseline = tracker.phase_peak("start")[1]
+    kinds["buffers"] = set(baseline) - kinds["parameters"] - kinds["optimizer_state"]
+    known = set().union(*kinds.values())
+    at_peak = {key: _sum(tracker.snapshot_at_peak, kinds[key]) for key in kinds}
+    at_peak["activations"] = sum(n for s, n in tracker.snapshot_at_peak.items() if s not in known)
+    busy = [tracker.phase_peak(p)[1] for p in ("forward", "backward", "prefill", "decode")]
+    live = tracker.live_serials()
+    return Estimate(
+        target=target or type(model).__name__, mode=mode, device=device_type, batch=batch, seq=seq,
+        optimizer=optimizer, parameters=params, buffers=_sum(baseline, kinds["buffers"]),
+        gradients=_sum(live, kinds["gradients"]), optimizer_state=_sum(live, kinds["optimizer_state"]),
+        activations=max(sum(n for s, n in snap.items() if s not in known) for snap in busy),
+        logits_loss=_sum(live, kinds["logits_loss"]), traced_peak=tracker.peak,
+        at_peak={key: at_peak[key] for key in COMPONENTS},
+        runtime_overhead=CUDA_RUNTIME_OVERHEAD if device_type == "cuda" else 0,
+    )
+
+
+def _training_step(model: nn.Module, opt: torch.optim.Optimizer,
+                   ids: torch.Tensor) -> Callable[..., tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """One step (forward, backward, optimizer step) marking its phases on ``tracker``;
+    returns the output tensors kept (loss, logits) and the gradients."""
+
+    def step(tracker: MemoryTracker | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        mark = tracker.phase if tracker is not None else (lambda _name: None)
+        mark("start")
+        mark("forward")
+        out = model(input_ids=ids, labels=ids)
+        loss = _output_tensors(out, ("loss",))
+        if not loss:
+            raise VBConfigError(tr(f"{type(model).__name__} 的输出没有 loss (需要 model(input_ids=..., labels=...))",
+                                   f"{type(model).__name__} returned no loss (it must take "
+                                   "model(input_ids=..., labels=...))"))
+        mark("backward")
+        loss[0].backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        mark("optimizer")
+        opt.step()
+        return _output_tensors(out, ("loss", "logits")), grads
+
+    return step
+
+
+def _decode_step(model: nn.Module, ids: torch.Tensor, tracker: MemoryTracker) -> list[torch.Tensor]:
+    """Prefill ``seq - 1`` tokens with the KV cache, then decode one; returns the logits kept."""
+    tracker.phase("start")
+    with torch.no_grad():
+        tracker.phase("prefill")
+        prefill = model(input_ids=ids[:, :-1], use_cache=True)
+        tracker.phase("decode")
+        out = model(input_ids=ids[:, -1:], past_key_values=prefill.past_key_values, use_cache=True)
+    return _output_tensors(prefill, ("logits",)) + _output_tensors(out, ("logits",))
+
+
+# ---- the public verb ---------------------------------------------------------------------------
+
+
+def estimate(target: Any, *, mode: str | None = None, batch: int = 1, seq: int | None = None,
+             optimizer: str = "adamw", training: bool = True, device: str | None = None,
+             base: VBConfig | None = None) -> Estimate:
+    """Peak memory of one step of ``target`` in ``mode``, traced on fake tensors (seconds,
+    no accelerator, the target's own tensors untouched).
+
+    ``target``: an APT preset name or ``APTConfig``, a Hugging Face config or the path of a
+    ``config.json`` (needs transformers), or an ``nn.Module`` (one VB already optimized is
+    traced as it is, and ``mode`` must then be its mode or None). ``mode``: one of
+    ``ESTIMATE_MODES`` ("off": no VB pass; None: "balanced", or a module's own mode).
+    ``seq`` defaults to the model's context length; ``training=False`` traces a decode
+    step (FP4 layers frozen, as for serving). ``device`` ("cpu", "cuda", ...; default the
+    configured one; it need not exist here) decides the runtime overhead and the
+    optimizer's multi-tensor path; the step itself is traced with CPU semantics (autocast's
+    CPU policy, the attention kernel SDPA picks on the CPU).
+    ``base`` supplies the FP4 format, skip list and checkpointed blocks. Bad input raises
+    ``VBConfigError`` (or ``VBDataError`` for a missing config file).
+    """
+    from apt_model.fp4.layer import freeze_fp4
+    from apt_model.optimization import engine
+
+    _positive("batch", batch)
+    if seq is not None:
+        _positive("seq", seq)
+    if mode is not None:
+        _check_choice(tr("模式", "mode"), mode, ESTIMATE_MODES)
+    _check_choice(tr("优化器", "optimizer"), optimizer, OPTIMIZERS)
+    device_type = _device_type(device or (base.device if base else "auto"))
+    source, description = _meta_model(target)
+    report = engine.report_of(source)
+    if report is not None and mode not in (None, report.mode):
+        raise VBConfigError(tr(f"此模型已按模式 '{report.mode}' 优化, 不能按模式 '{mode}' 估算",
+                               f"this model is already optimized in mode '{report.mode}' and cannot be "
+                               f"estimated in mode '{mode}'"))
+    mode = report.mode if report is not None else (mode or "balanced")
+    _vocab, context = _vocab_and_context(source)
+    seq = seq or context
+    if seq is None:
+        raise VBConfigError(tr("无法得知模型的上下文长度, 请给出 seq", "the model's context length is unknown: give seq"))
+    if context is not None and seq > context:
+        raise VBConfigError(tr(f"seq={seq} 超过模型的上下文长度 {context}",
+                               f"seq={seq} exceeds the model's context length {context}"))
+    if not training and seq < 2:
+        raise VBConfigError(tr("解码估算需要 seq >= 2 (预填充 seq-1 个 token, 再解码 1 个)",
+                               "a decode estimate needs seq >= 2 (a prefill of seq-1 tokens, then one)"))
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    model = fake_copy(source, fake_mode)
+    with fake_mode:
+        if report is None and mode != OFF:
+            engine.optimize(model, mode_config(mode, base))
+        if not training:
+            freeze_fp4(model)  # serving holds packed FP4 weights only (a no-op without FP4 layers)
+        return measure(model, batch=batch, seq=seq, optimizer=optimizer if training else None,
+                       device_type=device_type, target=description, mode=mode)
+

@@ -1,0 +1,123 @@
+"""Live-storage accounting through a ``TorchDispatchMode``.
+
+Every tensor an operator returns is looked at once: a storage not seen before counts its
+bytes from then on, and stops counting when the storage itself is freed (a weak reference
+to the storage object, whose callback runs when the last tensor or view holding it goes).
+The peak is the largest sum of live bytes. The same tracker runs on real tensors and on
+fake ones, so a traced step and a real CPU step are counted by one rule.
+
+What it cannot see: memory a kernel allocates and frees inside itself (workspaces), and
+allocator rounding or caching; both are below the dispatcher.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+class MemoryTracker(TorchDispatchMode):
+    """Counts live storage bytes; ``peak`` and ``snapshot_at_peak`` cover the time since the
+    last ``reset_peak``, ``phase_peak(name)`` each phase set by ``phase``.
+
+    Storages are named by a serial number given when first seen, never reused, so a
+    snapshot taken at a peak can be classified later (``serial_of``) without confusing a
+    freed storage with a newer one at the same address.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._live: dict[int, tuple[int, int]] = {}  # storage address -> (serial, bytes)
+        self._refs: dict[int, weakref.ref] = {}
+        self._serial = 0
+        self.current = 0
+        self.peak = 0
+        self.snapshot_at_peak: dict[int, int] = {}  # serial -> bytes, live at ``peak``
+        self._phase = ""
+        self._phase_peaks: dict[str, tuple[int, dict[int, int]]] = {}
+        self._stale = False  # a new peak whose snapshot is not taken yet
+
+    # ---- counting -----------------------------------------------------------------------------
+
+    def add(self, tensors: Iterable[Any]) -> None:
+        """Count the storages of the tensors among ``tensors`` (others are ignored)."""
+        for tensor in tensors:
+            if isinstance(tensor, torch.Tensor):
+                self._add_storage(tensor.untyped_storage())
+
+    def _add_storage(self, storage: torch.UntypedStorage) -> None:
+        key = storage._cdata
+        if key in self._live:
+            return
+        self._serial += 1
+        nbytes = storage.nbytes()
+        self._live[key] = (self._serial, nbytes)
+        self._refs[key] = weakref.ref(storage, lambda _ref, key=key: self._free(key))
+        self.current += nbytes
+        if self.current > self.peak:
+            self.peak = self.current
+            self._stale = True
+        phase_peak = self._phase_peaks.get(self._phase)
+        if phase_peak is not None and self.current > phase_peak[0]:
+            self._phase_peaks[self._phase] = (self.current, {})
+            self._stale = True
+
+    def _free(self, key: int) -> None:
+        if self._stale:  # going down from a peak: take its snapshot now
+            self._take_snapshots()
+        _serial, nbytes = self._live.pop(key)
+        del self._refs[key]
+        self.current -= nbytes
+
+    def _take_snapshots(self) -> None:
+        live = dict(self._live.values())
+        if self.current == self.peak:
+            self.snapshot_at_peak = live
+        phase_peak = self._phase_peaks.get(self._phase)
+        if phase_peak is not None and phase_peak[0] == self.current:
+            self._phase_peaks[self._phase] = (self.current, live)
+        self._stale = False
+
+    # ---- phases and queries -------------------------------------------------------------------
+
+    def phase(self, name: str) -> None:
+        """Start phase ``name``: later allocations count toward its own peak too."""
+        if self._stale:
+            self._take_snapshots()
+        self._phase = name
+        self._phase_peaks[name] = (self.current, dict(self._live.values()))
+
+    def reset_peak(self) -> None:
+        """Forget the peaks so far: the peak starts again from the bytes live now."""
+        self.peak = self.current
+        self.snapshot_at_peak = dict(self._live.values())
+        self._phase_peaks.clear()
+        self._stale = False
+
+    def finish(self) -> None:
+        """Take the snapshot of a peak still in progress (call before reading the snapshots)."""
+        if self._stale:
+            self._take_snapshots()
+
+    def phase_peak(self, name: str) -> tuple[int, dict[int, int]]:
+        """``(peak bytes, serial -> bytes live then)`` of phase ``name`` ((0, {}) if it never ran)."""
+        return self._phase_peaks.get(name, (0, {}))
+
+    def serial_of(self, tensor: torch.Tensor) -> int | None:
+        """The serial of ``tensor``'s storage, None when it is not counted."""
+        entry = self._live.get(tensor.untyped_storage()._cdata)
+        return None if entry is None else entry[0]
+
+    def live_serials(self) -> dict[int, int]:
+        """serial -> bytes of every storage live now."""
+        return dict(self._live.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.add(tree_leaves(out))
+        return out

@@ -1,0 +1,175 @@
+"""``vb.estimate``: the traced step against a real CPU model, and the ``vb estimate`` command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from apt_model.cli import main
+from apt_model.errors import run_cli
+from apt_model.estimator import MemoryTracker, estimate, measure
+from apt_model.estimator.estimate import mode_config
+from apt_model.modeling.apt_model import APTConfig, APTModel
+from apt_model.optimization import config as vb_config
+from apt_model.optimization import engine
+
+CONFIG = APTConfig.from_preset("tiny", n_layers=2, max_seq_len=64)
+BATCH, SEQ = 2, 64
+PEAK_TOLERANCE = 0.05
+ROOT = Path(__file__).resolve().parents[1]  # traced peak vs the same tracker on a real CPU step
+
+
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def real_model(mode: str) -> APTModel:
+    torch.manual_seed(0)
+    model = APTModel(CONFIG)
+    if mode != "off":
+        engine.optimize(model, mode_config(mode))
+    return model
+
+
+def test_tracker_counts_a_storage_once_and_frees_it_with_its_last_view():
+    with MemoryTracker() as tracker:
+        a = torch.empty(1000)
+        view = a[10:]
+        b = torch.empty(500, dtype=torch.float16)
+        assert tracker.current == 4000 + 1000
+        del a
+        assert tracker.current == 5000  # the view keeps the storage
+        del view, b
+    assert tracker.current == 0 and tracker.peak == 5000
+
+
+@pytest.mark.parametrize(("mode", "optimizer"), [("off", "adamw"), ("memory", "adamw"), ("speed", "sgd")])
+def test_parameter_gradient_and_optimizer_bytes_are_exact(mode, optimizer):
+    model = real_model(mode)
+    opt = (torch.optim.AdamW(model.parameters()) if optimizer == "adamw"
+           else torch.optim.SGD(model.parameters(), lr=1e-3))
+    ids = torch.randint(0, CONFIG.vocab_size, (BATCH, SEQ))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    params = list(model.parameters())
+    state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+
+    est = estimate(CONFIG, mode=mode, batch=BATCH, seq=SEQ, optimizer=optimizer, device="cpu")
+    assert est.parameter_bytes == nbytes(params)
+    assert est.parameters == {"float32": nbytes(params)}
+    assert est.gradients == nbytes(p.grad for p in params)
+    assert est.optimizer_state == nbytes(state)
+    assert (est.optimizer_state > 2 * est.parameter_bytes) == (optimizer == "adamw")  # exp_avg, exp_avg_sq, step
+
+
+@pytest.mark.parametrize("mode", ["off", "balanced", "memory"])  # FP4: the decode test
+def test_traced_peak_agrees_with_a_real_cpu_step(mode):
+    real = measure(real_model(mode), batch=BATCH, seq=SEQ, optimizer="adamw", device_type="cpu")
+    traced = estimate(CONFIG, mode=mode, batch=BATCH, seq=SEQ, device="cpu")
+    assert abs(traced.traced_peak - real.traced_peak) <= PEAK_TOLERANCE * real.traced_peak
+    assert abs(traced.activations - real.activations) <= PEAK_TOLERANCE * real.activations
+    assert sum(traced.at_peak.values()) == traced.traced_peak
+    assert traced.peak_bytes == traced.traced_peak  # no runtime overhead on the CPU
+
+
+def test_decode_step_agrees_with_a_real_cpu_decode_and_holds_packed_weights():
+    model = real_model("speed")
+    engine.optimize(model, mode_config("speed"))
+    from apt_model.fp4.layer import freeze_fp4
+
+    freeze_fp4(model)
+    real = measure(model, batch=BATCH, seq=SEQ, optimizer=None)
+    traced = estimate(CONFIG, mode="speed", batch=BATCH, seq=SEQ, training=False, device="cpu")
+    assert abs(traced.traced_peak - real.traced_peak) <= PEAK_TOLERANCE * real.traced_peak
+    assert traced.parameters == real.parameters and "nvfp4 packed" in traced.parameters
+    plain = estimate(CONFIG, mode="off", batch=BATCH, seq=SEQ, training=False, device="cpu")
+    assert traced.parameter_bytes < plain.parameter_bytes
+    assert traced.gradients == traced.optimizer_state == 0
+
+
+def test_checkpointing_cuts_the_activation_peak():
+    by_mode = {mode: estimate(CONFIG, mode=mode, batch=4, seq=SEQ, device="cpu") for mode in ("off", "balanced", "memory")}
+    assert by_mode["memory"].activations < by_mode["balanced"].activations < by_mode["off"].activations
+    assert by_mode["memory"].traced_peak < by_mode["off"].traced_peak
+
+
+def test_a_module_is_traced_on_a_copy_and_left_untouched():
+    model = real_model("off")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    est = estimate(model, mode="memory", batch=BATCH, seq=SEQ, device="cpu")
+    assert est.parameter_bytes == nbytes(model.parameters())
+    assert engine.report_of(model) is None
+    for name, p in model.named_parameters():
+        assert p.device.type == "cpu" and p.grad is None and torch.equal(p, before[name])
+
+
+def test_a_cuda_estimate_needs_no_cuda_and_adds_the_stated_overhead():
+    from apt_model.estimator import CUDA_RUNTIME_OVERHEAD
+
+    # two tokens: the optimizer step, not the activations, makes the peak
+    cpu = estimate(CONFIG, mode="off", batch=1, seq=2, device="cpu")
+    cuda = estimate(CONFIG, mode="off", batch=1, seq=2, device="cuda")
+    assert cpu.runtime_overhead == 0 and cuda.runtime_overhead == CUDA_RUNTIME_OVERHEAD > 0
+    assert cuda.peak_bytes == cuda.traced_peak + CUDA_RUNTIME_OVERHEAD
+    assert cuda.optimizer_state == cpu.optimizer_state
+    assert cuda.traced_peak > cpu.traced_peak  # AdamW's multi-tensor path holds more temporaries
+
+
+def test_hf_llama_config_and_its_config_json(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    real = transformers.LlamaForCausalLM(cfg)
+    est = estimate(cfg, mode="balanced", batch=BATCH, seq=SEQ, device="cpu")
+    assert est.parameter_bytes == nbytes(real.parameters())
+    assert est.optimizer_state == 2 * est.parameter_bytes + 4 * len(list(real.parameters()))
+    cfg.save_pretrained(tmp_path)
+    from_file = estimate(str(tmp_path / "config.json"), mode="balanced", batch=BATCH, seq=SEQ, device="cpu")
+    assert from_file.traced_peak == est.traced_peak
+
+
+def vb(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, str, str]:
+    """``vb`` run in this process through the entry point's error handling: (exit code, out, err)."""
+    monkeypatch.setenv("VB_LANG", "en")
+    code = run_cli(main, args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_prints_one_table_per_mode(capsys, monkeypatch):
+    code, out, err = vb(capsys, monkeypatch, "estimate", "--preset", "tiny", "--seq", "8", "--mode", "all",
+                        "--optimizer", "sgd")
+    assert code == 0, err
+    for mode in (*vb_config.MODES, "off"):
+        assert f"mode {mode} · training (sgd)" in out
+    peaks = [line for line in out.splitlines() if line.split()[:1] == ["peak"]]
+    assert len(peaks) == len(vb_config.MODES) + 1 and all("MiB" in line for line in peaks)
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--preset", "gigantic"], "gigantic"),
+    (["--hf-config", "/no/such/config.json"], "/no/such/config.json"),
+    (["--preset", "tiny", "--batch", "0"], "batch"),
+    (["--preset", "tiny", "--seq", "-3"], "seq"),
+    (["--preset", "tiny", "--mode", "turbo"], "turbo"),
+    (["--preset", "tiny", "--optimizer", "lion"], "lion"),
+    (["--preset", "tiny", "--seq", "100000"], "100000"),
+    ([], "--preset"),
+])
+def test_cli_bad_input_is_one_line_and_exit_code_2(capsys, monkeypatch, args, needle):
+    code, out, err = vb(capsys, monkeypatch, "estimate", *args)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and needle in lines[0] and out == "", err
+    assert lines[0].startswith("error:")
+
+
+def test_the_command_runs_as_a_program():
+    env = {k: v for k, v in os.environ.items() if k not in vb_config.ENV_VARS}
+    proc = subprocess.run([sys.executable, "-m", "apt_model.cli", "estimate", "--preset", "nano"], capture_output=True,
+                          text=True, env={**env, "VB_LANG": "en", "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "nano" in proc.stderr
