@@ -57,7 +57,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from apt_model.errors import VBConfigError, VBDataError
-from apt_model.fp4.layer import FP4Linear, convert_to_fp4
+from apt_model.fp4.layer import FP4Linear, convert_to_fp4, retie, tied_groups
 from apt_model.fp4.ops import fp4_quantize
 from apt_model.i18n import tr
 
@@ -242,14 +242,6 @@ def _model_key(key: str, expected: dict[str, torch.Tensor], prefix: str) -> str 
     return None
 
 
-def _tied_groups(model: nn.Module) -> list[list[str]]:
-    """Names of the parameters that are one object under several names (tied weights)."""
-    groups: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(param), []).append(name)
-    return [names for names in groups.values() if len(names) > 1]
-
-
 def _plan(model: nn.Module, shards: list[Path]) -> list[tuple[Path, dict[str, str]]]:
     """For each shard, its checkpoint keys to load and the model name each fills.
 
@@ -260,7 +252,7 @@ def _plan(model: nn.Module, shards: list[Path]) -> list[tuple[Path, dict[str, st
     prefix = getattr(model, "base_model_prefix", "") or ""
     skip_unexpected = _patterns(model, "_keys_to_ignore_on_load_unexpected", _LEGACY_KEYS)
     skip_missing = _patterns(model, "_keys_to_ignore_on_load_missing")
-    alias = {name: group[0] for group in _tied_groups(model) for name in group}
+    alias = {name: group[0] for group in tied_groups(model) for name in group}
     plan: list[tuple[Path, dict[str, str]]] = []
     filled: set[str] = set()
     unexpected: list[str] = []
@@ -328,15 +320,6 @@ def _put(model: nn.Module, name: str, tensor: torch.Tensor, device: torch.device
         owner._buffers[leaf] = value
 
 
-def _retie(model: nn.Module, groups: list[list[str]]) -> None:
-    """Point every name of a tied group at the one parameter the checkpoint filled."""
-    for group in groups:
-        param = next(p for p in map(model.get_parameter, group) if not p.is_meta)
-        for name in group:
-            owner, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(owner), leaf, param)
-
-
 def load_hf_checkpoint_fp4(path: str | os.PathLike, model_class: type | None = None, *,
                            config: Any = None, fmt: str = "nvfp4",
                            skip: tuple[str, ...] = ("lm_head", "*.lm_head"), min_features: int = 64,
@@ -366,11 +349,11 @@ def load_hf_checkpoint_fp4(path: str | os.PathLike, model_class: type | None = N
     dtype = _compute_dtype(config, dtype)
     model = _build(_model_class(config, model_class), config, device, dtype)
     _generation_config(model, folder)
-    groups = _tied_groups(model)
+    groups = tied_groups(model)
     convert_to_fp4(model, fmt, skip, min_features)
     for shard, keys in _plan(model, shards):
         with safe_open(shard, framework="pt") as fh:
             for key, name in keys.items():
                 _put(model, name, fh.get_tensor(key), device, dtype)
-    _retie(model, groups)
+    retie(model, groups)
     return model.eval()

@@ -64,7 +64,9 @@ __all__ = [
     "freeze_fp4",
     "fused_training_linear",
     "is_conv1d",
+    "retie",
     "straight_through_fp4",
+    "tied_groups",
 ]
 
 # Training takes the fused kernels for at most this many rows through a layer of at least
@@ -410,13 +412,28 @@ def freeze_fp4(model: nn.Module) -> int:
     return len(layers)
 
 
+def tied_groups(model: nn.Module) -> list[list[str]]:
+    """Names of the parameters that are one object under several names (tied weights, e.g.
+    a head tied to the embedding)."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def retie(model: nn.Module, groups: list[list[str]]) -> None:
+    """Point every name of each tied group at one parameter again, the first not on the
+    meta device (the one a loader filled), after loading gave the names parameters of their own."""
+    for group in groups:
+        param = next((p for p in map(model.get_parameter, group) if not p.is_meta),
+                     model.get_parameter(group[0]))
+        for name in group:
+            owner, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(owner) if owner else model, leaf, param)
+
+
 def _shared_weight_ids(model: nn.Module) -> set[int]:
-    """Ids of parameters reachable under more than one module (e.g. a head tied to the embedding)."""
-    seen: dict[int, int] = {}
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            seen[id(param)] = seen.get(id(param), 0) + 1
-    return {pid for pid, count in seen.items() if count > 1}
+    return {id(model.get_parameter(group[0])) for group in tied_groups(model)}
 
 
 def _plain_features(module: nn.Module) -> tuple[int, int] | None:

@@ -40,7 +40,7 @@ from torch import nn
 
 from apt_model.errors import VBConfigError, VBDataError
 from apt_model.fp4.format import FP4_FORMATS, FP4Weight
-from apt_model.fp4.layer import PACKED_BUFFERS, FP4Linear, is_conv1d
+from apt_model.fp4.layer import PACKED_BUFFERS, FP4Linear, is_conv1d, retie, tied_groups
 from apt_model.i18n import tr
 from apt_model.storage import fsync_path, unique_tensors
 
@@ -245,23 +245,6 @@ def _install_fp4_layers(path: Path, model: nn.Module, meta: dict[str, Any],
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
 
 
-def _tied_groups(model: nn.Module) -> list[list[str]]:
-    """Names of parameters that are one object under several names (tied weights)."""
-    groups: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(param), []).append(name)
-    return [names for names in groups.values() if len(names) > 1]
-
-
-def _retie(model: nn.Module, groups: list[list[str]]) -> None:
-    """``load_state_dict(assign=True)`` gives each name its own Parameter: tie them again."""
-    for first, *others in groups:
-        param = model.get_parameter(first)
-        for name in others:
-            owner, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(owner) if owner else model, leaf, param)
-
-
 def load_fp4_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, *,
                         classes: Sequence[type[nn.Module]] | None = None) -> nn.Module:
     """Load a packed FP4 checkpoint into a model whose FP4 layers are frozen packed layers.
@@ -290,7 +273,7 @@ def load_fp4_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
                             f"alias {alias} points to missing tensor {stored}")
         tensors[alias] = tensors[stored]
     assign = any(t.is_meta for t in model.state_dict().values())
-    groups = _tied_groups(model)
+    groups = tied_groups(model)
     _install_fp4_layers(path, model, meta, tensors, assign)
     expected = model.state_dict()
     missing = [k for k in expected if k not in tensors]
@@ -306,5 +289,5 @@ def load_fp4_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
         detail = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
         raise _mismatch(path, detail, detail) from None
     if assign:
-        _retie(model, groups)
+        retie(model, groups)
     return model.eval()
