@@ -195,3 +195,21 @@ def test_packing_a_group_frees_the_members_own_packed_tensors():
         storage = group.packed.untyped_storage().data_ptr()
         for member in group.members:
             assert member._packed is None or member._packed.packed.untyped_storage().data_ptr() == storage
+
+
+def test_a_dtype_change_casts_the_group_bias_with_the_members():
+    torch.manual_seed(0)
+    model, reference = Siblings(), Siblings()
+    reference.load_state_dict(model.state_dict())
+    for m in (model, reference):
+        vb.optimize(m, mode="speed", verbose=False)
+        vb.freeze_fp4(m)
+    unfused(reference)
+    model.to(torch.float64)
+    reference.to(torch.float64)
+    group = groups(model)[0]
+    assert group.bias.dtype == model.q_proj.bias.dtype == torch.float64
+    assert group.scales.dtype == torch.float8_e4m3fn
+    x = torch.randn(1, 1, 64, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-9, atol=1e-9)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from apt_model.fp4.format import FP4Weight
-from apt_model.fp4.layer import FP4Linear
+from apt_model.fp4.layer import FP4Linear, moved_uncast
 from apt_model.fp4.ops import fp4_linear
 
 __all__ = ["FusedFP4Projections"]
@@ -45,16 +45,22 @@ def _held(member: FP4Linear) -> tuple:
 class FusedFP4Projections(nn.Module):
     """The frozen members' packed weights as one, and their product at one activation row."""
 
+    @staticmethod
+    def fusable(members: Sequence[object]) -> bool:
+        """Whether ``members`` can form a group: two or more FP4 layers in no group yet, with
+        the same input width, format and bias presence."""
+        if len(members) < 2 or not all(isinstance(m, FP4Linear) and m._fused is None for m in members):
+            return False
+        first = members[0]
+        return all((m.in_features, m.fmt, m.bias is None) == (first.in_features, first.fmt, first.bias is None)
+                   for m in members)
+
     def __init__(self, members: Sequence[FP4Linear]) -> None:
         super().__init__()
-        if len(members) < 2:
-            raise ValueError("a fused projection needs at least two FP4 layers")
+        if not self.fusable(members):
+            raise ValueError(f"cannot fuse {list(members)!r}: two or more FP4 layers in no group, "
+                             "with the same input width, format and bias presence, are needed")
         first = members[0]
-        for member in members:
-            if (member.in_features, member.fmt) != (first.in_features, first.fmt) or (
-                    (member.bias is None) != (first.bias is None)):
-                raise ValueError(f"cannot fuse {member!r} with {first!r}: inputs, format or "
-                                 "bias differ")
         object.__setattr__(self, "members", tuple(members))  # not submodules
         self.in_features = first.in_features
         self.fmt = first.fmt
@@ -103,13 +109,15 @@ class FusedFP4Projections(nn.Module):
         return all(_held(member) == held for member, held in zip(self.members, self._views, strict=True))
 
     def _fused_weight(self) -> FP4Weight:
-        if torch.compiler.is_compiling():
-            return FP4Weight(self.fmt, self.packed, self.scales, self.tensor_scale,
-                             (self.packed.shape[0], self.in_features))
-        if self._weight is None:
-            self._weight = FP4Weight(self.fmt, self.packed, self.scales, self.tensor_scale,
-                                     (self.packed.shape[0], self.in_features))
-        return self._weight
+        """The group's packed weight, built once per packing (inside ``torch.compile`` from
+        the buffers every time: nothing is cached there)."""
+        if self._weight is not None and not torch.compiler.is_compiling():
+            return self._weight
+        weight = FP4Weight(self.fmt, self.packed, self.scales, self.tensor_scale,
+                           (self.packed.shape[0], self.in_features))
+        if not torch.compiler.is_compiling():
+            self._weight = weight
+        return weight
 
     def take(self, index: int, given: Tensor, x: Tensor) -> Tensor | None:
         """Member ``index``'s output for the tensor it was ``given`` (``x``: that input in
@@ -135,12 +143,12 @@ class FusedFP4Projections(nn.Module):
         return out
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> FusedFP4Projections:
-        """Move (never cast: float8 scales, fp32 tensor scales) the group's tensors, then point
-        the members at them again (``.to()`` moved the members' views on their own)."""
+        """Move the group's packed tensors (never cast: float8 scales, fp32 tensor scales) and
+        its bias (cast too, as the members' are), then point the members at them again
+        (``.to()`` moved the members' views on their own)."""
         for name, tensor in list(self._buffers.items()):
             if tensor is not None:
-                moved = fn(tensor)
-                self._buffers[name] = moved if moved.dtype == tensor.dtype else tensor.to(moved.device)
+                self._buffers[name] = fn(tensor) if name == "bias" else moved_uncast(fn, tensor)
         if self.packed is not None:
             self._link()
         return self

@@ -64,6 +64,7 @@ __all__ = [
     "freeze_fp4",
     "fused_training_linear",
     "is_conv1d",
+    "moved_uncast",
     "retie",
     "straight_through_fp4",
     "tied_groups",
@@ -336,10 +337,7 @@ class FP4Linear(nn.Module):
         device = packed["weight_packed"].device
         probe = fn(torch.empty(0, dtype=self.compute_dtype, device=device))
         for name, tensor in packed.items():
-            moved = fn(tensor)
-            if moved.dtype != tensor.dtype:
-                moved = tensor.to(device=moved.device)
-            self._buffers[name] = moved
+            self._buffers[name] = moved_uncast(fn, tensor)
         if probe.is_floating_point():
             self._compute_dtype = probe.dtype
         return self
@@ -410,6 +408,14 @@ def freeze_fp4(model: nn.Module) -> int:
         layer.freeze()
     model.eval()
     return len(layers)
+
+
+def moved_uncast(fn: Callable[[torch.Tensor], torch.Tensor], tensor: torch.Tensor) -> torch.Tensor:
+    """``fn(tensor)`` (a ``Module._apply`` function) for a packed tensor: moved where ``fn``
+    moves it, never cast (float8 scales are "floating point" to torch, ``.half()`` would
+    cast them)."""
+    moved = fn(tensor)
+    return moved if moved.dtype == tensor.dtype else tensor.to(device=moved.device)
 
 
 def tied_groups(model: nn.Module) -> list[list[str]]:

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from torch import nn
 
 from apt_model.fp4.fused import FusedFP4Projections
-from apt_model.fp4.layer import FP4Linear
 
 __all__ = ["SIBLINGS", "fuse_projections"]
 
@@ -29,14 +28,6 @@ SIBLINGS = (
 )
 
 
-def _fusable(members: list[nn.Module | None]) -> bool:
-    if not all(isinstance(m, FP4Linear) and m._fused is None for m in members):
-        return False
-    first = members[0]
-    return all((m.in_features, m.fmt, m.bias is None) == (first.in_features, first.fmt, first.bias is None)
-               for m in members)
-
-
 def fuse_projections(model: nn.Module) -> tuple[int, Callable[[], None]]:
     """Group ``model``'s sibling FP4 projections; returns (groups made, the undo).
 
@@ -47,7 +38,7 @@ def fuse_projections(model: nn.Module) -> tuple[int, Callable[[], None]]:
     for parent in list(model.modules()):
         for names in SIBLINGS:
             members = [parent._modules.get(name) for name in names]
-            if _fusable(members):
+            if FusedFP4Projections.fusable(members):
                 name = "vb_fused_" + "_".join(names)
                 group = FusedFP4Projections(members)
                 parent.add_module(name, group)
