@@ -60,7 +60,12 @@ def _build_llama(name: str, device: torch.device):
     torch.manual_seed(0)
     with torch.device(device):
         model = transformers.LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
-    model.generation_config.eos_token_id = None  # always N new tokens
+    return _always_n_tokens(model)
+
+
+def _always_n_tokens(model):
+    """No end-of-sequence token: every call generates exactly the tokens asked for."""
+    model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model.eval()
 
@@ -69,18 +74,14 @@ def _bnb_llama(model, device: torch.device):
     """The same weights through transformers' documented 4-bit route."""
     import transformers
 
-    folder = tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    model.save_pretrained(folder)
-    del model
-    torch.cuda.empty_cache()
     quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                             bnb_4bit_compute_dtype=torch.bfloat16)
-    loaded = transformers.LlamaForCausalLM.from_pretrained(folder, quantization_config=quant,
-                                                           device_map={"": device.index or 0},
-                                                           dtype=torch.bfloat16)
-    loaded.generation_config.eos_token_id = None
-    loaded.generation_config.pad_token_id = 0
-    return loaded.eval()
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as folder:
+        model.save_pretrained(folder)
+        loaded = transformers.LlamaForCausalLM.from_pretrained(folder, quantization_config=quant,
+                                                               device_map={"": device.index or 0},
+                                                               dtype=torch.bfloat16)
+    return _always_n_tokens(loaded)
 
 
 class _TokenClock:
@@ -180,7 +181,8 @@ def run_variant(args: argparse.Namespace) -> dict:
         model = _build_llama(args.model, device)
         vocab = model.config.vocab_size
     if variant == "bnb-4bit":
-        model = _bnb_llama(model, device)
+        model = _bnb_llama(model, device)  # the bf16 copy is freed here
+        torch.cuda.empty_cache()
     if variant.startswith("vb-"):
         vb.optimize(model, mode="speed", verbose=False)
         vb.freeze_fp4(model)
