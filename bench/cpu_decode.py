@@ -34,7 +34,7 @@ import time
 
 import torch
 from modes import cpu_name
-from variants import run_in_subprocesses
+from variants import add_variant_arguments, run_in_subprocesses
 
 from apt_model.storage import module_nbytes
 
@@ -108,9 +108,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--variant", choices=VARIANTS)
-    parser.add_argument("--only", nargs="*", choices=VARIANTS, default=list(VARIANTS))
-    parser.add_argument("--json", default=None)
+    add_variant_arguments(parser, VARIANTS)
     args = parser.parse_args()
     if args.new < 2:
         parser.error("--new must be at least 2")

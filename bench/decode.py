@@ -32,7 +32,7 @@ import statistics
 import time
 
 import torch
-from variants import cuda_timed, run_in_subprocesses
+from variants import add_variant_arguments, cuda_timed, run_in_subprocesses
 
 from apt_model.storage import module_nbytes
 
@@ -133,9 +133,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--check", type=int, default=32, help="new tokens compared between variants")
-    parser.add_argument("--variant", choices=VARIANTS)
-    parser.add_argument("--only", nargs="*", choices=VARIANTS, default=list(VARIANTS))
-    parser.add_argument("--json", default=None)
+    add_variant_arguments(parser, VARIANTS)
     args = parser.parse_args()
     if args.new < 2:
         parser.error("--new must be at least 2")

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from variants import cuda_timed, run_in_subprocesses, write_results
+from variants import add_variant_arguments, cuda_timed, run_in_subprocesses, write_results
 
 from apt_model.storage import module_nbytes
 
@@ -235,10 +235,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--variant", choices=VARIANTS)
-    parser.add_argument("--only", nargs="*", choices=VARIANTS, default=list(VARIANTS))
+    add_variant_arguments(parser, VARIANTS)
     parser.add_argument("--profile", default="", help="folder for torch.profiler tables (off if empty)")
-    parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.new < 2:
         parser.error("--new must be at least 2")

@@ -37,7 +37,7 @@ import statistics
 import time
 
 import torch
-from variants import run_in_subprocesses
+from variants import add_variant_arguments, run_in_subprocesses
 
 VARIANTS = ("fp32-eager", "bf16-sdpa", "bf16-sdpa-ckpt", "vb-balanced", "vb-memory", "vb-speed", "vb-full")
 
@@ -170,9 +170,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--variant", choices=VARIANTS)
-    parser.add_argument("--only", nargs="*", choices=VARIANTS, default=list(VARIANTS))
-    parser.add_argument("--json", default=None)
+    add_variant_arguments(parser, VARIANTS)
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(run_variant(args)))

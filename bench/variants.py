@@ -13,6 +13,14 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 
+def add_variant_arguments(parser: argparse.ArgumentParser, variants: tuple[str, ...]) -> None:
+    """``--variant`` (run one, in this process: what ``run_in_subprocesses`` calls),
+    ``--only`` (which to run) and ``--json`` (where ``write_results`` puts them)."""
+    parser.add_argument("--variant", choices=variants)
+    parser.add_argument("--only", nargs="*", choices=variants, default=list(variants))
+    parser.add_argument("--json", default=None)
+
+
 def run_in_subprocesses(script: str, variants: Iterable[str], args: argparse.Namespace,
                         forwarded: Iterable[str]) -> list[dict]:
     """``python script --variant V --k=v ...`` for each variant; failures become error rows."""
