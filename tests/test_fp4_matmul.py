@@ -394,6 +394,38 @@ def test_gemv_inf_and_nan_propagate():
 
 
 @needs_triton
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(("n", "k"), [(328, 1040), (256, 8192)])  # the second splits K
+def test_prepared_row_product_is_the_gemv(fmt, n, k):
+    """Eager one-row ``fp4_linear`` keeps its product on the weight and, after the first
+    call, launches the compiled kernels directly: bit for bit the plain GEMV, for new
+    values, a row at an address not 16-byte aligned, another stream, and no bias."""
+    seed = _seed()
+    x, w, b = _problem(1, n, k, fmt, torch.bfloat16, "cuda")
+    with torch.inference_mode():
+        want = _matmul(x, w, b, kernel="gemv")
+        for _ in range(3):
+            torch.testing.assert_close(fp4_linear(x, w, b), want, rtol=0, atol=0)
+        (product,) = w.kernels.values()
+        assert product.launches is not None, seed
+        x2 = torch.randn_like(x)
+        torch.testing.assert_close(fp4_linear(x2, w, b), _matmul(x2, w, b, kernel="gemv"),
+                                   rtol=0, atol=0)
+        shifted = torch.empty(k + 1, dtype=x.dtype, device="cuda")[1:].view(1, k)
+        shifted.copy_(x)
+        torch.testing.assert_close(fp4_linear(shifted, w, b), want, rtol=0, atol=0)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            out = fp4_linear(x, w, b)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+        for _ in range(2):
+            torch.testing.assert_close(fp4_linear(x, w), _matmul(x, w, kernel="gemv"),
+                                       rtol=0, atol=0)
+
+
+@needs_triton
 def test_gemv_replays_in_a_cuda_graph():
     """Two launches (x prepared, then the GEMV; programmatic dependent launch on sm90+)
     inside one captured graph give the eager result for new inputs."""

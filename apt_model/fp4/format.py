@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -367,7 +367,9 @@ class FP4Weight:
 
     ``packed`` is uint8 ``[N, K_padded / 2]``, ``scales`` is float8_e4m3fn (NVFP4) or
     E8M0 bytes in uint8 (MXFP4) of shape ``[N, K_padded / block]``; ``shape`` is the
-    original shape, whose leading dimensions were flattened into N.
+    original shape, whose leading dimensions were flattened into N. ``kernels`` holds what
+    a device's kernels prepared for this weight (filled by :mod:`apt_model.fp4.ops`; valid
+    while these tensors are the weight's).
     """
 
     fmt: str
@@ -375,6 +377,7 @@ class FP4Weight:
     scales: Tensor
     tensor_scale: Tensor | None
     shape: tuple[int, ...]
+    kernels: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_format(self.fmt)

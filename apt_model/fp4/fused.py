@@ -37,9 +37,11 @@ __all__ = ["FusedFP4Projections"]
 def _held(member: FP4Linear) -> tuple:
     """What a member's part of the group was built from: its packed tensors (by identity),
     and its tensor scale and bias, which the group copies (by identity and version)."""
+    buffers, params = member._buffers, member._parameters  # asked once a fused product
+    bias = params["bias"] if "bias" in params else member.bias
     return tuple((id(t), t._version) if t is not None else None
-                 for t in (member.weight_packed, member.weight_scales,
-                           member.weight_tensor_scale, member.bias))
+                 for t in (buffers.get("weight_packed"), buffers.get("weight_scales"),
+                           buffers.get("weight_tensor_scale"), bias))
 
 
 class FusedFP4Projections(nn.Module):

@@ -235,12 +235,21 @@ class FP4Linear(nn.Module):
         """
         compiling = torch.compiler.is_compiling()
         if self.frozen:
-            tensors = {key: getattr(self, name) for key, name in PACKED_BUFFERS.items()}
-            present = {k: t for k, t in tensors.items() if t is not None}
+            buffers = self._buffers
             if compiling:
-                return FP4Weight.from_state_tensors(self.fmt, (self.out_features, self.in_features), present)
-            key = tuple((id(t), t._version) for t in present.values())
+                return FP4Weight.from_state_tensors(self.fmt, (self.out_features, self.in_features), {
+                    key: buffers[name] for key, name in PACKED_BUFFERS.items()
+                    if buffers.get(name) is not None})
+            # Asked once per call when decoding: the cheapest check that the buffers are the
+            # same tensors, unwritten (identity and version of each).
+            packed, scales = buffers["weight_packed"], buffers["weight_scales"]
+            tensor_scale = buffers.get("weight_tensor_scale")
+            key = (id(packed), packed._version, id(scales), scales._version, id(tensor_scale),
+                   None if tensor_scale is None else tensor_scale._version)
             if self._packed is None or self._packed_key != key:
+                present = {"packed": packed, "scales": scales}
+                if tensor_scale is not None:
+                    present["tensor_scale"] = tensor_scale
                 self._packed = FP4Weight.from_state_tensors(
                     self.fmt, (self.out_features, self.in_features), present)
                 self._packed_key = key

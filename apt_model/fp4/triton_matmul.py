@@ -743,6 +743,27 @@ def _split_k(n: int, kw: int, device: torch.device, kernel: str, tile_words: int
     return max(1, min(_cdiv(2 * sms, tiles), kw // (2 * tile_words), 16))
 
 
+def _k_splits(n: int, kw: int, device: torch.device, kernel: str, config: dict | None,
+              split_k: int | None) -> tuple[int, int]:
+    """(number of K splits, words of K per split) of an N x ``kw``-word product: ``split_k``
+    if given, else :func:`_split_k`'s choice; a split is a whole number of tiles of any
+    BLOCK_K the kernel may run (``config``'s, or every candidate's)."""
+    configs = {"gemv": GEMV_CONFIGS, "small": SMALL_CONFIGS, "gemm": GEMM_CONFIGS}[kernel]
+    tile_words = (config["BLOCK_K"] if config else max(c.kwargs["BLOCK_K"] for c in configs)) // 8
+    split = split_k if split_k is not None else _split_k(n, kw, device, kernel, tile_words)
+    k_split = kw if split <= 1 else _cdiv(_cdiv(kw, split), tile_words) * tile_words
+    return _cdiv(kw, k_split), k_split
+
+
+def _config_meta(config: dict | None) -> dict:
+    """A fixed config as launch keywords (weight prefetching on unless it says otherwise);
+    empty when the autotuner picks."""
+    meta = dict(config or {})
+    if config is not None:
+        meta.setdefault("PREFETCH", True)
+    return meta
+
+
 def _scale_operands(scales: Tensor, tensor_scale: Tensor | None) -> tuple[bool, Tensor, Tensor]:
     """(is NVFP4, the block scales as bytes, the tensor-scale pointer operand): MXFP4 has no
     tensor scale, so the kernels get the scale bytes there and never read them as one. An
@@ -860,11 +881,12 @@ def _chunked(x: Tensor, words: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool,
     return out
 
 
-def _split_sum(partials: Tensor, out: Tensor) -> None:
-    """``out`` = the sum of ``partials`` [split, *out.shape] (fp32) over the first dim."""
+def _split_sum(partials: Tensor, out: Tensor) -> tuple | None:
+    """``out`` = the sum of ``partials`` [split, *out.shape] (fp32) over the first dim; returns
+    the compiled kernel's launch (:func:`_direct_launch`)."""
     block = 1024
     numel = out.numel()
-    _direct_launch(("split_sum", out.device.index, out.dtype, numel, partials.shape[0]),
+    return _direct_launch(("split_sum", out.device.index, out.dtype, numel, partials.shape[0]),
                    _split_sum_kernel, (triton.cdiv(numel, block),), (partials, out),
                    dict(MN=numel, SPLIT=partials.shape[0], BLOCK=block))
 
@@ -944,16 +966,17 @@ def _aligned(tensors: tuple[Tensor, ...]) -> tuple[bool, ...]:
     return tuple(t.data_ptr() % 16 == 0 for t in tensors)
 
 
-def _direct_launch(key: tuple, fn, grid, tensors: tuple[Tensor, ...], consts: dict) -> None:
+def _direct_launch(key: tuple, fn, grid, tensors: tuple[Tensor, ...], consts: dict) -> tuple | None:
     """``fn[grid](*tensors, **consts)``: the first time for ``key`` through the JIT (or the
     autotuner ``fn``), then straight through the compiled kernel. ``tensors`` are the
-    kernel's leading parameters (the only ones that may change under one key)."""
+    kernel's leading parameters (the only ones that may change under one key). Returns the
+    compiled kernel's (runner, constant arguments) once known (None under the interpreter)."""
     key = (key, _aligned(tensors))
     direct = _DIRECT.get(key)
     if direct is not None:
         runner, tail = direct
         runner(*tensors, *tail)
-        return
+        return direct
     grids = []
 
     def grid_fn(meta: dict) -> tuple[int, ...]:
@@ -963,37 +986,93 @@ def _direct_launch(key: tuple, fn, grid, tensors: tuple[Tensor, ...], consts: di
 
     compiled = fn[grid_fn](*tensors, **consts)
     if compiled is None or not hasattr(compiled, "__getitem__"):  # the interpreter
-        return
+        return None
     tuned = isinstance(fn, triton.runtime.Autotuner)  # it wraps the JIT function
     jit = fn.fn if tuned else fn
     chosen = {**consts, **(fn.best_config.kwargs if tuned else {})}
     names = jit.arg_names[len(tensors):]
-    if all(name in chosen for name in names):
-        _DIRECT[key] = (compiled[grids[-1]], tuple(chosen[name] for name in names))
+    if not all(name in chosen for name in names):
+        return None
+    _DIRECT[key] = direct = (compiled[grids[-1]], tuple(chosen[name] for name in names))
+    return direct
 
 
-def _gemv(x: Tensor, words: Tensor, s_bytes: Tensor, ts: Tensor, b: Tensor, out: Tensor,
-          n: int, k: int, k_split: int, m_key: int, common: dict, meta: dict, tuned) -> None:
-    """One row: the x kernel (fp16 pairs and group scales) then the GEMV, into ``out``
-    (``tuned``: the autotuner, or None to run the config in ``meta``)."""
-    kw = words.shape[1]
-    groups = kw // 2  # of 16 k: the padded K is a whole number of 16- or 32-blocks
-    buf = torch.empty(9 * groups, dtype=torch.int32, device=x.device)  # one allocation
-    xp, xs = buf[: 8 * groups], buf[8 * groups:].view(torch.float32)
-    arch = device_arch(x.device)
-    pdl = arch >= (9, 0) and common["USE_ASM"] and gdc_wait is not None
-    index = x.device.index
-    _direct_launch(("x", index, x.dtype, k, groups, pdl), _fp4_gemv_x_kernel,
-                   (triton.cdiv(groups, 64),), (x, xp, xs), dict(K=k, G=groups, PDL=pdl, BLOCK_G=64))
-    consts = dict(N=n, K=k, KW=kw, stride_pn=words.stride(0), stride_sn=s_bytes.stride(0),
-                  K_SPLIT=k_split, M_KEY=m_key, **common, HW_E4M3=arch >= (8, 9), PDL=pdl,
-                  **meta)
-    key = ("gemv", index, x.dtype, out.dtype, b.dtype, tuned is None, tuple(consts.items()))
-    if pdl:
-        consts["launch_pdl"] = True
-    grid = lambda meta_: (triton.cdiv(n, meta_["BLOCK_N"]), triton.cdiv(kw, k_split))  # noqa: E731
-    _direct_launch(key, tuned or _fp4_gemv_kernel, grid, (xp, xs, words, s_bytes, ts, b, out),
-                   consts)
+class RowProduct:
+    """``x @ dequant(W).T (+ bias)`` for one activation row ``x`` [1, k] of one dtype: the
+    "gemv" plan for one weight, worked out once (split-K, config, kernel constants).
+
+    :func:`fp4_matmul` builds one per one-row call; :func:`apt_model.fp4.ops.fp4_linear`
+    keeps one per weight and activation dtype (``FP4Weight.kernels``), so that a decode step
+    pays for little more than the launches: from the second call on (the first compiles or
+    autotunes) the compiled kernels are launched directly, on the current stream, while
+    the input, bias and output are 16-byte aligned as they were then.
+    """
+
+    def __init__(self, packed: Tensor, scales: Tensor, tensor_scale: Tensor | None, k: int,
+                 x_dtype: torch.dtype, has_bias: bool, *, config: dict | None = None,
+                 use_asm: bool | None = None, split_k: int | None = None) -> None:
+        is_nv, self.s_bytes, self.ts = _scale_operands(scales, tensor_scale)
+        self.words = _as_words(packed)
+        self.dtype, self.device = x_dtype, packed.device
+        self.index = _index(self.device) if self.device.type == "cuda" else None
+        n, kw = packed.shape[0], self.words.shape[1]
+        self.n = n
+        if use_asm is None:
+            use_asm = not _interpreting()
+        if config is None:
+            config = fixed_config("gemv", 1)
+        self.split, k_split = _k_splits(n, kw, self.device, "gemv", config, split_k)
+        groups = kw // 2  # of 16 k: the padded K is a whole number of 16- or 32-blocks
+        self.groups = groups
+        arch = device_arch(self.device)
+        pdl = arch >= (9, 0) and use_asm and gdc_wait is not None
+        self.x_key = ("x", self.index, x_dtype, k, groups, pdl)
+        self.x_consts = dict(K=k, G=groups, PDL=pdl, BLOCK_G=64)
+        self.x_grid = (triton.cdiv(groups, 64),)
+        meta = _config_meta(config)
+        consts = dict(N=n, K=k, KW=kw, stride_pn=self.words.stride(0),
+                      stride_sn=self.s_bytes.stride(0), K_SPLIT=k_split, M_KEY=1, IS_NV=is_nv,
+                      HAS_BIAS=has_bias, SPLIT_K=self.split, USE_ASM=use_asm,
+                      TS_ROWS=self.ts.numel() > 1, HW_E4M3=arch >= (8, 9), PDL=pdl, **meta)
+        sums = torch.float32 if self.split > 1 else x_dtype
+        self.gemv_key = ("gemv", self.index, x_dtype, sums, x_dtype if has_bias else sums,
+                         config is None, tuple(consts.items()))
+        if pdl:
+            consts["launch_pdl"] = True
+        self.gemv_consts = consts
+        self.gemv_fn = _gemv_tuned if config is None else _fp4_gemv_kernel
+        self.gemv_grid = lambda meta_: (triton.cdiv(n, meta_["BLOCK_N"]), triton.cdiv(kw, k_split))  # noqa: E731
+        self.launches: tuple | None = None  # the compiled kernels, once all are known
+
+    def __call__(self, x: Tensor, bias: Tensor | None, out: Tensor | None = None) -> Tensor:
+        """The product for ``x`` (contiguous [1, k] of the dtype given) and ``bias`` (that
+        dtype too, or None), into ``out`` ([1, N]) when given."""
+        device = self.device
+        buf = torch.empty(9 * self.groups, dtype=torch.int32, device=device)  # one allocation
+        xp, xs = buf[: 8 * self.groups], buf[8 * self.groups:].view(torch.float32)
+        result = out if out is not None else torch.empty((1, self.n), dtype=self.dtype, device=device)
+        partial = result if self.split == 1 else torch.empty((self.split, 1, self.n),
+                                                              dtype=torch.float32, device=device)
+        b = bias if bias is not None else partial
+        aligned = x.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0 and result.data_ptr() % 16 == 0
+        gemv_args = (xp, xs, self.words, self.s_bytes, self.ts, b, partial)
+        launches = self.launches
+        if launches is not None and aligned and torch.cuda.current_device() == self.index:
+            stream = torch._C._cuda_getCurrentRawStream(self.index)
+            (x_run, x_tail), (gemv_run, gemv_tail), sums = launches
+            x_run(x, xp, xs, *x_tail, stream=stream)
+            gemv_run(*gemv_args, *gemv_tail, stream=stream)
+            if sums is not None:
+                sums[0](partial, result, *sums[1], stream=stream)
+            return result
+        x_launch = _direct_launch(self.x_key, _fp4_gemv_x_kernel, self.x_grid, (x, xp, xs),
+                                  self.x_consts)
+        gemv_launch = _direct_launch(self.gemv_key, self.gemv_fn, self.gemv_grid, gemv_args,
+                                     self.gemv_consts)
+        sums = _split_sum(partial, result) if self.split > 1 else None
+        if aligned and x_launch and gemv_launch and (sums or self.split == 1):
+            self.launches = (x_launch, gemv_launch, sums)
+        return result
 
 
 def fp4_matmul(
@@ -1036,6 +1115,11 @@ def fp4_matmul(
         kernel = _large_kernel(x, packed, scales, tensor_scale, k, bias)
     if use_asm is None:
         use_asm = not _interpreting()
+    if kernel == "gemv" and m > 0 and n > 0:
+        if m != 1:
+            raise ValueError(f"the gemv kernel takes one row, got {m}")
+        return RowProduct(packed, scales, tensor_scale, k, x.dtype, bias is not None,
+                          config=config, use_asm=use_asm, split_k=split_k)(x, bias, out)
     result = out if out is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return result
@@ -1043,14 +1127,9 @@ def fp4_matmul(
         _one_tensor_scale(ts, is_nv, "the chunked FP4 product")
         return _chunked(x, words, s_bytes, ts, is_nv, k, bias, result, use_asm, chunk_rows,
                         overlap)
-    configs = {"gemv": GEMV_CONFIGS, "small": SMALL_CONFIGS, "gemm": GEMM_CONFIGS}[kernel]
     if config is None:  # the first candidate for decode-sized "small", or without autotuning
         config = fixed_config(kernel, m)
-    # Words of K per split: a whole number of tiles of any BLOCK_K the kernel may run.
-    tile_words = (config["BLOCK_K"] if config else max(c.kwargs["BLOCK_K"] for c in configs)) // 8
-    split = split_k if split_k is not None else _split_k(n, kw, x.device, kernel, tile_words)
-    k_split = kw if split <= 1 else _cdiv(_cdiv(kw, split), tile_words) * tile_words
-    split = _cdiv(kw, k_split)
+    split, k_split = _k_splits(n, kw, x.device, kernel, config, split_k)
     # Split-K programs write fp32 partial sums [split, M, N], added up in a fixed order
     # afterwards: the result does not depend on scheduling (atomics would).
     out = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 \
@@ -1059,30 +1138,21 @@ def fp4_matmul(
     m_key = _next_pow2(m) if m <= SMALL_MAX_M else 128 * _next_pow2(_cdiv(m, 128))
     common = dict(IS_NV=is_nv, HAS_BIAS=bias is not None, SPLIT_K=split, USE_ASM=use_asm,
                   TS_ROWS=ts.numel() > 1)
-    meta = dict(config or {})
-    if config is not None:
-        meta.setdefault("PREFETCH", True)
-
-    if kernel == "gemv":
-        if m != 1:
-            raise ValueError(f"the gemv kernel takes one row, got {m}")
-        _gemv(x, words, s_bytes, ts, b, out, n, k, k_split, m_key, common, meta,
-              None if config else _gemv_tuned)
+    meta = _config_meta(config)
+    if kernel == "small":
+        meta.setdefault("BLOCK_M", max(16, _next_pow2(m)))
+        fn = _fp4_dot_kernel if config else _small_tuned
     else:
-        if kernel == "small":
-            meta.setdefault("BLOCK_M", max(16, _next_pow2(m)))
-            fn = _fp4_dot_kernel if config else _small_tuned
-        else:
-            fn = _fp4_dot_kernel if config else _gemm_tuned
-        grid = lambda meta_: (  # noqa: E731
-            triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),
-            triton.cdiv(kw, k_split))
-        # fp16 activations keep fp16 operands with NVFP4 (every E2M1 x E4M3 product is exact
-        # in fp16); MXFP4's power-of-two scales can leave fp16's range, so bf16 there.
-        f16 = x.dtype == torch.float16 and is_nv
-        fn[grid](x, words, s_bytes, ts, b, out, m, n, k, kw, x.stride(0), words.stride(0),
-                 s_bytes.stride(0), n, k_split, m_key, F16=f16, INTERP=_interpreting(),
-                 **common, **meta)
+        fn = _fp4_dot_kernel if config else _gemm_tuned
+    grid = lambda meta_: (  # noqa: E731
+        triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),
+        triton.cdiv(kw, k_split))
+    # fp16 activations keep fp16 operands with NVFP4 (every E2M1 x E4M3 product is exact
+    # in fp16); MXFP4's power-of-two scales can leave fp16's range, so bf16 there.
+    f16 = x.dtype == torch.float16 and is_nv
+    fn[grid](x, words, s_bytes, ts, b, out, m, n, k, kw, x.stride(0), words.stride(0),
+             s_bytes.stride(0), n, k_split, m_key, F16=f16, INTERP=_interpreting(),
+             **common, **meta)
     if split > 1:
         _split_sum(out, result)
     return result
