@@ -9,15 +9,16 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from apt_model.errors import VBConfigError
-from apt_model.fp4.layer import FP4Linear, convert_to_fp4, count_linear_layers
+from apt_model import vgpu
+from apt_model.errors import VBConfigError, VBUnsupportedError
+from apt_model.fp4.layer import FP4Linear, convert_to_fp4, count_linear_layers, freeze_fp4
 from apt_model.i18n import tr
 from apt_model.optimization.attention import (
     remember_implementations,
     use_fused_attention,
     use_fused_loss,
 )
-from apt_model.optimization.checkpointing import apply_checkpointing
+from apt_model.optimization.checkpointing import apply_checkpointing, find_blocks
 from apt_model.optimization.config import VBConfig
 from apt_model.optimization.fused_projections import fuse_projections
 from apt_model.optimization.precision import apply_autocast
@@ -41,6 +42,8 @@ class OptimizationReport:
     checkpointed_blocks: int
     fused_projections: int = 0
     """Groups of sibling FP4 projections multiplied as one (q/k/v, gate/up)."""
+    vgpu_blocks: int = 0
+    """Repeated blocks the VGPU stack places (resident or streamed)."""
     switches: dict[str, bool | str] = field(default_factory=dict)
     """The effective switches it was optimized with (see ``effective_switches``)."""
     undo: list[Callable[[], None]] = field(default_factory=list, repr=False, compare=False)
@@ -105,6 +108,10 @@ def optimize(model: nn.Module, config: VBConfig) -> OptimizationReport:
     if autocast:
         apply_autocast(model)
         undo.append(functools.partial(unwrap, model))
+    stack = None
+    if config.vgpu_config is not None:
+        stack = _attach_vgpu(model, config)
+        undo.append(functools.partial(vgpu.detach, model))
     report = OptimizationReport(
         mode=config.mode,
         fp4_format=config.fp4_format if fp4_layers else None,
@@ -115,6 +122,7 @@ def optimize(model: nn.Module, config: VBConfig) -> OptimizationReport:
         fused_losses=fused_losses,
         checkpointed_blocks=len(blocks),
         fused_projections=fused,
+        vgpu_blocks=len(stack.blocks) if stack else 0,
         switches=switches,
         undo=undo,
     )
@@ -122,7 +130,49 @@ def optimize(model: nn.Module, config: VBConfig) -> OptimizationReport:
     if config.verbose:
         print(tr(f"✓ 自动优化模型: {report.linears_optimized} 个线性层",
                  f"✓ Model optimized: {report.linears_optimized} linear layers"))
+        if stack is not None:
+            print(_vgpu_banner(stack))
     return report
+
+
+def _serve_fp4_frozen(block: nn.Module) -> None:
+    """Refuse to stream a block whose FP4 layers still hold master weights: each would keep
+    a packed copy on the device beside the plan (serving streams the packed weight itself)."""
+    if any(isinstance(m, FP4Linear) and not m.frozen for m in block.modules()):
+        raise VBUnsupportedError(tr(
+            f"VGPU: 流式的块 ({type(block).__name__}) 含有仍带主权重的FP4层；请先 vb.freeze_fp4(model) 以打包FP4形式服务",
+            f"VGPU: a streamed block ({type(block).__name__}) holds FP4 layers that still have master "
+            "weights; serve them packed: call vb.freeze_fp4(model) first"))
+
+
+def _attach_vgpu(model: nn.Module, config: VBConfig) -> vgpu.VGPUStack:
+    """Place ``model`` over the configured levels, streaming its repeated blocks."""
+    vc = config.vgpu_config
+    return vgpu.attach(model, find_blocks(model, config.checkpoint_blocks), vc.levels, vc.prefetch_depth,
+                       check=_serve_fp4_frozen)
+
+
+def _vgpu_banner(stack: vgpu.VGPUStack) -> str:
+    s = stack.stats()
+    homes = ", ".join(f"L{lv['level']} {lv['device']} {lv['resident_bytes'] / 2**20:.0f} MiB" for lv in s["levels"])
+    return tr(f"✓ VGPU: {s['blocks']} 个块, {s['resident_blocks']} 个常驻, {s['streamed_blocks']} 个流式 "
+              f"(预取深度 {s['depth']}); {homes}",
+              f"✓ VGPU: {s['blocks']} blocks, {s['resident_blocks']} resident, {s['streamed_blocks']} streamed "
+              f"(prefetch depth {s['depth']}); {homes}")
+
+
+def freeze(model: nn.Module) -> int:
+    """``freeze_fp4`` on a model: a VGPU stack gives its weights back first and places the
+    packed ones again after, with the same levels (they travel as packed FP4). Returns how
+    many layers were frozen."""
+    stack = vgpu.stack_of(model)
+    if stack is not None:
+        vgpu.detach(model)
+    frozen = freeze_fp4(model)
+    if stack is not None:
+        vgpu.attach(model, [b.module for b in stack.blocks], stack.specs, stack.depth_setting,
+                    check=_serve_fp4_frozen)
+    return frozen
 
 
 def report_of(model: nn.Module) -> OptimizationReport | None:

@@ -125,8 +125,10 @@ class Layout:
         """Bytes of tensor data (the segments without their alignment padding)."""
         return sum(self.segment_sizes)
 
-    def devices(self) -> set[torch.device]:
-        return {slot.get().device for slot in self.slots}
+    def storage_bytes(self) -> int:
+        """Bytes of the storages its tensors are bound to now, each storage counted once."""
+        return sum({storage_key(t): t.untyped_storage().nbytes()
+                    for t in (slot.get() for slot in self.slots)}.values())
 
     def segment(self, i: int) -> Tensor:
         """Segment ``i``'s bytes where its tensors are bound now, as a flat ``uint8`` tensor."""

@@ -61,15 +61,13 @@ def _counters(index: int, spec: LevelSpec, device: str) -> LevelCounters:
 
 
 class DeviceLevel:
-    """Level 0: buffers on the compute device, within its capacity."""
+    """Level 0: what the stack holds on the compute device, never more than its capacity."""
 
     def __init__(self, spec: LevelSpec, device: torch.device) -> None:
         self.device = device
         self.counters = _counters(0, spec, str(device))
-        self._held: list[Tensor] = []
 
-    def allocate(self, nbytes: int) -> Tensor:
-        """A ``uint8`` buffer of ``nbytes`` on the device; refused past the capacity."""
+    def _check(self, nbytes: int) -> None:
         c = self.counters
         if c.resident_bytes + nbytes > c.capacity_bytes:
             raise VBConfigError(tr(
@@ -77,16 +75,22 @@ class DeviceLevel:
                 f"放不下 {human_bytes(nbytes)}",
                 f"VGPU Level 0 ({human_bytes(c.capacity_bytes)}) holds {human_bytes(c.resident_bytes)} "
                 f"and cannot take {human_bytes(nbytes)} more"))
+
+    def allocate(self, nbytes: int) -> Tensor:
+        """A ``uint8`` buffer of ``nbytes`` on the device; refused past the capacity."""
+        self._check(nbytes)
         buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        self._held.append(buf)
-        c.hold(buf.untyped_storage().nbytes())
+        self.counters.hold(buf.untyped_storage().nbytes())
         return buf
 
+    def adopt(self, nbytes: int) -> None:
+        """Count ``nbytes`` of storage already on the device (tensors left where they were)."""
+        self._check(nbytes)
+        self.counters.hold(nbytes)
+
     def close(self) -> None:
-        """Drop every buffer (the caller has made sure no copy still uses them)."""
-        for buf in self._held:
-            self.counters.release(buf.untyped_storage().nbytes())
-        self._held.clear()
+        """Stop counting (the caller dropped the buffers and made sure no copy still uses them)."""
+        self.counters.release(self.counters.resident_bytes)
 
 
 def pinned_empty(nbytes: int) -> Tensor:
@@ -135,12 +139,15 @@ class HostLevel:
         self._held.clear()
 
 
-def check_swap_dir(spec: LevelSpec, needed: int) -> Path:
-    """The SSD level's directory, checked before anything is written: it exists (the
-    default one is created), is a writable folder and has ``needed`` bytes free."""
+def swap_dir(spec: LevelSpec, needed: int) -> Path:
+    """The SSD level's directory, checked before anything is written: a given one must exist
+    and be a writable folder (the default one is created when the plan uses it), with
+    ``needed`` bytes free."""
     folder = Path(spec.path).expanduser() if spec.path else default_swap_dir()
-    if not spec.path:
+    if not spec.path and needed:
         folder.mkdir(parents=True, exist_ok=True)
+    if not spec.path and not needed:
+        return folder
     if not folder.is_dir():
         raise VBDataError(tr(f"VGPU SSD目录不存在: {folder}", f"VGPU SSD directory does not exist: {folder}"))
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -166,19 +173,25 @@ def _remove(folder: Path, fds: list[int]) -> None:
 
 
 class DiskLevel:
-    """The SSD level: one swap file per stored block, in a fresh folder under ``directory``."""
+    """The SSD level: one swap file per stored block, in a folder of its own under
+    ``directory`` (made at the first block stored)."""
 
     def __init__(self, index: int, spec: LevelSpec, directory: Path) -> None:
         self.counters = _counters(index, spec, "ssd")
-        self.folder = directory / f"vgpu-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.folder.mkdir()
+        self.directory = directory
+        self.folder: Path | None = None
         self._fds: list[int] = []
         self._files: dict[int, tuple[int, Path, int]] = {}  # key -> (fd, path, nbytes)
         self._pool: ThreadPoolExecutor | None = None
-        self._finalizer = weakref.finalize(self, _remove, self.folder, self._fds)
+        self._finalizer: weakref.finalize | None = None
+        self.staging_bytes = 0  # host buffers that reads land in before a copy to the device
 
     def store(self, key: int, nbytes: int) -> Tensor:
         """A new swap file of ``nbytes`` (space reserved), memory-mapped as a ``uint8`` tensor."""
+        if self.folder is None:
+            self.folder = self.directory / f"vgpu-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            self.folder.mkdir()
+            self._finalizer = weakref.finalize(self, _remove, self.folder, self._fds)
         path = self.folder / f"block{key}.bin"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         self._fds.append(fd)
@@ -186,8 +199,8 @@ class DiskLevel:
             os.posix_fallocate(fd, 0, nbytes)
         except OSError as exc:
             if is_disk_full(exc):
-                raise VBDataError(tr(f"VGPU SSD目录 {self.folder.parent} 空间不足，无法写入 {human_bytes(nbytes)}",
-                                     f"VGPU SSD directory {self.folder.parent} is full: cannot write "
+                raise VBDataError(tr(f"VGPU SSD目录 {self.directory} 空间不足，无法写入 {human_bytes(nbytes)}",
+                                     f"VGPU SSD directory {self.directory} is full: cannot write "
                                      f"{human_bytes(nbytes)}")) from None
             os.ftruncate(fd, nbytes)  # a file system without fallocate
         self._files[key] = (fd, path, nbytes)
@@ -236,4 +249,5 @@ class DiskLevel:
         for _, _, nbytes in self._files.values():
             self.counters.release(nbytes)
         self._files.clear()
-        self._finalizer()
+        if self._finalizer is not None:
+            self._finalizer()

@@ -21,15 +21,14 @@ memory-mapped swap file), so ``state_dict()`` reads the real weights. :func:`det
 every tensor back on the device the model was on, byte for byte.
 
 Inference only in this version: a forward that could record gradients for streamed
-parameters raises, as does a streamed FP4 layer that still has its master weight (serve it
-frozen: ``vb.freeze_fp4``).
+parameters raises; the caller may refuse more (the engine: FP4 layers not frozen).
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +37,6 @@ from torch import Tensor, nn
 
 from apt_model.accelerator import host_memory_info, resolve_device
 from apt_model.errors import VBConfigError, VBUnsupportedError
-from apt_model.fp4.layer import FP4Linear
 from apt_model.i18n import tr
 from apt_model.storage import human_bytes
 from apt_model.vgpu.layout import Layout, Slot, storage_key, tensor_slots
@@ -49,7 +47,7 @@ from apt_model.vgpu.levels import (
     HostMemory,
     LevelSpec,
     capacity_bytes,
-    check_swap_dir,
+    swap_dir,
 )
 from apt_model.vgpu.placement import Plan, make_plan
 from apt_model.vgpu.stats import AccessCounters, DeviceTimings
@@ -65,7 +63,6 @@ class _Block:
     home: int = 0  # level index; 0: resident
     home_flat: Tensor | None = None  # its bytes at home (host buffer or mapped swap file)
     params: list[nn.Parameter] = field(default_factory=list)
-    fp4: list[FP4Linear] = field(default_factory=list)
 
 
 @dataclass
@@ -124,9 +121,10 @@ class VGPUStack:
     """The levels, the plan and the streaming hooks of one model (see the module doc)."""
 
     def __init__(self, model: nn.Module, blocks: Sequence[nn.Module], levels: Sequence[LevelSpec],
-                 depth: int | None = None) -> None:
+                 depth: int | None = None, check: Callable[[nn.Module], None] | None = None) -> None:
         """Place ``model`` over ``levels`` (Level 0 first: the compute device), streaming
-        ``blocks``; ``depth``: blocks fetched ahead (None: automatic). Raises a one-line
+        ``blocks``; ``depth``: blocks fetched ahead (None: automatic); ``check(block)`` runs
+        before each use of a streamed block and raises to refuse it. Raises a one-line
         ``VBConfigError`` / ``VBDataError`` before moving anything when the levels cannot
         hold the model or the SSD directory is unusable."""
         for i, spec in enumerate(levels[1:], 1):
@@ -136,7 +134,10 @@ class VGPUStack:
         self.model = model
         self.device = _compute_device(levels[0])
         self.origin = _origin(model)
+        self._moved = self.origin != self.device  # the resident part moves to Level 0
         self.specs = list(levels)
+        self.depth_setting = depth
+        self._check = check
         self._cuda = self.device.type == "cuda"
         module_blocks = _outermost(blocks)
         groups, rest = _partition(model, module_blocks)
@@ -152,7 +153,7 @@ class VGPUStack:
             if spec.device == "cpu":
                 self.lower.append(HostLevel(i, spec, self.host_memory))
             else:
-                self.lower.append(DiskLevel(i, spec, check_swap_dir(spec, self.plan.level_bytes[i])))
+                self.lower.append(DiskLevel(i, spec, swap_dir(spec, self.plan.level_bytes[i])))
         self.access = AccessCounters()
         self._timings = DeviceTimings(self.access)
         self.slots: list[_Slot] = []
@@ -185,14 +186,16 @@ class VGPUStack:
                 f"VGPU 主机内存层级需要 {human_bytes(need)}，本机可用 {human_bytes(available)}",
                 f"the VGPU host RAM level needs {human_bytes(need)}; {human_bytes(available)} is available"))
 
+    def _resident_layouts(self) -> list[Layout]:
+        return [self.rest] + [b.layout for b in self.blocks if not b.home]
+
     def _place(self) -> None:
         """Streamed blocks to their homes first (freeing Level 0 if the model was there), then
-        the rest and the resident blocks into Level 0, then the slots."""
-        from_level0 = self.origin == self.device
+        the rest and the resident blocks into Level 0 (left in place, and counted, if the
+        model is on the compute device already), then the slots."""
         for i, b in enumerate(self.blocks):
             b.home = self.plan.homes[i]
-            b.params = [p for p in b.module.parameters()]
-            b.fp4 = [m for m in b.module.modules() if isinstance(m, FP4Linear)]
+            b.params = list(b.module.parameters())
             if b.home == 0:
                 continue
             level = self.lower[b.home - 1]
@@ -201,18 +204,24 @@ class VGPUStack:
             b.layout.gather(b.home_flat)
             b.layout.bind_flat(b.home_flat)
             level.counters.bytes_in += n
-            if from_level0:
+            if not self._moved:
                 self.level0.counters.bytes_out += n
-        for layout in [self.rest] + [b.layout for b in self.blocks if b.home == 0]:
-            flat = self.level0.allocate(layout.nbytes)
-            layout.gather(flat)
-            layout.bind_flat(flat)
-            if not from_level0:
+        for layout in self._resident_layouts():
+            if self._moved:
+                flat = self.level0.allocate(layout.nbytes)
+                layout.gather(flat)
+                layout.bind_flat(flat)
                 self.level0.counters.bytes_in += layout.nbytes
+            else:
+                self.level0.adopt(layout.storage_bytes())
         staged = self._cuda and any(isinstance(self.lower[b.home - 1], DiskLevel)
                                     for b in self.blocks if b.home)
         for _ in range(self.plan.slots):
-            staging = self.host_memory.empty(self.plan.slot_bytes) if staged else None
+            staging = None
+            if staged:
+                staging = self.host_memory.empty(self.plan.slot_bytes)
+                disk = next(level for level in self.lower if isinstance(level, DiskLevel))
+                disk.staging_bytes += staging.untyped_storage().nbytes()
             self.slots.append(_Slot(self.level0.allocate(self.plan.slot_bytes), staging))
 
     def detach(self) -> None:
@@ -229,11 +238,15 @@ class VGPUStack:
         """Every tensor back on the original device (copied from wherever it is bound now),
         the levels' buffers and files freed."""
         for i, b in enumerate(self.blocks):
-            if b.home_flat is not None and isinstance(self.lower[b.home - 1], DiskLevel):
+            if b.home_flat is None:
+                continue
+            if isinstance(self.lower[b.home - 1], DiskLevel):
                 self.lower[b.home - 1].check(i)
             b.layout.materialize(self.origin)
             b.home_flat = None
-        self.rest.materialize(self.origin)
+        if self._moved:
+            for layout in self._resident_layouts():
+                layout.materialize(self.origin)
         self.slots.clear()
         self._slot_of.clear()
         self.level0.close()
@@ -284,11 +297,8 @@ class VGPUStack:
                 "或先 model.requires_grad_(False)",
                 f"VGPU: block {i} ({name}) streams from a lower level; training with offloaded levels is "
                 "not supported yet: run inference under torch.no_grad(), or call model.requires_grad_(False)"))
-        if any(not layer.frozen for layer in b.fp4):
-            raise VBUnsupportedError(tr(
-                f"VGPU: 流式的块 {i} ({name}) 含有仍带主权重的FP4层；请先 vb.freeze_fp4(model) 以打包FP4形式服务",
-                f"VGPU: streamed block {i} ({name}) holds FP4 layers that still have master weights; "
-                "serve them packed: call vb.freeze_fp4(model) first"))
+        if self._check is not None:
+            self._check(b.module)
         if torch.compiler.is_compiling() or (self._cuda and torch.cuda.is_current_stream_capturing()):
             raise VBUnsupportedError(tr("VGPU 流式块不能在 torch.compile 或 CUDA 图捕获中运行",
                                         "VGPU streamed blocks cannot run under torch.compile or CUDA graph capture"))
@@ -427,7 +437,8 @@ class VGPUStack:
         for level in self.lower:
             entry = level.counters.to_dict()
             if isinstance(level, DiskLevel):
-                entry["path"] = str(level.folder)
+                entry["path"] = str(level.folder or level.directory)
+                entry["staging_bytes"] = level.staging_bytes
             levels.append(entry)
         return {
             "blocks": len(self.blocks),
@@ -440,11 +451,11 @@ class VGPUStack:
 
 
 def attach(model: nn.Module, blocks: Sequence[nn.Module], levels: Sequence[LevelSpec],
-           depth: int | None = None) -> VGPUStack:
+           depth: int | None = None, check: Callable[[nn.Module], None] | None = None) -> VGPUStack:
     """Place ``model`` over ``levels`` and stream ``blocks`` (see :class:`VGPUStack`)."""
     if stack_of(model) is not None:
         raise VBConfigError(tr("此模型已有VGPU堆叠", "this model already has a VGPU stack"))
-    stack = VGPUStack(model, blocks, levels, depth)
+    stack = VGPUStack(model, blocks, levels, depth, check)
     object.__setattr__(model, STACK_ATTR, stack)
     return stack
 
