@@ -122,7 +122,7 @@ def optimize(model: nn.Module, config: VBConfig) -> OptimizationReport:
         fused_losses=fused_losses,
         checkpointed_blocks=len(blocks),
         fused_projections=fused,
-        vgpu_blocks=len(stack.blocks) if stack else 0,
+        vgpu_blocks=len(stack.modules) if stack else 0,
         switches=switches,
         undo=undo,
     )
@@ -153,26 +153,19 @@ def _attach_vgpu(model: nn.Module, config: VBConfig) -> vgpu.VGPUStack:
 
 
 def _vgpu_banner(stack: vgpu.VGPUStack) -> str:
-    s = stack.stats()
-    homes = ", ".join(f"L{lv['level']} {lv['device']} {lv['resident_bytes'] / 2**20:.0f} MiB" for lv in s["levels"])
-    return tr(f"✓ VGPU: {s['blocks']} 个块, {s['resident_blocks']} 个常驻, {s['streamed_blocks']} 个流式 "
-              f"(预取深度 {s['depth']}); {homes}",
-              f"✓ VGPU: {s['blocks']} blocks, {s['resident_blocks']} resident, {s['streamed_blocks']} streamed "
-              f"(prefetch depth {s['depth']}); {homes}")
+    levels = ", ".join(f"L{i} {spec.device} {spec.capacity_mb:g} MB" for i, spec in enumerate(stack.specs))
+    return tr(f"✓ VGPU: {len(stack.modules)} 个块分布在 {levels}; 首次前向时放置",
+              f"✓ VGPU: {len(stack.modules)} blocks over {levels}; placed at the first forward")
 
 
 def freeze(model: nn.Module) -> int:
-    """``freeze_fp4`` on a model: a VGPU stack gives its weights back first and places the
-    packed ones again after, with the same levels (they travel as packed FP4). Returns how
-    many layers were frozen."""
+    """``freeze_fp4`` on a model; a placed VGPU stack gives its weights back first, and the next
+    forward places the packed ones (they travel as packed FP4). Returns how many layers were
+    frozen."""
     stack = vgpu.stack_of(model)
     if stack is not None:
-        vgpu.detach(model)
-    frozen = freeze_fp4(model)
-    if stack is not None:
-        vgpu.attach(model, [b.module for b in stack.blocks], stack.specs, stack.depth_setting,
-                    check=_serve_fp4_frozen)
-    return frozen
+        stack.unplace()
+    return freeze_fp4(model)
 
 
 def report_of(model: nn.Module) -> OptimizationReport | None:

@@ -189,6 +189,8 @@ def _rate(value: float | None) -> str:
 def _render_stack(stack: dict[str, Any]) -> list[str]:
     """One VGPU stack: the seed's three lines (hit rate, promotions, demotions), the plan and
     each level's bytes and bandwidth."""
+    if not stack["placed"]:
+        return [tr(f"  {stack['blocks']} 个块，首次前向时放置", f"  {stack['blocks']} blocks, placed at the first forward")]
     l0 = stack["levels"][0]
     rate = "n/a" if l0["hit_rate"] is None else f"{100 * l0['hit_rate']:.1f}%"
     lines = [

@@ -158,13 +158,17 @@ class Layout:
 
     def bind(self, bases: Sequence[Base]) -> None:
         """Point every tensor at segment ``i``'s bytes in ``bases[i]`` (buffer, byte offset)."""
-        targets = {}
+        # keyed by id, holding the tensor itself: a tensor freed during the walk cannot lend
+        # its id to another one (FP4Linear's _apply passes a fresh probe tensor through fn)
+        targets: dict[int, tuple[Tensor, Tensor]] = {}
         for v in self.views:
             base, offset = bases[v.segment]
-            targets[id(v.slot.get())] = _view(base, offset + v.offset, v.dtype, v.shape, v.stride)
+            t = v.slot.get()
+            targets[id(t)] = (t, _view(base, offset + v.offset, v.dtype, v.shape, v.stride))
 
         def fn(t: Tensor) -> Tensor:
-            return targets.get(id(t), t)
+            old, new = targets.get(id(t), (None, t))
+            return new if old is t else t
 
         with torch.no_grad():
             for module in self.owners:

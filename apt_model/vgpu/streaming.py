@@ -122,34 +122,48 @@ class VGPUStack:
 
     def __init__(self, model: nn.Module, blocks: Sequence[nn.Module], levels: Sequence[LevelSpec],
                  depth: int | None = None, check: Callable[[nn.Module], None] | None = None) -> None:
-        """Place ``model`` over ``levels`` (Level 0 first: the compute device), streaming
-        ``blocks``; ``depth``: blocks fetched ahead (None: automatic); ``check(block)`` runs
-        before each use of a streamed block and raises to refuse it. Raises a one-line
-        ``VBConfigError`` / ``VBDataError`` before moving anything when the levels cannot
-        hold the model or the SSD directory is unusable."""
+        """Stream ``blocks`` of ``model`` over ``levels`` (Level 0 first: the compute device);
+        ``depth``: blocks fetched ahead (None: automatic); ``check(block)`` runs before each
+        use of a streamed block and raises to refuse it. The levels and a given SSD directory
+        are checked now; the model is placed at its first forward (or by :meth:`place`), so
+        what is placed is the model as it is then (e.g. FP4 layers frozen since)."""
         for i, spec in enumerate(levels[1:], 1):
             if spec.device not in HOST_LEVELS:
                 raise VBConfigError(tr(f"vgpu_config.levels[{i}]: Level 0 以下只能是 cpu 或 ssd，收到 {spec.device}",
                                        f"vgpu_config.levels[{i}]: levels below Level 0 are cpu or ssd, got {spec.device}"))
+            if spec.device == "ssd" and spec.path:
+                swap_dir(spec, 0)
         self.model = model
         self.device = _compute_device(levels[0])
-        self.origin = _origin(model)
-        self._moved = self.origin != self.device  # the resident part moves to Level 0
         self.specs = list(levels)
         self.depth_setting = depth
         self._check = check
         self._cuda = self.device.type == "cuda"
-        module_blocks = _outermost(blocks)
-        groups, rest = _partition(model, module_blocks)
-        self.blocks = [_Block(m, Layout(g)) for m, g in zip(module_blocks, groups, strict=True)]
+        self.modules = _outermost(blocks)
+        self.placed = False
+        self._hooks = [model.register_forward_pre_hook(self._on_model_call)]
+        for i, module in enumerate(self.modules):
+            self._hooks.append(module.register_forward_pre_hook(functools.partial(self._before, i)))
+            self._hooks.append(module.register_forward_hook(functools.partial(self._after, i), always_call=True))
+
+    def place(self) -> None:
+        """Plan and place the model now (nothing if placed already): one-line
+        ``VBConfigError`` / ``VBDataError`` before anything moves when the levels cannot hold
+        it or the SSD directory is unusable."""
+        if self.placed:
+            return
+        self.origin = _origin(self.model)
+        self._moved = self.origin != self.device  # the resident part moves to Level 0
+        groups, rest = _partition(self.model, self.modules)
+        self.blocks = [_Block(m, Layout(g)) for m, g in zip(self.modules, groups, strict=True)]
         self.rest = Layout(rest)
         self.plan: Plan = make_plan([b.layout.nbytes for b in self.blocks], self.rest.nbytes,
-                                    [capacity_bytes(s) for s in levels], depth)
+                                    [capacity_bytes(s) for s in self.specs], self.depth_setting)
         self._check_room()
         self.host_memory = HostMemory(pin=self._cuda)
-        self.level0 = DeviceLevel(levels[0], self.device)
+        self.level0 = DeviceLevel(self.specs[0], self.device)
         self.lower: list[HostLevel | DiskLevel] = []
-        for i, spec in enumerate(levels[1:], 1):
+        for i, spec in enumerate(self.specs[1:], 1):
             if spec.device == "cpu":
                 self.lower.append(HostLevel(i, spec, self.host_memory))
             else:
@@ -167,10 +181,20 @@ class VGPUStack:
         self._order = list(range(len(self.blocks)))
         self._seen: list[int] | None = []
         self._windows()
-        self._hooks = []
-        for i, b in enumerate(self.blocks):
-            self._hooks.append(b.module.register_forward_pre_hook(functools.partial(self._before, i)))
-            self._hooks.append(b.module.register_forward_hook(functools.partial(self._after, i), always_call=True))
+        self.placed = True
+
+    def unplace(self) -> None:
+        """Every tensor back where the model had it, the levels freed; the hooks stay, and the
+        next forward places the model again (as it is then)."""
+        if not self.placed:
+            return
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+        self._release()
+        self.placed = False
+
+    def _on_model_call(self, module: nn.Module, args: Any) -> None:
+        self.place()
 
     # ---- placement ----------------------------------------------------------------------------
 
@@ -225,14 +249,12 @@ class VGPUStack:
             self.slots.append(_Slot(self.level0.allocate(self.plan.slot_bytes), staging))
 
     def detach(self) -> None:
-        """Remove the hooks and put every tensor back on the model's original device, byte
-        for byte; the levels' buffers and swap files are freed."""
-        if self._cuda:
-            torch.cuda.synchronize(self.device)
+        """Put every tensor back where the model had it, byte for byte, free the levels'
+        buffers and swap files, and remove the hooks."""
+        self.unplace()
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        self._release()
 
     def _release(self) -> None:
         """Every tensor back on the original device (copied from wherever it is bound now),
@@ -305,6 +327,7 @@ class VGPUStack:
         b.layout.check_bound(f"block {i} ({name})")
 
     def _before(self, i: int, module: nn.Module, args: Any) -> None:
+        self.place()
         self._observe(i)
         b = self.blocks[i]
         if not b.home:
@@ -324,6 +347,8 @@ class VGPUStack:
         self._prefetch(self._from[i])
 
     def _after(self, i: int, module: nn.Module, args: Any, output: Any) -> None:
+        if not self.placed:
+            return
         b = self.blocks[i]
         slot = self._slot_of.get(i)
         if b.home and slot is not None and slot.users:
@@ -430,7 +455,9 @@ class VGPUStack:
     def stats(self) -> dict[str, Any]:
         """Per level: capacity, bytes held now and at peak, bytes in and out, achieved GB/s
         against the configured speed; Level 0 also hits, misses, promotions, demotions and
-        stall time; and the plan."""
+        stall time; and the plan (only ``placed`` False before the first forward)."""
+        if not self.placed:
+            return {"placed": False, "blocks": len(self.modules)}
         if self._cuda:
             self._timings.poll(wait=True)
         levels = [{**self.level0.counters.to_dict(), **self.access.to_dict()}]
@@ -441,6 +468,7 @@ class VGPUStack:
                 entry["staging_bytes"] = level.staging_bytes
             levels.append(entry)
         return {
+            "placed": True,
             "blocks": len(self.blocks),
             "resident_blocks": len(self.blocks) - len(self.plan.streamed),
             "streamed_blocks": len(self.plan.streamed),
