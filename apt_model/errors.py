@@ -24,6 +24,10 @@ class VBDataError(VBError, OSError):
     """A missing or unreadable data path, or an unwritable output folder."""
 
 
+class VBUnsupportedError(VBError, NotImplementedError):
+    """A use the package does not support (yet), named with what to do instead."""
+
+
 class VBInterrupted(VBError):
     """A run stopped by a signal after saving its progress; the process exits 128 + signum."""
 

@@ -302,10 +302,14 @@ def test_stats_count_real_things(monkeypatch, capsys):
 
 def test_stats_chinese_and_vgpu_levels(capsys):
     vb.enable(verbose=False, vgpu_config={"levels": [{"capacity_mb": 100, "device": "cpu", "speed_gbps": 50}]})
-    APTModel(CFG)
+    model = APTModel(CFG)
+    with torch.no_grad():
+        model(torch.zeros(1, 4, dtype=torch.long))
     vb.print_stats()
     text = capsys.readouterr().out
-    assert "虚拟Blackwell统计" in text and "VGPU堆叠统计" in text and "未启用分层" in text
+    assert "虚拟Blackwell统计" in text and "VGPU堆叠统计" in text and "未启用分层" not in text
+    # every block fits in Level 0: each use of one is a hit
+    assert f"Level 0命中率: 100.0%  (命中 {CFG.n_layers} / 未命中 0)" in text
 
 
 def test_optimize_any_module_and_register_class():

@@ -33,6 +33,13 @@ def block_class_names(model: nn.Module, configured: tuple[str, ...] = ()) -> set
     return {type(best[0]).__name__} if len(best) > 1 else set()
 
 
+def find_blocks(model: nn.Module, configured: tuple[str, ...] = ()) -> list[nn.Module]:
+    """The model's repeated transformer blocks (instances of ``block_class_names``), in
+    registration order."""
+    names = block_class_names(model, configured)
+    return [m for m in model.modules() if m is not model and type(m).__name__ in names]
+
+
 def _checkpointed_forward(forward: Callable[..., Any], module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if module.training and torch.is_grad_enabled():
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
@@ -41,8 +48,7 @@ def _checkpointed_forward(forward: Callable[..., Any], module: nn.Module, *args:
 
 def apply_checkpointing(model: nn.Module, configured: tuple[str, ...] = ()) -> list[nn.Module]:
     """Wrap every block's forward so its activations are recomputed in backward."""
-    names = block_class_names(model, configured)
-    blocks = [m for m in model.modules() if m is not model and type(m).__name__ in names]
+    blocks = find_blocks(model, configured)
     for block in blocks:
         wrap_forward(block, "checkpoint", _checkpointed_forward)
     return blocks

@@ -65,7 +65,11 @@ class VGPULevel:
 
 @dataclass(frozen=True)
 class VGPUConfig:
+    """The levels (Level 0 first: the compute device) and how many blocks are fetched ahead
+    of use (None: automatic)."""
+
     levels: tuple[VGPULevel, ...]
+    prefetch_depth: int | None = None
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,8 @@ class VBConfig:
         out["fp4_skip"] = list(self.fp4_skip)
         out["checkpoint_blocks"] = list(self.checkpoint_blocks)
         if self.vgpu_config is not None:
-            out["vgpu_config"] = {"levels": [asdict(lv) for lv in self.vgpu_config.levels]}
+            out["vgpu_config"] = {"levels": [asdict(lv) for lv in self.vgpu_config.levels],
+                                  "prefetch_depth": self.vgpu_config.prefetch_depth}
         out["effective"] = {name: self.switch(name) for name in SWITCHES}
         return out
 
@@ -158,13 +163,21 @@ def _check_device(name: str, where: str, allowed: tuple[str, ...]) -> str:
 
 
 def parse_vgpu_config(value: Any, where: str) -> VGPUConfig | None:
-    """Validate ``vgpu_config`` ({"levels": [{capacity_mb, device, speed_gbps[, path]}, ...]})."""
+    """Validate ``vgpu_config`` ({"levels": [{capacity_mb, device, speed_gbps[, path]}, ...]
+    [, "prefetch_depth": n or "auto"]})."""
     if value is None:
         return None
     if isinstance(value, VGPUConfig):
         return value
-    if not isinstance(value, Mapping) or set(value) != {"levels"}:
-        raise _bad(f"{where}: vgpu_config 应为 {{\"levels\": [...]}}", f"{where}: vgpu_config must be {{\"levels\": [...]}}")
+    if not isinstance(value, Mapping) or "levels" not in value or set(value) - {"levels", "prefetch_depth"}:
+        raise _bad(f"{where}: vgpu_config 应为 {{\"levels\": [...], \"prefetch_depth\": n (可选)}}",
+                   f"{where}: vgpu_config must be {{\"levels\": [...], \"prefetch_depth\": n (optional)}}")
+    depth = value.get("prefetch_depth")
+    if depth == "auto":
+        depth = None
+    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 0):
+        raise _bad(f"{where}: vgpu_config.prefetch_depth 应为非负整数或 \"auto\"，收到 {depth!r}",
+                   f"{where}: vgpu_config.prefetch_depth must be a non-negative integer or \"auto\", got {depth!r}")
     raw_levels = value["levels"]
     if not isinstance(raw_levels, list) or not raw_levels:
         raise _bad(f"{where}: vgpu_config.levels 应为非空列表", f"{where}: vgpu_config.levels must be a non-empty list")
@@ -192,7 +205,7 @@ def parse_vgpu_config(value: Any, where: str) -> VGPUConfig | None:
             speed_gbps=_as_number("speed_gbps", raw["speed_gbps"], at),
             path=path,
         ))
-    return VGPUConfig(levels=tuple(levels))
+    return VGPUConfig(levels=tuple(levels), prefetch_depth=depth)
 
 
 def validate_option(key: str, value: Any, where: str) -> Any:

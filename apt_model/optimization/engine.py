@@ -9,15 +9,16 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from apt_model.errors import VBConfigError
-from apt_model.fp4.layer import FP4Linear, convert_to_fp4, count_linear_layers
+from apt_model import vgpu
+from apt_model.errors import VBConfigError, VBUnsupportedError
+from apt_model.fp4.layer import FP4Linear, convert_to_fp4, count_linear_layers, freeze_fp4
 from apt_model.i18n import tr
 from apt_model.optimization.attention import (
     remember_implementations,
     use_fused_attention,
     use_fused_loss,
 )
-from apt_model.optimization.checkpointing import apply_checkpointing
+from apt_model.optimization.checkpointing import apply_checkpointing, find_blocks
 from apt_model.optimization.config import VBConfig
 from apt_model.optimization.fused_projections import fuse_projections
 from apt_model.optimization.precision import apply_autocast
@@ -41,6 +42,8 @@ class OptimizationReport:
     checkpointed_blocks: int
     fused_projections: int = 0
     """Groups of sibling FP4 projections multiplied as one (q/k/v, gate/up)."""
+    vgpu_blocks: int = 0
+    """Repeated blocks the VGPU stack places (resident or streamed)."""
     switches: dict[str, bool | str] = field(default_factory=dict)
     """The effective switches it was optimized with (see ``effective_switches``)."""
     undo: list[Callable[[], None]] = field(default_factory=list, repr=False, compare=False)
@@ -105,6 +108,10 @@ def optimize(model: nn.Module, config: VBConfig) -> OptimizationReport:
     if autocast:
         apply_autocast(model)
         undo.append(functools.partial(unwrap, model))
+    stack = None
+    if config.vgpu_config is not None:
+        stack = _attach_vgpu(model, config)
+        undo.append(functools.partial(vgpu.detach, model))
     report = OptimizationReport(
         mode=config.mode,
         fp4_format=config.fp4_format if fp4_layers else None,
@@ -115,6 +122,7 @@ def optimize(model: nn.Module, config: VBConfig) -> OptimizationReport:
         fused_losses=fused_losses,
         checkpointed_blocks=len(blocks),
         fused_projections=fused,
+        vgpu_blocks=len(stack.modules) if stack else 0,
         switches=switches,
         undo=undo,
     )
@@ -122,7 +130,42 @@ def optimize(model: nn.Module, config: VBConfig) -> OptimizationReport:
     if config.verbose:
         print(tr(f"✓ 自动优化模型: {report.linears_optimized} 个线性层",
                  f"✓ Model optimized: {report.linears_optimized} linear layers"))
+        if stack is not None:
+            print(_vgpu_banner(stack))
     return report
+
+
+def _serve_fp4_frozen(block: nn.Module) -> None:
+    """Refuse to stream a block whose FP4 layers still hold master weights: each would keep
+    a packed copy on the device beside the plan (serving streams the packed weight itself)."""
+    if any(isinstance(m, FP4Linear) and not m.frozen for m in block.modules()):
+        raise VBUnsupportedError(tr(
+            f"VGPU: 流式的块 ({type(block).__name__}) 含有仍带主权重的FP4层；请先 vb.freeze_fp4(model) 以打包FP4形式服务",
+            f"VGPU: a streamed block ({type(block).__name__}) holds FP4 layers that still have master "
+            "weights; serve them packed: call vb.freeze_fp4(model) first"))
+
+
+def _attach_vgpu(model: nn.Module, config: VBConfig) -> vgpu.VGPUStack:
+    """Place ``model`` over the configured levels, streaming its repeated blocks."""
+    vc = config.vgpu_config
+    return vgpu.attach(model, find_blocks(model, config.checkpoint_blocks), vc.levels, vc.prefetch_depth,
+                       check=_serve_fp4_frozen)
+
+
+def _vgpu_banner(stack: vgpu.VGPUStack) -> str:
+    levels = ", ".join(f"L{i} {spec.device} {spec.capacity_mb:g} MB" for i, spec in enumerate(stack.specs))
+    return tr(f"✓ VGPU: {len(stack.modules)} 个块分布在 {levels}; 首次前向时放置",
+              f"✓ VGPU: {len(stack.modules)} blocks over {levels}; placed at the first forward")
+
+
+def freeze(model: nn.Module) -> int:
+    """``freeze_fp4`` on a model; a placed VGPU stack gives its weights back first, and the next
+    forward places the packed ones (they travel as packed FP4). Returns how many layers were
+    frozen."""
+    stack = vgpu.stack_of(model)
+    if stack is not None:
+        stack.unplace()
+    return freeze_fp4(model)
 
 
 def report_of(model: nn.Module) -> OptimizationReport | None:

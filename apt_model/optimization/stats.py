@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from apt_model import accelerator
+from apt_model import accelerator, vgpu
 from apt_model.fp4.format import fp4_nbytes
 from apt_model.fp4.layer import FP4Linear, count_linear_layers
 from apt_model.i18n import tr
@@ -115,6 +115,7 @@ def collect(config: VBConfig | None, enabled: bool) -> dict[str, Any]:
     device = devices[0] if devices else accelerator.default_device()
     peak = accelerator.max_memory_allocated(device) if device.type != "cpu" else None
     levels = list(config.vgpu_config.levels) if config and config.vgpu_config else []
+    stacks = [stack.stats() for stack in map(vgpu.stack_of, models) if stack is not None]
     return {
         "enabled": enabled,
         "mode": config.mode if (config and enabled) else None,
@@ -127,10 +128,11 @@ def collect(config: VBConfig | None, enabled: bool) -> dict[str, Any]:
         "peak_memory_bytes": peak,
         "steps": REGISTRY.steps,
         "vgpu": {
-            "active": False,
+            "active": bool(stacks),
             "configured_levels": [
                 {"capacity_mb": lv.capacity_mb, "device": lv.device, "speed_gbps": lv.speed_gbps} for lv in levels
             ],
+            "stacks": stacks,
         },
     }
 
@@ -163,13 +165,52 @@ def render(stats: dict[str, Any]) -> str:
         tr(f"  训练步数: {stats['steps']}", f"  optimizer steps: {stats['steps']}"),
         tr("VGPU堆叠统计:", "VGPU stack stats:"),
     ]
+    stacks = stats["vgpu"]["stacks"]
+    for number, stack in enumerate(stacks, 1):
+        if len(stacks) > 1:
+            lines.append(tr(f"  模型 {number}:", f"  model {number}:"))
+        lines.extend(_render_stack(stack))
     levels = stats["vgpu"]["configured_levels"]
-    if levels:
+    if not stacks and levels:
         desc = ", ".join(f"L{i} {lv['device']} {lv['capacity_mb']:.0f}MB" for i, lv in enumerate(levels))
-        lines.append(tr(f"  未启用分层: 已配置 {len(levels)} 级 ({desc})，但VGPU分层尚未实现，所有参数留在计算设备上",
-                        f"  no tiering active: {len(levels)} levels configured ({desc}), but VGPU tiering is "
-                        "not implemented yet; all parameters stay on the compute device"))
-    else:
+        lines.append(tr(f"  未启用分层: 已配置 {len(levels)} 级 ({desc})，但没有模型按这些层级优化过",
+                        f"  no tiering active: {len(levels)} levels configured ({desc}), but no model was "
+                        "optimized with them"))
+    elif not stacks:
         lines.append(tr("  未启用分层（未配置vgpu_config），所有参数留在计算设备上",
                         "  no tiering active (no vgpu_config); all parameters stay on the compute device"))
     return "\n".join(lines)
+
+
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _render_stack(stack: dict[str, Any]) -> list[str]:
+    """One VGPU stack: the seed's three lines (hit rate, promotions, demotions), the plan and
+    each level's bytes and bandwidth."""
+    if not stack["placed"]:
+        return [tr(f"  {stack['blocks']} 个块，首次前向时放置", f"  {stack['blocks']} blocks, placed at the first forward")]
+    l0 = stack["levels"][0]
+    rate = "n/a" if l0["hit_rate"] is None else f"{100 * l0['hit_rate']:.1f}%"
+    lines = [
+        tr(f"  Level 0命中率: {rate}  (命中 {l0['hits']} / 未命中 {l0['misses']})",
+           f"  Level 0 hit rate: {rate}  (hits {l0['hits']} / misses {l0['misses']})"),
+        tr(f"  提升次数: {l0['promotions']}  (其中预取 {l0['prefetches']})",
+           f"  promotions: {l0['promotions']}  (prefetched {l0['prefetches']})"),
+        tr(f"  降级次数: {l0['demotions']}", f"  demotions: {l0['demotions']}"),
+        tr(f"  计算等待数据: {1e3 * l0['stall_s']:.1f} ms", f"  compute stalled for data: {1e3 * l0['stall_s']:.1f} ms"),
+        tr(f"  块: {stack['blocks']} (常驻 {stack['resident_blocks']}, 流式 {stack['streamed_blocks']}, "
+           f"预取深度 {stack['depth']}, 槽位 {stack['slots']})",
+           f"  blocks: {stack['blocks']} ({stack['resident_blocks']} resident, {stack['streamed_blocks']} "
+           f"streamed, prefetch depth {stack['depth']}, {stack['slots']} slots)"),
+    ]
+    for lv in stack["levels"]:
+        lines.append(tr(
+            f"  L{lv['level']} {lv['device']}: 容量 {_fmt_bytes(lv['capacity_bytes'])}, 占用 "
+            f"{_fmt_bytes(lv['resident_bytes'])} (峰值 {_fmt_bytes(lv['peak_bytes'])}), 入 {_fmt_bytes(lv['bytes_in'])}, "
+            f"出 {_fmt_bytes(lv['bytes_out'])}, {_rate(lv['achieved_gbps'])} GB/s (配置 {lv['speed_gbps']:g} GB/s)",
+            f"  L{lv['level']} {lv['device']}: capacity {_fmt_bytes(lv['capacity_bytes'])}, holds "
+            f"{_fmt_bytes(lv['resident_bytes'])} (peak {_fmt_bytes(lv['peak_bytes'])}), in {_fmt_bytes(lv['bytes_in'])}, "
+            f"out {_fmt_bytes(lv['bytes_out'])}, {_rate(lv['achieved_gbps'])} GB/s (configured {lv['speed_gbps']:g} GB/s)"))
+    return lines

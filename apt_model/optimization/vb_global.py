@@ -259,13 +259,12 @@ def print_stats() -> None:
 
 
 def freeze_fp4(model: nn.Module) -> int:
-    """Drop the master weights of ``model``'s FP4 layers for serving (packed FP4 only).
+    """Drop the master weights of ``model``'s FP4 layers for serving (packed FP4 only); with a
+    VGPU stack the packed weights are placed again (what streams is then packed FP4).
 
     Returns how many layers were frozen; the model is put in eval mode.
     """
-    from apt_model.fp4.layer import freeze_fp4 as _freeze
-
-    return _freeze(model)
+    return _engine().freeze(model)
 
 
 def save_fp4(model: nn.Module, path: str | os.PathLike) -> Path:

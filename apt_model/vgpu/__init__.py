@@ -1,7 +1,10 @@
-"""The VGPU stack ("virtual VRAM"): parameters, gradients and optimizer state placed over
-GPU → pinned host RAM → SSD and streamed to the compute device ahead of use.
+"""The VGPU stack: virtual VRAM over the compute device, pinned host RAM and SSD swap files.
 
-Empty for now: the levels are configured and validated (``vgpu_config`` in
-``apt_model.optimization.config``) and ``vb.print_stats()`` says that nothing is tiered yet.
-The stack itself lands here.
+``attach(model, blocks, levels)`` places a model by a plan (:mod:`.placement`) and streams
+its repeated blocks into Level 0 ahead of use (:mod:`.streaming`); ``detach`` gives the
+plain model back; ``stack_of(model).stats()`` reports the levels' real counters.
 """
+
+from apt_model.vgpu.streaming import VGPUStack, attach, detach, stack_of
+
+__all__ = ["VGPUStack", "attach", "detach", "stack_of"]

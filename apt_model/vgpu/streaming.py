@@ -1,0 +1,500 @@
+"""The VGPU stack on a model: placement by the plan, and blocks streamed into Level 0 slots.
+
+:func:`attach` lays out each repeated block's tensors (:mod:`~apt_model.vgpu.layout`), plans
+(:mod:`~apt_model.vgpu.placement`), copies the streamed blocks to their homes (pinned host
+RAM, or swap files), the rest of the model and the resident blocks into Level 0, and
+allocates the Level 0 slots. Then forward hooks on every block, attached from outside (the
+model's code and classes are untouched):
+
+* before a streamed block runs, its bytes are in a slot (fetched ahead, or now: a miss), its
+  tensors are pointed at the slot, and on CUDA the compute stream waits on the copy's event
+  (only there; the wait is measured);
+* after it ran, its tensors point at its home again and the slot is free for the next
+  block: fetches go ``depth`` blocks ahead, cyclically, so the last blocks of one forward
+  prefetch the first of the next (``generate()`` runs the blocks in the same order every
+  step). On CUDA copies run on a side stream; elsewhere they run synchronously.
+
+The order is the registration order until the first forward shows the real one; a block
+used out of that order is fetched on demand (a miss), so a wrong guess costs time, never
+results. Between uses a streamed block's tensors show its home (pinned host memory, or the
+memory-mapped swap file), so ``state_dict()`` reads the real weights. :func:`detach` puts
+every tensor back on the device the model was on, byte for byte.
+
+Inference only in this version: a forward that could record gradients for streamed
+parameters raises; the caller may refuse more (the engine: FP4 layers not frozen).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from apt_model.accelerator import host_memory_info, resolve_device
+from apt_model.errors import VBConfigError, VBUnsupportedError
+from apt_model.i18n import tr
+from apt_model.storage import human_bytes
+from apt_model.vgpu.layout import Layout, Slot, storage_key, tensor_slots
+from apt_model.vgpu.levels import (
+    DeviceLevel,
+    DiskLevel,
+    HostLevel,
+    HostMemory,
+    LevelSpec,
+    capacity_bytes,
+    swap_dir,
+)
+from apt_model.vgpu.placement import Plan, make_plan
+from apt_model.vgpu.stats import AccessCounters, DeviceTimings
+
+STACK_ATTR = "_vb_vgpu"
+HOST_LEVELS = ("cpu", "ssd")
+
+
+@dataclass
+class _Block:
+    module: nn.Module
+    layout: Layout
+    home: int = 0  # level index; 0: resident
+    home_flat: Tensor | None = None  # its bytes at home (host buffer or mapped swap file)
+    params: list[nn.Parameter] = field(default_factory=list)
+
+
+@dataclass
+class _Slot:
+    buffer: Tensor  # Level 0 bytes for one block
+    staging: Tensor | None = None  # host bytes an SSD read lands in before the copy (CUDA)
+    block: int | None = None  # whose bytes it holds (valid once ``ready`` has passed)
+    users: int = 0
+    ready: Any = None  # CUDA event: the copy into it is done
+    free: Any = None  # CUDA event: the compute stream is done with it
+
+
+def _outermost(blocks: Sequence[nn.Module]) -> list[nn.Module]:
+    """``blocks`` without those nested in another one (each module once)."""
+    inner = {id(sub) for b in blocks for sub in b.modules() if sub is not b}
+    unique = {id(b): b for b in blocks}
+    return [b for b in unique.values() if id(b) not in inner]
+
+
+def _compute_device(spec: LevelSpec) -> torch.device:
+    if spec.device == "ssd":
+        raise VBConfigError(tr("vgpu_config.levels[0] 是计算设备 (如 cuda:0 或 cpu)，不能是 ssd",
+                               "vgpu_config.levels[0] is the compute device (e.g. cuda:0 or cpu), not ssd"))
+    return resolve_device(spec.device)
+
+
+def _origin(model: nn.Module) -> torch.device:
+    """The one device holding all of ``model``'s tensors."""
+    devices = {t.device for t in (*model.parameters(), *model.buffers())}
+    if len(devices) != 1 or next(iter(devices)).type == "meta":
+        raise VBConfigError(tr(
+            f"VGPU 需要模型的张量都在同一设备上 (不在 meta 上)，现在在: {sorted(map(str, devices))}",
+            f"VGPU needs all of the model's tensors on one device (not meta); they are on "
+            f"{sorted(map(str, devices))}"))
+    return next(iter(devices))
+
+
+def _partition(model: nn.Module, blocks: list[nn.Module]) -> tuple[list[list[Slot]], list[Slot]]:
+    """The tensor attributes of each block, and of the rest of the model; a storage shared
+    between blocks, or with the rest, stays with the rest (resident)."""
+    in_blocks = {id(sub) for b in blocks for sub in b.modules()}
+    groups = [tensor_slots(b.modules()) for b in blocks]
+    rest = tensor_slots(m for m in model.modules() if id(m) not in in_blocks)
+    owners: dict[tuple, set[int]] = {}
+    for g, slots in enumerate([*groups, rest]):
+        for slot in slots:
+            owners.setdefault(storage_key(slot.get()), set()).add(g)
+    shared = {key for key, gs in owners.items() if len(gs) > 1}
+    for g, slots in enumerate(groups):
+        rest.extend(s for s in slots if storage_key(s.get()) in shared)
+        groups[g] = [s for s in slots if storage_key(s.get()) not in shared]
+    return groups, rest
+
+
+class VGPUStack:
+    """The levels, the plan and the streaming hooks of one model (see the module doc)."""
+
+    def __init__(self, model: nn.Module, blocks: Sequence[nn.Module], levels: Sequence[LevelSpec],
+                 depth: int | None = None, check: Callable[[nn.Module], None] | None = None) -> None:
+        """Stream ``blocks`` of ``model`` over ``levels`` (Level 0 first: the compute device);
+        ``depth``: blocks fetched ahead (None: automatic); ``check(block)`` runs before each
+        use of a streamed block and raises to refuse it. The levels and a given SSD directory
+        are checked now; the model is placed at its first forward (or by :meth:`place`), so
+        what is placed is the model as it is then (e.g. FP4 layers frozen since)."""
+        for i, spec in enumerate(levels[1:], 1):
+            if spec.device not in HOST_LEVELS:
+                raise VBConfigError(tr(f"vgpu_config.levels[{i}]: Level 0 以下只能是 cpu 或 ssd，收到 {spec.device}",
+                                       f"vgpu_config.levels[{i}]: levels below Level 0 are cpu or ssd, got {spec.device}"))
+            if spec.device == "ssd" and spec.path:
+                swap_dir(spec, 0)
+        self.model = model
+        self.device = _compute_device(levels[0])
+        self.specs = list(levels)
+        self.depth_setting = depth
+        self._check = check
+        self._cuda = self.device.type == "cuda"
+        self.modules = _outermost(blocks)
+        self.placed = False
+        self._hooks = [model.register_forward_pre_hook(self._on_model_call)]
+        for i, module in enumerate(self.modules):
+            self._hooks.append(module.register_forward_pre_hook(functools.partial(self._before, i)))
+            self._hooks.append(module.register_forward_hook(functools.partial(self._after, i), always_call=True))
+
+    def place(self) -> None:
+        """Plan and place the model now (nothing if placed already): one-line
+        ``VBConfigError`` / ``VBDataError`` before anything moves when the levels cannot hold
+        it or the SSD directory is unusable."""
+        if self.placed:
+            return
+        self.origin = _origin(self.model)
+        self._moved = self.origin != self.device  # the resident part moves to Level 0
+        groups, rest = _partition(self.model, self.modules)
+        self.blocks = [_Block(m, Layout(g)) for m, g in zip(self.modules, groups, strict=True)]
+        self.rest = Layout(rest)
+        self.plan: Plan = make_plan([b.layout.nbytes for b in self.blocks], self.rest.nbytes,
+                                    [capacity_bytes(s) for s in self.specs], self.depth_setting)
+        self._check_room()
+        self.host_memory = HostMemory(pin=self._cuda)
+        self.level0 = DeviceLevel(self.specs[0], self.device)
+        self.lower: list[HostLevel | DiskLevel] = []
+        for i, spec in enumerate(self.specs[1:], 1):
+            if spec.device == "cpu":
+                self.lower.append(HostLevel(i, spec, self.host_memory))
+            else:
+                self.lower.append(DiskLevel(i, spec, swap_dir(spec, self.plan.level_bytes[i])))
+        self.access = AccessCounters()
+        self._timings = DeviceTimings(self.access)
+        self.slots: list[_Slot] = []
+        self._slot_of: dict[int, _Slot] = {}
+        try:
+            self._place()
+        except BaseException:
+            self._release()
+            raise
+        self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._order = list(range(len(self.blocks)))
+        self._seen: list[int] | None = []
+        self._windows()
+        self.placed = True
+
+    def unplace(self) -> None:
+        """Every tensor back where the model had it, the levels freed; the hooks stay, and the
+        next forward places the model again (as it is then)."""
+        if not self.placed:
+            return
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+        self._release()
+        self.placed = False
+
+    def _on_model_call(self, module: nn.Module, args: Any) -> None:
+        self.place()
+
+    # ---- placement ----------------------------------------------------------------------------
+
+    def _check_room(self) -> None:
+        """Host RAM for the host levels, checked before anything moves."""
+        need = sum(held for spec, held in zip(self.specs[1:], self.plan.level_bytes[1:], strict=True)
+                   if spec.device == "cpu")
+        available, _ = host_memory_info()
+        if self.origin.type == "cpu":  # the model's own host memory is freed as it moves
+            available += self.rest.payload_bytes + sum(b.layout.payload_bytes for b in self.blocks)
+        if need > available:
+            raise VBConfigError(tr(
+                f"VGPU 主机内存层级需要 {human_bytes(need)}，本机可用 {human_bytes(available)}",
+                f"the VGPU host RAM level needs {human_bytes(need)}; {human_bytes(available)} is available"))
+
+    def _resident_layouts(self) -> list[Layout]:
+        return [self.rest] + [b.layout for b in self.blocks if not b.home]
+
+    def _place(self) -> None:
+        """Streamed blocks to their homes first (freeing Level 0 if the model was there), then
+        the rest and the resident blocks into Level 0 (left in place, and counted, if the
+        model is on the compute device already), then the slots."""
+        for i, b in enumerate(self.blocks):
+            b.home = self.plan.homes[i]
+            b.params = list(b.module.parameters())
+            if b.home == 0:
+                continue
+            level = self.lower[b.home - 1]
+            n = b.layout.nbytes
+            b.home_flat = level.allocate(n) if isinstance(level, HostLevel) else level.store(i, n)
+            b.layout.gather(b.home_flat)
+            b.layout.bind_flat(b.home_flat)
+            level.counters.bytes_in += n
+            if not self._moved:
+                self.level0.counters.bytes_out += n
+        for layout in self._resident_layouts():
+            if self._moved:
+                flat = self.level0.allocate(layout.nbytes)
+                layout.gather(flat)
+                layout.bind_flat(flat)
+                self.level0.counters.bytes_in += layout.nbytes
+            else:
+                self.level0.adopt(layout.storage_bytes())
+        staged = self._cuda and any(isinstance(self.lower[b.home - 1], DiskLevel)
+                                    for b in self.blocks if b.home)
+        for _ in range(self.plan.slots):
+            staging = None
+            if staged:
+                staging = self.host_memory.empty(self.plan.slot_bytes)
+                disk = next(level for level in self.lower if isinstance(level, DiskLevel))
+                disk.staging_bytes += staging.untyped_storage().nbytes()
+            self.slots.append(_Slot(self.level0.allocate(self.plan.slot_bytes), staging))
+
+    def detach(self) -> None:
+        """Put every tensor back where the model had it, byte for byte, free the levels'
+        buffers and swap files, and remove the hooks."""
+        self.unplace()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+    def _release(self) -> None:
+        """Every tensor back on the original device (copied from wherever it is bound now),
+        the levels' buffers and files freed."""
+        for i, b in enumerate(self.blocks):
+            if b.home_flat is None:
+                continue
+            if isinstance(self.lower[b.home - 1], DiskLevel):
+                self.lower[b.home - 1].check(i)
+            b.layout.materialize(self.origin)
+            b.home_flat = None
+        if self._moved:
+            for layout in self._resident_layouts():
+                layout.materialize(self.origin)
+        self.slots.clear()
+        self._slot_of.clear()
+        self.level0.close()
+        for level in self.lower:
+            level.close()
+
+    # ---- streaming ----------------------------------------------------------------------------
+
+    def _windows(self) -> None:
+        """For each block, the streamed blocks to hold from its start and after its end."""
+        streamed = [i for i in self._order if self.blocks[i].home]
+        position = {b: q for q, b in enumerate(self._order)}
+        width = min(self.plan.slots, len(streamed))
+
+        def ahead(q: int) -> list[int]:
+            out: list[int] = []
+            for k in range(len(self._order)):
+                b = self._order[(q + k) % len(self._order)]
+                if self.blocks[b].home and b not in out:
+                    out.append(b)
+                if len(out) == width:
+                    break
+            return out
+
+        self._from = {b: ahead(q) for b, q in position.items()}
+        self._after_end = {b: ahead(q + 1) for b, q in position.items()}
+
+    def _observe(self, i: int) -> None:
+        """Learn the execution order from the first uses (a block seen again ends the lesson)."""
+        if self._seen is None:
+            return
+        again = i in self._seen
+        if not again:
+            self._seen.append(i)
+        if again or len(self._seen) == len(self.blocks):
+            learned = self._seen + [b for b in self._order if b not in self._seen]
+            self._seen = None
+            if learned != self._order:
+                self._order = learned
+                self._windows()
+
+    def _check_use(self, i: int) -> None:
+        b = self.blocks[i]
+        name = type(b.module).__name__
+        if torch.is_grad_enabled() and any(p.requires_grad for p in b.params):
+            raise VBUnsupportedError(tr(
+                f"VGPU: 块 {i} ({name}) 的权重在下层级，暂不支持用卸载的层级训练；推理请在 torch.no_grad() 下运行，"
+                "或先 model.requires_grad_(False)",
+                f"VGPU: block {i} ({name}) streams from a lower level; training with offloaded levels is "
+                "not supported yet: run inference under torch.no_grad(), or call model.requires_grad_(False)"))
+        if self._check is not None:
+            self._check(b.module)
+        if torch.compiler.is_compiling() or (self._cuda and torch.cuda.is_current_stream_capturing()):
+            raise VBUnsupportedError(tr("VGPU 流式块不能在 torch.compile 或 CUDA 图捕获中运行",
+                                        "VGPU streamed blocks cannot run under torch.compile or CUDA graph capture"))
+        b.layout.check_bound(f"block {i} ({name})")
+
+    def _before(self, i: int, module: nn.Module, args: Any) -> None:
+        self.place()
+        self._observe(i)
+        b = self.blocks[i]
+        if not b.home:
+            self.access.hits += 1
+            self._prefetch(self._from[i])
+            return
+        self._check_use(i)
+        slot = self._slot_of.get(i)
+        demand = slot is None
+        if demand:
+            slot = self._free_slot(self._from[i], demand=True)
+            self._fetch(i, slot, demand=True)
+        self._arrive(slot, demand)
+        slot.users += 1
+        if slot.users == 1:
+            b.layout.bind_flat(slot.buffer[:b.layout.nbytes])
+        self._prefetch(self._from[i])
+
+    def _after(self, i: int, module: nn.Module, args: Any, output: Any) -> None:
+        if not self.placed:
+            return
+        b = self.blocks[i]
+        slot = self._slot_of.get(i)
+        if b.home and slot is not None and slot.users:
+            slot.users -= 1
+            if not slot.users:
+                b.layout.bind_flat(b.home_flat)
+                if self._cuda:
+                    slot.free = torch.cuda.Event()
+                    slot.free.record(torch.cuda.current_stream(self.device))
+        self._prefetch(self._after_end[i])
+
+    def _free_slot(self, window: list[int], demand: bool = False) -> _Slot | None:
+        """An idle slot: empty, else holding a block outside ``window``; on ``demand`` also the
+        one holding the window's last block. None if there is none (raises on ``demand``)."""
+        idle = [s for s in self.slots if not s.users]
+        for slot in idle:
+            if slot.block is None:
+                return slot
+        for slot in idle:
+            if slot.block not in window:
+                return slot
+        if demand:
+            if not idle:
+                raise VBUnsupportedError(tr(
+                    f"VGPU: 全部 {len(self.slots)} 个 Level 0 槽位都在使用中 (块嵌套过深)",
+                    f"VGPU: all {len(self.slots)} Level 0 slots are in use (blocks nested too deep)"))
+            return max(idle, key=lambda s: window.index(s.block))
+        return None
+
+    def _prefetch(self, window: list[int]) -> None:
+        for j in window:
+            if j in self._slot_of:
+                continue
+            slot = self._free_slot(window)
+            if slot is None:
+                return
+            self._fetch(j, slot, demand=False)
+
+    def _fetch(self, j: int, slot: _Slot, demand: bool) -> None:
+        """Copy block ``j`` from its home into ``slot`` (on the side stream on CUDA)."""
+        b = self.blocks[j]
+        n = b.layout.nbytes
+        if slot.block is not None:
+            self.access.demotions += 1
+            del self._slot_of[slot.block]
+        slot.block = j
+        self._slot_of[j] = slot
+        self.access.promotions += 1
+        self.access.prefetches += not demand
+        home = self.lower[b.home - 1]
+        level0 = self.level0.counters
+        level0.bytes_in += n
+        home.counters.bytes_out += n
+        dst = slot.buffer[:n]
+        disk = isinstance(home, DiskLevel)
+        if not self._cuda:
+            start = time.perf_counter()
+            if disk:
+                home.read(j, dst)
+            else:
+                dst.copy_(b.home_flat)
+            seconds = time.perf_counter() - start
+            home.counters.timed(n, seconds)
+            level0.timed(n, seconds)
+            self.access.stall_s += seconds
+            return
+        if slot.free is not None:
+            self._copy_stream.wait_event(slot.free)
+        source = b.home_flat
+        if disk:
+            if slot.ready is not None:
+                slot.ready.synchronize()  # the staging buffer's last copy has left
+            start = time.perf_counter()
+            home.read(j, slot.staging)
+            home.counters.timed(n, time.perf_counter() - start)
+            source = slot.staging[:n]
+        with torch.cuda.stream(self._copy_stream):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            dst.copy_(source, non_blocking=True)
+            end.record()
+        slot.ready = end
+        self._timings.copy((level0,) if disk else (level0, home.counters), n, begin, end)
+
+    def _arrive(self, slot: _Slot, demand: bool) -> None:
+        """The compute reaches a block in ``slot``: on CUDA its stream waits for the copy
+        (timed by events); on the CPU the copy is done, a hit unless fetched on ``demand``."""
+        if not self._cuda:
+            if demand:
+                self.access.misses += 1
+            else:
+                self.access.hits += 1
+            return
+        stream = torch.cuda.current_stream(self.device)
+        arrived, resumed = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        arrived.record(stream)
+        stream.wait_event(slot.ready)
+        resumed.record(stream)
+        self._timings.use(slot.ready, arrived, resumed, demand)
+        self._timings.poll(wait=False)
+
+    # ---- statistics ---------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Per level: capacity, bytes held now and at peak, bytes in and out, achieved GB/s
+        against the configured speed; Level 0 also hits, misses, promotions, demotions and
+        stall time; and the plan (only ``placed`` False before the first forward)."""
+        if not self.placed:
+            return {"placed": False, "blocks": len(self.modules)}
+        if self._cuda:
+            self._timings.poll(wait=True)
+        levels = [{**self.level0.counters.to_dict(), **self.access.to_dict()}]
+        for level in self.lower:
+            entry = level.counters.to_dict()
+            if isinstance(level, DiskLevel):
+                entry["path"] = str(level.folder or level.directory)
+                entry["staging_bytes"] = level.staging_bytes
+            levels.append(entry)
+        return {
+            "placed": True,
+            "blocks": len(self.blocks),
+            "resident_blocks": len(self.blocks) - len(self.plan.streamed),
+            "streamed_blocks": len(self.plan.streamed),
+            "depth": self.plan.depth,
+            "slots": self.plan.slots,
+            "levels": levels,
+        }
+
+
+def attach(model: nn.Module, blocks: Sequence[nn.Module], levels: Sequence[LevelSpec],
+           depth: int | None = None, check: Callable[[nn.Module], None] | None = None) -> VGPUStack:
+    """Place ``model`` over ``levels`` and stream ``blocks`` (see :class:`VGPUStack`)."""
+    if stack_of(model) is not None:
+        raise VBConfigError(tr("此模型已有VGPU堆叠", "this model already has a VGPU stack"))
+    stack = VGPUStack(model, blocks, levels, depth, check)
+    object.__setattr__(model, STACK_ATTR, stack)
+    return stack
+
+
+def stack_of(model: nn.Module) -> VGPUStack | None:
+    return getattr(model, STACK_ATTR, None)
+
+
+def detach(model: nn.Module) -> None:
+    """Undo :func:`attach` (nothing if ``model`` has no stack)."""
+    stack = stack_of(model)
+    if stack is not None:
+        stack.detach()
+        object.__delattr__(model, STACK_ATTR)
