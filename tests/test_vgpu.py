@@ -306,3 +306,23 @@ def test_refused_pinning_falls_back_to_pageable_with_one_warning(monkeypatch):
         buffers = [memory.empty(1024) for _ in range(3)]
     assert len(caught) == 1 and "using pageable memory" in str(caught[0].message)
     assert all(not b.is_pinned() and b.numel() == 1024 for b in buffers)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_streamed_on_cuda_equals_resident(tmp_path):
+    """On a GPU (side-stream copies from pinned host RAM and SSD files, events): logits and
+    greedy tokens equal the resident model's, and every use of a block was counted."""
+    plain = apt().to("cuda")
+    model = copy.deepcopy(plain)
+    levels = stack_levels(model, tmp_path)
+    levels[0] = Level(levels[0].capacity_mb, "cuda:0", 1000)
+    stack = vgpu.attach(model, list(model.blocks), levels, depth=1)
+    stack.place()
+    x = X.to("cuda")
+    for _ in range(3):
+        assert torch.equal(logits(model, x), logits(plain, x))
+    with torch.no_grad():
+        assert torch.equal(model.generate(x[:1], 8, do_sample=False),
+                           plain.generate(x[:1], 8, do_sample=False))
+    l0 = stack.stats()["levels"][0]
+    assert l0["hits"] + l0["misses"] >= 6 * 3 and l0["peak_bytes"] <= l0["capacity_bytes"]
