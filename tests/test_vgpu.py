@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ import apt_model.optimization.vb_global as vb
 from apt_model import vgpu
 from apt_model.errors import VBConfigError, VBDataError, VBUnsupportedError
 from apt_model.modeling.apt_model import APTConfig, APTModel
+from apt_model.optimization.config import VGPULevel as Level
 from apt_model.vgpu import levels as vgpu_levels
 from apt_model.vgpu.layout import Layout, tensor_slots
 from apt_model.vgpu.placement import make_plan
@@ -29,14 +29,6 @@ CFG = APTConfig.from_preset("tiny", n_layers=6)
 @pytest.fixture(autouse=True)
 def english(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VB_LANG", "en")
-
-
-@dataclass(frozen=True)
-class Level:
-    capacity_mb: float
-    device: str
-    speed_gbps: float
-    path: str | None = None
 
 
 def apt() -> APTModel:
