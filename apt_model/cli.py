@@ -152,8 +152,9 @@ def plot(log: str, out: str | None) -> Path:
 
 
 def estimate(args: argparse.Namespace) -> str:
-    """The text of ``vb estimate``: one table per mode."""
-    from apt_model.estimator import ESTIMATE_MODES
+    """The text of ``vb estimate``: one table per mode (with ``--decode``: weights, KV cache and
+    peak by context length, up to ``--seq`` or the model's context)."""
+    from apt_model.estimator import ESTIMATE_MODES, decode_sweep, decode_table
     from apt_model.estimator import estimate as run_estimate
 
     if (args.preset is None) == (args.hf_config is None):
@@ -163,8 +164,12 @@ def estimate(args: argparse.Namespace) -> str:
                                f"unknown mode {args.mode!r}; valid: {', '.join(ESTIMATE_MODES)}, all"))
     target = args.preset if args.preset is not None else Path(args.hf_config)
     modes = ESTIMATE_MODES if args.mode == "all" else (args.mode,)
-    tables = [run_estimate(target, mode=mode, batch=args.batch, seq=args.seq, optimizer=args.optimizer,
-                           training=not args.decode, device=args.device).table() for mode in modes]
+    if args.decode:
+        tables = [decode_table(decode_sweep(target, mode=mode, batch=args.batch, longest=args.seq,
+                                            device=args.device)) for mode in modes]
+    else:
+        tables = [run_estimate(target, mode=mode, batch=args.batch, seq=args.seq, optimizer=args.optimizer,
+                               device=args.device).table() for mode in modes]
     return "\n\n".join(tables)
 
 
@@ -208,7 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                "sequence length (default: the model's context length)"))
     p_est.add_argument("--mode", default="all", help="speed, memory, balanced, full, off, all (default all)")
     p_est.add_argument("--optimizer", default="adamw", help="adamw, sgd (default adamw)")
-    p_est.add_argument("--decode", action="store_true", help=tr("估算一步解码 (不是训练)", "a decode step, not training"))
+    p_est.add_argument("--decode", action="store_true", help=tr("估算解码 (不是训练): 按上下文长度列出权重、KV 缓存与峰值",
+                                "decode, not training: weights, KV cache and peak by context length"))
     p_est.add_argument("--device", default="cpu", help=tr("目标设备类型, 决定固定开销 (默认 %(default)s)",
                                                         "the target device type, which sets the fixed overhead "
                                                         "(default %(default)s)"))

@@ -12,8 +12,8 @@ import torch
 
 from apt_model.cli import main
 from apt_model.errors import run_cli
-from apt_model.estimator import MemoryTracker, estimate, measure
-from apt_model.estimator.estimate import mode_config
+from apt_model.estimator import MemoryTracker, decode_contexts, decode_sweep, estimate, measure
+from apt_model.estimator.estimate import cache_tensors, mode_config
 from apt_model.modeling.apt_model import APTConfig, APTModel
 from apt_model.optimization import config as vb_config
 from apt_model.optimization import engine
@@ -92,6 +92,48 @@ def test_decode_step_agrees_with_a_real_cpu_decode_and_holds_packed_weights():
     assert traced.gradients == traced.optimizer_state == 0
 
 
+def real_cache_bytes(model, batch: int, context: int, vocab: int) -> int:
+    """Bytes of the KV cache a real CPU prefill of ``context - 1`` tokens + one decode step ends with."""
+    ids = torch.randint(0, vocab, (batch, context))
+    model.eval()
+    with torch.no_grad():
+        prefill = model(input_ids=ids[:, :-1], use_cache=True)
+        out = model(input_ids=ids[:, -1:], past_key_values=prefill.past_key_values, use_cache=True)
+    return nbytes(cache_tensors(out.past_key_values))
+
+
+def test_decode_contexts_double_from_512_to_the_longest():
+    assert decode_contexts(3000) == [512, 1024, 2048, 3000]
+    assert decode_contexts(1024) == [512, 1024]
+    assert decode_contexts(100) == [100]
+
+
+@pytest.mark.parametrize("mode", ["balanced", "speed"])
+def test_decode_sweep_kv_cache_is_the_real_cache_of_an_apt_model(mode):
+    config = APTConfig.from_preset("tiny", n_layers=2, max_seq_len=600)
+    rows = decode_sweep(config, mode=mode, batch=BATCH, device="cpu")
+    assert [row.seq for row in rows] == [512, 600]
+    torch.manual_seed(0)
+    model = APTModel(config)
+    engine.optimize(model, mode_config(mode))
+    for row in rows:
+        real = real_cache_bytes(model, BATCH, row.seq, config.vocab_size)
+        element = 2 if mode == "balanced" else 4  # bf16 autocast, or fp32
+        assert row.kv_cache == real == 2 * config.n_layers * BATCH * row.seq * config.d_model * element
+        assert row.kv_cache < row.peak_bytes and row.at_peak["kv_cache"] <= row.kv_cache
+    assert rows[0].parameters == rows[1].parameters
+
+
+def test_decode_sweep_kv_cache_of_an_hf_llama(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96)
+    (row,) = decode_sweep(cfg, mode="off", batch=BATCH, device="cpu")
+    real = real_cache_bytes(transformers.LlamaForCausalLM(cfg), BATCH, 96, cfg.vocab_size)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    assert row.kv_cache == real == 2 * cfg.num_hidden_layers * BATCH * cfg.num_key_value_heads * 96 * head_dim * 4
+
+
 def test_checkpointing_cuts_the_activation_peak():
     by_mode = {mode: estimate(CONFIG, mode=mode, batch=4, seq=SEQ, device="cpu") for mode in ("off", "balanced", "memory")}
     assert by_mode["memory"].activations < by_mode["balanced"].activations < by_mode["off"].activations
@@ -149,6 +191,15 @@ def test_cli_prints_one_table_per_mode(capsys, monkeypatch):
         assert f"mode {mode} · training (sgd)" in out
     peaks = [line for line in out.splitlines() if line.split()[:1] == ["peak"]]
     assert len(peaks) == len(vb_config.MODES) + 1 and all("MiB" in line for line in peaks)
+
+
+def test_cli_decode_prints_a_table_by_context(capsys, monkeypatch):
+    code, out, err = vb(capsys, monkeypatch, "estimate", "--preset", "tiny", "--decode", "--mode", "speed")
+    assert code == 0, err
+    context = APTConfig.from_preset("tiny").max_seq_len
+    rows = [line.split() for line in out.splitlines()[2:]]
+    assert out.splitlines()[0].endswith("mode speed · decode · batch 1 · cpu")
+    assert [int(row[0]) for row in rows] == decode_contexts(context)
 
 
 @pytest.mark.parametrize(("args", "needle"), [
