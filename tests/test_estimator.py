@@ -12,11 +12,20 @@ import torch
 
 from apt_model.cli import main
 from apt_model.errors import run_cli
-from apt_model.estimator import MemoryTracker, decode_contexts, decode_sweep, estimate, measure
+from apt_model.estimator import (
+    MemoryTracker,
+    Traced,
+    decode_contexts,
+    decode_sweep,
+    estimate,
+    measure,
+)
 from apt_model.estimator.estimate import cache_tensors, mode_config
+from apt_model.estimator.fit import FIT_MARGIN, largest_batch, smallest_fit
 from apt_model.modeling.apt_model import APTConfig, APTModel
 from apt_model.optimization import config as vb_config
 from apt_model.optimization import engine
+from apt_model.storage import human_bytes
 
 CONFIG = APTConfig.from_preset("tiny", n_layers=2, max_seq_len=64)
 BATCH, SEQ = 2, 64
@@ -210,13 +219,67 @@ def test_cli_decode_prints_a_table_by_context(capsys, monkeypatch):
     (["--preset", "tiny", "--mode", "turbo"], "turbo"),
     (["--preset", "tiny", "--optimizer", "lion"], "lion"),
     (["--preset", "tiny", "--seq", "100000"], "100000"),
+    (["--preset", "tiny", "--decode", "--seq", "100000"], "100000"),
+    (["--preset", "tiny", "--memory", "lots"], "lots"),
+    (["--preset", "tiny", "--memory=0GiB"], "0GiB"),
+    (["--hf-config", "{tmp}/broken.json"], "broken.json"),
+    (["--hf-config", "{tmp}"], "{tmp}"),
     ([], "--preset"),
 ])
-def test_cli_bad_input_is_one_line_and_exit_code_2(capsys, monkeypatch, args, needle):
+def test_cli_bad_input_is_one_line_and_exit_code_2(capsys, monkeypatch, tmp_path, args, needle):
+    if any("{tmp}" in a for a in args):
+        pytest.importorskip("transformers")
+    (tmp_path / "broken.json").write_text('{"model_type": "llama", "hidden_size": ')
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    needle = needle.replace("{tmp}", str(tmp_path))
     code, out, err = vb(capsys, monkeypatch, "estimate", *args)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and needle in lines[0] and out == "", err
     assert lines[0].startswith("error:")
+
+
+def test_cli_memory_budget_says_what_fits(capsys, monkeypatch):
+    small = estimate("tiny", mode="balanced", seq=8, optimizer="sgd", device="cpu").peak_bytes
+    code, out, err = vb(capsys, monkeypatch, "estimate", "--preset", "tiny", "--seq", "8", "--optimizer", "sgd",
+                        "--mode", "balanced", "--memory", str(2 * small))
+    assert code == 0 and out.rstrip().endswith(f"fits (--memory {human_bytes(2 * small)})"), err
+
+
+def test_smallest_fit_names_a_mode_else_the_largest_batch_of_the_last_mode(monkeypatch):
+    monkeypatch.setenv("VB_LANG", "en")
+    def peak(mode: str, batch: int) -> int:
+        return estimate(CONFIG, mode=mode, batch=batch, seq=SEQ, optimizer="sgd", device="cpu").peak_bytes
+
+    def smallest(free: int, batch: int) -> str | None:
+        return smallest_fit(CONFIG, free=free, batch=batch, seq=SEQ, training=True, optimizer="sgd", device="cpu",
+                            base=None)
+
+    # balanced does not fit where memory (checkpointing) just does
+    assert smallest(int(peak("memory", 4) / (1 - FIT_MARGIN)) + 1, 4) == "mode memory with batch 4"
+    full_at_2, full_at_3 = peak("full", 2), peak("full", 3)
+    assert smallest(int((full_at_2 + full_at_3) / 2 / (1 - FIT_MARGIN)), 16) == "mode full with batch 2"
+
+
+def test_cli_a_mode_that_cannot_fit_is_one_line_naming_what_would(capsys, monkeypatch):
+    code, out, err = vb(capsys, monkeypatch, "estimate", "--preset", "tiny", "--seq", "8", "--mode", "off",
+                        "--optimizer", "sgd", "--memory", "1KiB")
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert "mode off does not fit" in err and err.rstrip().endswith("nothing fits, not even batch 1 in any mode")
+
+
+def test_largest_batch_is_exact_and_takes_few_traces():
+    traced = Traced(CONFIG, mode="off", training=True, device="cpu", base=None)
+    calls: list[int] = []
+
+    def step(batch: int):
+        calls.append(batch)
+        return traced.step(batch=batch, seq=32, optimizer="sgd")
+
+    free = int(step(37).peak_bytes / (1 - FIT_MARGIN)) + 1
+    calls.clear()
+    best = largest_batch(step, free, 5000)
+    assert best == 37 and len(calls) <= 8, calls
+    assert largest_batch(step, 1, 5000) == 0
 
 
 def test_the_command_runs_as_a_program():
