@@ -33,15 +33,18 @@ class ModeSpec:
 
 
 # fused_loss rides with fused attention: both are fused kernels that cut activation memory.
+# The order is the modes' order of aggressiveness, least first: bf16 and fused kernels only;
+# then recomputation (slower, same numbers); then FP4 weights (other numbers: speed, the
+# smallest weights for serving); then everything. ``auto_estimate`` takes the first that fits.
 MODES: dict[str, ModeSpec] = {
-    "full": ModeSpec(fp4=True, fused_attention=True, fused_loss=True, mixed_precision=True,
-                     gradient_checkpointing=True),
-    "speed": ModeSpec(fp4=True, fused_attention=False, fused_loss=False, mixed_precision=False,
-                      gradient_checkpointing=False),
-    "memory": ModeSpec(fp4=False, fused_attention=True, fused_loss=True, mixed_precision=True,
-                       gradient_checkpointing=True),
     "balanced": ModeSpec(fp4=False, fused_attention=True, fused_loss=True, mixed_precision=True,
                          gradient_checkpointing=False),
+    "memory": ModeSpec(fp4=False, fused_attention=True, fused_loss=True, mixed_precision=True,
+                       gradient_checkpointing=True),
+    "speed": ModeSpec(fp4=True, fused_attention=False, fused_loss=False, mixed_precision=False,
+                      gradient_checkpointing=False),
+    "full": ModeSpec(fp4=True, fused_attention=True, fused_loss=True, mixed_precision=True,
+                     gradient_checkpointing=True),
 }
 
 VGPU_LEVEL_KEYS = ("capacity_mb", "device", "speed_gbps", "path")
