@@ -36,6 +36,12 @@ def usable(free: int) -> int:
     return int(free * (1 - FIT_MARGIN))
 
 
+def room(free: int) -> str:
+    """``free`` bytes and what the fitting rule lets a step take of them, in words."""
+    return tr(f"可用 {human_bytes(free)}, 留出 {FIT_MARGIN:.0%} 余量后 {human_bytes(usable(free))}",
+              f"{human_bytes(free)} free, {human_bytes(usable(free))} after a {FIT_MARGIN:.0%} margin")
+
+
 def fits(est: Estimate, free: int) -> bool:
     """Whether ``est`` fits in ``free`` bytes with the margin kept back."""
     return est.peak_bytes <= usable(free)
@@ -45,30 +51,33 @@ def largest_batch(step: Callable[[int], Estimate], free: int, too_big: int) -> i
     """The largest batch whose step (``step(batch)``) fits in ``free`` bytes, knowing that
     ``too_big`` does not; 0 when batch 1 does not fit either.
 
-    A bracketed search: the next batch tried is where the line through the bracket's ends
-    meets the limit (memory is close to affine in the batch, so this lands within one or two
-    of the answer), or the middle when the last guess did not halve the bracket; each try is
-    one traced step.
+    A bracketed search. Memory is the larger of a fixed part (weights, optimizer state) and
+    a part affine in the batch (activations), so the line through the two smallest batches
+    known not to fit, followed down to the limit, lands on the answer or just above it; the
+    first such pair is ``too_big`` and the middle of the bracket. When a try does not halve
+    the bracket the next one is the middle. Each try is one traced step.
     """
     limit = usable(free)
-    low, low_peak = 1, step(1).peak_bytes
-    if low_peak > limit:
+    if step(1).peak_bytes > limit:
         return 0
-    high, high_peak = too_big, step(too_big).peak_bytes
-    bisect = False
+    low, high = 1, too_big
+    failing = [(too_big, step(too_big).peak_bytes)]  # (batch, peak) not fitting, smallest first
+    halved = False  # the first try is the middle
     while high - low > 1:
-        if bisect or high_peak == low_peak:
-            guess = (low + high) // 2
-        else:
-            guess = low + int((limit - low_peak) * (high - low) / (high_peak - low_peak))
-            guess = min(max(guess, low + 1), high - 1)
         span = high - low
+        if halved and len(failing) > 1 and failing[1][1] > failing[0][1]:
+            (b1, p1), (b2, p2) = failing[:2]
+            guess = b1 - int((p1 - limit) * (b2 - b1) / (p2 - p1))
+            guess = min(max(guess, low + 1), high - 1)
+        else:
+            guess = (low + high) // 2
         peak = step(guess).peak_bytes
         if peak <= limit:
-            low, low_peak = guess, peak
+            low = guess
         else:
-            high, high_peak = guess, peak
-        bisect = (high - low) * 2 > span
+            high = guess
+            failing.insert(0, (guess, peak))
+        halved = (high - low) * 2 <= span
     return low
 
 
@@ -85,11 +94,8 @@ class ModeChoice:
     def reason(self) -> str:
         """Why: each mode tried with its peak, against the free memory and the margin."""
         tried = ", ".join(f"{mode} {human_bytes(peak)}" for mode, peak in self.peaks.items())
-        room = tr(f"可用 {human_bytes(self.free)}, 留出 {FIT_MARGIN:.0%} 余量后 {human_bytes(usable(self.free))}",
-                  f"{human_bytes(self.free)} free, {human_bytes(usable(self.free))} after a "
-                  f"{FIT_MARGIN:.0%} margin")
         step = tr("一步训练", "a training step") if self.training else tr("一步解码", "a decode step")
-        return tr(f"{step}的峰值: {tried}; {room}", f"peak of {step}: {tried}; {room}")
+        return tr(f"{step}的峰值: {tried}; {room(self.free)}", f"peak of {step}: {tried}; {room(self.free)}")
 
 
 def choose_mode(target: Any, *, free: int, batch: int = 1, seq: int | None = None, training: bool = True,
