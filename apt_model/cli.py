@@ -167,8 +167,8 @@ def _memory_budget(text: str | None) -> tuple[int, str] | None:
     return sum(int(level["capacity_mb"] * 2**20) for level in levels), tr("全部 VGPU 层级", "every VGPU level")
 
 
-def estimate(args: argparse.Namespace) -> str:
-    """The text of ``vb estimate``: one table per mode (with ``--decode``: weights, KV cache and
+def estimate(args: argparse.Namespace) -> tuple[str, list[Estimate]]:
+    """The text of ``vb estimate`` and the largest step of each mode: one table per mode (with ``--decode``: weights, KV cache and
     peak by context length, up to ``--seq`` or the model's context). Against a memory budget
     (``_memory_budget``) each table says whether it fits; when no mode asked for fits, one
     error naming the smallest configuration that does (``fit.smallest_fit``), if any."""
@@ -196,7 +196,7 @@ def estimate(args: argparse.Namespace) -> str:
                                       device=args.device))
             tables.append(peaks[-1].table())
     if budget is None:
-        return "\n\n".join(tables)
+        return "\n\n".join(tables), peaks
     free, where = budget
     if not any(fits(est, free) for est in peaks):
         largest = min(peaks, key=lambda est: est.peak_bytes)
@@ -211,7 +211,7 @@ def estimate(args: argparse.Namespace) -> str:
             f"{largest.mode}), {where} is {human_bytes(free)} ({human_bytes(usable(free))} after the margin); {hint}"))
     verdicts = [(tr("  放得下", "  fits") if fits(est, free) else tr("  放不下", "  does not fit"))
                 + f" ({where} {human_bytes(free)})" for est in peaks]
-    return "\n\n".join(f"{table}\n{verdict}" for table, verdict in zip(tables, verdicts, strict=True))
+    return "\n\n".join(f"{table}\n{verdict}" for table, verdict in zip(tables, verdicts, strict=True)), peaks
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -260,6 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "检查能否放进这么多内存 (如 24GiB; 默认: 配置了 vgpu_config 时为其全部层级之和)",
         "check the step fits in this much memory (such as 24GiB; default: every level of vgpu_config together, "
         "when configured)"))
+    p_est.add_argument("--plot", default=None, metavar="PNG", help=tr(
+        "把各模式的峰值按组成画成堆叠柱状图 (需要 matplotlib)",
+        "draw each mode's peak by component as stacked bars into this PNG (needs matplotlib)"))
     p_est.add_argument("--device", default="cpu", help=tr("目标设备类型, 决定固定开销 (默认 %(default)s)",
                                                         "the target device type, which sets the fixed overhead "
                                                         "(default %(default)s)"))
@@ -273,7 +276,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "generate":
         print(generate(args))
     elif args.command == "estimate":
-        print(estimate(args))
+        text, peaks = estimate(args)
+        print(text)
+        if args.plot is not None:
+            from apt_model.estimator.plot import plot_estimates
+            from apt_model.training.run_log import missing_matplotlib_message
+
+            png = plot_estimates(peaks, args.plot)
+            if png is None:
+                raise VBConfigError(missing_matplotlib_message(what=("内存估算图", "memory estimate plot")))
+            print(tr(f"内存估算图: {png}", f"memory estimate plot: {png}"))
     elif args.command == "plot":
         png = plot(args.log, args.out)
         print(tr(f"损失曲线: {png}", f"loss curve: {png}"))

@@ -282,6 +282,24 @@ def test_largest_batch_is_exact_and_takes_few_traces():
     assert largest_batch(step, 1, 5000) == 0
 
 
+def test_cli_plot_draws_one_stacked_bar_per_mode(capsys, monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "modes.png"
+    code, out, err = vb(capsys, monkeypatch, "estimate", "--preset", "tiny", "--seq", "8", "--mode", "all",
+                        "--optimizer", "sgd", "--plot", str(png))
+    assert code == 0 and out.rstrip().endswith(f"memory estimate plot: {png}"), err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_cli_plot_without_matplotlib_says_how_to_install_it(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    code, out, err = vb(capsys, monkeypatch, "estimate", "--preset", "tiny", "--seq", "8", "--mode", "off",
+                        "--optimizer", "sgd", "--plot", str(tmp_path / "modes.png"))
+    assert code == 2 and "peak" in out and err.count("\n") == 1, err
+    assert 'no memory estimate plot can be drawn; install it with pip install -e ".[plot]"' in err
+    assert not (tmp_path / "modes.png").exists()
+
+
 def test_the_command_runs_as_a_program():
     env = {k: v for k, v in os.environ.items() if k not in vb_config.ENV_VARS}
     proc = subprocess.run([sys.executable, "-m", "apt_model.cli", "estimate", "--preset", "nano"], capture_output=True,

@@ -41,6 +41,16 @@ OFF = "off"
 ESTIMATE_MODES = (OFF, *MODES)  # least aggressive first, as MODES
 OPTIMIZERS = ("adamw", "sgd")
 COMPONENTS = ("parameters", "buffers", "gradients", "optimizer_state", "kv_cache", "activations", "logits_loss")
+COMPONENT_NAMES = {  # (Chinese, English)
+    "parameters": ("参数", "parameters"),
+    "buffers": ("缓冲区与输入", "buffers and inputs"),
+    "gradients": ("梯度", "gradients"),
+    "optimizer_state": ("优化器状态", "optimizer state"),
+    "kv_cache": ("KV 缓存", "KV cache"),
+    "activations": ("激活与临时张量", "activations and temporaries"),
+    "logits_loss": ("logits 与损失", "logits and loss"),
+    "runtime_overhead": ("运行时固定开销", "runtime overhead"),
+}
 FIRST_DECODE_CONTEXT = 512  # decode_contexts: the shortest context of a sweep (then doubling)
 
 
@@ -93,15 +103,7 @@ class Estimate:
                 else tr("解码", "decode"))
         lines = [tr(f"{self.target} · 模式 {self.mode} · {step} · batch {self.batch} × seq {self.seq} · {self.device}",
                     f"{self.target} · mode {self.mode} · {step} · batch {self.batch} × seq {self.seq} · {self.device}")]
-        names = {
-            "parameters": tr("参数", "parameters"),
-            "buffers": tr("缓冲区与输入", "buffers and inputs"),
-            "gradients": tr("梯度", "gradients"),
-            "optimizer_state": tr("优化器状态", "optimizer state"),
-            "kv_cache": tr("KV 缓存", "KV cache"),
-            "activations": tr("激活与临时张量", "activations and temporaries"),
-            "logits_loss": tr("logits 与损失", "logits and loss"),
-        }
+        names = {key: tr(*COMPONENT_NAMES[key]) for key in COMPONENTS}
         totals = {"parameters": self.parameter_bytes, "buffers": self.buffers, "gradients": self.gradients,
                   "optimizer_state": self.optimizer_state, "kv_cache": self.kv_cache,
                   "activations": self.activations, "logits_loss": self.logits_loss}
@@ -114,7 +116,7 @@ class Estimate:
                 for dtype, nbytes in self.parameters.items():
                     lines.append(f"    {dtype:<26}{human_bytes(nbytes):>12}")
         if self.runtime_overhead:
-            lines.append(f"  {tr('运行时固定开销', 'runtime overhead'):<28}{'':>12}"
+            lines.append(f"  {tr(*COMPONENT_NAMES['runtime_overhead']):<28}{'':>12}"
                          f"{human_bytes(self.runtime_overhead):>12}")
         lines.append(f"  {tr('峰值', 'peak'):<28}{'':>12}{human_bytes(self.peak_bytes):>12}")
         return "\n".join(lines)

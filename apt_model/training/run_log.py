@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -172,12 +173,14 @@ class RunLog:
         self.close()
 
 
-def missing_matplotlib_message(log_path: str | os.PathLike | None = None) -> str:
-    """The one line printed when no curve can be drawn for lack of matplotlib; with
-    ``log_path`` it also says how to draw it later."""
+def missing_matplotlib_message(log_path: str | os.PathLike | None = None,
+                               what: tuple[str, str] = ("损失曲线", "loss curve")) -> str:
+    """The one line printed when no figure (``what``: its Chinese and English name) can be
+    drawn for lack of matplotlib; with ``log_path`` it also says how to draw the loss curve
+    later."""
     if log_path is None:
-        return tr('未安装 matplotlib，无法画损失曲线；安装: pip install -e ".[plot]"',
-                  'matplotlib is not installed, so no loss curve can be drawn; install it with '
+        return tr(f'未安装 matplotlib，无法画{what[0]}；安装: pip install -e ".[plot]"',
+                  f'matplotlib is not installed, so no {what[1]} can be drawn; install it with '
                   'pip install -e ".[plot]"')
     return tr(f'未安装 matplotlib，未画损失曲线；安装: pip install -e ".[plot]" 然后运行 vb plot {log_path}',
               f'matplotlib is not installed, so no loss curve was drawn; install it with '
@@ -234,7 +237,7 @@ def plot_log(log_path: str | os.PathLike, png_path: str | os.PathLike | None = N
     read, holds no loss, or the PNG cannot be written.
     """
     try:
-        from matplotlib import font_manager, rc_context
+        from matplotlib import rc_context
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
         from matplotlib.ticker import FuncFormatter
@@ -249,13 +252,7 @@ def plot_log(log_path: str | os.PathLike, png_path: str | os.PathLike | None = N
     if not losses and not val_losses:
         raise VBDataError(tr(f"训练日志 {log_path} 中没有损失记录", f"training log {log_path} holds no loss records"))
 
-    font = _cjk_font(font_manager) if language() == "zh" else None
-    zh = font is not None
-
-    def text(chinese: str, english: str) -> str:
-        return chinese if zh else english
-
-    style = {"font.family": "sans-serif", "font.sans-serif": [font, "DejaVu Sans"]} if zh else {}
+    style, text = figure_language()
     with rc_context(style):
         figure = Figure(figsize=(8, 5), dpi=100, layout="tight")
         FigureCanvasAgg(figure)
@@ -280,12 +277,32 @@ def plot_log(log_path: str | os.PathLike, png_path: str | os.PathLike | None = N
                           f"Loss curve: {log_path.parent.resolve().name}"))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-        tmp = png_path.with_name(png_path.name + ".tmp")
-        try:
-            figure.savefig(tmp, format="png")
-            os.replace(tmp, png_path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise VBDataError(tr(f"无法写入损失曲线 {png_path}: {exc.strerror or exc}",
-                                 f"cannot write loss curve {png_path}: {exc.strerror or exc}")) from None
+        save_figure(figure, png_path, ("损失曲线", "loss curve"))
     return png_path
+
+
+def figure_language() -> tuple[dict[str, Any], Callable[[str, str], str]]:
+    """A figure's matplotlib style and its label chooser: Chinese labels where messages are
+    Chinese and a font with Chinese glyphs is installed, else English (needs matplotlib)."""
+    from matplotlib import font_manager
+
+    font = _cjk_font(font_manager) if language() == "zh" else None
+    zh = font is not None
+
+    def text(chinese: str, english: str) -> str:
+        return chinese if zh else english
+
+    return ({"font.family": "sans-serif", "font.sans-serif": [font, "DejaVu Sans"]} if zh else {}), text
+
+
+def save_figure(figure: Any, png_path: Path, what: tuple[str, str]) -> None:
+    """Write ``figure`` as the PNG ``png_path`` atomically; ``VBDataError`` naming ``what`` (its
+    Chinese and English name) when it cannot be written."""
+    tmp = png_path.with_name(png_path.name + ".tmp")
+    try:
+        figure.savefig(tmp, format="png")
+        os.replace(tmp, png_path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise VBDataError(tr(f"无法写入{what[0]} {png_path}: {exc.strerror or exc}",
+                             f"cannot write {what[1]} {png_path}: {exc.strerror or exc}")) from None
