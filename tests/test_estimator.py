@@ -305,3 +305,32 @@ def test_the_command_runs_as_a_program():
     proc = subprocess.run([sys.executable, "-m", "apt_model.cli", "estimate", "--preset", "nano"], capture_output=True,
                           text=True, env={**env, "VB_LANG": "en", "PYTHONPATH": str(ROOT)}, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "nano" in proc.stderr
+
+
+def korthikanti_layer_activations(seq: int, batch: int, hidden: int, heads: int) -> int:
+    """Bytes of activations one GPT layer keeps for its backward pass in 16-bit precision,
+    without recomputation or flash attention (Korthikanti et al., "Reducing Activation
+    Recomputation in Large Transformer Models", 2022, eq. 1): 34·s·b·h + 5·a·s²·b."""
+    return 34 * seq * batch * hidden + 5 * heads * seq**2 * batch
+
+
+# The closed form models the kernels of Megatron; PyTorch's eager GPT-2 keeps a little more
+# (about 2·s·b·h + a·s²·b a layer at this shape: Conv1D's reshaped inputs, the causal mask
+# select). Traced must be at least the closed form and at most 15% above it.
+CLOSED_FORM_TOLERANCE = 0.15
+
+
+def test_traced_activations_of_a_plain_fp16_gpt2_layer_against_the_closed_form():
+    transformers = pytest.importorskip("transformers")
+    seq, batch, hidden, heads = 256, 2, 256, 4
+
+    def traced(layers: int) -> int:
+        cfg = transformers.GPT2Config(vocab_size=256, n_positions=seq, n_embd=hidden, n_layer=layers, n_head=heads,
+                                      activation_function="gelu", attn_implementation="eager")
+        with torch.device("meta"):
+            model = transformers.GPT2LMHeadModel(cfg).to(torch.float16)
+        return estimate(model, mode="off", batch=batch, seq=seq, optimizer="sgd", device="cpu").activations
+
+    per_layer = traced(2) - traced(1)  # what one more layer adds: embeddings, logits and loss cancel
+    closed = korthikanti_layer_activations(seq, batch, hidden, heads)
+    assert closed <= per_layer <= (1 + CLOSED_FORM_TOLERANCE) * closed, (per_layer, closed)
