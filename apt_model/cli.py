@@ -141,7 +141,8 @@ def generate(args: argparse.Namespace) -> str:
 
 def plot(log: str, out: str | None) -> Path:
     """Draw the loss curve of ``log`` (a ``train_log.jsonl`` or the run folder holding it)."""
-    from apt_model.training.run_log import LOG_NAME, missing_matplotlib_message, plot_log
+    from apt_model.figures import missing_matplotlib_message
+    from apt_model.training.run_log import LOG_NAME, plot_log
 
     log_path = Path(log).expanduser()
     if log_path.is_dir():
@@ -280,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(text)
         if args.plot is not None:
             from apt_model.estimator.plot import plot_estimates
-            from apt_model.training.run_log import missing_matplotlib_message
+            from apt_model.figures import missing_matplotlib_message
 
             png = plot_estimates(peaks, args.plot)
             if png is None:

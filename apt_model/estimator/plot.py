@@ -19,7 +19,7 @@ def plot_estimates(estimates: list[Estimate], png_path: str | os.PathLike) -> Pa
         from matplotlib.figure import Figure
     except ImportError:
         return None
-    from apt_model.training.run_log import figure_language, save_figure
+    from apt_model.figures import figure_language, save_figure
 
     png_path = Path(png_path)
     style, text = figure_language()
