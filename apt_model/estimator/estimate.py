@@ -15,6 +15,7 @@ then one token; ``decode_sweep`` traces it at several context lengths.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -301,8 +302,8 @@ def measure(model: nn.Module, *, batch: int, seq: int, optimizer: str | None = "
     :class:`MemoryTracker` and return what it counted. ``optimizer`` None: a decode step.
 
     ``model`` must take ``model(input_ids=..., labels=...)`` and return the loss as
-    ``.loss`` (training), and ``use_cache=True`` / ``past_key_values=`` (decode), as APT and
-    Hugging Face causal language models do. It is left trained by the two steps (gradients
+    ``.loss`` (training), and ``use_cache=True`` and its cache back (decode; by the name
+    ``cache_keyword`` gives), as APT and Hugging Face causal language models do. It is left trained by the two steps (gradients
     it held before are dropped first).
     """
     vocab, _context = _vocab_and_context(model)
@@ -401,19 +402,30 @@ def cache_tensors(cache: Any) -> list[torch.Tensor]:
     return found
 
 
+def cache_keyword(model: nn.Module) -> str:
+    """The name ``model`` takes and returns its KV cache by: "cache" where its own ``forward``
+    (under VB's wrappers) has that parameter (Hugging Face transformers 5), else
+    "past_key_values" (APT, earlier HF)."""
+    from apt_model.optimization.wrapping import original_class
+
+    forward = inspect.signature(original_class(model).forward)
+    return "cache" if "cache" in forward.parameters else "past_key_values"
+
+
 def _decode_step(model: nn.Module, ids: torch.Tensor,
                  tracker: MemoryTracker) -> tuple[list[torch.Tensor], list[torch.Tensor], set[int]]:
     """Prefill ``seq - 1`` tokens with the KV cache, then decode one; returns the logits kept,
     the cache's tensors at the end and the serials of every storage the cache held (after
     the prefill and at the end)."""
+    keyword = cache_keyword(model)
     tracker.phase("start")
     with torch.no_grad():
         tracker.phase("prefill")
         prefill = model(input_ids=ids[:, :-1], use_cache=True)
-        serials = _serials(tracker, cache_tensors(prefill.past_key_values))
+        serials = _serials(tracker, cache_tensors(getattr(prefill, keyword)))
         tracker.phase("decode")
-        out = model(input_ids=ids[:, -1:], past_key_values=prefill.past_key_values, use_cache=True)
-        cache = cache_tensors(out.past_key_values)
+        out = model(input_ids=ids[:, -1:], use_cache=True, **{keyword: getattr(prefill, keyword)})
+        cache = cache_tensors(getattr(out, keyword))
     return _output_tensors(prefill, ("logits",)) + _output_tensors(out, ("logits",)), cache, \
         serials | _serials(tracker, cache)
 
