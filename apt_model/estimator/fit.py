@@ -18,7 +18,7 @@ import torch
 from apt_model import accelerator
 from apt_model.estimator.estimate import Estimate, Traced
 from apt_model.i18n import tr
-from apt_model.optimization.config import MODES, VBConfig
+from apt_model.optimization.config import MODES, MOST_AGGRESSIVE, VBConfig
 from apt_model.storage import human_bytes
 
 FIT_MARGIN = 0.10
@@ -122,7 +122,6 @@ def smallest_fit(target: Any, *, free: int, batch: int, seq: int | None, trainin
                          device=device, base=base)
     if choice.mode is not None:
         return tr(f"模式 {choice.mode}, batch {batch}", f"mode {choice.mode} with batch {batch}")
-    last = list(MODES)[-1]
-    traced = Traced(target, mode=last, training=training, device=device, base=base)
+    traced = Traced(target, mode=MOST_AGGRESSIVE, training=training, device=device, base=base)
     best = largest_batch(lambda b: traced.step(batch=b, seq=seq, optimizer=optimizer), free, batch)
-    return tr(f"模式 {last}, batch {best}", f"mode {last} with batch {best}") if best else None
+    return tr(f"模式 {MOST_AGGRESSIVE}, batch {best}", f"mode {MOST_AGGRESSIVE} with batch {best}") if best else None

@@ -47,6 +47,8 @@ MODES: dict[str, ModeSpec] = {
                      gradient_checkpointing=True),
 }
 
+MOST_AGGRESSIVE = next(reversed(MODES))  # what auto_estimate falls back to when no mode fits
+
 VGPU_LEVEL_KEYS = ("capacity_mb", "device", "speed_gbps", "path")
 LEVEL_DEVICES = ("cpu", "ssd")  # the host levels; any other level names an accelerator
 SWITCHES = tuple(f.name for f in fields(ModeSpec))

@@ -251,7 +251,7 @@ def _auto_mode(model: nn.Module, resolved: _config.ResolvedConfig) -> _config.Re
     free = _workload.memory or free_memory(device)
     choice = choose_mode(model, free=free, batch=_workload.batch, seq=_workload.seq, training=model.training,
                          device=str(device), base=config)
-    mode = choice.mode or list(_config.MODES)[-1]
+    mode = choice.mode or _config.MOST_AGGRESSIVE
     if config.verbose:
         if choice.mode is not None:
             print(tr(f"✓ auto_estimate: 模式 {mode}, 能放下的最不激进的模式 ({choice.reason()})",

@@ -143,12 +143,12 @@ def check_fits(cfg: TrainConfig, memory: int | None = None) -> None:
     from apt_model.estimator import Traced
     from apt_model.estimator.fit import fits, free_memory, largest_batch, room
     from apt_model.modeling.apt_model import APTConfig
-    from apt_model.optimization.config import auto_picks_mode
+    from apt_model.optimization.config import MOST_AGGRESSIVE, auto_picks_mode
     from apt_model.storage import human_bytes
 
     resolved = vb_global.configure(cfg.vb_cli_options(), announce=False)
     config = resolved.config
-    mode = "off" if not vb_global.is_enabled() else list(MODES)[-1] if auto_picks_mode(resolved) else config.mode
+    mode = "off" if not vb_global.is_enabled() else MOST_AGGRESSIVE if auto_picks_mode(resolved) else config.mode
     seq = cfg.seq_len + 1  # the model sees seq_len + 1 tokens
     vb_global.set_workload(batch=cfg.batch_size, seq=seq)
     device = resolve_device(config.device)
