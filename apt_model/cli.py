@@ -18,9 +18,10 @@ from apt_model.argparsing import ArgumentParser
 from apt_model.errors import VBConfigError, VBDataError, run_cli
 from apt_model.i18n import tr
 from apt_model.optimization import vb_global
-from apt_model.storage import free_bytes, human_bytes
+from apt_model.storage import free_bytes, human_bytes, parse_size
 
 if TYPE_CHECKING:
+    from apt_model.estimator import Estimate
     from apt_model.modeling.apt_model import APTModel
 
 
@@ -140,7 +141,8 @@ def generate(args: argparse.Namespace) -> str:
 
 def plot(log: str, out: str | None) -> Path:
     """Draw the loss curve of ``log`` (a ``train_log.jsonl`` or the run folder holding it)."""
-    from apt_model.training.run_log import LOG_NAME, missing_matplotlib_message, plot_log
+    from apt_model.figures import missing_matplotlib_message
+    from apt_model.training.run_log import LOG_NAME, plot_log
 
     log_path = Path(log).expanduser()
     if log_path.is_dir():
@@ -151,21 +153,66 @@ def plot(log: str, out: str | None) -> Path:
     return png
 
 
-def estimate(args: argparse.Namespace) -> str:
-    """The text of ``vb estimate``: one table per mode."""
-    from apt_model.estimator import ESTIMATE_MODES
+def _memory_budget(text: str | None) -> tuple[int, str] | None:
+    """The memory ``vb estimate`` checks against, and what it is: ``--memory``, else every
+    level of the configured VGPU stack together, else None (no check)."""
+    if text is not None:
+        size = parse_size(text)
+        if size is None or size <= 0:
+            raise VBConfigError(tr(f"--memory 应为正的大小 (如 24GiB, 8000MB), 得到 {text!r}",
+                                   f"--memory must be a positive size (such as 24GiB or 8000MB), got {text!r}"))
+        return size, "--memory"
+    levels = (vb_global.get_config().get("vgpu_config") or {}).get("levels", [])
+    if not levels:
+        return None
+    return sum(int(level["capacity_mb"] * 2**20) for level in levels), tr("全部 VGPU 层级", "every VGPU level")
+
+
+def estimate(args: argparse.Namespace) -> tuple[str, list[Estimate]]:
+    """The text of ``vb estimate`` and the largest step of each mode: one table per mode (with ``--decode``: weights, KV cache and
+    peak by context length, up to ``--seq`` or the model's context). Against a memory budget
+    (``_memory_budget``) each table says whether it fits; when no mode asked for fits, one
+    error naming the smallest configuration that does (``fit.smallest_fit``), if any."""
+    from apt_model.estimator import ESTIMATE_MODES, decode_sweep, decode_table
     from apt_model.estimator import estimate as run_estimate
+    from apt_model.estimator.fit import fits, smallest_fit, usable
 
     if (args.preset is None) == (args.hf_config is None):
         raise VBConfigError(tr("请给出 --preset 或 --hf-config 之一", "give one of --preset or --hf-config"))
     if args.mode not in (*ESTIMATE_MODES, "all"):
         raise VBConfigError(tr(f"未知模式 {args.mode!r}, 可用: {', '.join(ESTIMATE_MODES)}, all",
                                f"unknown mode {args.mode!r}; valid: {', '.join(ESTIMATE_MODES)}, all"))
+    budget = _memory_budget(args.memory)
     target = args.preset if args.preset is not None else Path(args.hf_config)
     modes = ESTIMATE_MODES if args.mode == "all" else (args.mode,)
-    tables = [run_estimate(target, mode=mode, batch=args.batch, seq=args.seq, optimizer=args.optimizer,
-                           training=not args.decode, device=args.device).table() for mode in modes]
-    return "\n\n".join(tables)
+    tables: list[str] = []
+    peaks: list[Estimate] = []  # the largest step of each table
+    for mode in modes:
+        if args.decode:
+            rows = decode_sweep(target, mode=mode, batch=args.batch, longest=args.seq, device=args.device)
+            tables.append(decode_table(rows))
+            peaks.append(rows[-1])
+        else:
+            peaks.append(run_estimate(target, mode=mode, batch=args.batch, seq=args.seq, optimizer=args.optimizer,
+                                      device=args.device))
+            tables.append(peaks[-1].table())
+    if budget is None:
+        return "\n\n".join(tables), peaks
+    free, where = budget
+    if not any(fits(est, free) for est in peaks):
+        largest = min(peaks, key=lambda est: est.peak_bytes)
+        better = smallest_fit(target, free=free, batch=args.batch, seq=largest.seq, training=not args.decode,
+                              optimizer=args.optimizer, device=args.device, base=None)
+        hint = (tr(f"能放下的最小配置: {better}", f"the smallest configuration that fits: {better}") if better
+                else tr("任何模式下 batch 1 都放不下", "nothing fits, not even batch 1 in any mode"))
+        raise VBConfigError(tr(
+            f"模式 {', '.join(modes)} 都放不下: 最少需要 {human_bytes(largest.peak_bytes)} (模式 {largest.mode}), "
+            f"{where} 为 {human_bytes(free)} (留出余量后 {human_bytes(usable(free))}); {hint}",
+            f"mode {', '.join(modes)} does not fit: it needs at least {human_bytes(largest.peak_bytes)} (mode "
+            f"{largest.mode}), {where} is {human_bytes(free)} ({human_bytes(usable(free))} after the margin); {hint}"))
+    verdicts = [(tr("  放得下", "  fits") if fits(est, free) else tr("  放不下", "  does not fit"))
+                + f" ({where} {human_bytes(free)})" for est in peaks]
+    return "\n\n".join(f"{table}\n{verdict}" for table, verdict in zip(tables, verdicts, strict=True)), peaks
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -208,7 +255,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                "sequence length (default: the model's context length)"))
     p_est.add_argument("--mode", default="all", help="speed, memory, balanced, full, off, all (default all)")
     p_est.add_argument("--optimizer", default="adamw", help="adamw, sgd (default adamw)")
-    p_est.add_argument("--decode", action="store_true", help=tr("估算一步解码 (不是训练)", "a decode step, not training"))
+    p_est.add_argument("--decode", action="store_true", help=tr("估算解码 (不是训练): 按上下文长度列出权重、KV 缓存与峰值",
+                                "decode, not training: weights, KV cache and peak by context length"))
+    p_est.add_argument("--memory", default=None, help=tr(
+        "检查能否放进这么多内存 (如 24GiB; 默认: 配置了 vgpu_config 时为其全部层级之和)",
+        "check the step fits in this much memory (such as 24GiB; default: every level of vgpu_config together, "
+        "when configured)"))
+    p_est.add_argument("--plot", default=None, metavar="PNG", help=tr(
+        "把各模式的峰值按组成画成堆叠柱状图 (需要 matplotlib)",
+        "draw each mode's peak by component as stacked bars into this PNG (needs matplotlib)"))
     p_est.add_argument("--device", default="cpu", help=tr("目标设备类型, 决定固定开销 (默认 %(default)s)",
                                                         "the target device type, which sets the fixed overhead "
                                                         "(default %(default)s)"))
@@ -222,7 +277,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "generate":
         print(generate(args))
     elif args.command == "estimate":
-        print(estimate(args))
+        text, peaks = estimate(args)
+        print(text)
+        if args.plot is not None:
+            from apt_model.estimator.plot import plot_estimates
+            from apt_model.figures import missing_matplotlib_message
+
+            png = plot_estimates(peaks, args.plot)
+            if png is None:
+                raise VBConfigError(missing_matplotlib_message(what=("内存估算图", "memory estimate plot")))
+            print(tr(f"内存估算图: {png}", f"memory estimate plot: {png}"))
     elif args.command == "plot":
         png = plot(args.log, args.out)
         print(tr(f"损失曲线: {png}", f"loss curve: {png}"))

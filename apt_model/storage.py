@@ -62,6 +62,25 @@ def human_bytes(n: int, digits: int = 1) -> str:
 _DISK_FULL = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
 
 
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int | None:
+    """Bytes written as a number and an optional unit ("24GiB", "8000 MB", "1.5TiB", "4096";
+    decimal kB/MB/GB/TB, binary KiB/MiB/GiB/TiB, any case); None when it is not a size."""
+    cleaned = text.strip().lower().replace(" ", "")
+    number = cleaned.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = cleaned[len(number):]
+    if unit not in SIZE_UNITS:
+        return None
+    try:
+        value = float(number)
+    except ValueError:
+        return None
+    return int(value * SIZE_UNITS[unit])
+
+
 def is_disk_full(exc: BaseException) -> bool:
     """Whether ``exc`` is an OSError saying the disk or the quota is full."""
     return isinstance(exc, OSError) and exc.errno in _DISK_FULL

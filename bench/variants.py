@@ -50,10 +50,11 @@ def cuda_timed(call: Callable[[], Any]) -> tuple[float, Any]:
 
 
 def write_results(path: str | None, payload: dict) -> None:
-    """``payload`` with the card and torch version, as JSON at ``path`` (nothing if None)."""
+    """``payload`` with the card (unless it names its ``device``) and torch version, as JSON
+    at ``path`` (nothing if None)."""
     if path:
         import torch
 
+        device = payload["device"] if "device" in payload else torch.cuda.get_device_name()
         with open(path, "w") as fh:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       **payload}, fh, indent=1)
+            json.dump({"device": device, "torch": torch.__version__, **payload}, fh, indent=1)

@@ -12,11 +12,20 @@ import torch
 
 from apt_model.cli import main
 from apt_model.errors import run_cli
-from apt_model.estimator import MemoryTracker, estimate, measure
-from apt_model.estimator.estimate import mode_config
+from apt_model.estimator import (
+    MemoryTracker,
+    Traced,
+    decode_contexts,
+    decode_sweep,
+    estimate,
+    measure,
+)
+from apt_model.estimator.estimate import cache_keyword, cache_tensors, mode_config
+from apt_model.estimator.fit import FIT_MARGIN, largest_batch, smallest_fit
 from apt_model.modeling.apt_model import APTConfig, APTModel
 from apt_model.optimization import config as vb_config
 from apt_model.optimization import engine
+from apt_model.storage import human_bytes
 
 CONFIG = APTConfig.from_preset("tiny", n_layers=2, max_seq_len=64)
 BATCH, SEQ = 2, 64
@@ -92,6 +101,56 @@ def test_decode_step_agrees_with_a_real_cpu_decode_and_holds_packed_weights():
     assert traced.gradients == traced.optimizer_state == 0
 
 
+def real_cache_bytes(model, batch: int, context: int, vocab: int) -> int:
+    """Bytes of the KV cache a real CPU prefill of ``context - 1`` tokens + one decode step ends with."""
+    ids = torch.randint(0, vocab, (batch, context))
+    model.eval()
+    keyword = cache_keyword(model)
+    with torch.no_grad():
+        prefill = model(input_ids=ids[:, :-1], use_cache=True)
+        out = model(input_ids=ids[:, -1:], use_cache=True, **{keyword: getattr(prefill, keyword)})
+    return nbytes(cache_tensors(getattr(out, keyword)))
+
+
+def test_decode_contexts_double_from_512_to_the_longest():
+    assert decode_contexts(3000) == [512, 1024, 2048, 3000]
+    assert decode_contexts(1024) == [512, 1024]
+    assert decode_contexts(100) == [100]
+
+
+@pytest.mark.parametrize("mode", ["balanced", "speed"])
+def test_decode_sweep_kv_cache_is_the_real_cache_of_an_apt_model(mode):
+    config = APTConfig.from_preset("tiny", n_layers=2, max_seq_len=600)
+    rows = decode_sweep(config, mode=mode, batch=BATCH, device="cpu")
+    assert [row.seq for row in rows] == [512, 600]
+    torch.manual_seed(0)
+    model = APTModel(config)
+    engine.optimize(model, mode_config(mode))
+    for row in rows:
+        real = real_cache_bytes(model, BATCH, row.seq, config.vocab_size)
+        element = 2 if mode == "balanced" else 4  # bf16 autocast, or fp32
+        assert row.kv_cache == real == 2 * config.n_layers * BATCH * row.seq * config.d_model * element
+        assert row.kv_cache < row.peak_bytes and row.at_peak["kv_cache"] <= row.kv_cache
+    assert rows[0].parameters == rows[1].parameters
+
+
+# bytes of a key and of a value element: fp32; under bf16 autocast the values are bf16 and the
+# keys fp32 (HF's rotary tables follow the fp32 hidden states, and bf16 · fp32 is fp32)
+@pytest.mark.parametrize(("mode", "element"), [("off", 4 + 4), ("balanced", 4 + 2)])
+def test_decode_sweep_kv_cache_of_an_hf_llama(mode, element):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96)
+    (row,) = decode_sweep(cfg, mode=mode, batch=BATCH, device="cpu")
+    model = transformers.LlamaForCausalLM(cfg)
+    if mode != "off":
+        engine.optimize(model, mode_config(mode))
+    real = real_cache_bytes(model, BATCH, 96, cfg.vocab_size)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    kv_bytes = cfg.num_hidden_layers * BATCH * cfg.num_key_value_heads * 96 * head_dim * element
+    assert row.kv_cache == real == kv_bytes
+
+
 def test_checkpointing_cuts_the_activation_peak():
     by_mode = {mode: estimate(CONFIG, mode=mode, batch=4, seq=SEQ, device="cpu") for mode in ("off", "balanced", "memory")}
     assert by_mode["memory"].activations < by_mode["balanced"].activations < by_mode["off"].activations
@@ -151,6 +210,15 @@ def test_cli_prints_one_table_per_mode(capsys, monkeypatch):
     assert len(peaks) == len(vb_config.MODES) + 1 and all("MiB" in line for line in peaks)
 
 
+def test_cli_decode_prints_a_table_by_context(capsys, monkeypatch):
+    code, out, err = vb(capsys, monkeypatch, "estimate", "--preset", "tiny", "--decode", "--mode", "speed")
+    assert code == 0, err
+    context = APTConfig.from_preset("tiny").max_seq_len
+    rows = [line.split() for line in out.splitlines()[2:]]
+    assert out.splitlines()[0].endswith("mode speed · decode · batch 1 · cpu")
+    assert [int(row[0]) for row in rows] == decode_contexts(context)
+
+
 @pytest.mark.parametrize(("args", "needle"), [
     (["--preset", "gigantic"], "gigantic"),
     (["--hf-config", "/no/such/config.json"], "/no/such/config.json"),
@@ -159,13 +227,85 @@ def test_cli_prints_one_table_per_mode(capsys, monkeypatch):
     (["--preset", "tiny", "--mode", "turbo"], "turbo"),
     (["--preset", "tiny", "--optimizer", "lion"], "lion"),
     (["--preset", "tiny", "--seq", "100000"], "100000"),
+    (["--preset", "tiny", "--decode", "--seq", "100000"], "100000"),
+    (["--preset", "tiny", "--memory", "lots"], "lots"),
+    (["--preset", "tiny", "--memory=0GiB"], "0GiB"),
+    (["--hf-config", "{tmp}/broken.json"], "broken.json"),
+    (["--hf-config", "{tmp}"], "{tmp}"),
     ([], "--preset"),
 ])
-def test_cli_bad_input_is_one_line_and_exit_code_2(capsys, monkeypatch, args, needle):
+def test_cli_bad_input_is_one_line_and_exit_code_2(capsys, monkeypatch, tmp_path, args, needle):
+    if any("{tmp}" in a for a in args):
+        pytest.importorskip("transformers")
+    (tmp_path / "broken.json").write_text('{"model_type": "llama", "hidden_size": ')
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    needle = needle.replace("{tmp}", str(tmp_path))
     code, out, err = vb(capsys, monkeypatch, "estimate", *args)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and needle in lines[0] and out == "", err
     assert lines[0].startswith("error:")
+
+
+def test_cli_memory_budget_says_what_fits(capsys, monkeypatch):
+    small = estimate("tiny", mode="balanced", seq=8, optimizer="sgd", device="cpu").peak_bytes
+    code, out, err = vb(capsys, monkeypatch, "estimate", "--preset", "tiny", "--seq", "8", "--optimizer", "sgd",
+                        "--mode", "balanced", "--memory", str(2 * small))
+    assert code == 0 and out.rstrip().endswith(f"fits (--memory {human_bytes(2 * small)})"), err
+
+
+def test_smallest_fit_names_a_mode_else_the_largest_batch_of_the_last_mode(monkeypatch):
+    monkeypatch.setenv("VB_LANG", "en")
+    def peak(mode: str, batch: int) -> int:
+        return estimate(CONFIG, mode=mode, batch=batch, seq=SEQ, optimizer="sgd", device="cpu").peak_bytes
+
+    def smallest(free: int, batch: int) -> str | None:
+        return smallest_fit(CONFIG, free=free, batch=batch, seq=SEQ, training=True, optimizer="sgd", device="cpu",
+                            base=None)
+
+    # balanced does not fit where memory (checkpointing) just does
+    assert smallest(int(peak("memory", 4) / (1 - FIT_MARGIN)) + 1, 4) == "mode memory with batch 4"
+    full_at_2, full_at_3 = peak("full", 2), peak("full", 3)
+    assert smallest(int((full_at_2 + full_at_3) / 2 / (1 - FIT_MARGIN)), 16) == "mode full with batch 2"
+
+
+def test_cli_a_mode_that_cannot_fit_is_one_line_naming_what_would(capsys, monkeypatch):
+    code, out, err = vb(capsys, monkeypatch, "estimate", "--preset", "tiny", "--seq", "8", "--mode", "off",
+                        "--optimizer", "sgd", "--memory", "1KiB")
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert "mode off does not fit" in err and err.rstrip().endswith("nothing fits, not even batch 1 in any mode")
+
+
+def test_largest_batch_is_exact_and_takes_few_traces():
+    traced = Traced(CONFIG, mode="off", training=True, device="cpu", base=None)
+    calls: list[int] = []
+
+    def step(batch: int):
+        calls.append(batch)
+        return traced.step(batch=batch, seq=32, optimizer="sgd")
+
+    free = int(step(37).peak_bytes / (1 - FIT_MARGIN)) + 1
+    calls.clear()
+    best = largest_batch(step, free, 5000)
+    assert best == 37 and len(calls) <= 8, calls
+    assert largest_batch(step, 1, 5000) == 0
+
+
+def test_cli_plot_draws_one_stacked_bar_per_mode(capsys, monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "modes.png"
+    code, out, err = vb(capsys, monkeypatch, "estimate", "--preset", "tiny", "--seq", "8", "--mode", "all",
+                        "--optimizer", "sgd", "--plot", str(png))
+    assert code == 0 and out.rstrip().endswith(f"memory estimate plot: {png}"), err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_cli_plot_without_matplotlib_says_how_to_install_it(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    code, out, err = vb(capsys, monkeypatch, "estimate", "--preset", "tiny", "--seq", "8", "--mode", "off",
+                        "--optimizer", "sgd", "--plot", str(tmp_path / "modes.png"))
+    assert code == 2 and "peak" in out and err.count("\n") == 1, err
+    assert 'no memory estimate plot can be drawn; install it with pip install -e ".[plot]"' in err
+    assert not (tmp_path / "modes.png").exists()
 
 
 def test_the_command_runs_as_a_program():
@@ -173,3 +313,32 @@ def test_the_command_runs_as_a_program():
     proc = subprocess.run([sys.executable, "-m", "apt_model.cli", "estimate", "--preset", "nano"], capture_output=True,
                           text=True, env={**env, "VB_LANG": "en", "PYTHONPATH": str(ROOT)}, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "nano" in proc.stderr
+
+
+def korthikanti_layer_activations(seq: int, batch: int, hidden: int, heads: int) -> int:
+    """Bytes of activations one GPT layer keeps for its backward pass in 16-bit precision,
+    without recomputation or flash attention (Korthikanti et al., "Reducing Activation
+    Recomputation in Large Transformer Models", 2022, eq. 1): 34·s·b·h + 5·a·s²·b."""
+    return 34 * seq * batch * hidden + 5 * heads * seq**2 * batch
+
+
+# The closed form models the kernels of Megatron; PyTorch's eager GPT-2 keeps a little more
+# (about 2·s·b·h + a·s²·b a layer at this shape: Conv1D's reshaped inputs, the causal mask
+# select). Traced must be at least the closed form and at most 15% above it.
+CLOSED_FORM_TOLERANCE = 0.15
+
+
+def test_traced_activations_of_a_plain_fp16_gpt2_layer_against_the_closed_form():
+    transformers = pytest.importorskip("transformers")
+    seq, batch, hidden, heads = 256, 2, 256, 4
+
+    def traced(layers: int) -> int:
+        cfg = transformers.GPT2Config(vocab_size=256, n_positions=seq, n_embd=hidden, n_layer=layers, n_head=heads,
+                                      activation_function="gelu", attn_implementation="eager")
+        with torch.device("meta"):
+            model = transformers.GPT2LMHeadModel(cfg).to(torch.float16)
+        return estimate(model, mode="off", batch=batch, seq=seq, optimizer="sgd", device="cpu").activations
+
+    per_layer = traced(2) - traced(1)  # what one more layer adds: embeddings, logits and loss cancel
+    closed = korthikanti_layer_activations(seq, batch, hidden, heads)
+    assert closed <= per_layer <= (1 + CLOSED_FORM_TOLERANCE) * closed, (per_layer, closed)

@@ -356,3 +356,26 @@ def test_a_full_disk_stops_the_run_with_the_space_needed(small_fs, capsys):
     line = one_error_line(capsys.readouterr().err)
     assert rc == 2 and str(small_fs / "run" / "checkpoints" / "ckpt-00000001") in line
     assert re.search(r"not enough disk space \(needs \d+\.\d MiB, \d+\.\d KiB free\)", line), line
+
+
+def test_a_run_that_cannot_fit_stops_before_it_allocates_with_the_largest_batch(tmp_path):
+    out = tmp_path / "run"
+    started = time.perf_counter()
+    proc = script("training/train.py", "--batch-size", "100000", "--out", str(out))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "--batch-size 100000 × --seq-len 128 does not fit on cpu" in proc.stderr
+    assert re.search(r"the largest batch that fits is --batch-size \d+$", proc.stderr.strip())
+    assert not out.exists() and time.perf_counter() - started < 60
+
+
+def test_the_fit_check_names_the_largest_batch_for_the_memory_given():
+    from apt_model.errors import VBConfigError
+    from apt_model.estimator import estimate
+    from apt_model.estimator.fit import FIT_MARGIN
+
+    def peak(batch: int) -> int:
+        return estimate("tiny", mode="off", batch=batch, seq=17, device="cpu").peak_bytes
+
+    memory = int((peak(5) + peak(6)) / 2 / (1 - FIT_MARGIN))
+    with pytest.raises(VBConfigError, match=r"in mode off needs .*the largest batch that fits is --batch-size 5$"):
+        launcher.check_fits(TrainConfig(preset="tiny", batch_size=40, seq_len=16), memory=memory)

@@ -18,7 +18,7 @@ PACKAGE = ROOT / "apt_model"
 # higher one; the features of layer 1 do not import each other (``ops`` holds kernels any of
 # them uses).
 LAYERS = (
-    {"env", "i18n", "errors", "accelerator", "storage", "argparsing"},
+    {"env", "i18n", "errors", "accelerator", "storage", "argparsing", "figures"},
     {"ops", "modeling", "fp4", "vgpu"},
     {"optimization", "estimator"},
     {"training", "cli"},

@@ -11,11 +11,11 @@ import pytest
 
 from apt_model.cli import main
 from apt_model.errors import VBConfigError, VBDataError
+from apt_model.figures import missing_matplotlib_message
 from apt_model.training.run_log import (
     LOG_NAME,
     PLOT_NAME,
     RunLog,
-    missing_matplotlib_message,
     plot_log,
     read_log,
 )

@@ -7,10 +7,14 @@ from apt_model.estimator.estimate import (
     ESTIMATE_MODES,
     OPTIMIZERS,
     Estimate,
+    Traced,
+    decode_contexts,
+    decode_sweep,
+    decode_table,
     estimate,
     measure,
 )
 from apt_model.estimator.tracker import MemoryTracker
 
-__all__ = ["CUDA_RUNTIME_OVERHEAD", "ESTIMATE_MODES", "OPTIMIZERS", "Estimate", "MemoryTracker", "estimate",
-           "measure"]
+__all__ = ["CUDA_RUNTIME_OVERHEAD", "ESTIMATE_MODES", "OPTIMIZERS", "Estimate", "MemoryTracker", "Traced",
+           "decode_contexts", "decode_sweep", "decode_table", "estimate", "measure"]

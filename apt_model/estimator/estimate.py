@@ -9,12 +9,13 @@ has no meta policy, so on meta the bf16 modes would trace in fp32.
 A training step is the second of two (forward, loss, backward, optimizer step, then
 ``zero_grad(set_to_none=True)``): the optimizer state exists from the start, as in any
 step after the first. A decode step is a prefill of ``seq - 1`` tokens with the KV cache,
-then one token.
+then one token; ``decode_sweep`` traces it at several context lengths.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +39,20 @@ from apt_model.storage import human_bytes
 CUDA_RUNTIME_OVERHEAD = 512 * 2**20
 
 OFF = "off"
-ESTIMATE_MODES = (*MODES, OFF)
+ESTIMATE_MODES = (OFF, *MODES)  # least aggressive first, as MODES
 OPTIMIZERS = ("adamw", "sgd")
-COMPONENTS = ("parameters", "buffers", "gradients", "optimizer_state", "activations", "logits_loss")
+COMPONENTS = ("parameters", "buffers", "gradients", "optimizer_state", "kv_cache", "activations", "logits_loss")
+COMPONENT_NAMES = {  # (Chinese, English)
+    "parameters": ("参数", "parameters"),
+    "buffers": ("缓冲区与输入", "buffers and inputs"),
+    "gradients": ("梯度", "gradients"),
+    "optimizer_state": ("优化器状态", "optimizer state"),
+    "kv_cache": ("KV 缓存", "KV cache"),
+    "activations": ("激活与临时张量", "activations and temporaries"),
+    "logits_loss": ("logits 与损失", "logits and loss"),
+    "runtime_overhead": ("运行时固定开销", "runtime overhead"),
+}
+FIRST_DECODE_CONTEXT = 512  # decode_contexts: the shortest context of a sweep (then doubling)
 
 
 @dataclass(frozen=True)
@@ -48,9 +60,10 @@ class Estimate:
     """One step's memory, in bytes.
 
     ``parameters`` (by dtype; frozen FP4 weights as their packed bytes), ``gradients`` and
-    ``optimizer_state`` are what the step holds of each; ``activations`` is the largest
-    amount of everything else (activations, temporaries, KV cache) live during the forward
-    and backward passes (prefill and decode), beside logits and loss. ``at_peak`` breaks
+    ``optimizer_state`` are what the step holds of each; ``kv_cache`` the KV cache a decode
+    step ends with (``seq`` tokens; 0 for training); ``activations`` is the largest amount
+    of everything else (activations, temporaries) live during the forward and backward
+    passes (prefill and decode), beside logits and loss. ``at_peak`` breaks
     ``traced_peak`` down by the same components at the moment of the peak (it sums to it).
     ``peak_bytes`` adds the runtime's fixed overhead (``CUDA_RUNTIME_OVERHEAD`` on CUDA, 0
     elsewhere).
@@ -69,6 +82,7 @@ class Estimate:
     activations: int
     logits_loss: int
     traced_peak: int
+    kv_cache: int = 0
     at_peak: dict[str, int] = field(default_factory=dict)
     runtime_overhead: int = 0
 
@@ -90,25 +104,20 @@ class Estimate:
                 else tr("解码", "decode"))
         lines = [tr(f"{self.target} · 模式 {self.mode} · {step} · batch {self.batch} × seq {self.seq} · {self.device}",
                     f"{self.target} · mode {self.mode} · {step} · batch {self.batch} × seq {self.seq} · {self.device}")]
-        names = {
-            "parameters": tr("参数", "parameters"),
-            "buffers": tr("缓冲区与输入", "buffers and inputs"),
-            "gradients": tr("梯度", "gradients"),
-            "optimizer_state": tr("优化器状态", "optimizer state"),
-            "activations": tr("激活与临时张量", "activations and temporaries"),
-            "logits_loss": tr("logits 与损失", "logits and loss"),
-        }
+        names = {key: tr(*COMPONENT_NAMES[key]) for key in COMPONENTS}
         totals = {"parameters": self.parameter_bytes, "buffers": self.buffers, "gradients": self.gradients,
-                  "optimizer_state": self.optimizer_state, "activations": self.activations,
-                  "logits_loss": self.logits_loss}
+                  "optimizer_state": self.optimizer_state, "kv_cache": self.kv_cache,
+                  "activations": self.activations, "logits_loss": self.logits_loss}
         lines.append(f"  {tr('组成', 'component'):<28}{tr('总量', 'total'):>12}{tr('峰值时', 'at peak'):>12}")
         for key in COMPONENTS:
+            if key == "kv_cache" and self.training:
+                continue
             lines.append(f"  {names[key]:<28}{human_bytes(totals[key]):>12}{human_bytes(self.at_peak.get(key, 0)):>12}")
             if key == "parameters" and len(self.parameters) > 1:
                 for dtype, nbytes in self.parameters.items():
                     lines.append(f"    {dtype:<26}{human_bytes(nbytes):>12}")
         if self.runtime_overhead:
-            lines.append(f"  {tr('运行时固定开销', 'runtime overhead'):<28}{'':>12}"
+            lines.append(f"  {tr(*COMPONENT_NAMES['runtime_overhead']):<28}{'':>12}"
                          f"{human_bytes(self.runtime_overhead):>12}")
         lines.append(f"  {tr('峰值', 'peak'):<28}{'':>12}{human_bytes(self.peak_bytes):>12}")
         return "\n".join(lines)
@@ -131,6 +140,13 @@ def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> str:
         raise VBConfigError(tr(f"未知的{name} {value!r}; 可用: {', '.join(valid)}",
                                f"unknown {name} {value!r}; valid: {', '.join(valid)}"))
     return value
+
+
+def _check_step(batch: Any, seq: Any, optimizer: str) -> None:
+    _positive("batch", batch)
+    if seq is not None:
+        _positive("seq", seq)
+    _check_choice(tr("优化器", "optimizer"), optimizer, OPTIMIZERS)
 
 
 def _device_type(name: str) -> str:
@@ -286,8 +302,9 @@ def measure(model: nn.Module, *, batch: int, seq: int, optimizer: str | None = "
     :class:`MemoryTracker` and return what it counted. ``optimizer`` None: a decode step.
 
     ``model`` must take ``model(input_ids=..., labels=...)`` and return the loss as
-    ``.loss`` (training), and ``use_cache=True`` / ``past_key_values=`` (decode), as APT and
-    Hugging Face causal language models do. It is left trained by the two steps.
+    ``.loss`` (training), and ``use_cache=True`` and its cache back (decode; by the name
+    ``cache_keyword`` gives), as APT and Hugging Face causal language models do. It is left trained by the two steps (gradients
+    it held before are dropped first).
     """
     vocab, _context = _vocab_and_context(model)
     device = next(model.parameters()).device
@@ -297,6 +314,7 @@ def measure(model: nn.Module, *, batch: int, seq: int, optimizer: str | None = "
     with tracker:
         ids = torch.randint(0, vocab, (batch, seq), device=device)
         if optimizer is not None:
+            model.zero_grad(set_to_none=True)
             model.train()
             opt = _optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], device_type)
             step = _training_step(model, opt, ids)
@@ -305,16 +323,18 @@ def measure(model: nn.Module, *, batch: int, seq: int, optimizer: str | None = "
             tracker.reset_peak()
             outputs, grads = step(tracker=tracker)
             state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+            cache: set[int] = set()
         else:
             model.eval()
             tracker.reset_peak()
-            outputs = _decode_step(model, ids, tracker)
+            outputs, kv, cache = _decode_step(model, ids, tracker)  # kv: held until counted
             grads, state = [], []
         tracker.finish()
         kinds = {
             "parameters": _serials(tracker, [t for t in (*model.parameters(), *model.buffers()) if id(t) in param_ids]),
             "gradients": _serials(tracker, grads),
             "optimizer_state": _serials(tracker, state),
+            "kv_cache": cache,
             "logits_loss": _serials(tracker, outputs),
         }
     baseline = tracker.phase_peak("start")[1]
@@ -329,7 +349,7 @@ def measure(model: nn.Module, *, batch: int, seq: int, optimizer: str | None = "
         optimizer=optimizer, parameters=params, buffers=_sum(baseline, kinds["buffers"]),
         gradients=_sum(live, kinds["gradients"]), optimizer_state=_sum(live, kinds["optimizer_state"]),
         activations=max(sum(n for s, n in snap.items() if s not in known) for snap in busy),
-        logits_loss=_sum(live, kinds["logits_loss"]), traced_peak=tracker.peak,
+        logits_loss=_sum(live, kinds["logits_loss"]), traced_peak=tracker.peak, kv_cache=_sum(live, cache),
         at_peak={key: at_peak[key] for key in COMPONENTS},
         runtime_overhead=CUDA_RUNTIME_OVERHEAD if device_type == "cuda" else 0,
     )
@@ -360,18 +380,104 @@ def _training_step(model: nn.Module, opt: torch.optim.Optimizer,
     return step
 
 
-def _decode_step(model: nn.Module, ids: torch.Tensor, tracker: MemoryTracker) -> list[torch.Tensor]:
-    """Prefill ``seq - 1`` tokens with the KV cache, then decode one; returns the logits kept."""
+def cache_tensors(cache: Any) -> list[torch.Tensor]:
+    """The tensors a KV cache object holds: APT's ``KVCache``, Hugging Face's ``Cache``
+    classes or legacy tuples, found through attributes, lists, tuples and dicts."""
+    found: list[torch.Tensor] = []
+    seen: set[int] = set()
+    pending = [cache]
+    while pending:
+        item = pending.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, torch.Tensor):
+            found.append(item)
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif hasattr(item, "__dict__") and not isinstance(item, (nn.Module, type)):
+            pending.extend(vars(item).values())
+    return found
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The name ``model`` takes and returns its KV cache by: "cache" where its own ``forward``
+    (under VB's wrappers) has that parameter (Hugging Face transformers 5), else
+    "past_key_values" (APT, earlier HF)."""
+    from apt_model.optimization.wrapping import original_class
+
+    forward = inspect.signature(original_class(model).forward)
+    return "cache" if "cache" in forward.parameters else "past_key_values"
+
+
+def _decode_step(model: nn.Module, ids: torch.Tensor,
+                 tracker: MemoryTracker) -> tuple[list[torch.Tensor], list[torch.Tensor], set[int]]:
+    """Prefill ``seq - 1`` tokens with the KV cache, then decode one; returns the logits kept,
+    the cache's tensors at the end and the serials of every storage the cache held (after
+    the prefill and at the end)."""
+    keyword = cache_keyword(model)
     tracker.phase("start")
     with torch.no_grad():
         tracker.phase("prefill")
         prefill = model(input_ids=ids[:, :-1], use_cache=True)
+        serials = _serials(tracker, cache_tensors(getattr(prefill, keyword)))
         tracker.phase("decode")
-        out = model(input_ids=ids[:, -1:], past_key_values=prefill.past_key_values, use_cache=True)
-    return _output_tensors(prefill, ("logits",)) + _output_tensors(out, ("logits",))
+        out = model(input_ids=ids[:, -1:], use_cache=True, **{keyword: getattr(prefill, keyword)})
+        cache = cache_tensors(getattr(out, keyword))
+    return _output_tensors(prefill, ("logits",)) + _output_tensors(out, ("logits",)), cache, \
+        serials | _serials(tracker, cache)
 
 
 # ---- the public verb ---------------------------------------------------------------------------
+
+
+class Traced:
+    """A target built on fake tensors with VB's passes for one mode, ready to trace steps of
+    any size (``step``): the model is built and optimized once, and each step then costs one
+    trace. ``context`` is the model's longest context (None when unknown)."""
+
+    def __init__(self, target: Any, *, mode: str | None, training: bool, device: str | None,
+                 base: VBConfig | None) -> None:
+        from apt_model.fp4.layer import freeze_fp4
+        from apt_model.optimization import engine
+
+        if mode is not None:
+            _check_choice(tr("模式", "mode"), mode, ESTIMATE_MODES)
+        self.device_type = _device_type(device or (base.device if base else "auto"))
+        source, self.description = _meta_model(target)
+        report = engine.report_of(source)
+        if report is not None and mode not in (None, report.mode):
+            raise VBConfigError(tr(f"此模型已按模式 '{report.mode}' 优化, 不能按模式 '{mode}' 估算",
+                                   f"this model is already optimized in mode '{report.mode}' and cannot be "
+                                   f"estimated in mode '{mode}'"))
+        self.mode = report.mode if report is not None else (mode or "balanced")
+        self.training = training
+        _vocab, self.context = _vocab_and_context(source)
+        self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        self.model = fake_copy(source, self.fake_mode)
+        with self.fake_mode:
+            if report is None and self.mode != OFF:
+                engine.optimize(self.model, mode_config(self.mode, base))
+            if not training:
+                freeze_fp4(self.model)  # serving holds packed FP4 weights only (a no-op without FP4 layers)
+
+    def step(self, *, batch: int, seq: int | None = None, optimizer: str = "adamw") -> Estimate:
+        """One step of ``batch`` × ``seq`` tokens (default: the context length), traced."""
+        _check_step(batch, seq, optimizer)
+        seq = seq or self.context
+        if seq is None:
+            raise VBConfigError(tr("无法得知模型的上下文长度, 请给出 seq", "the model's context length is unknown: give seq"))
+        if self.context is not None and seq > self.context:
+            raise VBConfigError(tr(f"seq={seq} 超过模型的上下文长度 {self.context}",
+                                   f"seq={seq} exceeds the model's context length {self.context}"))
+        if not self.training and seq < 2:
+            raise VBConfigError(tr("解码估算需要 seq >= 2 (预填充 seq-1 个 token, 再解码 1 个)",
+                                   "a decode estimate needs seq >= 2 (a prefill of seq-1 tokens, then one)"))
+        with self.fake_mode:
+            return measure(self.model, batch=batch, seq=seq, optimizer=optimizer if self.training else None,
+                           device_type=self.device_type, target=self.description, mode=self.mode)
 
 
 def estimate(target: Any, *, mode: str | None = None, batch: int = 1, seq: int | None = None,
@@ -392,40 +498,46 @@ def estimate(target: Any, *, mode: str | None = None, batch: int = 1, seq: int |
     ``base`` supplies the FP4 format, skip list and checkpointed blocks. Bad input raises
     ``VBConfigError`` (or ``VBDataError`` for a missing config file).
     """
-    from apt_model.fp4.layer import freeze_fp4
-    from apt_model.optimization import engine
+    _check_step(batch, seq, optimizer)  # before the model is built: bad input fails at once
+    traced = Traced(target, mode=mode, training=training, device=device, base=base)
+    return traced.step(batch=batch, seq=seq, optimizer=optimizer)
 
+
+def decode_contexts(longest: int) -> list[int]:
+    """The context lengths of a decode sweep up to ``longest``: ``FIRST_DECODE_CONTEXT``,
+    doubling while shorter than ``longest``, then ``longest`` itself."""
+    _positive("seq", longest)
+    contexts = []
+    context = FIRST_DECODE_CONTEXT
+    while context < longest:
+        contexts.append(context)
+        context *= 2
+    return [*contexts, longest]
+
+
+def decode_sweep(target: Any, *, mode: str | None = None, batch: int = 1, longest: int | None = None,
+                 device: str | None = None, base: VBConfig | None = None) -> list[Estimate]:
+    """One traced decode step per context length of ``decode_contexts(longest)`` (default:
+    the model's context length), the model built and optimized once: weights, KV cache and
+    peak by context. Arguments and errors as for ``estimate``."""
     _positive("batch", batch)
-    if seq is not None:
-        _positive("seq", seq)
-    if mode is not None:
-        _check_choice(tr("模式", "mode"), mode, ESTIMATE_MODES)
-    _check_choice(tr("优化器", "optimizer"), optimizer, OPTIMIZERS)
-    device_type = _device_type(device or (base.device if base else "auto"))
-    source, description = _meta_model(target)
-    report = engine.report_of(source)
-    if report is not None and mode not in (None, report.mode):
-        raise VBConfigError(tr(f"此模型已按模式 '{report.mode}' 优化, 不能按模式 '{mode}' 估算",
-                               f"this model is already optimized in mode '{report.mode}' and cannot be "
-                               f"estimated in mode '{mode}'"))
-    mode = report.mode if report is not None else (mode or "balanced")
-    _vocab, context = _vocab_and_context(source)
-    seq = seq or context
-    if seq is None:
+    traced = Traced(target, mode=mode, training=False, device=device, base=base)
+    longest = longest or traced.context
+    if longest is None:
         raise VBConfigError(tr("无法得知模型的上下文长度, 请给出 seq", "the model's context length is unknown: give seq"))
-    if context is not None and seq > context:
-        raise VBConfigError(tr(f"seq={seq} 超过模型的上下文长度 {context}",
-                               f"seq={seq} exceeds the model's context length {context}"))
-    if not training and seq < 2:
-        raise VBConfigError(tr("解码估算需要 seq >= 2 (预填充 seq-1 个 token, 再解码 1 个)",
-                               "a decode estimate needs seq >= 2 (a prefill of seq-1 tokens, then one)"))
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    model = fake_copy(source, fake_mode)
-    with fake_mode:
-        if report is None and mode != OFF:
-            engine.optimize(model, mode_config(mode, base))
-        if not training:
-            freeze_fp4(model)  # serving holds packed FP4 weights only (a no-op without FP4 layers)
-        return measure(model, batch=batch, seq=seq, optimizer=optimizer if training else None,
-                       device_type=device_type, target=description, mode=mode)
+    # the longest first: a context the model does not take fails before any other is traced
+    rows = [traced.step(batch=batch, seq=context) for context in reversed(decode_contexts(longest))]
+    return rows[::-1]
 
+
+def decode_table(rows: list[Estimate]) -> str:
+    """A decode sweep (``decode_sweep``) as a text table: one line per context length."""
+    first = rows[0]
+    lines = [tr(f"{first.target} · 模式 {first.mode} · 解码 · batch {first.batch} · {first.device}",
+                f"{first.target} · mode {first.mode} · decode · batch {first.batch} · {first.device}"),
+             f"  {tr('上下文', 'context'):>10}{tr('权重', 'weights'):>12}{tr('KV 缓存', 'KV cache'):>12}"
+             f"{tr('激活', 'activations'):>14}{tr('峰值', 'peak'):>12}"]
+    for row in rows:
+        lines.append(f"  {row.seq:>10}{human_bytes(row.parameter_bytes):>12}{human_bytes(row.kv_cache):>12}"
+                     f"{human_bytes(row.activations):>14}{human_bytes(row.peak_bytes):>12}")
+    return "\n".join(lines)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +33,21 @@ class ModeSpec:
 
 
 # fused_loss rides with fused attention: both are fused kernels that cut activation memory.
+# The order is the modes' order of aggressiveness, least first: bf16 and fused kernels only;
+# then recomputation (slower, same numbers); then FP4 weights (other numbers: speed, the
+# smallest weights for serving); then everything. ``auto_estimate`` takes the first that fits.
 MODES: dict[str, ModeSpec] = {
-    "full": ModeSpec(fp4=True, fused_attention=True, fused_loss=True, mixed_precision=True,
-                     gradient_checkpointing=True),
-    "speed": ModeSpec(fp4=True, fused_attention=False, fused_loss=False, mixed_precision=False,
-                      gradient_checkpointing=False),
-    "memory": ModeSpec(fp4=False, fused_attention=True, fused_loss=True, mixed_precision=True,
-                       gradient_checkpointing=True),
     "balanced": ModeSpec(fp4=False, fused_attention=True, fused_loss=True, mixed_precision=True,
                          gradient_checkpointing=False),
+    "memory": ModeSpec(fp4=False, fused_attention=True, fused_loss=True, mixed_precision=True,
+                       gradient_checkpointing=True),
+    "speed": ModeSpec(fp4=True, fused_attention=False, fused_loss=False, mixed_precision=False,
+                      gradient_checkpointing=False),
+    "full": ModeSpec(fp4=True, fused_attention=True, fused_loss=True, mixed_precision=True,
+                     gradient_checkpointing=True),
 }
+
+MOST_AGGRESSIVE = next(reversed(MODES))  # what auto_estimate falls back to when no mode fits
 
 VGPU_LEVEL_KEYS = ("capacity_mb", "device", "speed_gbps", "path")
 LEVEL_DEVICES = ("cpu", "ssd")  # the host levels; any other level names an accelerator
@@ -79,7 +84,7 @@ class VBConfig:
     enabled: bool = False
     mode: str = "balanced"
     auto_patch: bool = True
-    auto_estimate: bool = True
+    auto_estimate: bool = False  # on: VB picks the mode that fits (see ``auto_picks_mode``)
     verbose: bool = True
     device: str = "auto"
     fp4: bool | None = None
@@ -285,11 +290,43 @@ def read_env() -> dict[str, tuple[Any, str]]:
     return out
 
 
+# The precedence rule's levels, lowest first, as the sources of ``ResolvedConfig`` name them
+# ("env:VB_MODE", ".vbrc:/path", ...); "auto" is a mode that ``auto_estimate`` picked.
+LEVELS = ("default", ".vbrc", "env", "cli", "argument")
+AUTO = "auto"
+
+
+def level(source: str) -> int:
+    """The rank in ``LEVELS`` of the level that ``source`` names."""
+    return LEVELS.index(source.split(":", 1)[0])
+
+
 @dataclass
 class ResolvedConfig:
     config: VBConfig
     sources: dict[str, str] = field(default_factory=dict)
     vbrc_path: Path | None = None
+
+
+def auto_picks_mode(resolved: ResolvedConfig) -> bool:
+    """Whether ``auto_estimate`` picks the mode: it is on, and the mode was not set at a higher
+    level than it (at the same level the automatic pick wins; a mode it picked before is
+    picked again for the next model)."""
+    sources = resolved.sources
+    return resolved.config.auto_estimate and (
+        sources["mode"] == AUTO or level(sources["mode"]) <= level(sources["auto_estimate"]))
+
+
+def with_auto_mode(resolved: ResolvedConfig, mode: str) -> ResolvedConfig:
+    """``resolved`` with ``mode`` picked by ``auto_estimate`` (its source "auto")."""
+    config = replace(resolved.config, mode=mode)
+    sources = _switch_sources(config, {**resolved.sources, "mode": AUTO})
+    return ResolvedConfig(config=config, sources=sources, vbrc_path=resolved.vbrc_path)
+
+
+def _switch_sources(config: VBConfig, sources: dict[str, str]) -> dict[str, str]:
+    """``sources`` with each switch left to the mode named after it ("mode:balanced")."""
+    return {**sources, **{switch: f"mode:{config.mode}" for switch in SWITCHES if getattr(config, switch) is None}}
 
 
 def resolve(explicit: Mapping[str, Any] | None = None, cli: Mapping[str, Any] | None = None,
@@ -307,7 +344,4 @@ def resolve(explicit: Mapping[str, Any] | None = None, cli: Mapping[str, Any] | 
         for key, value in (layer or {}).items():
             values[key], sources[key] = validate_option(key, value, name), name
     config = VBConfig(**values)
-    for switch in SWITCHES:
-        if getattr(config, switch) is None:
-            sources[switch] = f"mode:{config.mode}"
-    return ResolvedConfig(config=config, sources=sources, vbrc_path=vbrc_path)
+    return ResolvedConfig(config=config, sources=_switch_sources(config, sources), vbrc_path=vbrc_path)

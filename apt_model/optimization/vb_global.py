@@ -53,6 +53,20 @@ _banner_pending = False  # auto-enabled at import: announced when VB first acts
 _fp4_noted = False  # the note that FP4 saves memory, not time, where no kernel runs: said once
 
 
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What ``auto_estimate`` sizes the mode for: a step of ``batch`` × ``seq`` tokens (None:
+    the model's context length) within ``memory`` bytes (None: the device's free memory when
+    the model is optimized)."""
+
+    batch: int = 1
+    seq: int | None = None
+    memory: int | None = None
+
+
+_workload = Workload()
+
+
 def set_cli_options(**options: Any) -> None:
     """Record options given as command-line flags (they rank below explicit arguments)."""
     for key, value in options.items():
@@ -64,7 +78,11 @@ def set_cli_options(**options: Any) -> None:
 def _source_text(resolved: _config.ResolvedConfig) -> str:
     """Where the mode (and, when it differs, the switch-on) came from, for the banner."""
     sources = resolved.sources
-    text = f"{resolved.config.mode} ← {sources['mode']}"
+    if _config.auto_picks_mode(resolved) and sources["mode"] != _config.AUTO:
+        text = tr(f"由 auto_estimate 按模型选择 ← {sources['auto_estimate']}",
+                  f"picked per model by auto_estimate ← {sources['auto_estimate']}")
+    else:
+        text = f"{resolved.config.mode} ← {sources['mode']}"
     if sources["enabled"] not in (sources["mode"], "argument"):
         text += tr(f"; 启用 ← {sources['enabled']}", f"; enabled ← {sources['enabled']}")
     return text
@@ -162,12 +180,25 @@ def enable_balanced_mode(**options: Any) -> dict[str, Any]:
 
 
 def disable() -> None:
-    """Turn VB off: models built afterwards are plain (already optimized ones stay as they are)."""
-    global _active, _explicit, _announced, _banner_pending
+    """Turn VB off: models built afterwards are plain (already optimized ones stay as they are);
+    the workload goes back to its defaults."""
+    global _active, _explicit, _announced, _banner_pending, _workload
     _active = None
     _explicit = {}
     _announced = None
     _banner_pending = False
+    _workload = Workload()
+
+
+def set_workload(*, batch: int = 1, seq: int | None = None, memory: int | None = None) -> None:
+    """Tell ``auto_estimate`` the step the model will run: ``batch`` × ``seq`` tokens (default
+    1 × the model's context length) within ``memory`` bytes (default: the device's free memory
+    when the model is optimized). Non-positive values raise ``VBConfigError``."""
+    global _workload
+    for name, value in (("batch", batch), ("seq", seq), ("memory", memory)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise VBConfigError(tr(f"{name} 必须是正整数, 得到 {value!r}", f"{name} must be a positive integer, got {value!r}"))
+    _workload = Workload(batch=batch, seq=seq, memory=memory)
 
 
 def is_enabled() -> bool:
@@ -207,9 +238,43 @@ def _resolved_for(options: dict[str, Any]) -> _config.ResolvedConfig:
     return _config.resolve(explicit={**_explicit, **options, "enabled": True}, cli=_cli_options)
 
 
+def _auto_mode(model: nn.Module, resolved: _config.ResolvedConfig) -> _config.ResolvedConfig:
+    """``resolved`` with the mode ``auto_estimate`` picks for ``model``: the least aggressive
+    that fits the workload (``set_workload``) in the device's free memory, its step traced in
+    each mode (a training step when ``model.training``, else a decode step); the most
+    aggressive mode when none fits. Says which and why (when verbose)."""
+    from apt_model.accelerator import resolve_device
+    from apt_model.estimator.fit import choose_mode, free_memory
+
+    config = resolved.config
+    device = resolve_device(config.device)
+    free = _workload.memory or free_memory(device)
+    choice = choose_mode(model, free=free, batch=_workload.batch, seq=_workload.seq, training=model.training,
+                         device=str(device), base=config)
+    mode = choice.mode or _config.MOST_AGGRESSIVE
+    if config.verbose:
+        if choice.mode is not None:
+            print(tr(f"✓ auto_estimate: 模式 {mode}, 能放下的最不激进的模式 ({choice.reason()})",
+                     f"✓ auto_estimate: mode {mode}, the least aggressive mode that fits ({choice.reason()})"))
+        else:
+            print(tr(f"⚠ auto_estimate: {device} 上任何模式都放不下 ({choice.reason()}); 需要把参数卸载到 CPU 内存或磁盘 "
+                     f"(VGPU), 暂用最激进的模式 {mode}",
+                     f"⚠ auto_estimate: no mode fits on {device} ({choice.reason()}); offloading to CPU RAM or disk "
+                     f"(the VGPU stack) would be needed; using the most aggressive mode, {mode}, meanwhile"))
+    return _config.with_auto_mode(resolved, mode)
+
+
 def optimize(model: ModelT, **options: Any) -> ModelT:
-    """Optimize any ``nn.Module`` now, with the active configuration (plus ``options``)."""
-    cfg = _resolved_for(options).config
+    """Optimize any ``nn.Module`` now, with the active configuration (plus ``options``); with
+    ``auto_estimate`` on, in the mode it picks for this model (``_auto_mode``)."""
+    global _active
+    resolved = _resolved_for(options)
+    if _config.auto_picks_mode(resolved) and _engine().report_of(model) is None:
+        picked = _auto_mode(model, resolved)
+        if resolved is _active:
+            _active = picked
+        resolved = picked
+    cfg = resolved.config
     if _banner_pending:
         _announce()
     _engine().optimize(model, cfg)

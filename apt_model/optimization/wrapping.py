@@ -55,6 +55,14 @@ def wrapped_tags(module: nn.Module) -> list[str]:
     return tags
 
 
+def original_class(module: nn.Module) -> type:
+    """The class of ``module`` under the wrappers (``type(module)`` when there are none)."""
+    cls = type(module)
+    while "_vb_base" in cls.__dict__:
+        cls = cls.__dict__["_vb_base"]
+    return cls
+
+
 def unwrap(module: nn.Module) -> None:
     """Restore the module's original class."""
     cls = type(module)

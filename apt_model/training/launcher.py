@@ -128,6 +128,51 @@ def _train_config(settings: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in settings.items() if k in TrainConfig.__dataclass_fields__})
 
 
+def check_fits(cfg: TrainConfig, memory: int | None = None) -> None:
+    """Stop a run whose training step cannot fit before anything is allocated: one
+    ``VBConfigError`` naming the largest batch that fits (``apt_model.estimator.fit``).
+
+    The step is the estimator's trace of ``cfg``'s preset at its batch and window in the mode
+    VB will use (off when VB is off; with ``auto_estimate`` picking, the most aggressive mode,
+    the one the pick falls back to), against ``memory`` bytes (default: what is free on the
+    run's device now; on the CPU the available RAM). It also tells ``auto_estimate`` the
+    run's batch and window (``vb.set_workload``). Costs one traced step, a few more when the
+    run does not fit.
+    """
+    from apt_model.accelerator import resolve_device
+    from apt_model.estimator import Traced
+    from apt_model.estimator.fit import fits, free_memory, largest_batch, room
+    from apt_model.modeling.apt_model import APTConfig
+    from apt_model.optimization.config import MOST_AGGRESSIVE, auto_picks_mode
+    from apt_model.storage import human_bytes
+
+    resolved = vb_global.configure(cfg.vb_cli_options(), announce=False)
+    config = resolved.config
+    mode = "off" if not vb_global.is_enabled() else MOST_AGGRESSIVE if auto_picks_mode(resolved) else config.mode
+    seq = cfg.seq_len + 1  # the model sees seq_len + 1 tokens
+    vb_global.set_workload(batch=cfg.batch_size, seq=seq)
+    device = resolve_device(config.device)
+    free = memory or free_memory(device)
+    traced = Traced(APTConfig.from_preset(cfg.preset), mode=mode, training=True, device=str(device), base=config)
+
+    def step(batch: int):
+        return traced.step(batch=batch, seq=seq)
+
+    planned = step(cfg.batch_size)
+    if fits(planned, free):
+        return
+    need = planned.peak_bytes
+    best = largest_batch(step, free, cfg.batch_size)
+    hint = (tr(f"能放下的最大批是 --batch-size {best}", f"the largest batch that fits is --batch-size {best}") if best
+            else tr("batch 1 也放不下: 请换更小的 --config 或 --seq-len", "not even batch 1 fits: use a smaller --config "
+                    "or --seq-len"))
+    raise VBConfigError(tr(
+        f"--batch-size {cfg.batch_size} × --seq-len {cfg.seq_len} 在 {device} 上放不下: 模式 {mode} 的一步训练需要 "
+        f"{human_bytes(need)}, {room(free)}; {hint}",
+        f"--batch-size {cfg.batch_size} × --seq-len {cfg.seq_len} does not fit on {device}: a training step in mode "
+        f"{mode} needs {human_bytes(need)}, {room(free)}; {hint}"))
+
+
 def main(argv: Sequence[str] | None = None, *, prog: str = "train", vb_default: bool = False,
          preset: str = "tiny", out_prefix: str = "playground", seq_len: int = 128) -> int:
     """Parse ``$VB_TRAIN_ARGS`` + ``argv`` and train; VB on by default when ``vb_default``."""
@@ -141,5 +186,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "train", vb_default: 
     if first.resume or first.resume_from:
         state = load_resume_state(Path(first.out_dir).expanduser() / "checkpoints", first.resume_from)
         settings = resumed_settings(given, state["train_config"], _flag_names(parser), state["path"])
-    train(_train_config(settings), resume_state=state)
+    run = _train_config(settings)
+    check_fits(run)
+    train(run, resume_state=state)
     return 0

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from apt_model.errors import VBDataError
-from apt_model.i18n import language, tr
+from apt_model.figures import figure_language, save_figure
+from apt_model.i18n import tr
 
 LOG_NAME = "train_log.jsonl"
 PLOT_NAME = "loss.png"
@@ -39,11 +40,6 @@ PLOT_NAME = "loss.png"
 # first steps' drop then no longer flattens the rest of the curve.
 LOG_SCALE_RATIO = 3.0
 # Fonts with Chinese glyphs, tried in order for Chinese labels; without one, labels are English.
-_CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Micro Hei",
-              "WenQuanYi Zen Hei", "Microsoft YaHei", "SimHei", "PingFang SC", "Heiti SC",
-              "AR PL UMing CN")
-
-
 def _parse_lines(path: Path) -> tuple[list[dict[str, Any]], bool]:
     """The records of a log file, and whether its bytes are exactly those records' lines.
 
@@ -172,18 +168,6 @@ class RunLog:
         self.close()
 
 
-def missing_matplotlib_message(log_path: str | os.PathLike | None = None) -> str:
-    """The one line printed when no curve can be drawn for lack of matplotlib; with
-    ``log_path`` it also says how to draw it later."""
-    if log_path is None:
-        return tr('未安装 matplotlib，无法画损失曲线；安装: pip install -e ".[plot]"',
-                  'matplotlib is not installed, so no loss curve can be drawn; install it with '
-                  'pip install -e ".[plot]"')
-    return tr(f'未安装 matplotlib，未画损失曲线；安装: pip install -e ".[plot]" 然后运行 vb plot {log_path}',
-              f'matplotlib is not installed, so no loss curve was drawn; install it with '
-              f'pip install -e ".[plot]" and run: vb plot {log_path}')
-
-
 def _smooth(values: list[float], half: int) -> list[float]:
     """Centred moving average: each value becomes the mean of the values up to ``half``
     places either side of it (fewer at the ends), so the line does not lag the raw one."""
@@ -218,12 +202,6 @@ def _minor_label(value: float, limits: tuple[float, float]) -> str:
     return f"{value:g}" if high / low < 10**1.5 and leading in (2, 3, 5) else ""
 
 
-def _cjk_font(font_manager: Any) -> str | None:
-    """The first installed font that has Chinese glyphs, or None."""
-    installed = {font.name for font in font_manager.fontManager.ttflist}
-    return next((name for name in _CJK_FONTS if name in installed), None)
-
-
 def plot_log(log_path: str | os.PathLike, png_path: str | os.PathLike | None = None) -> Path | None:
     """Draw the training loss (raw, light; plus a moving average) and the validation losses
     of a log into a PNG (default: ``loss.png`` beside the log); return its path.
@@ -234,7 +212,7 @@ def plot_log(log_path: str | os.PathLike, png_path: str | os.PathLike | None = N
     read, holds no loss, or the PNG cannot be written.
     """
     try:
-        from matplotlib import font_manager, rc_context
+        from matplotlib import rc_context
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
         from matplotlib.ticker import FuncFormatter
@@ -249,13 +227,7 @@ def plot_log(log_path: str | os.PathLike, png_path: str | os.PathLike | None = N
     if not losses and not val_losses:
         raise VBDataError(tr(f"训练日志 {log_path} 中没有损失记录", f"training log {log_path} holds no loss records"))
 
-    font = _cjk_font(font_manager) if language() == "zh" else None
-    zh = font is not None
-
-    def text(chinese: str, english: str) -> str:
-        return chinese if zh else english
-
-    style = {"font.family": "sans-serif", "font.sans-serif": [font, "DejaVu Sans"]} if zh else {}
+    style, text = figure_language()
     with rc_context(style):
         figure = Figure(figsize=(8, 5), dpi=100, layout="tight")
         FigureCanvasAgg(figure)
@@ -280,12 +252,5 @@ def plot_log(log_path: str | os.PathLike, png_path: str | os.PathLike | None = N
                           f"Loss curve: {log_path.parent.resolve().name}"))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-        tmp = png_path.with_name(png_path.name + ".tmp")
-        try:
-            figure.savefig(tmp, format="png")
-            os.replace(tmp, png_path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise VBDataError(tr(f"无法写入损失曲线 {png_path}: {exc.strerror or exc}",
-                                 f"cannot write loss curve {png_path}: {exc.strerror or exc}")) from None
+        save_figure(figure, png_path, ("损失曲线", "loss curve"))
     return png_path

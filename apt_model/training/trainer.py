@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from apt_model import accelerator
 from apt_model.errors import VBConfigError, VBDataError, VBInterrupted
+from apt_model.figures import missing_matplotlib_message
 from apt_model.i18n import tr
 from apt_model.modeling.apt_model import APTConfig, APTModel
 from apt_model.optimization import vb_global
@@ -41,7 +42,6 @@ from apt_model.training.run_log import (
     LOG_NAME,
     PLOT_NAME,
     RunLog,
-    missing_matplotlib_message,
     plot_log,
 )
 

@@ -1,0 +1,127 @@
+"""Will it fit? The free memory of a device, the one fitting rule (a stated margin kept back),
+the least aggressive mode that fits, and the largest batch that fits, all from traced steps.
+
+One rule everywhere (``vb estimate --memory``, ``auto_estimate``, the launchers' check):
+a step fits when its estimated peak is at most ``(1 - FIT_MARGIN)`` of the memory there is.
+The margin stands for what the trace does not see: allocator caching and fragmentation,
+kernel workspaces, and on the CPU the process's own code and libraries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from apt_model import accelerator
+from apt_model.estimator.estimate import Estimate, Traced
+from apt_model.i18n import tr
+from apt_model.optimization.config import MODES, MOST_AGGRESSIVE, VBConfig
+from apt_model.storage import human_bytes
+
+FIT_MARGIN = 0.10
+
+
+def free_memory(device: torch.device) -> int:
+    """The bytes a run on ``device`` can take now: the device's free memory; on the CPU (or
+    where the backend cannot say) the available system RAM."""
+    info = accelerator.device_memory_info(device)
+    return info[0] if info is not None else accelerator.host_memory_info()[0]
+
+
+def usable(free: int) -> int:
+    """What the fitting rule lets a step take of ``free`` bytes."""
+    return int(free * (1 - FIT_MARGIN))
+
+
+def room(free: int) -> str:
+    """``free`` bytes and what the fitting rule lets a step take of them, in words."""
+    return tr(f"可用 {human_bytes(free)}, 留出 {FIT_MARGIN:.0%} 余量后 {human_bytes(usable(free))}",
+              f"{human_bytes(free)} free, {human_bytes(usable(free))} after a {FIT_MARGIN:.0%} margin")
+
+
+def fits(est: Estimate, free: int) -> bool:
+    """Whether ``est`` fits in ``free`` bytes with the margin kept back."""
+    return est.peak_bytes <= usable(free)
+
+
+def largest_batch(step: Callable[[int], Estimate], free: int, too_big: int) -> int:
+    """The largest batch whose step (``step(batch)``) fits in ``free`` bytes, knowing that
+    ``too_big`` does not; 0 when batch 1 does not fit either.
+
+    A bracketed search. Memory is the larger of a fixed part (weights, optimizer state) and
+    a part affine in the batch (activations), so the line through the two smallest batches
+    known not to fit, followed down to the limit, lands on the answer or just above it; the
+    first such pair is ``too_big`` and the middle of the bracket. When a try does not halve
+    the bracket the next one is the middle. Each try is one traced step.
+    """
+    limit = usable(free)
+    if step(1).peak_bytes > limit:
+        return 0
+    low, high = 1, too_big
+    failing = [(too_big, step(too_big).peak_bytes)]  # (batch, peak) not fitting, smallest first
+    halved = False  # the first try is the middle
+    while high - low > 1:
+        span = high - low
+        if halved and len(failing) > 1 and failing[1][1] > failing[0][1]:
+            (b1, p1), (b2, p2) = failing[:2]
+            guess = b1 - int((p1 - limit) * (b2 - b1) / (p2 - p1))
+            guess = min(max(guess, low + 1), high - 1)
+        else:
+            guess = (low + high) // 2
+        peak = step(guess).peak_bytes
+        if peak <= limit:
+            low = guess
+        else:
+            high = guess
+            failing.insert(0, (guess, peak))
+        halved = (high - low) * 2 <= span
+    return low
+
+
+@dataclass(frozen=True)
+class ModeChoice:
+    """The least aggressive mode that fits (``mode``; None when none does), the peak of each
+    mode tried (in ``MODES`` order, up to the one that fits) and the free memory."""
+
+    mode: str | None
+    peaks: dict[str, int]
+    free: int
+    training: bool
+
+    def reason(self) -> str:
+        """Why: each mode tried with its peak, against the free memory and the margin."""
+        tried = ", ".join(f"{mode} {human_bytes(peak)}" for mode, peak in self.peaks.items())
+        step = tr("一步训练", "a training step") if self.training else tr("一步解码", "a decode step")
+        return tr(f"{step}的峰值: {tried}; {room(self.free)}", f"peak of {step}: {tried}; {room(self.free)}")
+
+
+def choose_mode(target: Any, *, free: int, batch: int = 1, seq: int | None = None, training: bool = True,
+                optimizer: str = "adamw", device: str | None = None,
+                base: VBConfig | None = None) -> ModeChoice:
+    """Trace ``target``'s step in each mode of ``MODES``, least aggressive first, and stop at
+    the first that fits in ``free`` bytes (arguments as for ``estimate``)."""
+    peaks: dict[str, int] = {}
+    for mode in MODES:
+        traced = Traced(target, mode=mode, training=training, device=device, base=base)
+        est = traced.step(batch=batch, seq=seq, optimizer=optimizer)
+        peaks[mode] = est.peak_bytes
+        if fits(est, free):
+            return ModeChoice(mode, peaks, free, training)
+    return ModeChoice(None, peaks, free, training)
+
+
+def smallest_fit(target: Any, *, free: int, batch: int, seq: int | None, training: bool, optimizer: str,
+                 device: str | None, base: VBConfig | None) -> str | None:
+    """The smallest change that makes ``target``'s step fit in ``free`` bytes, in words: the
+    least aggressive mode that fits at this batch, else the largest batch that fits in the
+    most aggressive mode; None when not even batch 1 fits there."""
+    choice = choose_mode(target, free=free, batch=batch, seq=seq, training=training, optimizer=optimizer,
+                         device=device, base=base)
+    if choice.mode is not None:
+        return tr(f"模式 {choice.mode}, batch {batch}", f"mode {choice.mode} with batch {batch}")
+    traced = Traced(target, mode=MOST_AGGRESSIVE, training=training, device=device, base=base)
+    best = largest_batch(lambda b: traced.step(batch=b, seq=seq, optimizer=optimizer), free, batch)
+    return tr(f"模式 {MOST_AGGRESSIVE}, batch {best}", f"mode {MOST_AGGRESSIVE} with batch {best}") if best else None

@@ -1,0 +1,210 @@
+"""How right is ``vb.estimate``? Its predicted peak of one training step against the peak a
+real step reaches, for every mode of ``bench/modes.py`` the estimator can name, over a
+batch × sequence sweep, on the APT model and Hugging Face Llama and GPT-2 shapes built from
+configs (random weights, no download); beside it, accelerate's ``estimate-memory`` figure
+("Training using Adam") for the same model when accelerate is installed.
+
+    python bench/estimate_accuracy.py --json bench/results/estimate-accuracy.json
+    python bench/estimate_accuracy.py --device cpu --scale tiny --batches 1,2 --seqs 32,64   # smoke test
+
+Variants: ``<model>/<mode>``, each in a fresh subprocess (no allocator state leaks between
+them). In each, the model is built on the device (``vb.optimize(model, mode=...)`` for the VB
+modes; the fp32-eager baseline of modes.py is mode "off"), AdamW takes one step at the
+smallest shape so its state exists (the estimator traces the second step of two), and then
+for every batch × sequence length: ``zero_grad(set_to_none=True)``, reset the peak, one
+step (``loss = model(input_ids=x, labels=x).loss``; backward; ``opt.step()``), read the peak.
+- CUDA: the peak is ``torch.cuda.max_memory_allocated`` after
+  ``torch.cuda.reset_peak_memory_stats``; the prediction compared with it is the traced peak
+  without the runtime allowance (``Estimate.traced_peak``: the counter does not see the CUDA
+  context either).
+- CPU: there is no allocator counter, so the real step is counted by the estimator's own
+  tracker on the real tensors (``apt_model.estimator.measure``): a smoke test of the script
+  and of the traced step against the real one, not an independent measurement.
+A shape that runs out of memory is recorded as such, with its prediction.
+
+modes.py's hand-written bf16-sdpa baselines put autocast in the training loop, outside the
+model, where the estimator (which traces ``model(...)``) cannot see it: they are left out.
+accelerate's figure is weights-only by construction (it ignores batch and sequence length):
+the float32 row for fp32 modes, the float16 row (mixed precision) for the bf16 modes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from hf_decode import LLAMA_SHAPES
+from modes import VARIANTS as MODES_VARIANTS
+from modes import device_name
+from variants import add_variant_arguments, run_in_subprocesses, write_results
+
+from apt_model.storage import human_bytes
+
+MODELS = ("apt", "llama", "gpt2")
+# modes.py's variants the estimator can name, by estimator mode
+ESTIMATED = {variant: "off" if variant == "fp32-eager" else variant.removeprefix("vb-")
+             for variant in MODES_VARIANTS if variant == "fp32-eager" or variant.startswith("vb-")}
+VARIANTS = tuple(f"{model}/{variant}" for model in MODELS for variant in ESTIMATED)
+MIXED = ("balanced", "memory", "full")  # the modes that compute in bf16 (accelerate's float16 row)
+# --scale full: the APT preset of --preset, Llama-3.2-1B's shape (hf_decode.py), GPT-2 small;
+# --scale tiny: two-layer models of the same families, for the CPU smoke test.
+TINY = {
+    "apt": dict(d_model=64, n_layers=2, n_heads=4, d_ff=128),
+    "llama": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2),
+    "gpt2": dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4),
+}
+
+
+def model_config(name: str, args: argparse.Namespace):
+    """The config of model ``name`` at ``--scale``, long enough for the longest ``--seqs``."""
+    longest = max(_ints(args.seqs))
+    if name == "apt":
+        from apt_model.modeling.apt_model import APTConfig
+
+        shape = TINY["apt"] if args.scale == "tiny" else {}
+        return APTConfig.from_preset(args.preset, vocab_size=args.vocab, max_seq_len=longest, **shape)
+    import transformers
+
+    if name == "llama":
+        shape = TINY["llama"] if args.scale == "tiny" else dict(vocab_size=128256, **LLAMA_SHAPES["llama-1b"])
+        return transformers.LlamaConfig(max_position_embeddings=longest, **shape)
+    shape = TINY["gpt2"] if args.scale == "tiny" else {}
+    return transformers.GPT2Config(n_positions=max(longest, 1024), **shape)
+
+
+def build(config, device: torch.device | str) -> torch.nn.Module:
+    """The model of ``config`` on ``device`` (seeded random weights), the way the estimator builds it."""
+    from apt_model.modeling.apt_model import APTConfig, APTModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        if isinstance(config, APTConfig):
+            return APTModel(config)
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_config(config)
+
+
+def accelerate_figure(config, mode: str) -> int | None:
+    """accelerate ``estimate-memory``'s "Training using Adam" for this model (its float16 row
+    for the bf16 modes, float32 otherwise), through its Python API; None without accelerate."""
+    try:
+        from accelerate.commands.estimate import estimate_training_usage
+        from accelerate.utils import calculate_maximum_sizes
+    except ImportError:
+        return None
+    total, _largest = calculate_maximum_sizes(build(config, "meta"))
+    return int(max(estimate_training_usage(total, "float16" if mode in MIXED else "float32").values()))
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in str(text).split(",") if v.strip()]
+
+
+def run_variant(args: argparse.Namespace) -> dict:
+    """One model in one mode: predicted and real peak for every batch × sequence length."""
+    import apt_model.optimization.vb_global as vb
+    from apt_model.estimator import Traced, measure
+
+    name, variant = args.variant.split("/")
+    mode = ESTIMATED[variant]
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    config = model_config(name, args)
+    shapes = [(b, s) for b in _ints(args.batches) for s in _ints(args.seqs)]
+    started = time.perf_counter()
+    traced = Traced(config, mode=mode, training=True, device=device.type, base=None)
+    predicted = {shape: traced.step(batch=shape[0], seq=shape[1]) for shape in shapes}
+    estimate_s = time.perf_counter() - started
+
+    model = build(config, device)
+    if mode != "off":
+        vb.optimize(model, mode=mode, verbose=False)
+    model.train()
+    rows = []
+    if cuda:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        vocab = config.vocab_size
+
+        def step(batch: int, seq: int) -> None:
+            x = torch.randint(0, vocab, (batch, seq), device=device)
+            model(input_ids=x, labels=x).loss.backward()
+            opt.step()
+
+        step(*min(shapes))  # the optimizer state exists from here on, as in the traced step
+    for batch, seq in shapes:
+        est = predicted[(batch, seq)]
+        row = {"batch": batch, "seq": seq, "predicted": est.traced_peak,
+               "predicted_components": est.at_peak}
+        try:
+            if cuda:
+                opt.zero_grad(set_to_none=True)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(device)
+                step(batch, seq)
+                torch.cuda.synchronize()
+                row["measured"] = torch.cuda.max_memory_allocated(device)
+            else:
+                row["measured"] = measure(model, batch=batch, seq=seq, optimizer="adamw",
+                                          device_type="cpu").traced_peak
+            row["error"] = row["predicted"] / row["measured"] - 1
+        except torch.cuda.OutOfMemoryError:
+            row["measured"] = "OOM"
+        rows.append(row)
+    return {"variant": args.variant, "model": name, "mode": mode, "estimate_s": estimate_s,
+            "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+            "accelerate": accelerate_figure(config, mode), "rows": rows}
+
+
+def size(value: int | str | None) -> str:
+    return "-" if value is None else value if isinstance(value, str) else human_bytes(value, 2)
+
+
+def markdown(results: list[dict], measured_by: str) -> str:
+    """One line per model, mode, batch and sequence length."""
+    lines = [f"| model | mode | batch | seq | predicted | {measured_by} | error | accelerate (Adam) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | ERROR {' '.join(r['error'])} | | | | | | |")
+            continue
+        for row in r["rows"]:
+            error = f"{100 * row['error']:+.1f}%" if "error" in row else "-"
+            lines.append(f"| {r['model']} | {r['mode']} | {row['batch']} | {row['seq']} | {size(row['predicted'])} | "
+                         f"{size(row['measured'])} | {error} | {size(r['accelerate'])} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--scale", choices=("full", "tiny"), default="full",
+                        help="full: APT --preset, Llama-3.2-1B and GPT-2 small shapes; tiny: two-layer models")
+    parser.add_argument("--preset", default="large", help="the APT preset (--scale full)")
+    parser.add_argument("--vocab", type=int, default=50304, help="the APT model's vocabulary")
+    parser.add_argument("--batches", default="1,4,8", help="comma-separated batch sizes")
+    parser.add_argument("--seqs", default="256,1024", help="comma-separated sequence lengths")
+    add_variant_arguments(parser, VARIANTS)
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args)))
+        return
+    results = run_in_subprocesses(__file__, args.only, args, ("device", "scale", "preset", "vocab", "batches", "seqs"))
+    measured_by = "max_memory_allocated" if args.device == "cuda" else "tracked (CPU)"
+    print(f"\n{device_name(args.device)} torch {torch.__version__}\n")
+    print(markdown(results, measured_by))
+    if all(r.get("accelerate") is None for r in results):
+        print("\naccelerate is not installed here: its column is empty (pip install accelerate)")
+    errors = [abs(row["error"]) for r in results if "rows" in r for row in r["rows"] if "error" in row]
+    if errors:
+        print(f"\nlargest |error| {100 * max(errors):.1f}% over {len(errors)} steps; "
+              f"within ±10%: {sum(e <= 0.10 for e in errors)}, within ±5%: {sum(e <= 0.05 for e in errors)}")
+    write_results(args.json, {"device": device_name(args.device), "args": vars(args),
+                              "date": time.strftime("%Y-%m-%d"), "measured_by": measured_by, "results": results})
+
+
+if __name__ == "__main__":
+    main()
