@@ -20,6 +20,8 @@ Variants (each in a fresh subprocess, the same seeded model built on the card):
 Decode time: ``generate(new)`` minus ``generate(1)`` (the same prefill, no decode step), each
 CUDA-event timed, median of ``--runs`` after a warm-up (which also captures the graphs);
 tokens/s = (new - 1) / decode time. End-to-end tokens/s = new / ``generate(new)`` time.
+"of floor": ms/token as a percentage of the weight-read floor (the bytes a step must read,
+at the read bandwidth measured in the same process: ``variants.floor_fields``).
 Checks: greedy tokens against fp32-eager's over the first ``--check`` new tokens, and in each
 variant its graphed tokens against its own plain ``generate`` and static-cache-without-graph.
 """
@@ -32,7 +34,13 @@ import statistics
 import time
 
 import torch
-from variants import add_variant_arguments, cuda_timed, run_in_subprocesses
+from variants import (
+    add_variant_arguments,
+    cuda_timed,
+    floor_fields,
+    read_bandwidth,
+    run_in_subprocesses,
+)
 
 from apt_model.storage import module_nbytes
 
@@ -50,6 +58,7 @@ def run_variant(args: argparse.Namespace) -> dict:
 
     variant = args.variant
     device = torch.device("cuda")
+    bandwidth = read_bandwidth()  # before the model: the allocations below are the model's
     if variant in ("vb-speed-frozen", "vb-speed-compiled") and not hasattr(vb, "freeze_fp4"):
         return {"variant": variant, "skipped": "vb.freeze_fp4 does not exist"}
     if variant.startswith("vb-"):
@@ -118,6 +127,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         "prefill_ms": statistics.median(prefill),
         "decode_ms_per_token": decode_ms / (args.new - 1),
         "decode_tok_s": (args.new - 1) / (decode_ms / 1000),
+        **floor_fields(model, decode_ms / (args.new - 1), bandwidth),
         "e2e_tok_s": args.new / (statistics.median(full) / 1000),
         "self_checks": checks,
         "repeat_agreement": min(repeat_agreement),
@@ -153,7 +163,8 @@ def main() -> None:
     print(f"\n{torch.cuda.get_device_name()} torch {torch.__version__} preset={args.preset} vocab={args.vocab} "
           f"batch=1 prompt={args.prompt} new={args.new} greedy, median of {args.runs}")
     print(f"{'variant':16} {'weights GiB':>11} {'alloc GiB':>9} {'prefill ms':>10} {'ms/token':>8} "
-          f"{'decode tok/s':>12} {'vs fp32':>8} {'vs bf16':>8} {f'agree@{args.check}':>9} {'graph=plain':>11}")
+          f"{'decode tok/s':>12} {'of floor':>8} {'vs fp32':>8} {'vs bf16':>8} {f'agree@{args.check}':>9} "
+          f"{'graph=plain':>11}")
     for r in results:
         if "decode_tok_s" not in r:
             print(f"{r['variant']:16} {'SKIPPED ' + r['skipped'] if 'skipped' in r else 'ERROR ' + str(r['error'])}")
@@ -164,7 +175,7 @@ def main() -> None:
         self_check = f"{100 * r['self_checks'].get('graph_vs_plain_generate', float('nan')):.0f}%"
         print(f"{r['variant']:16} {r['param_buffer_bytes'] / 2**30:11.2f} {r['allocated_after_build'] / 2**30:9.2f} "
               f"{r['prefill_ms']:10.1f} {r['decode_ms_per_token']:8.3f} {r['decode_tok_s']:12.1f} "
-              f"{vs_fp32:>8} {vs_bf16:>8} {agree:>9} {self_check:>11}")
+              f"{r['pct_of_floor']:7.0f}% {vs_fp32:>8} {vs_bf16:>8} {agree:>9} {self_check:>11}")
     speed = ok.get("vb-speed")
     if speed and base and bf16:
         met = speed["speedup_vs_fp32_eager"] >= 2.57 and speed["speedup_vs_bf16"] >= 2.0

@@ -20,7 +20,9 @@ divided by N - 1), without a host sync per token. Median over ``--runs`` calls a
 warm-up call (whose wall time is reported as the first-call time: it includes compiling).
 ``--profile`` adds a torch.profiler pass per variant: device-busy and host time per token,
 kernels per token, and the top ops (written beside the JSON). Dynamo's counters (graph
-breaks, unique graphs, cudagraph skips) are reported for every variant.
+breaks, unique graphs, cudagraph skips) are reported for every variant, and each variant's
+ms/token as a percentage of its weight-read floor (the bytes a step must read, at the read
+bandwidth measured in the same process: ``variants.floor_fields``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,14 @@ import time
 from pathlib import Path
 
 import torch
-from variants import add_variant_arguments, cuda_timed, run_in_subprocesses, write_results
+from variants import (
+    add_variant_arguments,
+    cuda_timed,
+    floor_fields,
+    read_bandwidth,
+    run_in_subprocesses,
+    write_results,
+)
 
 from apt_model.storage import module_nbytes
 
@@ -161,6 +170,7 @@ def run_variant(args: argparse.Namespace) -> dict:
 
     device = torch.device("cuda")
     variant = args.variant
+    bandwidth = read_bandwidth()  # before the model: the peak below is the model's
     if variant == "bnb-4bit":
         if args.model == "apt-xl":
             return {"variant": variant, "skipped": "bitsandbytes loads Hugging Face models only"}
@@ -218,6 +228,7 @@ def run_variant(args: argparse.Namespace) -> dict:
             "decode_ms_runs": per_token,
             "decode_tok_s": 1000 / statistics.median(per_token),
             "tokens_repeat": all(repeats),
+            **floor_fields(model, statistics.median(per_token), bandwidth),
             "dynamo": _dynamo_counters(),
             "tokens": tokens.tolist(),
         }
@@ -252,7 +263,7 @@ def main() -> None:
     print(f"\n{torch.cuda.get_device_name()} torch {torch.__version__} batch=1 prompt={args.prompt} "
           f"new={args.new} greedy, median of {args.runs}")
     print(f"{'model':9} {'variant':12} {'weights GiB':>11} {'peak GiB':>8} {'first s':>7} "
-          f"{'prefill ms':>10} {'ms/token':>8} {'tok/s':>7} {'vs bf16 same cache':>18}")
+          f"{'prefill ms':>10} {'ms/token':>8} {'tok/s':>7} {'of floor':>8} {'vs bf16 same cache':>18}")
     for r in results:
         if "decode_tok_s" not in r:
             print(f"{r.get('model', ''):9} {r['variant']:12} "
@@ -264,7 +275,8 @@ def main() -> None:
         ratio = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if base else "-"
         print(f"{r['model']:9} {r['variant']:12} {r['weight_bytes'] / 2**30:11.2f} "
               f"{r['peak_allocated'] / 2**30:8.2f} {r['first_call_s']:7.1f} {r['prefill_ms']:10.1f} "
-              f"{r['decode_ms_per_token']:8.3f} {r['decode_tok_s']:7.1f} {ratio:>18}")
+              f"{r['decode_ms_per_token']:8.3f} {r['decode_tok_s']:7.1f} {r['pct_of_floor']:7.0f}% "
+              f"{ratio:>18}")
     write_results(args.json, {"args": vars(args), "results": results})
 
 

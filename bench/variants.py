@@ -49,6 +49,49 @@ def cuda_timed(call: Callable[[], Any]) -> tuple[float, Any]:
     return start.elapsed_time(end), out
 
 
+def read_bandwidth(device: str = "cuda", nbytes: int = 4 << 30, repeats: int = 7) -> float:
+    """The card's read bandwidth, measured now (bytes/s): the median time of summing an fp32
+    buffer of ``nbytes`` (one read of every byte; the buffer is freed afterwards)."""
+    import statistics
+
+    import torch
+
+    buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    buf.sum()
+    times = [cuda_timed(buf.sum)[0] for _ in range(repeats)]
+    del buf
+    torch.cuda.empty_cache()
+    return nbytes / (statistics.median(times) / 1000)
+
+
+def decode_read_bytes(model) -> int:
+    """Bytes one decode step reads at least: the model's parameters and buffers (each storage
+    once), less the embedding tables it only gathers a row of. An embedding whose storage
+    another module also uses (a head tied to it) is read in full."""
+    import torch
+
+    from apt_model.storage import module_nbytes
+
+    def storages(module) -> set[int]:
+        return {t.untyped_storage().data_ptr() for t in (*module.parameters(recurse=False),
+                                                          *module.buffers(recurse=False))}
+
+    embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    others = set().union(*(storages(m) for m in model.modules()
+                           if not isinstance(m, torch.nn.Embedding)))
+    gathered = sum(module_nbytes(m) for m in embeddings if not storages(m) & others)
+    return module_nbytes(model) - gathered
+
+
+def floor_fields(model, ms_per_token: float, bandwidth: float) -> dict:
+    """The weight-read floor of one decode step at ``bandwidth`` (bytes/s) and the measured
+    ``ms_per_token`` as a percentage of it (100% = at the floor)."""
+    read = decode_read_bytes(model)
+    floor_ms = 1000 * read / bandwidth
+    return {"read_bytes_per_token": read, "read_gbps": bandwidth / 1e9, "floor_ms": floor_ms,
+            "pct_of_floor": 100 * ms_per_token / floor_ms}
+
+
 def write_results(path: str | None, payload: dict) -> None:
     """``payload`` with the card (unless it names its ``device``) and torch version, as JSON
     at ``path`` (nothing if None)."""
