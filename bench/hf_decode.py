@@ -58,21 +58,30 @@ LLAMA_SHAPES = {
     "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                      num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                      tie_word_embeddings=False),
+    "llama-tiny": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6,  # smoke tests
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                       tie_word_embeddings=False, vocab_size=1024),
 }
+
+
+def llama_config(name: str):
+    """The ``transformers.LlamaConfig`` of shape ``name`` (a key of ``LLAMA_SHAPES``)."""
+    import transformers
+
+    return transformers.LlamaConfig(**{"vocab_size": 128256, "max_position_embeddings": 8192,
+                                       "rope_theta": 500000.0, **LLAMA_SHAPES[name]})
 
 
 def _build_llama(name: str, device: torch.device):
     import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=128256, max_position_embeddings=8192,
-                                   rope_theta=500000.0, **LLAMA_SHAPES[name])
     torch.manual_seed(0)
     with torch.device(device):
-        model = transformers.LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
-    return _always_n_tokens(model)
+        model = transformers.LlamaForCausalLM._from_config(llama_config(name), dtype=torch.bfloat16)
+    return always_n_tokens(model)
 
 
-def _always_n_tokens(model):
+def always_n_tokens(model):
     """No end-of-sequence token: every call generates exactly the tokens asked for."""
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
@@ -90,7 +99,7 @@ def _bnb_llama(model, device: torch.device):
         loaded = transformers.LlamaForCausalLM.from_pretrained(folder, quantization_config=quant,
                                                                device_map={"": device.index or 0},
                                                                dtype=torch.bfloat16)
-    return _always_n_tokens(loaded)
+    return always_n_tokens(loaded)
 
 
 class _TokenClock:
@@ -106,7 +115,9 @@ class _TokenClock:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def _hf_call(model, prompt: torch.Tensor, new: int):
+def timed_generate(model, prompt: torch.Tensor, new: int):
+    """A call of ``model.generate(prompt, new tokens, greedy)`` that returns (prefill ms,
+    decode ms per token, the new tokens), timed by a CUDA event per token."""
     from transformers import StoppingCriteriaList
 
     def call() -> tuple[float, float, torch.Tensor]:
@@ -206,7 +217,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     gen = torch.Generator(device=device).manual_seed(1)
     prompt = torch.randint(0, vocab, (1, args.prompt), device=device, generator=gen)
     call = (_apt_call(model, prompt, args.new, static) if args.model == "apt-xl"
-            else _hf_call(model, prompt, args.new))
+            else timed_generate(model, prompt, args.new))
     wall = time.perf_counter()
     with torch.inference_mode():
         _, _, tokens = call()
