@@ -370,7 +370,7 @@ class FP4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.frozen:
-            if self.training and torch.is_grad_enabled():
+            if torch.is_grad_enabled() and self.training:  # no guard on training under no_grad
                 raise RuntimeError(tr(
                     f"{self._describe()} 已冻结为推理用的打包FP4权重 (没有主权重), 无法训练; "
                     "请在 freeze_fp4 之前训练, 推理时用 model.eval() 或 torch.no_grad()",
