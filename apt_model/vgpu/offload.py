@@ -31,7 +31,6 @@ and blocks streamed by a VGPU stack (:mod:`.streaming` refuses training there).
 from __future__ import annotations
 
 import time
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,7 +51,6 @@ from apt_model.vgpu.streaming import stack_of
 CHUNK = 256 << 20  # host bytes per allocation: torch's pinned allocator rounds each one up to a power of two
 ALIGN = 64
 UNSUPPORTED_FLAGS = ("amsgrad", "maximize", "capturable", "differentiable")
-_LIVE: weakref.WeakSet[OffloadedAdamW] = weakref.WeakSet()
 _OWNER = WeakIdKeyDictionary()  # parameter -> the OffloadedAdamW that offloads it
 
 
@@ -160,7 +158,6 @@ class OffloadedAdamW(torch.optim.AdamW):
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in offloaded]
         for p in offloaded:
             _OWNER[p] = self
-        _LIVE.add(self)
 
     # ---- gradients off, steps on the host, weights back ---------------------------------------
 
@@ -380,12 +377,6 @@ class OffloadedAdamW(torch.optim.AdamW):
         for p in self._host:
             _OWNER.pop(p, None)
         self._pool.shutdown()
-        _LIVE.discard(self)
-
-
-def offloaded_optimizers() -> list[OffloadedAdamW]:
-    """The offloaded optimizers alive in this process (``vb.get_stats`` reports them)."""
-    return list(_LIVE)
 
 
 def _check(model: nn.Module, optimizer: torch.optim.Optimizer, offloaded: list[nn.Parameter]) -> None:
