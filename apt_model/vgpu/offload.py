@@ -125,21 +125,30 @@ def _master_dtype(p: Tensor) -> torch.dtype:
     return torch.promote_types(p.dtype, torch.float32)
 
 
+def _host_sizes(p: Tensor) -> list[int]:
+    """Bytes of ``p``'s host tensors: master, transfer buffer, exp_avg, exp_avg_sq."""
+    master = p.numel() * _master_dtype(p).itemsize
+    return [master, p.nbytes, master, master]
+
+
 class OffloadedAdamW(torch.optim.AdamW):
     """``AdamW`` whose offloaded parameters keep their master and state in host RAM and are
     stepped there (see the module doc). Build it with :func:`offload_optimizer`."""
 
     def __init__(self, optimizer: torch.optim.AdamW, offloaded: Sequence[nn.Parameter],
-                 max_grad_norm: float | None = None) -> None:
+                 max_grad_norm: float | None = None, order: Sequence[nn.Parameter] = ()) -> None:
+        """Take over ``optimizer``'s groups and state; offload ``offloaded``; clip to
+        ``max_grad_norm``, the norm summed over parameters in ``order`` (the model's; others
+        after), as ``clip_grad_norm_(model.parameters())`` sums it."""
         torch.optim.Optimizer.__init__(self, optimizer.param_groups, optimizer.defaults)
+        self._order = list(dict.fromkeys([*order, *(p for g in self.param_groups for p in g["params"])]))
         self.max_grad_norm = max_grad_norm
         self.overlap = max_grad_norm is None
         self.counters = OffloadCounters()
         self.device = offloaded[0].device
         self._cuda = self.device.type == "cuda"
         self.memory = HostMemory(pin=self._cuda)
-        sizes = [p.numel() * (2 * p.element_size() + 3 * _master_dtype(p).itemsize) for p in offloaded]
-        self._arena = _Arena(self.memory, sizes)
+        self._arena = _Arena(self.memory, [n for p in offloaded for n in _host_sizes(p)])
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
         self._host: dict[nn.Parameter, _Host] = {}
         taken = {p: optimizer.state.pop(p) for p in offloaded if p in optimizer.state}
@@ -219,11 +228,13 @@ class OffloadedAdamW(torch.optim.AdamW):
         for _, host in landed:
             if host.grad_ready is not None:
                 host.grad_ready.synchronize()
-        grads = [host.transfer for _, host in landed]
-        grads += [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if grads:
+        grads = [self._host[p].transfer if p in self._host else p.grad for p in self._order
+                 if (self._host[p].landed if p in self._host else p.grad is not None)]
+        if grads:  # clip_grads_with_norm_'s arithmetic, on gradients that are no parameter's .grad
             total = torch.nn.utils.get_total_norm(grads)
-            torch.nn.utils.clip_grads_with_norm_(grads, self.max_grad_norm, total)
+            coef = torch.clamp(float(self.max_grad_norm) / (total + 1e-6), max=1.0)
+            for grad in grads:
+                grad.mul_(coef.to(grad.device))
 
     def _finish(self, landed: list[tuple[nn.Parameter, _Host]]) -> None:
         """Wait for the host steps of ``landed``, and make the compute stream wait for their
@@ -407,7 +418,7 @@ def _check(model: nn.Module, optimizer: torch.optim.Optimizer, offloaded: list[n
     if taken:
         raise VBConfigError(tr("VGPU: 这些参数已由另一个卸载的优化器管理；先对它调用 release()",
                                "VGPU: these parameters are already offloaded by another optimizer; call its release() first"))
-    need = sum(p.numel() * (2 * p.element_size() + 3 * _master_dtype(p).itemsize) for p in offloaded)
+    need = sum(sum(_host_sizes(p)) for p in offloaded)
     available, _ = host_memory_info()
     if need > available:
         raise VBConfigError(tr(f"VGPU 卸载的优化器需要 {human_bytes(need)} 主机内存，本机可用 {human_bytes(available)}",
@@ -426,7 +437,7 @@ def offload_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer,
     offloaded ones are no longer there). One-line errors for what is not supported."""
     in_optimizer = {p for g in optimizer.param_groups for p in g["params"]}
     chosen = set(params) if params is not None else None
-    offloaded = [p for p in model.parameters()
-                 if p in in_optimizer and p.requires_grad and (chosen is None or p in chosen)]
+    order = [p for p in model.parameters() if p in in_optimizer]
+    offloaded = [p for p in order if p.requires_grad and (chosen is None or p in chosen)]
     _check(model, optimizer, offloaded)
-    return OffloadedAdamW(optimizer, offloaded, max_grad_norm)
+    return OffloadedAdamW(optimizer, offloaded, max_grad_norm, order)
