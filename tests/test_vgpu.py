@@ -230,7 +230,7 @@ def test_training_a_streamed_model_is_refused():
     size = block_bytes(model.blocks[0])
     level0 = rest_bytes(model, list(model.blocks)) + size
     vgpu.attach(model, list(model.blocks), [Level(mb(level0) + 0.01, "cpu", 100), Level(64, "cpu", 50)])
-    with pytest.raises(VBUnsupportedError, match="training with offloaded levels is not supported yet") as err:
+    with pytest.raises(VBUnsupportedError, match="training streamed blocks is not supported yet") as err:
         model(X, labels=X)
     assert "\n" not in str(err.value)
 

@@ -23,10 +23,12 @@ from apt_model.storage import human_bytes
 
 
 class StatsRegistry:
-    """The models VB optimized in this process and the optimizer steps taken on them."""
+    """The models VB optimized in this process, the optimizer steps taken on them, and the
+    optimizers VB offloaded (``vb.offload_optimizer``)."""
 
     def __init__(self) -> None:
         self._models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self._optimizers: weakref.WeakSet[vgpu.OffloadedAdamW] = weakref.WeakSet()
         self._param_ids: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
         self.steps = 0
         self._hook = None
@@ -55,9 +57,16 @@ class StatsRegistry:
     def models(self) -> list[nn.Module]:
         return list(self._models)
 
+    def track_optimizer(self, optimizer: vgpu.OffloadedAdamW) -> None:
+        self._optimizers.add(optimizer)
+
+    def optimizers(self) -> list[vgpu.OffloadedAdamW]:
+        return list(self._optimizers)
+
     def reset(self) -> None:
         self.steps = 0
         self._models = weakref.WeakSet()
+        self._optimizers = weakref.WeakSet()
         self._param_ids = weakref.WeakValueDictionary()
 
 
@@ -116,6 +125,7 @@ def collect(config: VBConfig | None, enabled: bool) -> dict[str, Any]:
     peak = accelerator.max_memory_allocated(device) if device.type != "cpu" else None
     levels = list(config.vgpu_config.levels) if config and config.vgpu_config else []
     stacks = [stack.stats() for stack in map(vgpu.stack_of, models) if stack is not None]
+    optimizers = [optimizer.stats() for optimizer in REGISTRY.optimizers()]
     return {
         "enabled": enabled,
         "mode": config.mode if (config and enabled) else None,
@@ -128,11 +138,12 @@ def collect(config: VBConfig | None, enabled: bool) -> dict[str, Any]:
         "peak_memory_bytes": peak,
         "steps": REGISTRY.steps,
         "vgpu": {
-            "active": bool(stacks),
+            "active": bool(stacks or optimizers),
             "configured_levels": [
                 {"capacity_mb": lv.capacity_mb, "device": lv.device, "speed_gbps": lv.speed_gbps} for lv in levels
             ],
             "stacks": stacks,
+            "optimizers": optimizers,
         },
     }
 
@@ -170,16 +181,32 @@ def render(stats: dict[str, Any]) -> str:
         if len(stacks) > 1:
             lines.append(tr(f"  模型 {number}:", f"  model {number}:"))
         lines.extend(_render_stack(stack))
+    for optimizer in stats["vgpu"]["optimizers"]:
+        lines.append(_render_optimizer(optimizer))
     levels = stats["vgpu"]["configured_levels"]
-    if not stacks and levels:
+    idle = not stacks and not stats["vgpu"]["optimizers"]
+    if idle and levels:
         desc = ", ".join(f"L{i} {lv['device']} {lv['capacity_mb']:.0f}MB" for i, lv in enumerate(levels))
         lines.append(tr(f"  未启用分层: 已配置 {len(levels)} 级 ({desc})，但没有模型按这些层级优化过",
                         f"  no tiering active: {len(levels)} levels configured ({desc}), but no model was "
                         "optimized with them"))
-    elif not stacks:
+    elif idle:
         lines.append(tr("  未启用分层（未配置vgpu_config），所有参数留在计算设备上",
                         "  no tiering active (no vgpu_config); all parameters stay on the compute device"))
     return "\n".join(lines)
+
+
+def _render_optimizer(opt: dict[str, Any]) -> str:
+    """One offloaded optimizer: what it holds on the host and what it moved and waited."""
+    memory = tr("锁页" if opt["pinned"] else "可分页", "pinned" if opt["pinned"] else "pageable")
+    return tr(
+        f"  卸载的优化器: {opt['params']} 个参数, 主机内存 {_fmt_bytes(opt['host_bytes'])} ({memory}), "
+        f"{opt['steps']} 步, 梯度移出 {_fmt_bytes(opt['grad_bytes_off'])}, 权重移回 {_fmt_bytes(opt['weight_bytes_back'])}, "
+        f"主机AdamW {1e3 * opt['host_step_s']:.1f} ms, 计算等待 {1e3 * opt['wait_s']:.1f} ms",
+        f"  offloaded optimizer: {opt['params']} params, host RAM {_fmt_bytes(opt['host_bytes'])} ({memory}), "
+        f"{opt['steps']} steps, grads off {_fmt_bytes(opt['grad_bytes_off'])}, weights back "
+        f"{_fmt_bytes(opt['weight_bytes_back'])}, host AdamW {1e3 * opt['host_step_s']:.1f} ms, compute waited "
+        f"{1e3 * opt['wait_s']:.1f} ms")
 
 
 def _rate(value: float | None) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -321,6 +322,28 @@ def get_stats() -> dict[str, Any]:
 
 def print_stats() -> None:
     print(_stats().render(get_stats()))
+
+
+def offload_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                      params: Iterable[nn.Parameter] | None = None,
+                      max_grad_norm: float | None = None) -> torch.optim.Optimizer:
+    """The one line that offloads training state: ``optimizer = vb.offload_optimizer(model,
+    optimizer)``. The fp32 master weights and AdamW state of ``model``'s parameters (or of
+    ``params``) live in host RAM and are stepped there, overlapped with the backward; the loop
+    (``backward(); step(); zero_grad()``, lr schedulers, ``state_dict()``) stays as it is.
+    Clip with ``max_grad_norm`` instead of ``clip_grad_norm_`` (offloaded gradients leave the
+    device during backward). See ``apt_model.vgpu.offload``."""
+    from apt_model.vgpu import offload_optimizer as _offload
+
+    offloaded = _offload(model, optimizer, params=params, max_grad_norm=max_grad_norm)
+    _stats().REGISTRY.track_optimizer(offloaded)
+    return offloaded
+
+
+def offloads_training(config: _config.VBConfig | None) -> bool:
+    """Whether VB's trainers offload the optimizer state: ``vgpu_config`` has levels below
+    Level 0 (host RAM or SSD)."""
+    return config is not None and config.vgpu_config is not None and len(config.vgpu_config.levels) > 1
 
 
 def freeze_fp4(model: nn.Module) -> int:

@@ -44,6 +44,7 @@ from apt_model.training.run_log import (
     RunLog,
     plot_log,
 )
+from apt_model.vgpu.offload import OffloadedAdamW
 
 SAMPLE_PROMPT_BYTES = 32
 SAMPLE_TEMPERATURE = 0.8
@@ -340,11 +341,16 @@ class Trainer:
         return model
 
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        """AdamW; no weight decay on gains and norms (1-D parameters), as usual for transformers."""
+        """AdamW; no weight decay on gains and norms (1-D parameters), as usual for transformers.
+        With VGPU levels below Level 0 its masters and state are offloaded to host RAM (and it
+        clips the gradients itself: ``--grad-clip``)."""
         params = [p for p in model.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.cfg.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(0.9, 0.95))
+        optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(0.9, 0.95))
+        if vb_global.offloads_training(vb_global.active_config()):
+            return vb_global.offload_optimizer(model, optimizer, max_grad_norm=self.cfg.grad_clip or None)
+        return optimizer
 
     @torch.no_grad()
     def generate(self, model: nn.Module, prompt: torch.Tensor, max_new_tokens: int,
@@ -475,7 +481,7 @@ class Trainer:
                 x = corpus.get_batch("train", cfg.batch_size, cfg.seq_len, generator).to(device)
                 loss = model(x, labels=x).loss
                 loss.backward()
-                if cfg.grad_clip:
+                if cfg.grad_clip and not isinstance(optimizer, OffloadedAdamW):  # that one clips in step()
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -3,8 +3,11 @@
 ``attach(model, blocks, levels)`` places a model by a plan (:mod:`.placement`) and streams
 its repeated blocks into Level 0 ahead of use (:mod:`.streaming`); ``detach`` gives the
 plain model back; ``stack_of(model).stats()`` reports the levels' real counters.
+``offload_optimizer(model, adamw)`` keeps the fp32 masters and AdamW state of a model in
+training in host RAM and steps them there (:mod:`.offload`).
 """
 
+from apt_model.vgpu.offload import OffloadedAdamW, offload_optimizer
 from apt_model.vgpu.streaming import VGPUStack, attach, detach, stack_of
 
-__all__ = ["VGPUStack", "attach", "detach", "stack_of"]
+__all__ = ["OffloadedAdamW", "VGPUStack", "attach", "detach", "offload_optimizer", "stack_of"]

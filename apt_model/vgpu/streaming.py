@@ -21,7 +21,8 @@ memory-mapped swap file), so ``state_dict()`` reads the real weights. :func:`det
 every tensor back on the device the model was on, byte for byte.
 
 Inference only in this version: a forward that could record gradients for streamed
-parameters raises; the caller may refuse more (the engine: FP4 layers not frozen).
+parameters raises (training offloads the optimizer state instead, :mod:`.offload`); the
+caller may refuse more (the engine: FP4 layers not frozen).
 """
 
 from __future__ import annotations
@@ -315,10 +316,11 @@ class VGPUStack:
         name = type(b.module).__name__
         if torch.is_grad_enabled() and any(p.requires_grad for p in b.params):
             raise VBUnsupportedError(tr(
-                f"VGPU: 块 {i} ({name}) 的权重在下层级，暂不支持用卸载的层级训练；推理请在 torch.no_grad() 下运行，"
-                "或先 model.requires_grad_(False)",
-                f"VGPU: block {i} ({name}) streams from a lower level; training with offloaded levels is "
-                "not supported yet: run inference under torch.no_grad(), or call model.requires_grad_(False)"))
+                f"VGPU: 块 {i} ({name}) 的权重在下层级，暂不支持训练流式块；推理请在 torch.no_grad() 下运行，"
+                "训练请让 Level 0 容纳全部块 (优化器状态可用 vb.offload_optimizer 卸载)",
+                f"VGPU: block {i} ({name}) streams from a lower level; training streamed blocks is not supported "
+                "yet: run inference under torch.no_grad(), or train with every block in Level 0 (the optimizer "
+                "state can be offloaded: vb.offload_optimizer)"))
         if self._check is not None:
             self._check(b.module)
         if torch.compiler.is_compiling() or (self._cuda and torch.cuda.is_current_stream_capturing()):

@@ -1,0 +1,443 @@
+"""Training with offloaded optimizer state: fp32 masters and AdamW moments in host RAM.
+
+:func:`offload_optimizer` takes over a ``torch.optim.AdamW`` and returns an
+:class:`OffloadedAdamW` (an ``AdamW`` itself: same ``param_groups`` dicts, so lr schedulers
+and ``group["lr"] = ...`` work) that the user's loop keeps calling unchanged. For each
+offloaded parameter the host holds its fp32 master, ``exp_avg``, ``exp_avg_sq`` and ``step``
+(page-locked when the compute device is CUDA, pageable with one warning where pinning is
+refused) and one transfer buffer in the parameter's dtype; the compute device holds only the
+parameter itself, the compute copy (bf16, or fp32 for an fp32 model).
+
+* As soon as a parameter's gradient is final (``register_post_accumulate_grad_hook``) it is
+  copied into the transfer buffer (on CUDA on a side stream after an event of the compute
+  stream; elsewhere synchronously) and the device gradient is freed: ``p.grad`` of an
+  offloaded parameter is None after ``backward()``.
+* Its AdamW step runs on the host, in one background thread, with torch's fused CPU AdamW
+  (the fastest of torch's CPU implementations, ``bench/cpu_adamw.py``; bit for bit
+  ``torch.optim.AdamW(fused=True)`` on CPU tensors): started from the hook, so it overlaps
+  the backward of earlier blocks; with ``max_grad_norm`` it starts in ``step()``, once the
+  norm of all gradients is known (``torch.nn.utils.clip_grad_norm_``'s arithmetic). The
+  updated master is cast into the transfer buffer and copied back into the parameter (a
+  second side stream on CUDA).
+* ``step()`` waits for those steps (on CUDA the compute stream waits on the copies' events;
+  the wait is timed) and steps the other parameters on their device as ``AdamW`` would.
+
+Refused with one line: other optimizers, ``amsgrad`` / ``maximize`` / ``capturable`` /
+``differentiable``, gradient accumulation (a second backward before ``step()``), changing
+hyperparameters between an overlapped backward and ``step()``, ``zero_grad()`` between them,
+and blocks streamed by a VGPU stack (:mod:`.streaming` refuses training there).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim.adam import adam
+from torch.utils.weak import WeakIdKeyDictionary
+
+from apt_model.accelerator import host_memory_info
+from apt_model.errors import VBConfigError, VBUnsupportedError
+from apt_model.i18n import tr
+from apt_model.storage import human_bytes
+from apt_model.vgpu.levels import HostMemory
+from apt_model.vgpu.streaming import stack_of
+
+CHUNK = 256 << 20  # host bytes per allocation: torch's pinned allocator rounds each one up to a power of two
+ALIGN = 64
+UNSUPPORTED_FLAGS = ("amsgrad", "maximize", "capturable", "differentiable")
+_OWNER = WeakIdKeyDictionary()  # parameter -> the OffloadedAdamW that offloads it
+
+
+@dataclass
+class OffloadCounters:
+    """What the offloaded optimizer did: bytes of gradients copied off the device and of
+    weights copied back, seconds of host AdamW steps, seconds the compute waited for them
+    (on CUDA the compute stream's wait, by events; elsewhere the host's wait in ``step()``)."""
+
+    steps: int = 0
+    grad_bytes_off: int = 0
+    weight_bytes_back: int = 0
+    host_step_s: float = 0.0
+    wait_s: float = 0.0
+
+
+@dataclass
+class _Host:
+    """One offloaded parameter's host side."""
+
+    master: Tensor
+    transfer: Tensor  # the parameter's dtype: where its gradient lands and its new weight leaves
+    landed: bool = False  # a gradient came off since the last ``step()``
+    grad_ready: Any = None  # CUDA event: the gradient's copy is done
+    back: Any = None  # CUDA event: the new weight's copy is done
+    future: Future | None = None
+    hyper: tuple = ()  # the hyperparameters its pending step used
+
+
+def _hyper(group: dict[str, Any]) -> tuple[float, float, float, float, float]:
+    beta1, beta2 = group["betas"]
+    return float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"])
+
+
+def _adamw(params: list[Tensor], grads: list[Tensor], state: Sequence[dict[str, Tensor]],
+           hyper: tuple[float, float, float, float, float], **implementation: Any) -> None:
+    """One AdamW step of ``params`` (torch's own ``adam`` with decoupled weight decay)."""
+    lr, beta1, beta2, eps, weight_decay = hyper
+    adam(params, grads, [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state], [],
+         [s["step"] for s in state], amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay,
+         eps=eps, maximize=False, decoupled_weight_decay=True, **implementation)
+
+
+class _Arena:
+    """Host tensors carved from a few large buffers (``CHUNK`` bytes, or all that is needed
+    when less), each tensor aligned to ``ALIGN`` bytes: pinned buffers waste little that way."""
+
+    def __init__(self, memory: HostMemory, sizes: Sequence[int]) -> None:
+        self.memory = memory
+        self._left = sum(_aligned(n) for n in sizes)
+        self._chunk: Tensor | None = None
+        self._used = 0
+        self.held_bytes = 0
+
+    def take(self, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+        nbytes = _aligned(shape.numel() * dtype.itemsize)
+        if self._chunk is None or self._used + nbytes > self._chunk.numel():
+            self._chunk = self.memory.empty(max(min(CHUNK, self._left), nbytes))
+            self._used = 0
+            self.held_bytes += self._chunk.untyped_storage().nbytes()
+        out = self._chunk[self._used:self._used + nbytes][:shape.numel() * dtype.itemsize]
+        self._used += nbytes
+        self._left -= nbytes
+        return out.view(dtype).view(shape)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _master_dtype(p: Tensor) -> torch.dtype:
+    return torch.promote_types(p.dtype, torch.float32)
+
+
+def _host_sizes(p: Tensor) -> list[int]:
+    """Bytes of ``p``'s host tensors: master, transfer buffer, exp_avg, exp_avg_sq."""
+    master = p.numel() * _master_dtype(p).itemsize
+    return [master, p.nbytes, master, master]
+
+
+class OffloadedAdamW(torch.optim.AdamW):
+    """``AdamW`` whose offloaded parameters keep their master and state in host RAM and are
+    stepped there (see the module doc). Build it with :func:`offload_optimizer`."""
+
+    def __init__(self, optimizer: torch.optim.AdamW, offloaded: Sequence[nn.Parameter],
+                 max_grad_norm: float | None = None, order: Sequence[nn.Parameter] = ()) -> None:
+        """Take over ``optimizer``'s groups and state; offload ``offloaded``; clip to
+        ``max_grad_norm``, the norm summed over parameters in ``order`` (the model's; others
+        after), as ``clip_grad_norm_(model.parameters())`` sums it."""
+        torch.optim.Optimizer.__init__(self, optimizer.param_groups, optimizer.defaults)
+        self._order = list(dict.fromkeys([*order, *(p for g in self.param_groups for p in g["params"])]))
+        self.max_grad_norm = max_grad_norm
+        self.overlap = max_grad_norm is None
+        self.counters = OffloadCounters()
+        self.device = offloaded[0].device
+        self._cuda = self.device.type == "cuda"
+        self.memory = HostMemory(pin=self._cuda)
+        self._arena = _Arena(self.memory, [n for p in offloaded for n in _host_sizes(p)])
+        self._group_of = {p: g for g in self.param_groups for p in g["params"]}
+        self._host: dict[nn.Parameter, _Host] = {}
+        taken = {p: optimizer.state.pop(p) for p in offloaded if p in optimizer.state}
+        self.state.update(optimizer.state)  # the resident parameters' state, as it is
+        for p in offloaded:
+            master = self._arena.take(p.shape, _master_dtype(p))
+            self._host[p] = _Host(master=master, transfer=self._arena.take(p.shape, p.dtype))
+            self.state[p] = {"step": torch.tensor(0.0, dtype=torch.float32),
+                             "exp_avg": self._arena.take(p.shape, master.dtype),
+                             "exp_avg_sq": self._arena.take(p.shape, master.dtype)}
+            self._load_host(p, taken.get(p))
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vgpu-adamw")
+        self._d2h = torch.cuda.Stream(self.device) if self._cuda else None
+        self._h2d = torch.cuda.Stream(self.device) if self._cuda else None
+        self._waits: list[tuple[Any, Any]] = []  # CUDA events around the compute stream's waits
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in offloaded]
+        for p in offloaded:
+            _OWNER[p] = self
+
+    # ---- gradients off, steps on the host, weights back ---------------------------------------
+
+    def _on_grad(self, p: nn.Parameter) -> None:
+        """``p``'s gradient is final: copy it off, free it, and (overlapped) start its step."""
+        host = self._host[p]
+        if host.landed:
+            raise VBUnsupportedError(tr(
+                "VGPU 卸载的优化器: optimizer.step() 之前又一次 backward (梯度累积) 暂不支持",
+                "VGPU offloaded optimizer: a second backward before optimizer.step() (gradient accumulation) "
+                "is not supported yet"))
+        grad = p.grad
+        if self._cuda:
+            self._d2h.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._d2h):
+                host.transfer.copy_(grad, non_blocking=True)
+                host.grad_ready = torch.cuda.Event()
+                host.grad_ready.record()
+            grad.record_stream(self._d2h)
+        else:
+            host.transfer.copy_(grad)
+        self.counters.grad_bytes_off += grad.nbytes
+        p.grad = None
+        host.landed = True
+        if self.overlap:
+            self._submit(p, host)
+
+    def _submit(self, p: nn.Parameter, host: _Host) -> None:
+        host.hyper = _hyper(self._group_of[p])
+        host.future = self._pool.submit(self._host_step, p, host)
+
+    def _host_step(self, p: nn.Parameter, host: _Host) -> None:
+        """(Worker thread) AdamW on the host, then the new weight back into ``p``."""
+        start = time.perf_counter()
+        if host.grad_ready is not None:
+            host.grad_ready.synchronize()
+        grad = host.transfer.to(host.master.dtype)
+        _adamw([host.master], [grad], [self.state[p]], host.hyper, fused=True)
+        source = host.master
+        if host.transfer.dtype != host.master.dtype:
+            host.transfer.copy_(host.master)
+            source = host.transfer
+        self.counters.host_step_s += time.perf_counter() - start
+        with torch.no_grad():
+            if self._cuda:
+                with torch.cuda.device(self.device), torch.cuda.stream(self._h2d):
+                    p.copy_(source, non_blocking=True)
+                    host.back = torch.cuda.Event()
+                    host.back.record()
+            else:
+                p.copy_(source)
+        self.counters.weight_bytes_back += p.nbytes
+
+    def _landed(self) -> list[tuple[nn.Parameter, _Host]]:
+        return [(p, host) for p, host in self._host.items() if host.landed]
+
+    def _clip(self, landed: list[tuple[nn.Parameter, _Host]]) -> None:
+        """Scale every gradient as ``clip_grad_norm_(all parameters, max_grad_norm)`` would."""
+        for _, host in landed:
+            if host.grad_ready is not None:
+                host.grad_ready.synchronize()
+        grads = [self._host[p].transfer if p in self._host else p.grad for p in self._order
+                 if (self._host[p].landed if p in self._host else p.grad is not None)]
+        if grads:  # clip_grads_with_norm_'s arithmetic, on gradients that are no parameter's .grad
+            total = torch.nn.utils.get_total_norm(grads)
+            coef = torch.clamp(float(self.max_grad_norm) / (total + 1e-6), max=1.0)
+            for grad in grads:
+                grad.mul_(coef.to(grad.device))
+
+    def _finish(self, landed: list[tuple[nn.Parameter, _Host]]) -> None:
+        """Wait for the host steps of ``landed``, and make the compute stream wait for their
+        copies (timed)."""
+        start = time.perf_counter()
+        stream = torch.cuda.current_stream(self.device) if self._cuda else None
+        if stream is not None:
+            arrived = torch.cuda.Event(enable_timing=True)
+            arrived.record(stream)
+        changed = None
+        for p, host in landed:
+            host.future.result()
+            host.future = None
+            host.landed = False
+            if stream is not None:
+                stream.wait_event(host.back)
+            if host.hyper != _hyper(self._group_of[p]):
+                changed = (host.hyper, _hyper(self._group_of[p]))
+        if stream is not None:
+            resumed = torch.cuda.Event(enable_timing=True)
+            resumed.record(stream)
+            self._waits.append((arrived, resumed))
+        else:
+            self.counters.wait_s += time.perf_counter() - start
+        if changed is not None:
+            raise VBUnsupportedError(tr(
+                f"VGPU 卸载的优化器: (lr, beta1, beta2, eps, weight_decay) 在 backward 与 optimizer.step() 之间被修改 "
+                f"({changed[0]} → {changed[1]})；主机步骤已在 backward 中按旧值执行，请在 backward 之前设置 (学习率调度器即如此)",
+                f"VGPU offloaded optimizer: (lr, beta1, beta2, eps, weight_decay) changed between backward and "
+                f"optimizer.step() ({changed[0]} → {changed[1]}); the host steps already ran during backward with "
+                "the old ones: set them before backward (as lr schedulers do)"))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Finish the host steps of the offloaded parameters (their weights are current on the
+        device for the next forward) and step the others where they are, as ``AdamW``."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        landed = self._landed()
+        if not self.overlap:
+            self._clip(landed)
+            for p, host in landed:
+                self._submit(p, host)
+        self._finish(landed)
+        self.counters.steps += 1
+        for group in self.param_groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            self._init_group(group, params, grads, [], [], [], [])
+            if params:
+                _adamw(params, grads, [self.state[p] for p in params], _hyper(group),
+                       foreach=group["foreach"], fused=group["fused"])
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``Optimizer.zero_grad`` for the parameters on their device; offloaded gradients
+        have already left (their ``.grad`` is None). Between a backward and ``step()`` the
+        gradients that came off are dropped, unless their steps already ran (overlapped)."""
+        landed = self._landed()
+        if landed and self.overlap:
+            raise VBUnsupportedError(tr(
+                "VGPU 卸载的优化器: backward 之后、optimizer.step() 之前调用了 zero_grad()；主机步骤已在 backward 中执行，"
+                "无法丢弃这些梯度",
+                "VGPU offloaded optimizer: zero_grad() between backward and optimizer.step(); the host steps "
+                "already ran during backward and these gradients cannot be dropped"))
+        for _, host in landed:
+            if host.grad_ready is not None:
+                host.grad_ready.synchronize()
+            host.landed = False
+        super().zero_grad(set_to_none)
+
+    # ---- state ---------------------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        for host in self._host.values():
+            if host.future is not None:
+                host.future.result()
+
+    def state_dict(self) -> dict[str, Any]:
+        """``AdamW.state_dict()`` gathered from host RAM (pending host steps finished first);
+        a parameter whose dtype is not its master's also saves its fp32 ``master``."""
+        self._drain()
+        out = super().state_dict()
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        for p, host in self._host.items():
+            if p.dtype != host.master.dtype:
+                i = index[id(p)]
+                out["state"][i] = {**out["state"][i], "master": host.master}
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load an ``AdamW`` state (this class's or a plain ``AdamW``'s): offloaded
+        parameters' state is copied into their host tensors, the others' moved to their
+        device. A state without ``master`` takes it from the parameter as it is now (load
+        the model's weights first)."""
+        self._drain()
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+                len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups, strict=True)):
+            raise ValueError(tr("优化器状态的参数组与本优化器不符", "the optimizer state's parameter groups do not match this optimizer's"))
+        saved_state = state_dict["state"]
+        for group, saved in zip(self.param_groups, saved_groups, strict=True):
+            for p, i in zip(group["params"], saved["params"], strict=True):
+                if p in self._host:
+                    self._load_host(p, saved_state.get(i))
+                elif i in saved_state:
+                    step_device = p.device if group["fused"] else torch.device("cpu")
+                    self.state[p] = {k: v.to(step_device, copy=True) if k == "step" else v.to(p.device, p.dtype, copy=True)
+                                     for k, v in saved_state[i].items()}
+                else:
+                    self.state.pop(p, None)
+            group.update({k: v for k, v in saved.items() if k != "params"})
+
+    def _load_host(self, p: nn.Parameter, saved: dict[str, Tensor] | None) -> None:
+        """``p``'s host state from ``saved`` (None: a fresh one), its master from ``saved``
+        or from ``p``."""
+        state = self.state[p]
+        if saved is None:
+            state["step"].zero_()
+            state["exp_avg"].zero_()
+            state["exp_avg_sq"].zero_()
+        else:
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                state[key].copy_(saved[key])
+        self._host[p].master.copy_(saved["master"] if saved is not None and "master" in saved else p.detach())
+
+    # ---- statistics ----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """The counters (CUDA waits folded in once the device passed them), the offloaded
+        parameters' count and bytes on the device, the host bytes held and whether pinned."""
+        if self._waits:
+            torch.cuda.synchronize(self.device)
+            self.counters.wait_s += sum(a.elapsed_time(r) for a, r in self._waits) / 1e3
+            self._waits.clear()
+        c = self.counters
+        return {"params": len(self._host), "param_bytes": sum(p.nbytes for p in self._host),
+                "host_bytes": self._arena.held_bytes, "pinned": self.memory.pin, "overlap": self.overlap,
+                "steps": c.steps, "grad_bytes_off": c.grad_bytes_off, "weight_bytes_back": c.weight_bytes_back,
+                "host_step_s": c.host_step_s, "wait_s": c.wait_s}
+
+    def release(self) -> None:
+        """Stop offloading: remove the hooks (pending steps finished first); the parameters
+        keep their last weights and can be given to another optimizer."""
+        self._drain()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        for p in self._host:
+            _OWNER.pop(p, None)
+        self._pool.shutdown()
+
+
+def _check(model: nn.Module, optimizer: torch.optim.Optimizer, offloaded: list[nn.Parameter]) -> None:
+    if type(optimizer) is not torch.optim.AdamW:
+        raise VBUnsupportedError(tr(
+            f"VGPU 卸载优化器状态只支持 torch.optim.AdamW，收到 {type(optimizer).__module__}.{type(optimizer).__name__}",
+            f"VGPU offloads the state of torch.optim.AdamW only; got "
+            f"{type(optimizer).__module__}.{type(optimizer).__name__}"))
+    for i, group in enumerate(optimizer.param_groups):
+        for flag in UNSUPPORTED_FLAGS:
+            if group.get(flag):
+                raise VBUnsupportedError(tr(f"VGPU 卸载的 AdamW 不支持 {flag}=True (参数组 {i})",
+                                            f"the VGPU offloaded AdamW does not support {flag}=True (param group {i})"))
+    stack = stack_of(model)
+    if stack is not None and stack.placed and stack.plan.streamed:
+        raise VBUnsupportedError(tr(
+            f"VGPU: 模型有 {len(stack.plan.streamed)} 个流式块，暂不支持与卸载的优化器一起训练；请让 Level 0 容纳全部块",
+            f"VGPU: the model streams {len(stack.plan.streamed)} blocks; training them with an offloaded optimizer "
+            "is not supported yet: give Level 0 room for every block"))
+    if not offloaded:
+        raise VBConfigError(tr("VGPU: 没有要卸载的参数 (优化器中需要梯度的模型参数)",
+                               "VGPU: no parameters to offload (model parameters in the optimizer that require grad)"))
+    devices = {p.device for p in offloaded}
+    if len(devices) != 1:
+        raise VBConfigError(tr(f"VGPU: 卸载的参数需在同一设备上，现在在 {sorted(map(str, devices))}",
+                               f"VGPU: offloaded parameters must be on one device; they are on {sorted(map(str, devices))}"))
+    taken = [p for p in offloaded if p in _OWNER]
+    if taken:
+        raise VBConfigError(tr("VGPU: 这些参数已由另一个卸载的优化器管理；先对它调用 release()",
+                               "VGPU: these parameters are already offloaded by another optimizer; call its release() first"))
+    need = sum(sum(_host_sizes(p)) for p in offloaded)
+    available, _ = host_memory_info()
+    if need > available:
+        raise VBConfigError(tr(f"VGPU 卸载的优化器需要 {human_bytes(need)} 主机内存，本机可用 {human_bytes(available)}",
+                               f"the VGPU offloaded optimizer needs {human_bytes(need)} of host RAM; "
+                               f"{human_bytes(available)} is available"))
+
+
+def offload_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer,
+                      params: Iterable[nn.Parameter] | None = None,
+                      max_grad_norm: float | None = None) -> OffloadedAdamW:
+    """Take over ``optimizer`` (a ``torch.optim.AdamW`` over ``model``'s parameters): the
+    returned :class:`OffloadedAdamW` replaces it in the loop. ``params``: which to offload
+    (default: every parameter of ``model`` in the optimizer that requires grad); the
+    optimizer's state of those moves to the host. ``max_grad_norm``: clip all gradients to
+    this norm in ``step()`` (what ``clip_grad_norm_`` on the device gradients would do; the
+    offloaded ones are no longer there). One-line errors for what is not supported."""
+    in_optimizer = {p for g in optimizer.param_groups for p in g["params"]}
+    chosen = set(params) if params is not None else None
+    order = [p for p in model.parameters() if p in in_optimizer]
+    offloaded = [p for p in order if p.requires_grad and (chosen is None or p in chosen)]
+    _check(model, optimizer, offloaded)
+    return OffloadedAdamW(optimizer, offloaded, max_grad_norm, order)
