@@ -14,6 +14,7 @@ then one token; ``decode_sweep`` traces it at several context lengths.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from apt_model.accelerator import resolve_device
 from apt_model.errors import VBConfigError, VBDataError
+from apt_model.estimator.attention import cuda_attention
 from apt_model.estimator.tracker import MemoryTracker
 from apt_model.i18n import tr
 from apt_model.optimization import autopatch
@@ -61,7 +63,9 @@ class Estimate:
 
     ``parameters`` (by dtype; frozen FP4 weights as their packed bytes), ``gradients`` and
     ``optimizer_state`` are what the step holds of each; ``kv_cache`` the KV cache a decode
-    step ends with (``seq`` tokens; 0 for training); ``activations`` is the largest amount
+    step ends with (``seq`` tokens; 0 for training); ``logits_loss`` the loss and logits the
+    forward pass returns (a training step drops the logits before its backward pass, as
+    ``model(...).loss.backward()`` does); ``activations`` is the largest amount
     of everything else (activations, temporaries) live during the forward and backward
     passes (prefill and decode), beside logits and loss. ``at_peak`` breaks
     ``traced_peak`` down by the same components at the moment of the peak (it sums to it).
@@ -288,8 +292,13 @@ def _parameter_bytes(model: nn.Module) -> tuple[dict[str, int], set[int]]:
     return by_kind, ids
 
 
+def _counted(tracker: MemoryTracker, tensors: list[torch.Tensor]) -> dict[int, int]:
+    """serial -> bytes of the storages of ``tensors`` that ``tracker`` counts now."""
+    return {s: t.untyped_storage().nbytes() for t in tensors if (s := tracker.serial_of(t)) is not None}
+
+
 def _serials(tracker: MemoryTracker, tensors: list[torch.Tensor]) -> set[int]:
-    return {s for t in tensors if (s := tracker.serial_of(t)) is not None}
+    return set(_counted(tracker, tensors))
 
 
 def _sum(snapshot: dict[int, int], serials: set[int]) -> int:
@@ -335,7 +344,7 @@ def measure(model: nn.Module, *, batch: int, seq: int, optimizer: str | None = "
             "gradients": _serials(tracker, grads),
             "optimizer_state": _serials(tracker, state),
             "kv_cache": cache,
-            "logits_loss": _serials(tracker, outputs),
+            "logits_loss": set(outputs),
         }
     baseline = tracker.phase_peak("start")[1]
     kinds["buffers"] = set(baseline) - kinds["parameters"] - kinds["optimizer_state"]
@@ -349,18 +358,21 @@ def measure(model: nn.Module, *, batch: int, seq: int, optimizer: str | None = "
         optimizer=optimizer, parameters=params, buffers=_sum(baseline, kinds["buffers"]),
         gradients=_sum(live, kinds["gradients"]), optimizer_state=_sum(live, kinds["optimizer_state"]),
         activations=max(sum(n for s, n in snap.items() if s not in known) for snap in busy),
-        logits_loss=_sum(live, kinds["logits_loss"]), traced_peak=tracker.peak, kv_cache=_sum(live, cache),
+        logits_loss=sum(outputs.values()), traced_peak=tracker.peak, kv_cache=_sum(live, cache),
         at_peak={key: at_peak[key] for key in COMPONENTS},
         runtime_overhead=CUDA_RUNTIME_OVERHEAD if device_type == "cuda" else 0,
     )
 
 
 def _training_step(model: nn.Module, opt: torch.optim.Optimizer,
-                   ids: torch.Tensor) -> Callable[..., tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    """One step (forward, backward, optimizer step) marking its phases on ``tracker``;
-    returns the output tensors kept (loss, logits) and the gradients."""
+                   ids: torch.Tensor) -> Callable[..., tuple[dict[int, int], list[torch.Tensor]]]:
+    """One step as a training loop writes it, ``model(input_ids=ids, labels=ids).loss.backward()``
+    then ``opt.step()``: the model's outputs other than the loss (the logits) are dropped
+    before the backward pass, which then never holds them unless autograd saved them.
+    The step marks its phases on ``tracker`` and returns serial -> bytes of the loss and
+    logits at the end of the forward pass ({} without a tracker), and the gradients."""
 
-    def step(tracker: MemoryTracker | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def step(tracker: MemoryTracker | None) -> tuple[dict[int, int], list[torch.Tensor]]:
         mark = tracker.phase if tracker is not None else (lambda _name: None)
         mark("start")
         mark("forward")
@@ -370,12 +382,14 @@ def _training_step(model: nn.Module, opt: torch.optim.Optimizer,
             raise VBConfigError(tr(f"{type(model).__name__} 的输出没有 loss (需要 model(input_ids=..., labels=...))",
                                    f"{type(model).__name__} returned no loss (it must take "
                                    "model(input_ids=..., labels=...))"))
+        outputs = _counted(tracker, _output_tensors(out, ("loss", "logits"))) if tracker is not None else {}
+        del out
         mark("backward")
         loss[0].backward()
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         mark("optimizer")
         opt.step()
-        return _output_tensors(out, ("loss", "logits")), grads
+        return outputs, grads
 
     return step
 
@@ -413,10 +427,10 @@ def cache_keyword(model: nn.Module) -> str:
 
 
 def _decode_step(model: nn.Module, ids: torch.Tensor,
-                 tracker: MemoryTracker) -> tuple[list[torch.Tensor], list[torch.Tensor], set[int]]:
-    """Prefill ``seq - 1`` tokens with the KV cache, then decode one; returns the logits kept,
-    the cache's tensors at the end and the serials of every storage the cache held (after
-    the prefill and at the end)."""
+                 tracker: MemoryTracker) -> tuple[dict[int, int], list[torch.Tensor], set[int]]:
+    """Prefill ``seq - 1`` tokens with the KV cache, then decode one; returns serial -> bytes
+    of the logits kept, the cache's tensors at the end and the serials of every storage the
+    cache held (after the prefill and at the end)."""
     keyword = cache_keyword(model)
     tracker.phase("start")
     with torch.no_grad():
@@ -426,8 +440,8 @@ def _decode_step(model: nn.Module, ids: torch.Tensor,
         tracker.phase("decode")
         out = model(input_ids=ids[:, -1:], use_cache=True, **{keyword: getattr(prefill, keyword)})
         cache = cache_tensors(getattr(out, keyword))
-    return _output_tensors(prefill, ("logits",)) + _output_tensors(out, ("logits",)), cache, \
-        serials | _serials(tracker, cache)
+    logits = _counted(tracker, _output_tensors(prefill, ("logits",)) + _output_tensors(out, ("logits",)))
+    return logits, cache, serials | _serials(tracker, cache)
 
 
 # ---- the public verb ---------------------------------------------------------------------------
@@ -475,7 +489,8 @@ class Traced:
         if not self.training and seq < 2:
             raise VBConfigError(tr("解码估算需要 seq >= 2 (预填充 seq-1 个 token, 再解码 1 个)",
                                    "a decode estimate needs seq >= 2 (a prefill of seq-1 tokens, then one)"))
-        with self.fake_mode:
+        kernels = cuda_attention() if self.device_type == "cuda" else contextlib.nullcontext()
+        with self.fake_mode, kernels:
             return measure(self.model, batch=batch, seq=seq, optimizer=optimizer if self.training else None,
                            device_type=self.device_type, target=self.description, mode=self.mode)
 
