@@ -6,9 +6,9 @@ same shapes and dtypes), VB's real passes are applied for the mode, and one step
 and frees. Fake *CPU* tensors rather than meta ones: autocast applies to CPU tensors but
 has no meta policy, so on meta the bf16 modes would trace in fp32.
 
-A training step is the second of two (forward, loss, backward, optimizer step, then
-``zero_grad(set_to_none=True)``): the optimizer state exists from the start, as in any
-step after the first. A decode step is a prefill of ``seq - 1`` tokens with the KV cache,
+A training step (forward, loss, backward, optimizer step) starts with the optimizer state
+already there, as any step after the first: an optimizer step on zero gradients creates it
+beforehand. On a CUDA target, attention runs as CUDA would run it (``attention``). A decode step is a prefill of ``seq - 1`` tokens with the KV cache,
 then one token; ``decode_sweep`` traces it at several context lengths.
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -312,8 +311,9 @@ def measure(model: nn.Module, *, batch: int, seq: int, optimizer: str | None = "
 
     ``model`` must take ``model(input_ids=..., labels=...)`` and return the loss as
     ``.loss`` (training), and ``use_cache=True`` and its cache back (decode; by the name
-    ``cache_keyword`` gives), as APT and Hugging Face causal language models do. It is left trained by the two steps (gradients
-    it held before are dropped first).
+    ``cache_keyword`` gives), as APT and Hugging Face causal language models do. A training
+    step leaves it trained by that step, its weights decayed once more by the step that
+    creates the optimizer state (gradients it held before are dropped first).
     """
     vocab, _context = _vocab_and_context(model)
     device = next(model.parameters()).device
@@ -326,11 +326,9 @@ def measure(model: nn.Module, *, batch: int, seq: int, optimizer: str | None = "
             model.zero_grad(set_to_none=True)
             model.train()
             opt = _optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], device_type)
-            step = _training_step(model, opt, ids)
-            step(tracker=None)  # the first step creates the optimizer state
-            opt.zero_grad(set_to_none=True)
+            _create_optimizer_state(opt)
             tracker.reset_peak()
-            outputs, grads = step(tracker=tracker)
+            outputs, grads = _training_step(model, opt, ids, tracker)
             state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
             cache: set[int] = set()
         else:
@@ -364,34 +362,41 @@ def measure(model: nn.Module, *, batch: int, seq: int, optimizer: str | None = "
     )
 
 
-def _training_step(model: nn.Module, opt: torch.optim.Optimizer,
-                   ids: torch.Tensor) -> Callable[..., tuple[dict[int, int], list[torch.Tensor]]]:
+def _create_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """Give ``opt`` the state its first step creates (AdamW's moments and step count), by one
+    step on zero gradients rather than a forward and backward pass: the state's shapes do not
+    depend on the data. The gradients are dropped after (an AdamW step still decays the
+    weights)."""
+    for group in opt.param_groups:
+        for param in group["params"]:
+            param.grad = torch.zeros_like(param)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _training_step(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor,
+                   tracker: MemoryTracker) -> tuple[dict[int, int], list[torch.Tensor]]:
     """One step as a training loop writes it, ``model(input_ids=ids, labels=ids).loss.backward()``
     then ``opt.step()``: the model's outputs other than the loss (the logits) are dropped
     before the backward pass, which then never holds them unless autograd saved them.
     The step marks its phases on ``tracker`` and returns serial -> bytes of the loss and
-    logits at the end of the forward pass ({} without a tracker), and the gradients."""
-
-    def step(tracker: MemoryTracker | None) -> tuple[dict[int, int], list[torch.Tensor]]:
-        mark = tracker.phase if tracker is not None else (lambda _name: None)
-        mark("start")
-        mark("forward")
-        out = model(input_ids=ids, labels=ids)
-        loss = _output_tensors(out, ("loss",))
-        if not loss:
-            raise VBConfigError(tr(f"{type(model).__name__} 的输出没有 loss (需要 model(input_ids=..., labels=...))",
-                                   f"{type(model).__name__} returned no loss (it must take "
-                                   "model(input_ids=..., labels=...))"))
-        outputs = _counted(tracker, _output_tensors(out, ("loss", "logits"))) if tracker is not None else {}
-        del out
-        mark("backward")
-        loss[0].backward()
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        mark("optimizer")
-        opt.step()
-        return outputs, grads
-
-    return step
+    logits at the end of the forward pass, and the gradients."""
+    tracker.phase("start")
+    tracker.phase("forward")
+    out = model(input_ids=ids, labels=ids)
+    loss = _output_tensors(out, ("loss",))
+    if not loss:
+        raise VBConfigError(tr(f"{type(model).__name__} 的输出没有 loss (需要 model(input_ids=..., labels=...))",
+                               f"{type(model).__name__} returned no loss (it must take "
+                               "model(input_ids=..., labels=...))"))
+    outputs = _counted(tracker, _output_tensors(out, ("loss", "logits")))
+    del out
+    tracker.phase("backward")
+    loss[0].backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    tracker.phase("optimizer")
+    opt.step()
+    return outputs, grads
 
 
 def cache_tensors(cache: Any) -> list[torch.Tensor]:
