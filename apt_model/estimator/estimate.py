@@ -513,8 +513,9 @@ def estimate(target: Any, *, mode: str | None = None, batch: int = 1, seq: int |
     ``seq`` defaults to the model's context length; ``training=False`` traces a decode
     step (FP4 layers frozen, as for serving). ``device`` ("cpu", "cuda", ...; default the
     configured one; it need not exist here) decides the runtime overhead and the
-    optimizer's multi-tensor path; the step itself is traced with CPU semantics (autocast's
-    CPU policy, the attention kernel SDPA picks on the CPU).
+    optimizer's multi-tensor path and, for "cuda", the attention kernel (the one CUDA's
+    dispatcher picks, ``attention.cuda_kernel``); the rest of the step is traced with CPU
+    semantics (autocast's CPU policy).
     ``base`` supplies the FP4 format, skip list and checkpointed blocks. Bad input raises
     ``VBConfigError`` (or ``VBDataError`` for a missing config file).
     """
