@@ -8,9 +8,10 @@ configs (random weights, no download); beside it, accelerate's ``estimate-memory
     python bench/estimate_accuracy.py --device cpu --scale tiny --batches 1,2 --seqs 32,64   # smoke test
 
 Variants: ``<model>/<mode>``, each in a fresh subprocess (no allocator state leaks between
-them). In each, the model is built on the device (``vb.optimize(model, mode=...)`` for the VB
+them), which prints one JSON line per finished row; the rows are printed and ``--json``
+rewritten as they come, so a run cut short keeps every row it finished. In each variant, the model is built on the device (``vb.optimize(model, mode=...)`` for the VB
 modes; the fp32-eager baseline of modes.py is mode "off"), AdamW takes one step at the
-smallest shape so its state exists (the estimator traces the second step of two), and then
+smallest shape so its state exists (the estimator's traced step starts with the state too), and then
 for every batch × sequence length: ``zero_grad(set_to_none=True)``, reset the peak, one
 step (``loss = model(input_ids=x, labels=x).loss``; backward; ``opt.step()``), read the peak.
 - CUDA: the peak is ``torch.cuda.max_memory_allocated`` after
@@ -32,13 +33,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
+from collections import deque
 
 import torch
 from hf_decode import LLAMA_SHAPES
 from modes import VARIANTS as MODES_VARIANTS
 from modes import device_name
-from variants import add_variant_arguments, run_in_subprocesses, write_results
+from variants import add_variant_arguments, write_results
 
 from apt_model.storage import human_bytes
 
@@ -104,8 +109,14 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in str(text).split(",") if v.strip()]
 
 
-def run_variant(args: argparse.Namespace) -> dict:
-    """One model in one mode: predicted and real peak for every batch × sequence length."""
+def emit(message: dict) -> None:
+    """One JSON line on stdout for the parent process (``run_variants``), at once."""
+    print(json.dumps(message), flush=True)
+
+
+def run_variant(args: argparse.Namespace) -> None:
+    """One model in one mode: its header, then predicted and real peak for every batch ×
+    sequence length, each emitted as soon as it is known."""
     import apt_model.optimization.vb_global as vb
     from apt_model.estimator import Traced, measure
 
@@ -117,14 +128,15 @@ def run_variant(args: argparse.Namespace) -> dict:
     shapes = [(b, s) for b in _ints(args.batches) for s in _ints(args.seqs)]
     started = time.perf_counter()
     traced = Traced(config, mode=mode, training=True, device=device.type, base=None)
-    predicted = {shape: traced.step(batch=shape[0], seq=shape[1]) for shape in shapes}
-    estimate_s = time.perf_counter() - started
+    build_s = time.perf_counter() - started
 
     model = build(config, device)
     if mode != "off":
         vb.optimize(model, mode=mode, verbose=False)
     model.train()
-    rows = []
+    emit({"header": {"model": name, "mode": mode, "estimate_build_s": build_s,
+                     "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+                     "accelerate": accelerate_figure(config, mode)}})
     if cuda:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         vocab = config.vocab_size
@@ -136,9 +148,10 @@ def run_variant(args: argparse.Namespace) -> dict:
 
         step(*min(shapes))  # the optimizer state exists from here on, as in the traced step
     for batch, seq in shapes:
-        est = predicted[(batch, seq)]
-        row = {"batch": batch, "seq": seq, "predicted": est.traced_peak,
-               "predicted_components": est.at_peak}
+        started = time.perf_counter()
+        est = traced.step(batch=batch, seq=seq)
+        row = {"batch": batch, "seq": seq, "predicted": est.traced_peak, "predicted_components": est.at_peak,
+               "estimate_s": time.perf_counter() - started}
         try:
             if cuda:
                 opt.zero_grad(set_to_none=True)
@@ -153,28 +166,56 @@ def run_variant(args: argparse.Namespace) -> dict:
             row["error"] = row["predicted"] / row["measured"] - 1
         except torch.cuda.OutOfMemoryError:
             row["measured"] = "OOM"
-        rows.append(row)
-    return {"variant": args.variant, "model": name, "mode": mode, "estimate_s": estimate_s,
-            "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
-            "accelerate": accelerate_figure(config, mode), "rows": rows}
+        emit({"row": row})
+
+
+def run_variants(args: argparse.Namespace, payload: dict) -> list[dict]:
+    """Each of ``--only`` in a fresh subprocess (``--variant``), its lines read as they come:
+    every row is printed and ``payload`` (its "results" the list returned) written to
+    ``--json`` at once. A variant that fails keeps the rows it finished and gains "error"."""
+    results = payload["results"]
+    forwarded = ("device", "scale", "preset", "vocab", "batches", "seqs")
+    for variant in args.only:
+        result: dict = {"variant": variant, "rows": []}
+        results.append(result)
+        cmd = [sys.executable, __file__, "--variant", variant] + [f"--{k}={getattr(args, k)}" for k in forwarded]
+        other: deque[str] = deque(maxlen=3)  # the last lines that are not messages: a failure's
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "VB_LANG": "en"}) as proc:
+            for line in proc.stdout:
+                if not line.startswith("{"):
+                    other.append(line.strip())
+                    continue
+                message = json.loads(line)
+                if "header" in message:
+                    result.update(message["header"])
+                else:
+                    result["rows"].append(message["row"])
+                    print(markdown([{**result, "rows": [message["row"]]}], "", header=False), flush=True)
+                write_results(args.json, payload)
+        if proc.returncode != 0:
+            result["error"] = list(other)
+            print(f"{variant}: {' '.join(result['error'])}", flush=True)
+            write_results(args.json, payload)
+    return results
 
 
 def size(value: int | str | None) -> str:
     return "-" if value is None else value if isinstance(value, str) else human_bytes(value, 2)
 
 
-def markdown(results: list[dict], measured_by: str) -> str:
-    """One line per model, mode, batch and sequence length."""
+def markdown(results: list[dict], measured_by: str, header: bool = True) -> str:
+    """One line per model, mode, batch and sequence length (and one per failed variant),
+    under a table header unless ``header`` is False."""
     lines = [f"| model | mode | batch | seq | predicted | {measured_by} | error | accelerate (Adam) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|"] if header else []
     for r in results:
-        if "error" in r:
-            lines.append(f"| {r['variant']} | ERROR {' '.join(r['error'])} | | | | | | |")
-            continue
         for row in r["rows"]:
             error = f"{100 * row['error']:+.1f}%" if "error" in row else "-"
             lines.append(f"| {r['model']} | {r['mode']} | {row['batch']} | {row['seq']} | {size(row['predicted'])} | "
-                         f"{size(row['measured'])} | {error} | {size(r['accelerate'])} |")
+                         f"{size(row['measured'])} | {error} | {size(r.get('accelerate'))} |")
+        if "error" in r:
+            lines.append(f"| {r['variant']} | ERROR {' '.join(r['error'])} | | | | | | |")
     return "\n".join(lines)
 
 
@@ -190,20 +231,19 @@ def main() -> None:
     add_variant_arguments(parser, VARIANTS)
     args = parser.parse_args()
     if args.variant:
-        print(json.dumps(run_variant(args)))
+        run_variant(args)
         return
-    results = run_in_subprocesses(__file__, args.only, args, ("device", "scale", "preset", "vocab", "batches", "seqs"))
     measured_by = "max_memory_allocated" if args.device == "cuda" else "tracked (CPU)"
+    results = run_variants(args, {"device": device_name(args.device), "args": vars(args),
+                                  "date": time.strftime("%Y-%m-%d"), "measured_by": measured_by, "results": []})
     print(f"\n{device_name(args.device)} torch {torch.__version__}\n")
     print(markdown(results, measured_by))
     if all(r.get("accelerate") is None for r in results):
         print("\naccelerate is not installed here: its column is empty (pip install accelerate)")
-    errors = [abs(row["error"]) for r in results if "rows" in r for row in r["rows"] if "error" in row]
+    errors = [abs(row["error"]) for r in results for row in r["rows"] if "error" in row]
     if errors:
         print(f"\nlargest |error| {100 * max(errors):.1f}% over {len(errors)} steps; "
               f"within ±10%: {sum(e <= 0.10 for e in errors)}, within ±5%: {sum(e <= 0.05 for e in errors)}")
-    write_results(args.json, {"device": device_name(args.device), "args": vars(args),
-                              "date": time.strftime("%Y-%m-%d"), "measured_by": measured_by, "results": results})
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.nn import functional as F
 
 from apt_model.cli import main
 from apt_model.errors import run_cli
@@ -20,6 +22,7 @@ from apt_model.estimator import (
     estimate,
     measure,
 )
+from apt_model.estimator.attention import EFFICIENT, FLASH, MATH, cuda_attention, cuda_kernel
 from apt_model.estimator.estimate import cache_keyword, cache_tensors, mode_config
 from apt_model.estimator.fit import FIT_MARGIN, largest_batch, smallest_fit
 from apt_model.modeling.apt_model import APTConfig, APTModel
@@ -342,3 +345,81 @@ def test_traced_activations_of_a_plain_fp16_gpt2_layer_against_the_closed_form()
     per_layer = traced(2) - traced(1)  # what one more layer adds: embeddings, logits and loss cancel
     closed = korthikanti_layer_activations(seq, batch, hidden, heads)
     assert closed <= per_layer <= (1 + CLOSED_FORM_TOLERANCE) * closed, (per_layer, closed)
+
+
+# ---- the attention kernel of the target device ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("dtype", "seq", "lse_rows", "rng_bytes"), [
+    (torch.bfloat16, 64, 64, 3 * 8),  # flash: a logsumexp per row; philox seed pair and offset, uint64
+    (torch.float32, 40, 64, 2 * 8),  # memory-efficient: rows padded to a multiple of 32; seed, offset int64
+])
+def test_a_cuda_target_counts_the_fused_kernel_not_the_attention_weights(dtype, seq, lse_rows, rng_bytes):
+    batch, heads, head_dim = 2, 4, 16
+    with FakeTensorMode(), cuda_attention():
+        q, k, v = (torch.empty(batch, heads, seq, head_dim, dtype=dtype, requires_grad=True) for _ in range(3))
+        grad = torch.empty(batch, heads, seq, head_dim, dtype=dtype)
+        with MemoryTracker() as tracker:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.1, is_causal=True)
+            forward = tracker.current
+            out.backward(grad)
+    element = batch * heads * seq * head_dim * q.element_size()
+    assert forward == element + batch * heads * lse_rows * 4 + rng_bytes  # output, fp32 logsumexp, rng state
+    # after backward: the output and the gradients of q, k and v; the logsumexp freed with the graph
+    assert tracker.current == 4 * element and q.grad is not None
+
+
+@pytest.mark.parametrize(("dtype", "kv_heads", "mask", "kernel"), [
+    (torch.bfloat16, 4, False, FLASH),
+    (torch.bfloat16, 2, False, FLASH),  # grouped heads: flash takes them (enable_gqa)
+    (torch.bfloat16, 4, True, EFFICIENT),  # flash takes no mask
+    (torch.float32, 4, False, EFFICIENT),  # flash takes no fp32
+    (torch.float32, 2, False, MATH),  # fp32 with grouped heads: the s × s weights are kept
+])
+def test_cuda_kernel_follows_the_dispatcher(dtype, kv_heads, mask, kernel):
+    q = torch.empty(2, 4, 32, 64, dtype=dtype)
+    kv = torch.empty(2, kv_heads, 32, 64, dtype=dtype)
+    attn_mask = torch.ones(32, 32, dtype=torch.bool) if mask else None
+    assert cuda_kernel(q, kv, kv, attn_mask, is_causal=not mask, enable_gqa=True) == kernel
+
+
+def test_a_cuda_target_gpt2_layer_has_no_quadratic_attention_term():
+    transformers = pytest.importorskip("transformers")
+
+    def per_layer(seq: int, device: str) -> int:
+        def traced(layers: int) -> int:
+            cfg = transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=layers, n_head=4, n_positions=seq)
+            return estimate(cfg, mode="off", batch=2, seq=seq, optimizer="sgd", device=device).activations
+        return traced(2) - traced(1)
+
+    # fp32 with dropout: the CPU keeps the attention weights (s²); CUDA's memory-efficient
+    # kernel keeps O(s), plus its philox seed and offset (two int64) a layer
+    assert 2 * per_layer(64, "cuda") - per_layer(128, "cuda") == 2 * 8
+    assert per_layer(128, "cpu") - 2 * per_layer(64, "cpu") > 0
+
+
+def test_the_cpu_target_is_a_real_cpu_training_step_to_the_byte():
+    """The step a training loop writes (``model(...).loss.backward()``: the logits dropped
+    before backward; then AdamW), counted on a real Hugging Face GPT-2 (sdpa, dropout on)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=4096, n_embd=64, n_layer=2, n_head=4, n_positions=SEQ)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), foreach=False)
+    ids = torch.randint(0, cfg.vocab_size, (BATCH, SEQ))
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+
+    step()
+    opt.zero_grad(set_to_none=True)
+    state = [t for s in opt.state.values() for t in s.values()]
+    with MemoryTracker() as tracker:
+        tracker.add([*model.parameters(), *model.buffers(), *state, ids])
+        tracker.reset_peak()
+        step()
+    est = estimate(cfg, mode="off", batch=BATCH, seq=SEQ, device="cpu")
+    assert est.traced_peak == tracker.peak
+    logits = BATCH * SEQ * cfg.vocab_size * 4
+    assert est.logits_loss == logits + 4 and est.at_peak["logits_loss"] == 4  # freed before the peak

@@ -6,17 +6,17 @@ same shapes and dtypes), VB's real passes are applied for the mode, and one step
 and frees. Fake *CPU* tensors rather than meta ones: autocast applies to CPU tensors but
 has no meta policy, so on meta the bf16 modes would trace in fp32.
 
-A training step is the second of two (forward, loss, backward, optimizer step, then
-``zero_grad(set_to_none=True)``): the optimizer state exists from the start, as in any
-step after the first. A decode step is a prefill of ``seq - 1`` tokens with the KV cache,
+A training step (forward, loss, backward, optimizer step) starts with the optimizer state
+already there, as any step after the first: an optimizer step on zero gradients creates it
+beforehand. On a CUDA target, attention runs as CUDA would run it (``attention``). A decode step is a prefill of ``seq - 1`` tokens with the KV cache,
 then one token; ``decode_sweep`` traces it at several context lengths.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from apt_model.accelerator import resolve_device
 from apt_model.errors import VBConfigError, VBDataError
+from apt_model.estimator.attention import cuda_attention
 from apt_model.estimator.tracker import MemoryTracker
 from apt_model.i18n import tr
 from apt_model.optimization import autopatch
@@ -61,7 +62,9 @@ class Estimate:
 
     ``parameters`` (by dtype; frozen FP4 weights as their packed bytes), ``gradients`` and
     ``optimizer_state`` are what the step holds of each; ``kv_cache`` the KV cache a decode
-    step ends with (``seq`` tokens; 0 for training); ``activations`` is the largest amount
+    step ends with (``seq`` tokens; 0 for training); ``logits_loss`` the loss and logits the
+    forward pass returns (a training step drops the logits before its backward pass, as
+    ``model(...).loss.backward()`` does); ``activations`` is the largest amount
     of everything else (activations, temporaries) live during the forward and backward
     passes (prefill and decode), beside logits and loss. ``at_peak`` breaks
     ``traced_peak`` down by the same components at the moment of the peak (it sums to it).
@@ -288,8 +291,13 @@ def _parameter_bytes(model: nn.Module) -> tuple[dict[str, int], set[int]]:
     return by_kind, ids
 
 
+def _counted(tracker: MemoryTracker, tensors: list[torch.Tensor]) -> dict[int, int]:
+    """serial -> bytes of the storages of ``tensors`` that ``tracker`` counts now."""
+    return {s: t.untyped_storage().nbytes() for t in tensors if (s := tracker.serial_of(t)) is not None}
+
+
 def _serials(tracker: MemoryTracker, tensors: list[torch.Tensor]) -> set[int]:
-    return {s for t in tensors if (s := tracker.serial_of(t)) is not None}
+    return set(_counted(tracker, tensors))
 
 
 def _sum(snapshot: dict[int, int], serials: set[int]) -> int:
@@ -303,8 +311,9 @@ def measure(model: nn.Module, *, batch: int, seq: int, optimizer: str | None = "
 
     ``model`` must take ``model(input_ids=..., labels=...)`` and return the loss as
     ``.loss`` (training), and ``use_cache=True`` and its cache back (decode; by the name
-    ``cache_keyword`` gives), as APT and Hugging Face causal language models do. It is left trained by the two steps (gradients
-    it held before are dropped first).
+    ``cache_keyword`` gives), as APT and Hugging Face causal language models do. A training
+    step leaves it trained by that step, its weights decayed once more by the step that
+    creates the optimizer state (gradients it held before are dropped first).
     """
     vocab, _context = _vocab_and_context(model)
     device = next(model.parameters()).device
@@ -317,11 +326,9 @@ def measure(model: nn.Module, *, batch: int, seq: int, optimizer: str | None = "
             model.zero_grad(set_to_none=True)
             model.train()
             opt = _optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], device_type)
-            step = _training_step(model, opt, ids)
-            step(tracker=None)  # the first step creates the optimizer state
-            opt.zero_grad(set_to_none=True)
+            _create_optimizer_state(opt)
             tracker.reset_peak()
-            outputs, grads = step(tracker=tracker)
+            outputs, grads = _training_step(model, opt, ids, tracker)
             state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
             cache: set[int] = set()
         else:
@@ -335,7 +342,7 @@ def measure(model: nn.Module, *, batch: int, seq: int, optimizer: str | None = "
             "gradients": _serials(tracker, grads),
             "optimizer_state": _serials(tracker, state),
             "kv_cache": cache,
-            "logits_loss": _serials(tracker, outputs),
+            "logits_loss": set(outputs),
         }
     baseline = tracker.phase_peak("start")[1]
     kinds["buffers"] = set(baseline) - kinds["parameters"] - kinds["optimizer_state"]
@@ -349,35 +356,47 @@ def measure(model: nn.Module, *, batch: int, seq: int, optimizer: str | None = "
         optimizer=optimizer, parameters=params, buffers=_sum(baseline, kinds["buffers"]),
         gradients=_sum(live, kinds["gradients"]), optimizer_state=_sum(live, kinds["optimizer_state"]),
         activations=max(sum(n for s, n in snap.items() if s not in known) for snap in busy),
-        logits_loss=_sum(live, kinds["logits_loss"]), traced_peak=tracker.peak, kv_cache=_sum(live, cache),
+        logits_loss=sum(outputs.values()), traced_peak=tracker.peak, kv_cache=_sum(live, cache),
         at_peak={key: at_peak[key] for key in COMPONENTS},
         runtime_overhead=CUDA_RUNTIME_OVERHEAD if device_type == "cuda" else 0,
     )
 
 
-def _training_step(model: nn.Module, opt: torch.optim.Optimizer,
-                   ids: torch.Tensor) -> Callable[..., tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    """One step (forward, backward, optimizer step) marking its phases on ``tracker``;
-    returns the output tensors kept (loss, logits) and the gradients."""
+def _create_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """Give ``opt`` the state its first step creates (AdamW's moments and step count), by one
+    step on zero gradients rather than a forward and backward pass: the state's shapes do not
+    depend on the data. The gradients are dropped after (an AdamW step still decays the
+    weights)."""
+    for group in opt.param_groups:
+        for param in group["params"]:
+            param.grad = torch.zeros_like(param)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
-    def step(tracker: MemoryTracker | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        mark = tracker.phase if tracker is not None else (lambda _name: None)
-        mark("start")
-        mark("forward")
-        out = model(input_ids=ids, labels=ids)
-        loss = _output_tensors(out, ("loss",))
-        if not loss:
-            raise VBConfigError(tr(f"{type(model).__name__} 的输出没有 loss (需要 model(input_ids=..., labels=...))",
-                                   f"{type(model).__name__} returned no loss (it must take "
-                                   "model(input_ids=..., labels=...))"))
-        mark("backward")
-        loss[0].backward()
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        mark("optimizer")
-        opt.step()
-        return _output_tensors(out, ("loss", "logits")), grads
 
-    return step
+def _training_step(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor,
+                   tracker: MemoryTracker) -> tuple[dict[int, int], list[torch.Tensor]]:
+    """One step as a training loop writes it, ``model(input_ids=ids, labels=ids).loss.backward()``
+    then ``opt.step()``: the model's outputs other than the loss (the logits) are dropped
+    before the backward pass, which then never holds them unless autograd saved them.
+    The step marks its phases on ``tracker`` and returns serial -> bytes of the loss and
+    logits at the end of the forward pass, and the gradients."""
+    tracker.phase("start")
+    tracker.phase("forward")
+    out = model(input_ids=ids, labels=ids)
+    loss = _output_tensors(out, ("loss",))
+    if not loss:
+        raise VBConfigError(tr(f"{type(model).__name__} 的输出没有 loss (需要 model(input_ids=..., labels=...))",
+                               f"{type(model).__name__} returned no loss (it must take "
+                               "model(input_ids=..., labels=...))"))
+    outputs = _counted(tracker, _output_tensors(out, ("loss", "logits")))
+    del out
+    tracker.phase("backward")
+    loss[0].backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    tracker.phase("optimizer")
+    opt.step()
+    return outputs, grads
 
 
 def cache_tensors(cache: Any) -> list[torch.Tensor]:
@@ -413,10 +432,10 @@ def cache_keyword(model: nn.Module) -> str:
 
 
 def _decode_step(model: nn.Module, ids: torch.Tensor,
-                 tracker: MemoryTracker) -> tuple[list[torch.Tensor], list[torch.Tensor], set[int]]:
-    """Prefill ``seq - 1`` tokens with the KV cache, then decode one; returns the logits kept,
-    the cache's tensors at the end and the serials of every storage the cache held (after
-    the prefill and at the end)."""
+                 tracker: MemoryTracker) -> tuple[dict[int, int], list[torch.Tensor], set[int]]:
+    """Prefill ``seq - 1`` tokens with the KV cache, then decode one; returns serial -> bytes
+    of the logits kept, the cache's tensors at the end and the serials of every storage the
+    cache held (after the prefill and at the end)."""
     keyword = cache_keyword(model)
     tracker.phase("start")
     with torch.no_grad():
@@ -426,8 +445,8 @@ def _decode_step(model: nn.Module, ids: torch.Tensor,
         tracker.phase("decode")
         out = model(input_ids=ids[:, -1:], use_cache=True, **{keyword: getattr(prefill, keyword)})
         cache = cache_tensors(getattr(out, keyword))
-    return _output_tensors(prefill, ("logits",)) + _output_tensors(out, ("logits",)), cache, \
-        serials | _serials(tracker, cache)
+    logits = _counted(tracker, _output_tensors(prefill, ("logits",)) + _output_tensors(out, ("logits",)))
+    return logits, cache, serials | _serials(tracker, cache)
 
 
 # ---- the public verb ---------------------------------------------------------------------------
@@ -475,7 +494,8 @@ class Traced:
         if not self.training and seq < 2:
             raise VBConfigError(tr("解码估算需要 seq >= 2 (预填充 seq-1 个 token, 再解码 1 个)",
                                    "a decode estimate needs seq >= 2 (a prefill of seq-1 tokens, then one)"))
-        with self.fake_mode:
+        kernels = cuda_attention() if self.device_type == "cuda" else contextlib.nullcontext()
+        with self.fake_mode, kernels:
             return measure(self.model, batch=batch, seq=seq, optimizer=optimizer if self.training else None,
                            device_type=self.device_type, target=self.description, mode=self.mode)
 
@@ -493,8 +513,9 @@ def estimate(target: Any, *, mode: str | None = None, batch: int = 1, seq: int |
     ``seq`` defaults to the model's context length; ``training=False`` traces a decode
     step (FP4 layers frozen, as for serving). ``device`` ("cpu", "cuda", ...; default the
     configured one; it need not exist here) decides the runtime overhead and the
-    optimizer's multi-tensor path; the step itself is traced with CPU semantics (autocast's
-    CPU policy, the attention kernel SDPA picks on the CPU).
+    optimizer's multi-tensor path and, for "cuda", the attention kernel (the one CUDA's
+    dispatcher picks, ``attention.cuda_kernel``); the rest of the step is traced with CPU
+    semantics (autocast's CPU policy).
     ``base`` supplies the FP4 format, skip list and checkpointed blocks. Bad input raises
     ``VBConfigError`` (or ``VBDataError`` for a missing config file).
     """
