@@ -289,33 +289,29 @@ def fp4_linear(x: Tensor, w: FP4Weight, bias: Tensor | None = None) -> Tensor:
     k = w.shape[-1]
     if x.shape[-1] != k:
         raise ValueError(f"fp4_linear: x has {x.shape[-1]} features, the weight expects {k}")
-    if type(x) is Tensor and x.is_cuda and not torch.compiler.is_compiling() and not (
-            torch.is_grad_enabled() and (x.requires_grad or (bias is not None
-                                                             and bias.requires_grad))):
-        # Eager with nothing to differentiate: the CUDA implementation without the custom
-        # op's dispatch, which costs tens of microseconds a call on a slow host (decode);
-        # one row goes straight to the weight's prepared product.
-        if x.numel() == k and x.stride(-1) == 1:
-            product = _row_product(x, w, bias)
-            if product is not None:
-                return product(x.view(1, k), bias).view(*x.shape[:-1], w.packed.shape[0])
-        return _fp4_linear_cuda(x, w.packed, w.scales, _tensor_scale_arg(w), _FMT_CODES[w.fmt],
-                                k, bias)
-    return _fp4_linear_op(x, w.packed, w.scales, _tensor_scale_arg(w), _FMT_CODES[w.fmt], k, bias)
+    eager = type(x) is Tensor and x.is_cuda and not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
+    if eager and x.numel() == k and x.stride(-1) == 1:  # one row: the weight's prepared product
+        product = _row_product(x, w, bias)
+        if product is not None:
+            return product(x.view(1, k), bias).view(*x.shape[:-1], w.packed.shape[0])
+    args = (x, w.packed, w.scales, _tensor_scale_arg(w), _FMT_CODES[w.fmt], k, bias)
+    # Eager with nothing to differentiate: the CUDA implementation without the custom op's
+    # dispatch, which costs tens of microseconds a call on a slow host (decode).
+    return _fp4_linear_cuda(*args) if eager else _fp4_linear_op(*args)
 
 
 def _row_product(x: Tensor, w: FP4Weight, bias: Tensor | None):
     """The Triton one-row product prepared for ``w``, ``x``'s dtype and ``bias`` (kept in
     ``w.kernels``), or None where the fused kernels do not run (their dtypes, devices,
     ``VB_FP4_TRITON``) or the bias is of another dtype."""
+    if bias is not None and bias.dtype != x.dtype:
+        return None
     key = ("row", x.dtype, bias is not None, env.get(env.FP4_TRITON))
     product = w.kernels.get(key)
     if product is None:
-        if (x.dtype not in _TRITON_DTYPES or not triton_available(x.device)
-                or (bias is not None and bias.dtype != x.dtype)):
+        if x.dtype not in _TRITON_DTYPES or not triton_available(x.device):
             return None
         product = w.kernels[key] = _matmul_kernels().RowProduct(
             w.packed, w.scales, w.tensor_scale, w.shape[-1], x.dtype, bias is not None)
-    elif bias is not None and bias.dtype != x.dtype:
-        return None
     return product

@@ -1103,23 +1103,23 @@ def fp4_matmul(
     else:
         kernel, config, use_asm = plan.kernel, plan.config, plan.use_asm
         split_k, chunk_rows, overlap = plan.split_k, plan.chunk_rows, plan.overlap
-    is_nv, s_bytes, ts = _scale_operands(scales, tensor_scale)
     m = x.shape[0]
     n = packed.shape[0]
-    words = _as_words(packed)
-    kw = words.shape[1]
     if x.stride(-1) != 1:
         x = x.contiguous()
     kernel = kernel or kernel_for(m)
-    if kernel == "large":
-        kernel = _large_kernel(x, packed, scales, tensor_scale, k, bias)
-    if use_asm is None:
-        use_asm = not _interpreting()
     if kernel == "gemv" and m > 0 and n > 0:
         if m != 1:
             raise ValueError(f"the gemv kernel takes one row, got {m}")
         return RowProduct(packed, scales, tensor_scale, k, x.dtype, bias is not None,
                           config=config, use_asm=use_asm, split_k=split_k)(x, bias, out)
+    if kernel == "large":
+        kernel = _large_kernel(x, packed, scales, tensor_scale, k, bias)
+    if use_asm is None:
+        use_asm = not _interpreting()
+    is_nv, s_bytes, ts = _scale_operands(scales, tensor_scale)
+    words = _as_words(packed)
+    kw = words.shape[1]
     result = out if out is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return result
