@@ -55,3 +55,10 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     except KeyboardInterrupt:
         print(tr("已中断", "interrupted"), file=sys.stderr)
         return 130
+
+
+def positive_int(name: str, value: object) -> int:
+    """``value`` if it is a positive int (not a bool), else ``VBConfigError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise VBConfigError(tr(f"{name} 必须是正整数, 得到 {value!r}", f"{name} must be a positive integer, got {value!r}"))
+    return value

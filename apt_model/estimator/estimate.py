@@ -26,7 +26,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from apt_model.accelerator import resolve_device
-from apt_model.errors import VBConfigError, VBDataError
+from apt_model.errors import VBConfigError, VBDataError, positive_int
 from apt_model.estimator.attention import cuda_attention
 from apt_model.estimator.tracker import MemoryTracker
 from apt_model.i18n import tr
@@ -132,12 +132,6 @@ class Estimate:
 # ---- checks ----------------------------------------------------------------------------------
 
 
-def _positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise VBConfigError(tr(f"{name} 必须是正整数, 得到 {value!r}", f"{name} must be a positive integer, got {value!r}"))
-    return value
-
-
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> str:
     if value not in valid:
         raise VBConfigError(tr(f"未知的{name} {value!r}; 可用: {', '.join(valid)}",
@@ -146,9 +140,9 @@ def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> str:
 
 
 def _check_step(batch: Any, seq: Any, optimizer: str) -> None:
-    _positive("batch", batch)
+    positive_int("batch", batch)
     if seq is not None:
-        _positive("seq", seq)
+        positive_int("seq", seq)
     _check_choice(tr("优化器", "optimizer"), optimizer, OPTIMIZERS)
 
 
@@ -527,7 +521,7 @@ def estimate(target: Any, *, mode: str | None = None, batch: int = 1, seq: int |
 def decode_contexts(longest: int) -> list[int]:
     """The context lengths of a decode sweep up to ``longest``: ``FIRST_DECODE_CONTEXT``,
     doubling while shorter than ``longest``, then ``longest`` itself."""
-    _positive("seq", longest)
+    positive_int("seq", longest)
     contexts = []
     context = FIRST_DECODE_CONTEXT
     while context < longest:
@@ -541,7 +535,7 @@ def decode_sweep(target: Any, *, mode: str | None = None, batch: int = 1, longes
     """One traced decode step per context length of ``decode_contexts(longest)`` (default:
     the model's context length), the model built and optimized once: weights, KV cache and
     peak by context. Arguments and errors as for ``estimate``."""
-    _positive("batch", batch)
+    positive_int("batch", batch)
     traced = Traced(target, mode=mode, training=False, device=device, base=base)
     longest = longest or traced.context
     if longest is None:

@@ -19,6 +19,7 @@ from apt_model import env
 from apt_model.accelerator import resolve_device
 from apt_model.errors import VBConfigError, VBDeviceError
 from apt_model.i18n import tr
+from apt_model.vgpu.levels import LEVEL_DEVICES
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,6 @@ MODES: dict[str, ModeSpec] = {
 MOST_AGGRESSIVE = next(reversed(MODES))  # what auto_estimate falls back to when no mode fits
 
 VGPU_LEVEL_KEYS = ("capacity_mb", "device", "speed_gbps", "path")
-LEVEL_DEVICES = ("cpu", "ssd")  # the host levels; any other level names an accelerator
 SWITCHES = tuple(f.name for f in fields(ModeSpec))
 
 

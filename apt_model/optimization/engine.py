@@ -42,8 +42,6 @@ class OptimizationReport:
     checkpointed_blocks: int
     fused_projections: int = 0
     """Groups of sibling FP4 projections multiplied as one (q/k/v, gate/up)."""
-    vgpu_blocks: int = 0
-    """Repeated blocks the VGPU stack places (resident or streamed)."""
     switches: dict[str, bool | str] = field(default_factory=dict)
     """The effective switches it was optimized with (see ``effective_switches``)."""
     undo: list[Callable[[], None]] = field(default_factory=list, repr=False, compare=False)
@@ -122,7 +120,6 @@ def optimize(model: nn.Module, config: VBConfig) -> OptimizationReport:
         fused_losses=fused_losses,
         checkpointed_blocks=len(blocks),
         fused_projections=fused,
-        vgpu_blocks=len(stack.modules) if stack else 0,
         switches=switches,
         undo=undo,
     )

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from apt_model.errors import VBConfigError
+from apt_model.errors import VBConfigError, positive_int
 from apt_model.i18n import tr
 from apt_model.optimization import autopatch, hf_patch
 from apt_model.optimization import config as _config
@@ -197,8 +197,8 @@ def set_workload(*, batch: int = 1, seq: int | None = None, memory: int | None =
     when the model is optimized). Non-positive values raise ``VBConfigError``."""
     global _workload
     for name, value in (("batch", batch), ("seq", seq), ("memory", memory)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            raise VBConfigError(tr(f"{name} 必须是正整数, 得到 {value!r}", f"{name} must be a positive integer, got {value!r}"))
+        if value is not None:
+            positive_int(name, value)
     _workload = Workload(batch=batch, seq=seq, memory=memory)
 
 
@@ -275,7 +275,11 @@ def optimize(model: ModelT, **options: Any) -> ModelT:
         if resolved is _active:
             _active = picked
         resolved = picked
-    cfg = resolved.config
+    return _apply(model, resolved.config)
+
+
+def _apply(model: ModelT, cfg: _config.VBConfig) -> ModelT:
+    """The banner (once), the engine's passes in ``cfg`` and the statistics' tracking."""
     if _banner_pending:
         _announce()
     _engine().optimize(model, cfg)
@@ -404,11 +408,7 @@ def load_pretrained_fp4(path: str | os.PathLike, model_class: type | None = None
     model = load_hf_checkpoint_fp4(
         path, model_class, config=config, fmt=cfg.fp4_format, skip=cfg.fp4_skip,
         min_features=cfg.fp4_min_features, device=resolve_device(device or cfg.device), dtype=dtype)
-    if _banner_pending:
-        _announce()
-    _engine().optimize(model, cfg)
-    _stats().REGISTRY.track(model)
-    return model
+    return _apply(model, cfg)
 
 
 def estimate(target: Any, *, mode: str | None = None, batch: int = 1, seq: int | None = None,

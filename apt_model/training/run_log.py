@@ -39,7 +39,8 @@ PLOT_NAME = "loss.png"
 # Log-scale y axis when the largest loss is at least this many times the smallest: the
 # first steps' drop then no longer flattens the rest of the curve.
 LOG_SCALE_RATIO = 3.0
-# Fonts with Chinese glyphs, tried in order for Chinese labels; without one, labels are English.
+
+
 def _parse_lines(path: Path) -> tuple[list[dict[str, Any]], bool]:
     """The records of a log file, and whether its bytes are exactly those records' lines.
 

@@ -30,6 +30,8 @@ from apt_model.i18n import tr
 from apt_model.storage import free_bytes, human_bytes, is_disk_full
 from apt_model.vgpu.stats import LevelCounters
 
+LEVEL_DEVICES = ("cpu", "ssd")  # the host levels; any other level names an accelerator
+
 MIB = 1 << 20
 READ_CHUNK = 16 * MIB  # bytes one pread asks for; a block's chunks are read in parallel
 READ_THREADS = 4

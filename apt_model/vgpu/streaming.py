@@ -42,6 +42,7 @@ from apt_model.i18n import tr
 from apt_model.storage import human_bytes
 from apt_model.vgpu.layout import Layout, Slot, storage_key, tensor_slots
 from apt_model.vgpu.levels import (
+    LEVEL_DEVICES,
     DeviceLevel,
     DiskLevel,
     HostLevel,
@@ -54,7 +55,6 @@ from apt_model.vgpu.placement import Plan, make_plan
 from apt_model.vgpu.stats import AccessCounters, DeviceTimings
 
 STACK_ATTR = "_vb_vgpu"
-HOST_LEVELS = ("cpu", "ssd")
 
 
 @dataclass
@@ -129,7 +129,7 @@ class VGPUStack:
         are checked now; the model is placed at its first forward (or by :meth:`place`), so
         what is placed is the model as it is then (e.g. FP4 layers frozen since)."""
         for i, spec in enumerate(levels[1:], 1):
-            if spec.device not in HOST_LEVELS:
+            if spec.device not in LEVEL_DEVICES:
                 raise VBConfigError(tr(f"vgpu_config.levels[{i}]: Level 0 以下只能是 cpu 或 ssd，收到 {spec.device}",
                                        f"vgpu_config.levels[{i}]: levels below Level 0 are cpu or ssd, got {spec.device}"))
             if spec.device == "ssd" and spec.path:
@@ -161,6 +161,10 @@ class VGPUStack:
         self.plan: Plan = make_plan([b.layout.nbytes for b in self.blocks], self.rest.nbytes,
                                     [capacity_bytes(s) for s in self.specs], self.depth_setting)
         self._check_room()
+        if self._check is not None:  # refusals before anything moves (freezing unplaces)
+            for block, home in zip(self.blocks, self.plan.homes, strict=True):
+                if home:
+                    self._check(block.module)
         self.host_memory = HostMemory(pin=self._cuda)
         self.level0 = DeviceLevel(self.specs[0], self.device)
         self.lower: list[HostLevel | DiskLevel] = []
@@ -321,8 +325,6 @@ class VGPUStack:
                 f"VGPU: block {i} ({name}) streams from a lower level; training streamed blocks is not supported "
                 "yet: run inference under torch.no_grad(), or train with every block in Level 0 (the optimizer "
                 "state can be offloaded: vb.offload_optimizer)"))
-        if self._check is not None:
-            self._check(b.module)
         if torch.compiler.is_compiling() or (self._cuda and torch.cuda.is_current_stream_capturing()):
             raise VBUnsupportedError(tr("VGPU 流式块不能在 torch.compile 或 CUDA 图捕获中运行",
                                         "VGPU streamed blocks cannot run under torch.compile or CUDA graph capture"))
