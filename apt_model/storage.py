@@ -8,6 +8,7 @@ import errno
 import hashlib
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -86,14 +87,20 @@ def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in _DISK_FULL
 
 
+def storage_key(tensor: torch.Tensor) -> tuple[torch.device, int]:
+    """What identifies the memory behind ``tensor``: its device and storage address."""
+    return tensor.device, tensor.untyped_storage().data_ptr()
+
+
+def tensors_nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of memory behind ``tensors``, each storage counted once."""
+    return sum({storage_key(t): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
 def module_nbytes(module: torch.nn.Module) -> int:
     """Bytes of memory behind ``module``'s parameters and buffers: each storage counted once
     (tied weights, and views such as fused FP4 groups' members, share one)."""
-    storages = {}
-    for tensor in (*module.parameters(), *module.buffers()):
-        storage = tensor.untyped_storage()
-        storages[(tensor.device, storage.data_ptr())] = storage.nbytes()
-    return sum(storages.values())
+    return tensors_nbytes((*module.parameters(), *module.buffers()))
 
 
 def unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -109,7 +116,7 @@ def unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
     storages: set[tuple[torch.device, int]] = set()
     for name, tensor in state.items():
         tensor = tensor.detach()
-        storage = (tensor.device, tensor.untyped_storage().data_ptr())
+        storage = storage_key(tensor)
         view = (*storage, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()),
                 tensor.dtype)
         if view in views:

@@ -70,11 +70,10 @@ def decode_read_bytes(model) -> int:
     another module also uses (a head tied to it) is read in full."""
     import torch
 
-    from apt_model.storage import module_nbytes
+    from apt_model.storage import module_nbytes, storage_key
 
-    def storages(module) -> set[int]:
-        return {t.untyped_storage().data_ptr() for t in (*module.parameters(recurse=False),
-                                                          *module.buffers(recurse=False))}
+    def storages(module) -> set:
+        return {storage_key(t) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))}
 
     embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
     others = set().union(*(storages(m) for m in model.modules()

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from apt_model.errors import VBUnsupportedError
 from apt_model.i18n import tr
+from apt_model.storage import storage_key, tensors_nbytes
 
 ALIGN = 256  # bytes; a multiple of every element size, and of the kernels' alignment needs
 
@@ -50,10 +51,6 @@ def tensor_slots(modules: Iterable[nn.Module]) -> list[Slot]:
             if t is not None:
                 out.append(Slot(module, False, name))
     return out
-
-
-def storage_key(t: Tensor) -> tuple[torch.device, int]:
-    return t.device, t.untyped_storage().data_ptr()
 
 
 @dataclass(frozen=True)
@@ -127,8 +124,7 @@ class Layout:
 
     def storage_bytes(self) -> int:
         """Bytes of the storages its tensors are bound to now, each storage counted once."""
-        return sum({storage_key(t): t.untyped_storage().nbytes()
-                    for t in (slot.get() for slot in self.slots)}.values())
+        return tensors_nbytes(slot.get() for slot in self.slots)
 
     def segment(self, i: int) -> Tensor:
         """Segment ``i``'s bytes where its tensors are bound now, as a flat ``uint8`` tensor."""

@@ -39,8 +39,8 @@ from torch import Tensor, nn
 from apt_model.accelerator import host_memory_info, resolve_device
 from apt_model.errors import VBConfigError, VBUnsupportedError
 from apt_model.i18n import tr
-from apt_model.storage import human_bytes
-from apt_model.vgpu.layout import Layout, Slot, storage_key, tensor_slots
+from apt_model.storage import human_bytes, storage_key
+from apt_model.vgpu.layout import Layout, Slot, tensor_slots
 from apt_model.vgpu.levels import (
     LEVEL_DEVICES,
     DeviceLevel,
