@@ -379,3 +379,24 @@ def test_the_fit_check_names_the_largest_batch_for_the_memory_given():
     memory = int((peak(5) + peak(6)) / 2 / (1 - FIT_MARGIN))
     with pytest.raises(VBConfigError, match=r"in mode off needs .*the largest batch that fits is --batch-size 5$"):
         launcher.check_fits(TrainConfig(preset="tiny", batch_size=40, seq_len=16), memory=memory)
+
+
+def test_the_fit_check_counts_no_optimizer_state_when_the_trainer_offloads_it():
+    """With host levels configured, VB's trainer keeps AdamW's state off the device, so a run
+    that fits only without it passes the check; without the levels it is stopped."""
+    import apt_model.optimization.vb_global as vb
+    from apt_model.errors import VBConfigError
+    from apt_model.estimator import estimate
+    from apt_model.estimator.fit import FIT_MARGIN
+
+    cfg = TrainConfig(preset="tiny", batch_size=4, seq_len=16, enable_vb=True, vb_mode="balanced")
+
+    def peak(optimizer: str) -> int:
+        return estimate("tiny", mode="balanced", batch=4, seq=17, device="cpu", optimizer=optimizer).peak_bytes
+
+    memory = int((peak("sgd") + peak("adamw")) / 2 / (1 - FIT_MARGIN))
+    with pytest.raises(VBConfigError, match="does not fit"):
+        launcher.check_fits(cfg, memory=memory)
+    vb.enable(vgpu_config={"levels": [{"capacity_mb": 1024, "device": "cpu", "speed_gbps": 10},
+                                      {"capacity_mb": 1024, "device": "cpu", "speed_gbps": 5}]})
+    launcher.check_fits(cfg, memory=memory)

@@ -137,7 +137,8 @@ def check_fits(cfg: TrainConfig, memory: int | None = None) -> None:
     the one the pick falls back to), against ``memory`` bytes (default: what is free on the
     run's device now; on the CPU the available RAM). It also tells ``auto_estimate`` the
     run's batch and window (``vb.set_workload``). Costs one traced step, a few more when the
-    run does not fit.
+    run does not fit. When VB's trainer offloads the optimizer state (``vb.offloads_training``)
+    the device holds no optimizer state, so the step is traced without any.
     """
     from apt_model.accelerator import resolve_device
     from apt_model.estimator import Traced
@@ -155,8 +156,10 @@ def check_fits(cfg: TrainConfig, memory: int | None = None) -> None:
     free = memory or free_memory(device)
     traced = Traced(APTConfig.from_preset(cfg.preset), mode=mode, training=True, device=str(device), base=config)
 
+    optimizer = "sgd" if vb_global.offloads_training(vb_global.active_config()) else "adamw"  # sgd: stateless
+
     def step(batch: int):
-        return traced.step(batch=batch, seq=seq)
+        return traced.step(batch=batch, seq=seq, optimizer=optimizer)
 
     planned = step(cfg.batch_size)
     if fits(planned, free):
