@@ -202,7 +202,8 @@ def estimate(args: argparse.Namespace) -> tuple[str, list[Estimate]]:
     if not any(fits(est, free) for est in peaks):
         largest = min(peaks, key=lambda est: est.peak_bytes)
         better = smallest_fit(target, free=free, batch=args.batch, seq=largest.seq, training=not args.decode,
-                              optimizer=args.optimizer, device=args.device, base=None)
+                              optimizer=args.optimizer, device=args.device, base=None,
+                              known={est.mode: est.peak_bytes for est in peaks if est.seq == largest.seq})
         hint = (tr(f"能放下的最小配置: {better}", f"the smallest configuration that fits: {better}") if better
                 else tr("任何模式下 batch 1 都放不下", "nothing fits, not even batch 1 in any mode"))
         raise VBConfigError(tr(

@@ -9,7 +9,7 @@ kernel workspaces, and on the CPU the process's own code and libraries.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,9 +47,11 @@ def fits(est: Estimate, free: int) -> bool:
     return est.peak_bytes <= usable(free)
 
 
-def largest_batch(step: Callable[[int], Estimate], free: int, too_big: int) -> int:
+def largest_batch(step: Callable[[int], Estimate], free: int, too_big: int,
+                  too_big_peak: int | None = None) -> int:
     """The largest batch whose step (``step(batch)``) fits in ``free`` bytes, knowing that
-    ``too_big`` does not; 0 when batch 1 does not fit either.
+    ``too_big`` does not (its peak ``too_big_peak``, traced when not given); 0 when batch 1
+    does not fit either.
 
     A bracketed search. Memory is the larger of a fixed part (weights, optimizer state) and
     a part affine in the batch (activations), so the line through the two smallest batches
@@ -61,7 +63,9 @@ def largest_batch(step: Callable[[int], Estimate], free: int, too_big: int) -> i
     if step(1).peak_bytes > limit:
         return 0
     low, high = 1, too_big
-    failing = [(too_big, step(too_big).peak_bytes)]  # (batch, peak) not fitting, smallest first
+    if too_big_peak is None:
+        too_big_peak = step(too_big).peak_bytes
+    failing = [(too_big, too_big_peak)]  # (batch, peak) not fitting, smallest first
     halved = False  # the first try is the middle
     while high - low > 1:
         span = high - low
@@ -100,28 +104,33 @@ class ModeChoice:
 
 def choose_mode(target: Any, *, free: int, batch: int = 1, seq: int | None = None, training: bool = True,
                 optimizer: str = "adamw", device: str | None = None,
-                base: VBConfig | None = None) -> ModeChoice:
+                base: VBConfig | None = None, known: Mapping[str, int] | None = None) -> ModeChoice:
     """Trace ``target``'s step in each mode of ``MODES``, least aggressive first, and stop at
-    the first that fits in ``free`` bytes (arguments as for ``estimate``)."""
+    the first that fits in ``free`` bytes (arguments as for ``estimate``; ``known``: peaks of
+    this step already traced, by mode, not traced again)."""
     peaks: dict[str, int] = {}
     for mode in MODES:
-        traced = Traced(target, mode=mode, training=training, device=device, base=base)
-        est = traced.step(batch=batch, seq=seq, optimizer=optimizer)
-        peaks[mode] = est.peak_bytes
-        if fits(est, free):
+        if known is not None and mode in known:
+            peaks[mode] = known[mode]
+        else:
+            traced = Traced(target, mode=mode, training=training, device=device, base=base)
+            peaks[mode] = traced.step(batch=batch, seq=seq, optimizer=optimizer).peak_bytes
+        if peaks[mode] <= usable(free):
             return ModeChoice(mode, peaks, free, training)
     return ModeChoice(None, peaks, free, training)
 
 
 def smallest_fit(target: Any, *, free: int, batch: int, seq: int | None, training: bool, optimizer: str,
-                 device: str | None, base: VBConfig | None) -> str | None:
+                 device: str | None, base: VBConfig | None, known: Mapping[str, int] | None = None) -> str | None:
     """The smallest change that makes ``target``'s step fit in ``free`` bytes, in words: the
     least aggressive mode that fits at this batch, else the largest batch that fits in the
-    most aggressive mode; None when not even batch 1 fits there."""
+    most aggressive mode; None when not even batch 1 fits there. ``known``: peaks of this
+    step already traced, by mode (as for ``choose_mode``)."""
     choice = choose_mode(target, free=free, batch=batch, seq=seq, training=training, optimizer=optimizer,
-                         device=device, base=base)
+                         device=device, base=base, known=known)
     if choice.mode is not None:
         return tr(f"模式 {choice.mode}, batch {batch}", f"mode {choice.mode} with batch {batch}")
     traced = Traced(target, mode=MOST_AGGRESSIVE, training=training, device=device, base=base)
-    best = largest_batch(lambda b: traced.step(batch=b, seq=seq, optimizer=optimizer), free, batch)
+    best = largest_batch(lambda b: traced.step(batch=b, seq=seq, optimizer=optimizer), free, batch,
+                         choice.peaks[MOST_AGGRESSIVE])
     return tr(f"模式 {MOST_AGGRESSIVE}, batch {best}", f"mode {MOST_AGGRESSIVE} with batch {best}") if best else None
