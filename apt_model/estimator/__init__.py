@@ -8,6 +8,7 @@ from apt_model.estimator.estimate import (
     OPTIMIZERS,
     Estimate,
     Traced,
+    context_length,
     decode_contexts,
     decode_sweep,
     decode_table,
@@ -17,4 +18,4 @@ from apt_model.estimator.estimate import (
 from apt_model.estimator.tracker import MemoryTracker
 
 __all__ = ["CUDA_RUNTIME_OVERHEAD", "ESTIMATE_MODES", "OPTIMIZERS", "Estimate", "MemoryTracker", "Traced",
-           "decode_contexts", "decode_sweep", "decode_table", "estimate", "measure"]
+           "context_length", "decode_contexts", "decode_sweep", "decode_table", "estimate", "measure"]

@@ -233,9 +233,17 @@ def _vocab_and_context(model: nn.Module) -> tuple[int, int | None]:
     if vocab is None:
         raise VBConfigError(tr(f"{type(model).__name__} 没有词表大小 (config.vocab_size 或 nn.Embedding)",
                                f"{type(model).__name__} has no vocabulary size (config.vocab_size or an nn.Embedding)"))
-    context = next((getattr(config, name) for name in ("max_seq_len", "max_position_embeddings", "n_positions")
-                    if isinstance(getattr(config, name, None), int)), None)
-    return vocab, context
+    return vocab, context_length(model)
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest input the model accepts (APT, GPT-2, Llama config names), or None."""
+    config = getattr(model, "config", None)
+    for name in ("max_seq_len", "n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
 
 
 def mode_config(mode: str, base: VBConfig | None = None) -> VBConfig:

@@ -13,13 +13,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from apt_model.estimator import context_length
 from apt_model.optimization import vb_global as vb
 from apt_model.training.trainer import (
     SAMPLE_TEMPERATURE,
     SAMPLE_TOP_K,
     TrainConfig,
     Trainer,
-    context_length,
 )
 
 

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from apt_model import accelerator
 from apt_model.errors import VBConfigError, VBDataError, VBInterrupted
+from apt_model.estimator import context_length
 from apt_model.figures import missing_matplotlib_message
 from apt_model.i18n import tr
 from apt_model.modeling.apt_model import APTConfig, APTModel
@@ -132,16 +133,6 @@ class TrainResult:
     vb_stats: dict[str, Any] | None
     log: str  # the JSON-lines log of every step and validation
     plot: str | None  # the loss curve (PNG), None without matplotlib
-
-
-def context_length(model: nn.Module) -> int | None:
-    """The longest input the model accepts (APT, GPT-2, Llama config names), or None."""
-    config = getattr(model, "config", None)
-    for name in ("max_seq_len", "n_positions", "max_position_embeddings"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    return None
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
