@@ -18,7 +18,7 @@ import apt_model.optimization.vb_global as vb
 from apt_model import vgpu
 from apt_model.errors import VBConfigError, VBUnsupportedError
 from apt_model.modeling.apt_model import APTConfig, APTModel
-from apt_model.vgpu.offload import ALIGN
+from apt_model.vgpu.levels import HOST_ALIGN as ALIGN
 from apt_model.vgpu.offload import OffloadedAdamW as Offloaded
 
 CFG = APTConfig.from_preset("tiny", n_layers=2)

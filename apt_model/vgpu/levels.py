@@ -18,6 +18,7 @@ import shutil
 import uuid
 import warnings
 import weakref
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
@@ -33,6 +34,8 @@ from apt_model.vgpu.stats import LevelCounters
 LEVEL_DEVICES = ("cpu", "ssd")  # the host levels; any other level names an accelerator
 
 MIB = 1 << 20
+HOST_CHUNK = 256 * MIB  # bytes per host allocation: torch's pinned allocator rounds each one up to a power of two
+HOST_ALIGN = 64
 READ_CHUNK = 16 * MIB  # bytes one pread asks for; a block's chunks are read in parallel
 READ_THREADS = 4
 
@@ -121,24 +124,62 @@ class HostMemory:
         return torch.empty(nbytes, dtype=torch.uint8)
 
 
-class HostLevel:
-    """A host RAM level: its blocks' buffers, from ``memory``."""
+def _host_aligned(n: int) -> int:
+    return -(-n // HOST_ALIGN) * HOST_ALIGN
 
-    def __init__(self, index: int, spec: LevelSpec, memory: HostMemory) -> None:
-        self.counters = _counters(index, spec, "cpu")
+
+class HostArena:
+    """Host tensors carved from a few large buffers of ``memory`` for tensors of ``sizes``
+    bytes (``HOST_CHUNK`` each, or all that is still to come when less; a larger tensor gets
+    its own), each aligned to ``HOST_ALIGN`` bytes: pinned buffers waste little that way.
+    ``held_bytes``: the bytes of the buffers taken so far."""
+
+    def __init__(self, memory: HostMemory, sizes: Sequence[int]) -> None:
         self.memory = memory
-        self._held: list[Tensor] = []
+        self._left = sum(_host_aligned(n) for n in sizes)
+        self._chunks: list[Tensor] = []
+        self._used = 0
+        self.held_bytes = 0
+
+    def take_bytes(self, nbytes: int) -> Tensor:
+        """``nbytes`` of host memory, as a flat ``uint8`` tensor."""
+        size = _host_aligned(nbytes)
+        if not self._chunks or self._used + size > self._chunks[-1].numel():
+            self._chunks.append(self.memory.empty(max(min(HOST_CHUNK, self._left), size)))
+            self._used = 0
+            self.held_bytes += self._chunks[-1].untyped_storage().nbytes()
+        out = self._chunks[-1][self._used:self._used + nbytes]
+        self._used += size
+        self._left -= size
+        return out
+
+    def take(self, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+        """An uninitialized host tensor of ``shape`` and ``dtype``."""
+        return self.take_bytes(shape.numel() * dtype.itemsize).view(dtype).view(shape)
+
+    def release(self) -> None:
+        """Drop the buffers (their memory is freed once no tensor taken from them is left)."""
+        self._chunks.clear()
+        self.held_bytes = 0
+
+
+class HostLevel:
+    """A host RAM level: its blocks' buffers, carved for blocks of ``sizes`` bytes from
+    ``memory``."""
+
+    def __init__(self, index: int, spec: LevelSpec, memory: HostMemory, sizes: Sequence[int]) -> None:
+        self.counters = _counters(index, spec, "cpu")
+        self.arena = HostArena(memory, sizes)
 
     def allocate(self, nbytes: int) -> Tensor:
-        buf = self.memory.empty(nbytes)
-        self._held.append(buf)
-        self.counters.hold(buf.untyped_storage().nbytes())
+        before = self.arena.held_bytes
+        buf = self.arena.take_bytes(nbytes)
+        self.counters.hold(self.arena.held_bytes - before)
         return buf
 
     def close(self) -> None:
-        for buf in self._held:
-            self.counters.release(buf.untyped_storage().nbytes())
-        self._held.clear()
+        self.counters.release(self.arena.held_bytes)
+        self.arena.release()
 
 
 def swap_dir(spec: LevelSpec, needed: int) -> Path:

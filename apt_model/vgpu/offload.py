@@ -45,11 +45,9 @@ from apt_model.accelerator import host_memory_info
 from apt_model.errors import VBConfigError, VBUnsupportedError
 from apt_model.i18n import tr
 from apt_model.storage import human_bytes
-from apt_model.vgpu.levels import HostMemory
+from apt_model.vgpu.levels import HostArena, HostMemory
 from apt_model.vgpu.streaming import stack_of
 
-CHUNK = 256 << 20  # host bytes per allocation: torch's pinned allocator rounds each one up to a power of two
-ALIGN = 64
 UNSUPPORTED_FLAGS = ("amsgrad", "maximize", "capturable", "differentiable")
 _OWNER = WeakIdKeyDictionary()  # parameter -> the OffloadedAdamW that offloads it
 
@@ -94,33 +92,6 @@ def _adamw(params: list[Tensor], grads: list[Tensor], state: Sequence[dict[str, 
          eps=eps, maximize=False, decoupled_weight_decay=True, **implementation)
 
 
-class _Arena:
-    """Host tensors carved from a few large buffers (``CHUNK`` bytes, or all that is needed
-    when less), each tensor aligned to ``ALIGN`` bytes: pinned buffers waste little that way."""
-
-    def __init__(self, memory: HostMemory, sizes: Sequence[int]) -> None:
-        self.memory = memory
-        self._left = sum(_aligned(n) for n in sizes)
-        self._chunk: Tensor | None = None
-        self._used = 0
-        self.held_bytes = 0
-
-    def take(self, shape: torch.Size, dtype: torch.dtype) -> Tensor:
-        nbytes = _aligned(shape.numel() * dtype.itemsize)
-        if self._chunk is None or self._used + nbytes > self._chunk.numel():
-            self._chunk = self.memory.empty(max(min(CHUNK, self._left), nbytes))
-            self._used = 0
-            self.held_bytes += self._chunk.untyped_storage().nbytes()
-        out = self._chunk[self._used:self._used + nbytes][:shape.numel() * dtype.itemsize]
-        self._used += nbytes
-        self._left -= nbytes
-        return out.view(dtype).view(shape)
-
-
-def _aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
-
-
 def _master_dtype(p: Tensor) -> torch.dtype:
     return torch.promote_types(p.dtype, torch.float32)
 
@@ -148,7 +119,7 @@ class OffloadedAdamW(torch.optim.AdamW):
         self.device = offloaded[0].device
         self._cuda = self.device.type == "cuda"
         self.memory = HostMemory(pin=self._cuda)
-        self._arena = _Arena(self.memory, [n for p in offloaded for n in _host_sizes(p)])
+        self._arena = HostArena(self.memory, [n for p in offloaded for n in _host_sizes(p)])
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
         self._host: dict[nn.Parameter, _Host] = {}
         taken = {p: optimizer.state.pop(p) for p in offloaded if p in optimizer.state}

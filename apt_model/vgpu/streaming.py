@@ -170,7 +170,8 @@ class VGPUStack:
         self.lower: list[HostLevel | DiskLevel] = []
         for i, spec in enumerate(self.specs[1:], 1):
             if spec.device == "cpu":
-                self.lower.append(HostLevel(i, spec, self.host_memory))
+                homed = [b.layout.nbytes for b, home in zip(self.blocks, self.plan.homes, strict=True) if home == i]
+                self.lower.append(HostLevel(i, spec, self.host_memory, homed))
             else:
                 self.lower.append(DiskLevel(i, spec, swap_dir(spec, self.plan.level_bytes[i])))
         self.access = AccessCounters()
