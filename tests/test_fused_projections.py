@@ -145,6 +145,28 @@ def test_moving_the_model_keeps_the_members_linked_and_scales_uncast():
         assert model(torch.randint(0, 256, (1, 1))).logits.dtype == torch.float64
 
 
+def test_moving_the_model_copies_the_fused_rows_once():
+    """A move copies each byte of the model once: the members' rows go with their group."""
+    model = apt("nvfp4")
+    copied = []
+    moved: set[int] = set()  # storages "on the target"
+
+    def copy(t: torch.Tensor) -> torch.Tensor:  # as .to(device): a copy unless already there
+        if t.untyped_storage().data_ptr() in moved:
+            return t
+        out = t.clone()
+        copied.append(out.untyped_storage().nbytes())
+        moved.add(out.untyped_storage().data_ptr())
+        return out
+
+    before = module_nbytes(model)
+    model._apply(copy)
+    assert sum(copied) == before == module_nbytes(model)
+    assert all(group._linked() for group in groups(model))
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 1)))
+
+
 def test_fusing_twice_or_mismatched_siblings_is_refused():
     model = Siblings()
     vb.optimize(model, mode="speed", verbose=False)

@@ -16,8 +16,8 @@ Storage: the group holds the concatenated packed codes, block scales, per-row te
 (NVFP4: each member keeps its own) and biases as non-persistent buffers, and the members'
 ``weight_packed`` / ``weight_scales`` become views of them, so nothing is stored twice,
 state_dict and checkpoints are unchanged, and writing into a member's buffers (as
-``load_state_dict`` does) writes the group's. After ``.to()`` moves members and group apart,
-the group's ``_apply`` points the members at its moved tensors again.
+``load_state_dict`` does) writes the group's. ``.to()`` moves the group's tensors once (the
+first member reached moves the group) and points the members at the moved ones.
 """
 
 from __future__ import annotations
@@ -146,14 +146,19 @@ class FusedFP4Projections(nn.Module):
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> FusedFP4Projections:
         """Move the group's packed tensors (never cast: float8 scales, fp32 tensor scales) and
-        its bias (cast too, as the members' are), then point the members at them again
-        (``.to()`` moved the members' views on their own)."""
+        its bias (cast too, as the members' are), then point the members at them again. The
+        first member ``.to()`` reaches calls this (``FP4Linear._apply``), so the rows are
+        copied once; later calls find the tensors moved already."""
         for name, tensor in list(self._buffers.items()):
             if tensor is not None:
                 self._buffers[name] = fn(tensor) if name == "bias" else moved_uncast(fn, tensor)
         if self.packed is not None:
             self._link()
         return self
+
+    def holds_members(self) -> bool:
+        """Whether the group is packed and its members still serve from its tensors."""
+        return self.packed is not None and self._linked()
 
     def release(self) -> None:
         """Detach the members (they keep views of the group's tensors, alive through them)."""

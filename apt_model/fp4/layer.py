@@ -335,6 +335,8 @@ class FP4Linear(nn.Module):
         compute dtype instead."""
         if not self.frozen:
             return super()._apply(fn, recurse)
+        if self._fused is not None and self._fused.holds_members():
+            self._fused._apply(fn)  # the group's rows moved once; this layer's views follow
         packed = {name: self._buffers[name] for name in PACKED_BUFFERS.values()
                   if self._buffers.get(name) is not None}
         for name in packed:
