@@ -242,8 +242,9 @@ def _model_key(key: str, expected: dict[str, torch.Tensor], prefix: str) -> str 
     return None
 
 
-def _plan(model: nn.Module, shards: list[Path]) -> list[tuple[Path, dict[str, str]]]:
-    """For each shard, its checkpoint keys to load and the model name each fills.
+def _plan(model: nn.Module, shards: list[Path], tied: list[list[str]]) -> list[tuple[Path, dict[str, str]]]:
+    """For each shard, its checkpoint keys to load and the model name each fills (``tied``:
+    the model's tied parameter names, ``tied_groups``).
 
     Every check that needs no tensor data is done here, before any is read: keys the model
     lacks, names no shard fills, shapes that differ from the config's.
@@ -252,7 +253,7 @@ def _plan(model: nn.Module, shards: list[Path]) -> list[tuple[Path, dict[str, st
     prefix = getattr(model, "base_model_prefix", "") or ""
     skip_unexpected = _patterns(model, "_keys_to_ignore_on_load_unexpected", _LEGACY_KEYS)
     skip_missing = _patterns(model, "_keys_to_ignore_on_load_missing")
-    alias = {name: group[0] for group in tied_groups(model) for name in group}
+    alias = {name: group[0] for group in tied for name in group}
     plan: list[tuple[Path, dict[str, str]]] = []
     filled: set[str] = set()
     unexpected: list[str] = []
@@ -309,7 +310,8 @@ def _put(model: nn.Module, name: str, tensor: torch.Tensor, device: torch.device
     owner_name, _, leaf = name.rpartition(".")
     owner = model.get_submodule(owner_name)
     if isinstance(owner, FP4Linear) and leaf == "weight":
-        weight = _moved(tensor, device, dtype)  # [in, out] for a GPT-2 Conv1D: packed as [out, in]
+        weight = tensor.to(device, dtype)  # only read: the checkpoint's own memory will do
+        # [in, out] for a GPT-2 Conv1D: packed as [out, in]
         owner._install_packed(fp4_quantize(weight.t() if owner.weight_transposed else weight,
                                            owner.fmt), dtype)
         return
@@ -351,7 +353,7 @@ def load_hf_checkpoint_fp4(path: str | os.PathLike, model_class: type | None = N
     _generation_config(model, folder)
     groups = tied_groups(model)
     convert_to_fp4(model, fmt, skip, min_features)
-    for shard, keys in _plan(model, shards):
+    for shard, keys in _plan(model, shards, groups):
         with safe_open(shard, framework="pt") as fh:
             for key, name in keys.items():
                 _put(model, name, fh.get_tensor(key), device, dtype)
