@@ -292,6 +292,8 @@ def fp4_linear(x: Tensor, w: FP4Weight, bias: Tensor | None = None) -> Tensor:
     eager = type(x) is Tensor and x.is_cuda and not torch.compiler.is_compiling() and not (
         torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
     if eager and x.numel() == k and x.stride(-1) == 1:  # one row: the weight's prepared product
+        if bias is not None and bias.dtype != x.dtype:  # e.g. an fp32 bias under bf16 autocast
+            bias = bias.to(x.dtype)
         product = _row_product(x, w, bias)
         if product is not None:
             return product(x.view(1, k), bias).view(*x.shape[:-1], w.packed.shape[0])
@@ -302,11 +304,9 @@ def fp4_linear(x: Tensor, w: FP4Weight, bias: Tensor | None = None) -> Tensor:
 
 
 def _row_product(x: Tensor, w: FP4Weight, bias: Tensor | None):
-    """The Triton one-row product prepared for ``w``, ``x``'s dtype and ``bias`` (kept in
-    ``w.kernels``), or None where the fused kernels do not run (their dtypes, devices,
-    ``VB_FP4_TRITON``) or the bias is of another dtype."""
-    if bias is not None and bias.dtype != x.dtype:
-        return None
+    """The Triton one-row product prepared for ``w``, ``x``'s dtype and a ``bias`` of that
+    dtype or None (kept in ``w.kernels``), or None where the fused kernels do not run (their
+    dtypes, devices, ``VB_FP4_TRITON``)."""
     key = ("row", x.dtype, bias is not None, env.get(env.FP4_TRITON))
     product = w.kernels.get(key)
     if product is None:
