@@ -31,7 +31,13 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from variants import add_variant_arguments, cuda_timed, run_in_subprocesses, write_results  # noqa: E402
+from modes import device_name  # noqa: E402
+from variants import (  # noqa: E402
+    add_variant_arguments,
+    cuda_timed,
+    run_in_subprocesses,
+    write_results,
+)
 
 VARIANTS = ("floor", "vb_bf16", "vb_fp4", "accelerate")
 FORWARDED = ("device", "gib", "layers", "slots", "iters", "warmup")
@@ -174,10 +180,8 @@ def main() -> int:
         print(json.dumps(run_variant(args)))
         return 0
     results = run_in_subprocesses(__file__, args.only, args, FORWARDED)
-    if args.device.startswith("cuda"):
-        write_results(args.json, {"bench": "vgpu", "args": vars(args), "results": results})
-    elif args.json:
-        Path(args.json).write_text(json.dumps({"bench": "vgpu", "args": vars(args), "results": results}, indent=1))
+    write_results(args.json, {"device": device_name(args.device), "bench": "vgpu", "args": vars(args),
+                              "results": results})
     return 0
 
 

@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hf_decode import LLAMA_SHAPES, always_n_tokens, llama_config  # noqa: E402
+from modes import device_name  # noqa: E402
 from variants import add_variant_arguments, run_in_subprocesses, write_results  # noqa: E402
 from vgpu import timed  # noqa: E402
 
@@ -149,11 +150,8 @@ def main() -> int:
     print(f"\n{args.model}, Level 0 = {args.level0_gib} GiB on {args.device}, prompt {args.prompt}, new {args.new}")
     for r in results:
         print({k: v for k, v in r.items() if k not in ("tokens", "ms_runs")})
-    payload = {"bench": "vgpu_generate", "args": vars(args), "results": results}
-    if args.device.startswith("cuda"):
-        write_results(args.json, payload)
-    elif args.json:
-        Path(args.json).write_text(json.dumps(payload, indent=1))
+    write_results(args.json, {"device": device_name(args.device), "bench": "vgpu_generate", "args": vars(args),
+                              "results": results})
     return 0
 
 
