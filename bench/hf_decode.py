@@ -72,7 +72,9 @@ def llama_config(name: str):
                                        "rope_theta": 500000.0, **LLAMA_SHAPES[name]})
 
 
-def _build_llama(name: str, device: torch.device):
+def build_llama(name: str, device: torch.device | str):
+    """The seeded bf16 ``LlamaForCausalLM`` of shape ``name`` built on ``device``, generating
+    exactly the tokens asked for (``always_n_tokens``)."""
     import transformers
 
     torch.manual_seed(0)
@@ -199,7 +201,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         model.eval()
         vocab = 32000
     else:
-        model = _build_llama(args.model, device)
+        model = build_llama(args.model, device)
         vocab = model.config.vocab_size
     if variant == "bnb-4bit":
         model = _bnb_llama(model, device)  # the bf16 copy is freed here

@@ -21,19 +21,14 @@ import sys
 import time
 
 import torch
+from hf_decode import always_n_tokens, build_llama
 from variants import write_results
-
-SHAPE = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-             num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
-             rope_theta=500000.0, tie_word_embeddings=False)
 
 
 def _tokens(model) -> list[int]:
     prompt = torch.arange(1, 17, device="cuda")[None]
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
     with torch.inference_mode():
-        return model.generate(prompt, max_new_tokens=16, do_sample=False)[0, 16:].tolist()
+        return always_n_tokens(model).generate(prompt, max_new_tokens=16, do_sample=False)[0, 16:].tolist()
 
 
 def step(name: str, folder: str) -> dict:
@@ -44,11 +39,7 @@ def step(name: str, folder: str) -> dict:
 
     start = time.perf_counter()
     if name == "write":
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            model = transformers.LlamaForCausalLM._from_config(transformers.LlamaConfig(**SHAPE),
-                                                               dtype=torch.bfloat16)
-        model.save_pretrained(folder, max_shard_size="5GB")
+        build_llama("llama-8b", "cuda").save_pretrained(folder, max_shard_size="5GB")
         return {"step": name, "seconds": time.perf_counter() - start,
                 "files": sorted(os.listdir(folder))}
     if name == "stream":

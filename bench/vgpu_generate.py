@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_decode import LLAMA_SHAPES, always_n_tokens, llama_config  # noqa: E402
+from hf_decode import LLAMA_SHAPES, always_n_tokens, build_llama  # noqa: E402
 from modes import device_name  # noqa: E402
 from variants import add_variant_arguments, run_in_subprocesses, write_results  # noqa: E402
 from vgpu import timed  # noqa: E402
@@ -40,17 +40,6 @@ from vgpu import timed  # noqa: E402
 VARIANTS = ("vb_bf16", "vb_fp4", "accelerate")
 FORWARDED = ("device", "model", "folder", "level0_gib", "prompt", "new", "runs")
 GIB = 1 << 30
-
-
-def write_checkpoint(name: str, folder: str) -> None:
-    """The seeded bf16 model of shape ``name``, saved with ``save_pretrained``."""
-    import transformers
-
-    torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = transformers.LlamaForCausalLM._from_config(llama_config(name), dtype=torch.bfloat16)
-    model.save_pretrained(folder)
 
 
 def levels(args: argparse.Namespace) -> dict:
@@ -140,7 +129,7 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as folder:
         if not args.folder:
-            write_checkpoint(args.model, folder)
+            build_llama(args.model, "cuda" if torch.cuda.is_available() else "cpu").save_pretrained(folder)
             args.folder = folder
         results = run_in_subprocesses(__file__, args.only, args, FORWARDED)
     reference = next((r["tokens"] for r in results if r.get("variant") == "vb_bf16" and "tokens" in r), None)
