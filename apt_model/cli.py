@@ -15,7 +15,7 @@ import torch
 
 from apt_model import accelerator
 from apt_model.argparsing import ArgumentParser
-from apt_model.errors import VBConfigError, VBDataError, run_cli
+from apt_model.errors import VBConfigError, VBDataError, first_line, run_cli
 from apt_model.i18n import tr
 from apt_model.optimization import vb_global
 from apt_model.storage import free_bytes, human_bytes, parse_size
@@ -102,9 +102,9 @@ def load_apt_model(path: str | Path, device: torch.device) -> APTModel:
         model = (APTLargeModel if model_class == "APTLargeModel" else APTModel)(config)
         model.load_state_dict(state["model"])
     except (TypeError, RuntimeError) as exc:
-        raise VBConfigError(tr(f"检查点 {state['path']} 的权重与其模型配置不符: {str(exc).splitlines()[0]}",
+        raise VBConfigError(tr(f"检查点 {state['path']} 的权重与其模型配置不符: {first_line(exc)}",
                                f"checkpoint {state['path']} does not match its model configuration: "
-                               f"{str(exc).splitlines()[0]}")) from None
+                               f"{first_line(exc)}")) from None
     return model.to(device).eval()
 
 

@@ -26,7 +26,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from apt_model.accelerator import resolve_device
-from apt_model.errors import VBConfigError, VBDataError, positive_int
+from apt_model.errors import VBConfigError, VBDataError, first_line, positive_int
 from apt_model.estimator.attention import cuda_attention
 from apt_model.estimator.tracker import MemoryTracker
 from apt_model.i18n import tr
@@ -195,8 +195,8 @@ def _hf_config(path: Path) -> Any:
     try:
         return AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as exc:
-        raise VBConfigError(tr(f"无法读取 Hugging Face 配置 {path}: {str(exc).splitlines()[0]}",
-                               f"cannot read the Hugging Face config {path}: {str(exc).splitlines()[0]}")) from None
+        raise VBConfigError(tr(f"无法读取 Hugging Face 配置 {path}: {first_line(exc)}",
+                               f"cannot read the Hugging Face config {path}: {first_line(exc)}")) from None
 
 
 def _meta_model(target: Any) -> tuple[nn.Module, str]:

@@ -56,7 +56,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from apt_model.errors import VBConfigError, VBDataError
+from apt_model.errors import VBConfigError, VBDataError, first_line
 from apt_model.fp4.layer import FP4Linear, convert_to_fp4, retie, tied_groups
 from apt_model.fp4.ops import fp4_quantize
 from apt_model.i18n import tr
@@ -67,10 +67,6 @@ SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 # Keys transformers drops from every checkpoint: buffers that older versions saved.
 _LEGACY_KEYS = (r"rotary_emb\.inv_freq$", r"(^|\.)position_ids$")
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 # ------------------------------------------------------------------------ the checkpoint
@@ -96,7 +92,7 @@ def checkpoint_shards(folder: str | os.PathLike) -> list[Path]:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         names = sorted(set(weight_map.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        reason = _first_line(exc) if not isinstance(exc, KeyError) else f"no {exc}"
+        reason = first_line(exc) if not isinstance(exc, KeyError) else f"no {exc}"
         raise VBDataError(tr(f"{index}: 索引文件无效 ({reason})",
                              f"{index}: invalid index file ({reason})")) from None
     if not names or not all(isinstance(name, str) for name in names):
@@ -116,8 +112,8 @@ def _shard_header(shard: Path) -> dict[str, tuple[int, ...]]:
         with safe_open(shard, framework="pt") as fh:
             return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
     except (OSError, RuntimeError, SafetensorError, ValueError) as exc:
-        raise VBDataError(tr(f"{shard}: 不是可读的safetensors文件 ({_first_line(exc)})",
-                             f"{shard}: not a readable safetensors file ({_first_line(exc)})")) from None
+        raise VBDataError(tr(f"{shard}: 不是可读的safetensors文件 ({first_line(exc)})",
+                             f"{shard}: not a readable safetensors file ({first_line(exc)})")) from None
 
 
 # ------------------------------------------------------------------------------ the model
@@ -129,9 +125,9 @@ def _config_of(folder: Path) -> Any:
     try:
         return AutoConfig.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as exc:
-        raise VBConfigError(tr(f"{folder}: 无法读取模型配置 config.json ({_first_line(exc)})",
+        raise VBConfigError(tr(f"{folder}: 无法读取模型配置 config.json ({first_line(exc)})",
                                f"{folder}: cannot read the model config config.json "
-                               f"({_first_line(exc)})")) from None
+                               f"({first_line(exc)})")) from None
 
 
 def _model_class(config: Any, model_class: type | None) -> type[nn.Module]:
@@ -205,9 +201,9 @@ def _build(cls: type[nn.Module], config: Any, device: torch.device, dtype: torch
         try:
             return cls(config)
         except (TypeError, ValueError, AttributeError) as exc:
-            raise VBConfigError(tr(f"无法用该配置构建 {cls.__name__}: {_first_line(exc)}",
+            raise VBConfigError(tr(f"无法用该配置构建 {cls.__name__}: {first_line(exc)}",
                                    f"cannot build {cls.__name__} from this config: "
-                                   f"{_first_line(exc)}")) from None
+                                   f"{first_line(exc)}")) from None
 
 
 def _generation_config(model: nn.Module, folder: Path) -> None:
@@ -219,8 +215,8 @@ def _generation_config(model: nn.Module, folder: Path) -> None:
     try:
         model.generation_config = GenerationConfig.from_pretrained(folder)
     except (OSError, ValueError) as exc:
-        raise VBConfigError(tr(f"{folder}: generation_config.json 无效 ({_first_line(exc)})",
-                               f"{folder}: invalid generation_config.json ({_first_line(exc)})")) from None
+        raise VBConfigError(tr(f"{folder}: generation_config.json 无效 ({first_line(exc)})",
+                               f"{folder}: invalid generation_config.json ({first_line(exc)})")) from None
 
 
 # ------------------------------------------------------------------------- key matching

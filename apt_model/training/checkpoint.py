@@ -45,7 +45,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from apt_model.errors import VBDataError
+from apt_model.errors import VBDataError, first_line
 from apt_model.i18n import tr
 from apt_model.storage import (
     free_bytes,
@@ -137,7 +137,7 @@ def _write_error(final: Path, exc: BaseException, needed: int) -> VBDataError:
             f"无法写入检查点 {final}: 磁盘空间不足 (需要 {human_bytes(needed)}, 可用 {human_bytes(free)})",
             f"cannot write checkpoint {final}: no space left on device "
             f"(needs {human_bytes(needed)}, {human_bytes(free)} free)"))
-    reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+    reason = getattr(exc, "strerror", None) or first_line(exc)
     return VBDataError(tr(f"无法写入检查点 {final}: {reason}", f"cannot write checkpoint {final}: {reason}"))
 
 
@@ -268,7 +268,7 @@ def _read(folder: Path, map_location: str | torch.device) -> dict[str, Any]:
         state = torch.load(folder / TRAINER_FILE, map_location=map_location, weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError,
             json.JSONDecodeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc)
         raise _Unusable(tr(f"无法读取: {first}", f"unreadable: {first}")) from None
     for alias, name in aliases.items():
         model[alias] = model[name]

@@ -26,7 +26,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from apt_model.errors import VBConfigError, VBDataError
+from apt_model.errors import VBConfigError, VBDataError, first_line
 from apt_model.i18n import tr
 from apt_model.storage import free_bytes, human_bytes, is_disk_full
 from apt_model.vgpu.stats import LevelCounters
@@ -116,7 +116,7 @@ class HostMemory:
                 return pinned_empty(nbytes)
             except RuntimeError as exc:
                 self.pin = False
-                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                reason = first_line(exc)
                 warnings.warn(tr(
                     f"VGPU: 无法锁页主机内存 ({reason})，改用可分页内存 (拷贝较慢; 检查 ulimit -l)",
                     f"VGPU: page-locked host memory refused ({reason}); using pageable memory "
