@@ -64,6 +64,7 @@ __all__ = [
     "freeze_fp4",
     "fused_training_linear",
     "is_conv1d",
+    "linear_features",
     "moved_uncast",
     "retie",
     "straight_through_fp4",
@@ -177,10 +178,7 @@ class FP4Linear(nn.Module):
         recorded as ``weight_transposed``)."""
         super().__init__()
         self.weight_transposed = is_conv1d(linear)
-        if self.weight_transposed:
-            self.in_features, self.out_features = linear.nx, linear.nf
-        else:
-            self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.in_features, self.out_features = linear_features(linear)
         self.fmt = fmt
         self.weight = linear.weight
         self.bias = linear.bias
@@ -453,14 +451,16 @@ def _shared_weight_ids(model: nn.Module) -> set[int]:
     return {id(model.get_parameter(group[0])) for group in tied_groups(model)}
 
 
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """``(in, out)`` features of a linear layer: ``nn.Linear`` (or a subclass), ``FP4Linear``,
+    or GPT-2 ``Conv1D`` (``nx``, ``nf``)."""
+    return (module.nx, module.nf) if is_conv1d(module) else (module.in_features, module.out_features)
+
+
 def _plain_features(module: nn.Module) -> tuple[int, int] | None:
     """``(in, out)`` of an ``nn.Linear`` or GPT-2 ``Conv1D`` (exactly those classes: a
     subclass may compute something else); None for any other module."""
-    if type(module) is nn.Linear:
-        return module.in_features, module.out_features
-    if is_conv1d(module):
-        return module.nx, module.nf
-    return None
+    return linear_features(module) if type(module) is nn.Linear or is_conv1d(module) else None
 
 
 def fp4_candidates(model: nn.Module, skip: tuple[str, ...], min_features: int) -> list[tuple[str, nn.Module]]:

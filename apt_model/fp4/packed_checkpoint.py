@@ -40,7 +40,14 @@ from torch import nn
 
 from apt_model.errors import VBConfigError, VBDataError
 from apt_model.fp4.format import FP4_FORMATS, FP4Weight
-from apt_model.fp4.layer import PACKED_BUFFERS, FP4Linear, is_conv1d, retie, tied_groups
+from apt_model.fp4.layer import (
+    PACKED_BUFFERS,
+    FP4Linear,
+    is_conv1d,
+    linear_features,
+    retie,
+    tied_groups,
+)
 from apt_model.i18n import tr
 from apt_model.storage import fsync_path, unique_tensors
 
@@ -214,11 +221,10 @@ def _install_fp4_layers(path: Path, model: nn.Module, meta: dict[str, Any],
             module = model.get_submodule(name)
         except AttributeError:
             raise _mismatch(path, f"模型中没有层 {name}", f"the model has no layer {name}") from None
-        conv1d = is_conv1d(module)
-        if not (conv1d or isinstance(module, (nn.Linear, FP4Linear))):
+        if not (is_conv1d(module) or isinstance(module, (nn.Linear, FP4Linear))):
             raise _mismatch(path, f"{name} 是 {type(module).__name__}, 不是线性层",
                             f"{name} is a {type(module).__name__}, not a linear layer")
-        shape = (module.nf, module.nx) if conv1d else (module.out_features, module.in_features)
+        shape = linear_features(module)[::-1]
         if tuple(info["shape"]) != shape:
             raise _mismatch(path, f"{name} 的形状为 {list(shape)}, 检查点中为 {info['shape']}",
                             f"{name} has shape {list(shape)}, the checkpoint {info['shape']}")
