@@ -263,7 +263,7 @@ def test_triton_kernels_in_interpreter():
         import torch
         from apt_model.fp4.format import fake_quantize_fp4, quantize_fp4
         from apt_model.fp4.kernel_plan import KernelPlan
-        from apt_model.fp4.triton_matmul import fp4_grad_input, fp4_matmul
+        from apt_model.fp4.triton_matmul import fp4_dequantize, fp4_grad_input, fp4_matmul
         from apt_model.fp4.triton_quantize import fake_quantize_fp4_triton, quantize_fp4_triton
         cases = [("gemv", dict(BLOCK_N=16, BLOCK_K=64), 1, None),
                  ("gemv", dict(BLOCK_N=16, BLOCK_K=64), 1, 3),
@@ -282,6 +282,12 @@ def test_triton_kernels_in_interpreter():
                     ref = x.double() @ w.dequantize(torch.float64).T + b.double()
                     err = ((out.double() - ref).norm() / ref.norm()).item()
                     assert err < 1e-2, (fmt, kernel, m, k, split, err)
+            for k in (200, 33):  # into a strided fp32 buffer, an odd width too: bit for bit
+                w = quantize_fp4(torch.randn(40, k) * 3, fmt)
+                big = torch.full((40, k + 8), float("nan"))
+                fp4_dequantize(w.packed, w.scales, w.tensor_scale, k, out=big[:, 3:3 + k])
+                assert torch.equal(big[:, 3:3 + k], w.dequantize(torch.float32)), (fmt, k)
+                assert big[:, :3].isnan().all() and big[:, 3 + k:].isnan().all(), (fmt, k)
             # Rows of two layers with their own NVFP4 tensor scales, multiplied at once (the
             # fused q/k/v product): each output column equals its own layer's product.
             parts = [quantize_fp4(torch.randn(n, 200) * s, fmt) for n, s in ((24, 1.0), (40, 9.0))]
@@ -499,6 +505,23 @@ def test_split_k_and_pipeline_variants(fmt):
                              PREFETCH=False, num_stages=4))):
         out = _run_poisoned(x[:m], w, b, kernel=kernel, config=cfg)
         assert _rel(out, ref[:m]) <= 1e-2, (seed, kernel, cfg)
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dequantize_is_the_reference_bit_for_bit(fmt, dtype):
+    """The Triton dequantization (large-M products, input gradients) equals
+    ``FP4Weight.dequantize`` bit for bit, into a strided slice and at an odd width, and
+    writes nothing outside the slice."""
+    from apt_model.fp4.triton_matmul import fp4_dequantize
+
+    for n, k in ((300, 1040), (17, 33)):
+        w = quantize_fp4((torch.randn(n, k) * 5).cuda(), fmt)
+        big = torch.full((n, k + 8), float("nan"), dtype=dtype, device="cuda")
+        fp4_dequantize(w.packed, w.scales, w.tensor_scale, k, out=big[:, 3:3 + k])
+        assert torch.equal(big[:, 3:3 + k], w.dequantize(dtype)), (n, k)
+        assert big[:, :3].isnan().all() and big[:, 3 + k:].isnan().all(), (n, k)
 
 
 @needs_triton

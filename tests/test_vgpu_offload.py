@@ -248,8 +248,9 @@ def test_vb_trainer_offloads_and_resumes_bit_for_bit(tmp_path):
     resumed run equal to the uninterrupted one."""
     from apt_model.training.trainer import TrainConfig, Trainer
 
+    level0 = "cuda:0" if torch.cuda.is_available() else "cpu"  # the device the trainer picks
     vb.enable(mode="balanced", mixed_precision=False, fused_attention=False, fused_loss=False, verbose=False,
-              vgpu_config={"levels": [{"capacity_mb": 64, "device": "cpu", "speed_gbps": 100},
+              vgpu_config={"levels": [{"capacity_mb": 64, "device": level0, "speed_gbps": 100},
                                       {"capacity_mb": 64, "device": "cpu", "speed_gbps": 50}]})
     cfg = TrainConfig(max_steps=6, save_interval=3, eval_interval=0, out_dir=str(tmp_path / "run"), batch_size=4,
                       seq_len=16, eval_batches=1, sample_tokens=4, progress=False, warmup=2)
@@ -260,6 +261,18 @@ def test_vb_trainer_offloads_and_resumes_bit_for_bit(tmp_path):
     cfg.resume = True
     resumed = Trainer(cfg, lambda: APTModel(CFG)).run()
     assert resumed.losses == full.losses
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_level0_other_than_the_models_device_is_refused():
+    """A model on the GPU with Level 0 on the CPU: one clear error, nothing moved."""
+    from apt_model.optimization.config import VGPULevel as Level
+
+    model = apt().cuda()
+    stack = vgpu.attach(model, list(model.blocks), [Level(64, "cpu", 100), Level(64, "cpu", 50)])
+    with pytest.raises(VBConfigError, match="levels.0. is cpu but the model is on cuda:0"):
+        stack.place()
+    assert all(p.is_cuda for p in model.parameters())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -490,26 +490,36 @@ if HAS_TRITON:
 
     @triton.jit
     def _fp4_dequant_kernel(
-        p_ptr, s_ptr, ts_ptr, o_ptr, N, K, KW, stride_pn, stride_sn, stride_on,
-        IS_NV: tl.constexpr, USE_ASM: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
+        p_ptr, s_ptr, ts_ptr, o_ptr, N, K, stride_pn, stride_sn, stride_on,
+        IS_NV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     ):
-        """Rows of the weight dequantized into ``o`` (bf16/fp16 [rows, K]) for cuBLAS."""
-        BKW: tl.constexpr = BLOCK_K // 8
-        WPB: tl.constexpr = 2 if IS_NV else 4
+        """Rows of the weight dequantized into ``o`` ([rows, K], bf16/fp16/fp32) for cuBLAS.
+
+        A tile is ``BLOCK_N`` rows by ``BLOCK_B`` packed bytes: each byte gives two adjacent
+        outputs (low nibble first), so loads and stores are contiguous along a row.
+        Bit for bit :meth:`FP4Weight.dequantize`: code x the block's fp32 multiplier (NVFP4:
+        tensor scale x block scale, rounded once; MXFP4: 2^(e - 127), exact), then one cast.
+        """
+        BPB: tl.constexpr = 8 if IS_NV else 16  # packed bytes per block scale
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        kw = tl.program_id(1) * BKW
-        pk, sc = _load_weight_tile(p_ptr, s_ptr, offs_n, n_mask, kw, KW, stride_pn, stride_sn,
-                                   BLOCK_N, BKW, WPB)
-        w = _weight_values(pk, sc, IS_NV, False, USE_ASM, True, BLOCK_N, BKW, WPB)
+        offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+        rows = offs_n.to(tl.int64)[:, None]
+        mask = (offs_n < N)[:, None] & (offs_b < (K + 1) // 2)[None, :]
+        byte = tl.load(p_ptr + rows * stride_pn + offs_b[None, :], mask=mask, other=0)
+        byte = byte.to(tl.int32)
+        sc = tl.load(s_ptr + rows * stride_sn + (offs_b // BPB)[None, :], mask=mask, other=0)
+        sc = sc.to(tl.int32)
         if IS_NV:
-            w = w * (tl.load(ts_ptr).to(tl.float32) * 128.0)  # 2^7
-        else:
-            w = w * 18446744073709551616.0  # 2^64
-        k = 8 * kw + tl.arange(0, BLOCK_K)
-        o_ptrs = o_ptr + offs_n.to(tl.int64)[:, None] * stride_on + k[None, :]
-        tl.store(o_ptrs, w.to(o_ptr.dtype.element_ty), mask=n_mask[:, None] & (k < K)[None, :])
+            mult = tl.load(ts_ptr).to(tl.float32) * _e4m3_to_f32(sc, 0)
+        else:  # 2^-127 (byte 0) has no exponent field of its own: its subnormal bits
+            mult = tl.where(sc == 0, 1 << 22, sc << 23).to(tl.float32, bitcast=True)
+            mult = tl.where(sc == 255, float("nan"), mult)
+        lo = _e2m1_to_f32(byte & 15) * mult
+        hi = _e2m1_to_f32(byte >> 4) * mult
+        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, 2 * BLOCK_B)).to(o_ptr.dtype.element_ty)
+        k = 2 * tl.program_id(1) * BLOCK_B + tl.arange(0, 2 * BLOCK_B)
+        tl.store(o_ptr + rows * stride_on + k[None, :], w,
+                 mask=(offs_n < N)[:, None] & (k < K)[None, :])
 
     @triton.jit
     def _fp4_dot_kernel(
@@ -797,15 +807,23 @@ def _chunk_rows(n: int, k: int) -> int:
     return min(rows, _cdiv(n, 256) * 256)
 
 
-def _dequantize_words(words: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool, k: int,
-                      out: Tensor, use_asm: bool) -> None:
-    """Weight rows (packed words, scale bytes) dequantized into ``out`` [rows, k]."""
-    n, kw = words.shape
-    block_n, block_k = 32, 512
-    grid = (triton.cdiv(n, block_n), triton.cdiv(kw, block_k // 8))
-    _fp4_dequant_kernel[grid](
-        words, s_bytes, ts, out, n, k, kw, words.stride(0), s_bytes.stride(0), out.stride(0),
-        IS_NV=is_nv, USE_ASM=use_asm, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+# Dequantization tiles: 16 rows x 256 packed bytes (8 KiB of bf16 out) per program.
+DEQUANT_BLOCK = dict(BLOCK_N=16, BLOCK_B=256, num_warps=4)
+
+
+def _packed_rows(packed: Tensor) -> Tensor:
+    """The packed codes with unit stride along a row (a copy only if they lack it)."""
+    return packed if packed.stride(-1) == 1 else packed.contiguous()
+
+
+def _dequantize_rows(packed: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool, k: int,
+                     out: Tensor) -> None:
+    """Weight rows (packed bytes, scale bytes) dequantized into ``out`` [rows, k]."""
+    n = packed.shape[0]
+    cfg = DEQUANT_BLOCK
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(_cdiv(k, 2), cfg["BLOCK_B"]))
+    _fp4_dequant_kernel[grid](packed, s_bytes, ts, out, n, k, packed.stride(0), s_bytes.stride(0),
+                              out.stride(0), IS_NV=is_nv, **cfg)
 
 
 def fp4_dequantize(packed: Tensor, scales: Tensor, tensor_scale: Tensor | None, k: int,
@@ -816,7 +834,7 @@ def fp4_dequantize(packed: Tensor, scales: Tensor, tensor_scale: Tensor | None, 
     is_nv, s_bytes, ts = _scale_operands(scales, tensor_scale)
     _one_tensor_scale(ts, is_nv, "fp4_dequantize")
     if out.numel():
-        _dequantize_words(_as_words(packed), s_bytes, ts, is_nv, k, out, not _interpreting())
+        _dequantize_rows(_packed_rows(packed), s_bytes, ts, is_nv, k, out)
     return out
 
 
@@ -825,9 +843,8 @@ def _side_stream(index: int) -> torch.cuda.Stream:
     return torch.cuda.Stream(device=index)
 
 
-def _chunked(x: Tensor, words: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool, k: int,
-             bias: Tensor | None, out: Tensor, use_asm: bool, rows: int | None,
-             overlap: bool) -> Tensor:
+def _chunked(x: Tensor, packed: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool, k: int,
+             bias: Tensor | None, out: Tensor, rows: int | None, overlap: bool) -> Tensor:
     """Large M: dequantize ``rows`` weight rows at a time into a bf16/fp16 buffer (Triton,
     memory-bound) and let cuBLAS multiply each slice into its output columns.
 
@@ -836,7 +853,7 @@ def _chunked(x: Tensor, words: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool,
     ``overlap`` the next slice is dequantized on a side stream into a second buffer while
     cuBLAS multiplies the current one (events order the two; CUDA-graph capture keeps them).
     """
-    n, kw = words.shape
+    n = packed.shape[0]
     rows = rows or _chunk_rows(n, k)
     starts = list(range(0, n, rows))
     overlap = overlap and len(starts) > 1 and x.device.type == "cuda"
@@ -846,7 +863,7 @@ def _chunked(x: Tensor, words: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool,
     def dequantize(i: int) -> Tensor:
         r0, r1 = starts[i], min(n, starts[i] + rows)
         part = bufs[i % len(bufs)][: r1 - r0]
-        _dequantize_words(words[r0:r1], s_bytes[r0:r1], ts, is_nv, k, part, use_asm)
+        _dequantize_rows(packed[r0:r1], s_bytes[r0:r1], ts, is_nv, k, part)
         return part
 
     def multiply(i: int, part: Tensor) -> None:
@@ -1125,7 +1142,7 @@ def fp4_matmul(
         return result
     if kernel == "chunked":
         _one_tensor_scale(ts, is_nv, "the chunked FP4 product")
-        return _chunked(x, words, s_bytes, ts, is_nv, k, bias, result, use_asm, chunk_rows,
+        return _chunked(x, _packed_rows(packed), s_bytes, ts, is_nv, k, bias, result, chunk_rows,
                         overlap)
     if config is None:  # the first candidate for decode-sized "small", or without autotuning
         config = fixed_config(kernel, m)

@@ -154,7 +154,12 @@ class VGPUStack:
         if self.placed:
             return
         self.origin = _origin(self.model)
-        self._moved = self.origin != self.device  # the resident part moves to Level 0
+        if self.origin.type != "cpu" and self.origin != self.device:
+            raise VBConfigError(tr(
+                f"vgpu_config.levels[0] 是 {self.device}，但模型在 {self.origin} 上: Level 0 须是模型计算所在的设备",
+                f"vgpu_config.levels[0] is {self.device} but the model is on {self.origin}: Level 0 must be "
+                "the device the model computes on"))
+        self._moved = self.origin != self.device  # the resident part moves to Level 0 (from host RAM)
         groups, rest = _partition(self.model, self.modules)
         self.blocks = [_Block(m, Layout(g)) for m, g in zip(self.modules, groups, strict=True)]
         self.rest = Layout(rest)
