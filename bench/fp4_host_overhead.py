@@ -1,9 +1,12 @@
-"""Host time of one eager batch-1 FP4 product against ``F.linear``: where decode's host time goes.
+"""Host time of one eager FP4 product against ``F.linear``: where decode's (``--m 1``) and
+prefill's (``--m 512``) host time goes.
 
     python bench/fp4_host_overhead.py --n 2048 --k 2048 --calls 2000
+    python bench/fp4_host_overhead.py --n 4096 --k 4096 --m 512 --calls 200
 
 For each path, ``--calls`` back-to-back calls without a sync in between (the host-side cost
-per call while the GPU queue absorbs the kernels), then the GPU time per call from CUDA
+per call while the GPU queue absorbs the kernels: keep ``--calls`` low enough that the queue
+never fills when the kernels are long, as at large ``--m``), then the GPU time per call from CUDA
 events, and a cProfile of the public call's Python frames (top entries by own time).
 """
 
@@ -43,13 +46,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=2048)
     parser.add_argument("--k", type=int, default=2048)
+    parser.add_argument("--m", type=int, default=1, help="activation rows")
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
     dev = torch.device("cuda")
     linear = torch.nn.Linear(args.k, args.n, bias=False, device=dev, dtype=torch.bfloat16)
-    x = torch.randn(1, 1, args.k, device=dev, dtype=torch.bfloat16)
+    x = torch.randn(1, args.m, args.k, device=dev, dtype=torch.bfloat16)
     layer = FP4Linear(linear).freeze()
     w = layer.packed_weight()
     rows = {}
@@ -64,7 +68,7 @@ def main() -> None:
         prof.disable()
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
-    print(f"{torch.cuda.get_device_name()} torch {torch.__version__} N={args.n} K={args.k} M=1 bf16")
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__} N={args.n} K={args.k} M={args.m} bf16")
     for name, (host, device) in rows.items():
         print(f"{name:28} host {host:7.1f} µs/call   device {device:7.1f} µs/call")
     print(text.getvalue())

@@ -42,6 +42,8 @@ imports this module only when a kernel is first needed on a CUDA device.
 from __future__ import annotations
 
 import functools
+import statistics
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -699,18 +701,44 @@ def _large_kernel(x: Tensor, packed: Tensor, scales: Tensor, tensor_scale: Tenso
                      bias is not None)
     choice = _settled_large_kernel(key)
     if choice is None:
-        from triton.testing import do_bench
-
         times = {}
         for kernel in ("gemm", "chunked"):
             def run(kernel=kernel):
                 return fp4_matmul(x, packed, scales, tensor_scale, k, bias,
                                   plan=KernelPlan(kernel))
 
-            run()  # autotunes the GEMM configs on its first call
-            times[kernel] = do_bench(run, warmup=5, rep=25, return_mode="median")
+            times[kernel] = _device_ms(run)
         choice = _remember_large_kernel(key, min(times, key=times.get))
     return choice
+
+
+def _device_ms(run: Callable[[], object], calls: int = 5) -> float:
+    """Device time of ``run()`` in ms: the median of replays of a CUDA graph of ``calls``
+    calls (no launch gaps, so a slow host does not decide between kernels), or, where the
+    graph cannot be captured, Triton's ``do_bench``. The first call (compiling, autotuning)
+    runs before."""
+    from triton.testing import do_bench
+
+    run()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+            for _ in range(calls):
+                run()
+    except RuntimeError:  # e.g. capture not allowed here
+        torch.cuda.synchronize()
+        return do_bench(run, warmup=5, rep=25, return_mode="median")
+    times = []
+    for _ in range(7):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -822,8 +850,11 @@ def _dequantize_rows(packed: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool, k
     n = packed.shape[0]
     cfg = DEQUANT_BLOCK
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(_cdiv(k, 2), cfg["BLOCK_B"]))
-    _fp4_dequant_kernel[grid](packed, s_bytes, ts, out, n, k, packed.stride(0), s_bytes.stride(0),
-                              out.stride(0), IS_NV=is_nv, **cfg)
+    consts = dict(N=n, K=k, stride_pn=packed.stride(0), stride_sn=s_bytes.stride(0),
+                  stride_on=out.stride(0), IS_NV=is_nv, **cfg)
+    tensors = (packed, s_bytes, ts, out)
+    _direct_launch(("dequant", out.device.index, out.dtype, tuple(consts.items())),
+                   _fp4_dequant_kernel, grid, tensors, consts)
 
 
 def fp4_dequantize(packed: Tensor, scales: Tensor, tensor_scale: Tensor | None, k: int,
@@ -1167,9 +1198,13 @@ def fp4_matmul(
     # fp16 activations keep fp16 operands with NVFP4 (every E2M1 x E4M3 product is exact
     # in fp16); MXFP4's power-of-two scales can leave fp16's range, so bf16 there.
     f16 = x.dtype == torch.float16 and is_nv
-    fn[grid](x, words, s_bytes, ts, b, out, m, n, k, kw, x.stride(0), words.stride(0),
-             s_bytes.stride(0), n, k_split, m_key, F16=f16, INTERP=_interpreting(),
-             **common, **meta)
+    consts = dict(M=m, N=n, K=k, KW=kw, stride_xm=x.stride(0), stride_pn=words.stride(0),
+                  stride_sn=s_bytes.stride(0), stride_om=n, K_SPLIT=k_split, M_KEY=m_key,
+                  F16=f16, INTERP=_interpreting(), **common, **meta)
+    tensors = (x, words, s_bytes, ts, b, out)
+    key = ("dot", x.device.index, fn is _fp4_dot_kernel, *(t.dtype for t in tensors),
+           tuple(consts.items()))
+    _direct_launch(key, fn, grid, tensors, consts)
     if split > 1:
         _split_sum(out, result)
     return result
