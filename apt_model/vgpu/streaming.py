@@ -245,7 +245,7 @@ class VGPUStack:
         self._timings = DeviceTimings(self.access)
         self.slots: list[_Slot] = []
         self._slot_of: dict[int, _Slot] = {}
-        self._param_hooks: list[RemovableHandle] = []  # on the streamed parameters' gradients
+        self._param_hooks: dict[nn.Parameter, RemovableHandle] = {}  # on streamed parameters' gradients
         try:
             self._place()
         except BaseException:
@@ -263,8 +263,6 @@ class VGPUStack:
                 if slot.is_param and p not in self._home_index:
                     self._home_index[p] = (i, k)
                     b.streamed.append(p)
-                    self._param_hooks.append(p.register_post_accumulate_grad_hook(
-                        functools.partial(self._on_param_grad, i)))
         self._order = list(range(len(self.blocks)))
         self._seen: list[int] | None = []
         self._windows()
@@ -360,7 +358,7 @@ class VGPUStack:
         if self._moved:
             for layout in self._resident_layouts():
                 layout.materialize(self.origin)
-        for hook in self._param_hooks:
+        for hook in self._param_hooks.values():
             hook.remove()
         self._param_hooks.clear()
         for b in self.blocks:
@@ -478,6 +476,9 @@ class VGPUStack:
         self._check_use(i)
         if call.training:
             self._check_training(i)
+            for p in b.streamed:
+                if p.requires_grad and p not in self._param_hooks:
+                    self._param_hooks[p] = p.register_post_accumulate_grad_hook(functools.partial(self._on_param_grad, i))
         self._pin(i, window)
         call.pinned = True
         if call.training:
@@ -594,8 +595,8 @@ class VGPUStack:
             self._end_session(i)
         if b.session is None:
             self._pin(i, self._back_from[i])
-            pending = sum(p.requires_grad and torch._C._will_engine_execute_node(get_gradient_edge(p).node)
-                          for p in b.streamed)
+            pending = sum(p.requires_grad and p in self._param_hooks
+                          and torch._C._will_engine_execute_node(get_gradient_edge(p).node) for p in b.streamed)
             b.session = _Session(task, pending)
             torch.autograd.Variable._execution_engine.queue_callback(
                 functools.partial(self._backward_done, i, b.session))
@@ -641,11 +642,12 @@ class VGPUStack:
         return b.layout.view_in(b.home_flat, k)
 
     def writing(self, p: nn.Parameter) -> None:
-        """An optimizer starts writing streamed ``p``'s new value into its home: its block's
-        Level 0 copy is dropped (now, or when its use ends), and the block is not fetched
-        until :meth:`written`."""
+        """An optimizer starts writing streamed ``p``'s new value into its home (counted in the
+        home level's bytes in): its block's Level 0 copy is dropped (now, or when its use
+        ends), and the block is not fetched until :meth:`written`."""
         i = self._home_index[p][0]
         self._dirty.add(i)
+        self.lower[self.blocks[i].home - 1].counters.bytes_in += p.nbytes
         slot = self._slot_of.get(i)
         if slot is not None:
             if slot.users:
