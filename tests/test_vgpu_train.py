@@ -231,6 +231,30 @@ def test_checkpoint_resumes_bit_for_bit_and_stale_slots_are_fetched_again(tmp_pa
     assert train(resumed, resumed_opt, xs[2:]) == expected and same_weights(resumed, model)
 
 
+def test_vb_trainer_streams_blocks_in_memory_mode_and_resumes_bit_for_bit(tmp_path):
+    """VB's trainer, zero added lines: memory mode (bf16 autocast, checkpointed blocks, fused
+    loss) with Level 0 holding one slot, every block streamed from the SSD; evaluation and
+    sampling between steps; a resumed run equals the uninterrupted one."""
+    import shutil
+
+    from apt_model.training.trainer import TrainConfig, Trainer
+
+    cfg4 = APTConfig.from_preset("tiny", n_layers=4)
+    vb.enable(mode="memory", verbose=False,
+              vgpu_config={"levels": [{"capacity_mb": 1.3, "device": "cpu", "speed_gbps": 100},
+                                      {"capacity_mb": 64, "device": "ssd", "speed_gbps": 5, "path": str(tmp_path)}]})
+    cfg = TrainConfig(max_steps=4, save_interval=2, eval_interval=2, out_dir=str(tmp_path / "run"), batch_size=4,
+                      seq_len=16, eval_batches=1, sample_tokens=4, progress=False, warmup=2)
+    full = Trainer(cfg, lambda: APTModel(cfg4)).run()
+    stack = vb.get_stats()["vgpu"]["stacks"][-1]
+    assert stack["streamed_blocks"] == 4 and stack["slots"] == 1
+    assert vb.get_stats()["vgpu"]["optimizers"][-1]["weight_bytes_home"] > 0
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "ckpt-00000004")
+    cfg.resume = True
+    resumed = Trainer(cfg, lambda: APTModel(cfg4)).run()
+    assert resumed.losses == full.losses
+
+
 def test_training_without_checkpointing_is_refused_in_one_line(tmp_path, monkeypatch):
     model = apt()
     vgpu.attach(model, list(model.blocks), levels_for(model, list(model.blocks), tmp_path), depth=1)
