@@ -225,16 +225,6 @@ def test_restore_gives_back_the_same_parameters_bit_for_bit(tmp_path):
     assert all(not b._forward_pre_hooks and not b._forward_hooks for b in model.blocks)
 
 
-def test_training_a_streamed_model_is_refused():
-    model = apt().train()
-    size = block_bytes(model.blocks[0])
-    level0 = rest_bytes(model, list(model.blocks)) + size
-    vgpu.attach(model, list(model.blocks), [Level(mb(level0) + 0.01, "cpu", 100), Level(64, "cpu", 50)])
-    with pytest.raises(VBUnsupportedError, match="training streamed blocks is not supported yet") as err:
-        model(X, labels=X)
-    assert "\n" not in str(err.value)
-
-
 @pytest.mark.parametrize("make", ["missing", "file"])
 def test_unusable_ssd_directory_is_one_line_before_anything_moves(tmp_path, make):
     path = tmp_path / "swap"

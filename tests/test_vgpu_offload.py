@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 import apt_model.optimization.vb_global as vb
-from apt_model import vgpu
 from apt_model.errors import VBConfigError, VBUnsupportedError
 from apt_model.modeling.apt_model import APTConfig, APTModel
 from apt_model.vgpu.levels import HOST_ALIGN as ALIGN
@@ -217,7 +216,8 @@ def test_what_an_overlapped_step_cannot_honour_is_refused():
     optimizer = vb.offload_optimizer(model, torch.optim.AdamW(groups(model), **HYPER))
     x = batches(1)[0]
     model(x, labels=x).loss.backward()
-    with pytest.raises(VBUnsupportedError, match=r"gradient accumulation\) is not supported yet"):
+    with pytest.raises(VBUnsupportedError, match=r"backward 2 before optimizer.step\(\), after the host steps started; "
+                                                 r"for gradient accumulation pass .*accumulate="):
         model(x, labels=x).loss.backward()
     optimizer.param_groups[0]["lr"] = 1.0
     with pytest.raises(VBUnsupportedError, match=r"changed between backward and optimizer.step\(\) \(\(0.003, "):
@@ -227,20 +227,6 @@ def test_what_an_overlapped_step_cannot_honour_is_refused():
     optimizer.release()
     again = vb.offload_optimizer(model, torch.optim.AdamW(model.parameters()))
     assert isinstance(again, Offloaded)
-
-
-def test_streamed_blocks_are_not_trained_with_an_offloaded_optimizer():
-    from apt_model.optimization.config import VGPULevel as Level
-    from apt_model.vgpu.layout import Layout, tensor_slots
-
-    model = apt()
-    size = Layout(tensor_slots(model.blocks[0].modules())).nbytes
-    inside = {id(m) for b in model.blocks for m in b.modules()}
-    rest = Layout(tensor_slots(m for m in model.modules() if id(m) not in inside)).nbytes
-    vgpu.attach(model, list(model.blocks), [Level((rest + size) / 2**20 + 0.01, "cpu", 100), Level(64, "cpu", 50)]).place()
-    with pytest.raises(VBUnsupportedError, match="streams 2 blocks; training them with an offloaded optimizer") as err:
-        vb.offload_optimizer(model, torch.optim.AdamW(model.parameters()))
-    assert "\n" not in str(err.value)
 
 
 def test_vb_trainer_offloads_and_resumes_bit_for_bit(tmp_path):

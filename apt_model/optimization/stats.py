@@ -202,11 +202,12 @@ def _render_optimizer(opt: dict[str, Any]) -> str:
     return tr(
         f"  卸载的优化器: {opt['params']} 个参数, 主机内存 {_fmt_bytes(opt['host_bytes'])} ({memory}), "
         f"{opt['steps']} 步, 梯度移出 {_fmt_bytes(opt['grad_bytes_off'])}, 权重移回 {_fmt_bytes(opt['weight_bytes_back'])}, "
+        f"流式权重写回其层级 {_fmt_bytes(opt['weight_bytes_home'])}, "
         f"主机AdamW {1e3 * opt['host_step_s']:.1f} ms, 计算等待 {1e3 * opt['wait_s']:.1f} ms",
         f"  offloaded optimizer: {opt['params']} params, host RAM {_fmt_bytes(opt['host_bytes'])} ({memory}), "
         f"{opt['steps']} steps, grads off {_fmt_bytes(opt['grad_bytes_off'])}, weights back "
-        f"{_fmt_bytes(opt['weight_bytes_back'])}, host AdamW {1e3 * opt['host_step_s']:.1f} ms, compute waited "
-        f"{1e3 * opt['wait_s']:.1f} ms")
+        f"{_fmt_bytes(opt['weight_bytes_back'])}, streamed weights written home {_fmt_bytes(opt['weight_bytes_home'])}, "
+        f"host AdamW {1e3 * opt['host_step_s']:.1f} ms, compute waited {1e3 * opt['wait_s']:.1f} ms")
 
 
 def _rate(value: float | None) -> str:

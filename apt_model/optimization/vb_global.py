@@ -330,16 +330,19 @@ def print_stats() -> None:
 
 def offload_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, *,
                       params: Iterable[nn.Parameter] | None = None,
-                      max_grad_norm: float | None = None) -> torch.optim.Optimizer:
+                      max_grad_norm: float | None = None, accumulate: int = 1) -> torch.optim.Optimizer:
     """The one line that offloads training state: ``optimizer = vb.offload_optimizer(model,
     optimizer)``. The fp32 master weights and AdamW state of ``model``'s parameters (or of
     ``params``) live in host RAM and are stepped there, overlapped with the backward; the loop
     (``backward(); step(); zero_grad()``, lr schedulers, ``state_dict()``) stays as it is.
     Clip with ``max_grad_norm`` instead of ``clip_grad_norm_`` (offloaded gradients leave the
-    device during backward). See ``apt_model.vgpu.offload``."""
+    device during backward); with gradient accumulation say how many backwards make a step
+    (``accumulate``). Blocks that a VGPU stack streams train too (under activation
+    checkpointing): their new weights are written into their home. See
+    ``apt_model.vgpu.offload``."""
     from apt_model.vgpu import offload_optimizer as _offload
 
-    offloaded = _offload(model, optimizer, params=params, max_grad_norm=max_grad_norm)
+    offloaded = _offload(model, optimizer, params=params, max_grad_norm=max_grad_norm, accumulate=accumulate)
     _stats().REGISTRY.track_optimizer(offloaded)
     return offloaded
 

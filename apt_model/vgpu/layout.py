@@ -138,6 +138,12 @@ class Layout:
         for i, size in enumerate(self.segment_sizes):
             flat[self.offsets[i]:self.offsets[i] + size].copy_(self.segment(i), non_blocking=non_blocking)
 
+    def view_in(self, flat: Tensor, k: int) -> Tensor:
+        """Tensor ``k`` (of ``slots``) as it lies in ``flat`` (a buffer laid out by this layout):
+        a new tensor over those bytes, whatever the tensor itself is bound to now."""
+        v = self.views[k]
+        return _view(flat, self.offsets[v.segment] + v.offset, v.dtype, v.shape, v.stride)
+
     def bind_flat(self, flat: Tensor) -> None:
         """Point every tensor at its bytes in ``flat`` (a buffer laid out by this layout)."""
         self.bind([(flat, offset) for offset in self.offsets])

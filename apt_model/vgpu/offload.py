@@ -18,14 +18,19 @@ parameter itself, the compute copy (bf16, or fp32 for an fp32 model).
   the backward of earlier blocks; with ``max_grad_norm`` it starts in ``step()``, once the
   norm of all gradients is known (``torch.nn.utils.clip_grad_norm_``'s arithmetic). The
   updated master is cast into the transfer buffer and copied back into the parameter (a
-  second side stream on CUDA).
+  second side stream on CUDA). A parameter of a block that a VGPU stack streams
+  (:mod:`.streaming`) has no place on the device between uses: its new weight is written
+  into its home (host RAM or the swap file), and the stack fetches it from there.
+* Gradient accumulation: with ``accumulate=n`` the gradients of ``n`` backwards are summed
+  on the host (the device's arithmetic, in the parameter's dtype) and the steps start in
+  the ``n``-th one; ``step()`` after fewer backwards steps what came.
 * ``step()`` waits for those steps (on CUDA the compute stream waits on the copies' events;
   the wait is timed) and steps the other parameters on their device as ``AdamW`` would.
 
 Refused with one line: other optimizers, ``amsgrad`` / ``maximize`` / ``capturable`` /
-``differentiable``, gradient accumulation (a second backward before ``step()``), changing
-hyperparameters between an overlapped backward and ``step()``, ``zero_grad()`` between them,
-and blocks streamed by a VGPU stack (:mod:`.streaming` refuses training there).
+``differentiable``, a backward after the overlapped steps started (more than ``accumulate``
+before ``step()``), changing hyperparameters between an overlapped backward and ``step()``,
+and ``zero_grad()`` between them.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from apt_model.errors import VBConfigError, VBUnsupportedError
 from apt_model.i18n import tr
 from apt_model.storage import human_bytes
 from apt_model.vgpu.levels import HostArena, HostMemory
-from apt_model.vgpu.streaming import stack_of
+from apt_model.vgpu.streaming import VGPUStack, stack_of
 
 UNSUPPORTED_FLAGS = ("amsgrad", "maximize", "capturable", "differentiable")
 _OWNER = WeakIdKeyDictionary()  # parameter -> the OffloadedAdamW that offloads it
@@ -61,6 +66,7 @@ class OffloadCounters:
     steps: int = 0
     grad_bytes_off: int = 0
     weight_bytes_back: int = 0
+    weight_bytes_home: int = 0  # new weights of streamed parameters written into their home
     host_step_s: float = 0.0
     wait_s: float = 0.0
 
@@ -71,11 +77,14 @@ class _Host:
 
     master: Tensor
     transfer: Tensor  # the parameter's dtype: where its gradient lands and its new weight leaves
-    landed: bool = False  # a gradient came off since the last ``step()``
+    staged: Tensor | None = None  # (CUDA, accumulating) where a later gradient lands before it is added
+    landed: int = 0  # gradients come off since the last ``step()``
     grad_ready: Any = None  # CUDA event: the gradient's copy is done
+    adding: Future | None = None  # (CUDA) the host sum of the last gradient that came off
     back: Any = None  # CUDA event: the new weight's copy is done
     future: Future | None = None
     hyper: tuple = ()  # the hyperparameters its pending step used
+    home: Tensor | None = None  # a streamed parameter's home bytes, where its pending step writes
 
 
 def _hyper(group: dict[str, Any]) -> tuple[float, float, float, float, float]:
@@ -96,37 +105,45 @@ def _master_dtype(p: Tensor) -> torch.dtype:
     return torch.promote_types(p.dtype, torch.float32)
 
 
-def _host_sizes(p: Tensor) -> list[int]:
-    """Bytes of ``p``'s host tensors: master, transfer buffer, exp_avg, exp_avg_sq."""
+def _host_sizes(p: Tensor, staged: bool = False) -> list[int]:
+    """Bytes of ``p``'s host tensors: master, transfer buffer, exp_avg, exp_avg_sq, and the
+    staging buffer of accumulated gradients on CUDA when ``staged``."""
     master = p.numel() * _master_dtype(p).itemsize
-    return [master, p.nbytes, master, master]
+    return [master, p.nbytes, master, master] + [p.nbytes] * staged
 
 
 class OffloadedAdamW(torch.optim.AdamW):
     """``AdamW`` whose offloaded parameters keep their master and state in host RAM and are
     stepped there (see the module doc). Build it with :func:`offload_optimizer`."""
 
-    def __init__(self, optimizer: torch.optim.AdamW, offloaded: Sequence[nn.Parameter],
-                 max_grad_norm: float | None = None, order: Sequence[nn.Parameter] = ()) -> None:
-        """Take over ``optimizer``'s groups and state; offload ``offloaded``; clip to
-        ``max_grad_norm``, the norm summed over parameters in ``order`` (the model's; others
-        after), as ``clip_grad_norm_(model.parameters())`` sums it."""
+    def __init__(self, optimizer: torch.optim.AdamW, offloaded: Sequence[nn.Parameter], device: torch.device,
+                 max_grad_norm: float | None = None, order: Sequence[nn.Parameter] = (),
+                 stack: VGPUStack | None = None, accumulate: int = 1) -> None:
+        """Take over ``optimizer``'s groups and state; offload ``offloaded``, computed with on
+        ``device``; clip to ``max_grad_norm``, the norm summed over parameters in ``order``
+        (the model's; others after), as ``clip_grad_norm_(model.parameters())`` sums it; write
+        the new weights of parameters that ``stack`` streams into their home; sum the
+        gradients of ``accumulate`` backwards per step."""
         torch.optim.Optimizer.__init__(self, optimizer.param_groups, optimizer.defaults)
         self._order = list(dict.fromkeys([*order, *(p for g in self.param_groups for p in g["params"])]))
         self.max_grad_norm = max_grad_norm
         self.overlap = max_grad_norm is None
+        self.accumulate = accumulate
         self.counters = OffloadCounters()
-        self.device = offloaded[0].device
+        self.device = device
         self._cuda = self.device.type == "cuda"
+        self._stack = stack
+        staged = self._cuda and accumulate > 1
         self.memory = HostMemory(pin=self._cuda)
-        self._arena = HostArena(self.memory, [n for p in offloaded for n in _host_sizes(p)])
+        self._arena = HostArena(self.memory, [n for p in offloaded for n in _host_sizes(p, staged)])
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
         self._host: dict[nn.Parameter, _Host] = {}
         taken = {p: optimizer.state.pop(p) for p in offloaded if p in optimizer.state}
         self.state.update(optimizer.state)  # the resident parameters' state, as it is
         for p in offloaded:
             master = self._arena.take(p.shape, _master_dtype(p))
-            self._host[p] = _Host(master=master, transfer=self._arena.take(p.shape, p.dtype))
+            self._host[p] = _Host(master=master, transfer=self._arena.take(p.shape, p.dtype),
+                                  staged=self._arena.take(p.shape, p.dtype) if staged else None)
             self.state[p] = {"step": torch.tensor(0.0, dtype=torch.float32),
                              "exp_avg": self._arena.take(p.shape, master.dtype),
                              "exp_avg_sq": self._arena.take(p.shape, master.dtype)}
@@ -138,44 +155,82 @@ class OffloadedAdamW(torch.optim.AdamW):
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in offloaded]
         for p in offloaded:
             _OWNER[p] = self
+        if stack is not None:
+            stack.offloaded.update(offloaded)
 
     # ---- gradients off, steps on the host, weights back ---------------------------------------
 
     def _on_grad(self, p: nn.Parameter) -> None:
-        """``p``'s gradient is final: copy it off, free it, and (overlapped) start its step."""
+        """``p``'s gradient is final: copy it off (summed with those of earlier backwards since
+        the last step), free it, and start its step in the ``accumulate``-th backward
+        (overlapped)."""
         host = self._host[p]
-        if host.landed:
+        if host.future is not None:
             raise VBUnsupportedError(tr(
-                "VGPU 卸载的优化器: optimizer.step() 之前又一次 backward (梯度累积) 暂不支持",
-                "VGPU offloaded optimizer: a second backward before optimizer.step() (gradient accumulation) "
-                "is not supported yet"))
+                f"VGPU 卸载的优化器: optimizer.step() 之前的第 {host.landed + 1} 次 backward，而主机步骤已开始；"
+                "梯度累积请写 vb.offload_optimizer(model, optimizer, accumulate=每步的 backward 次数)",
+                f"VGPU offloaded optimizer: backward {host.landed + 1} before optimizer.step(), after the host steps "
+                "started; for gradient accumulation pass vb.offload_optimizer(model, optimizer, "
+                "accumulate=backwards per step)"))
         grad = p.grad
         if self._cuda:
+            first = not host.landed
+            if not first and host.adding is not None:
+                host.adding.result()  # the staging buffer is free again
+            into = host.transfer if first else host.staged
             self._d2h.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._d2h):
-                host.transfer.copy_(grad, non_blocking=True)
+                into.copy_(grad, non_blocking=True)
                 host.grad_ready = torch.cuda.Event()
                 host.grad_ready.record()
             grad.record_stream(self._d2h)
+            if not first:
+                host.adding = self._pool.submit(self._add, host, host.grad_ready)
+        elif host.landed:
+            host.transfer.add_(grad)
         else:
             host.transfer.copy_(grad)
         self.counters.grad_bytes_off += grad.nbytes
         p.grad = None
-        host.landed = True
-        if self.overlap:
+        host.landed += 1
+        if self.overlap and host.landed == self.accumulate:
             self._submit(p, host)
+
+    @staticmethod
+    def _add(host: _Host, ready: Any) -> None:
+        """(Worker thread) sum a gradient that landed in the staging buffer."""
+        ready.synchronize()
+        host.transfer.add_(host.staged)
+
+    def _settle(self, host: _Host) -> None:
+        """Wait until the gradients that came off for ``host`` are summed in its transfer buffer."""
+        if host.adding is not None:
+            host.adding.result()
+            host.adding = None
+        if host.grad_ready is not None:
+            host.grad_ready.synchronize()
 
     def _submit(self, p: nn.Parameter, host: _Host) -> None:
         host.hyper = _hyper(self._group_of[p])
+        host.home = self._stack.home_view(p) if self._stack is not None else None
+        if host.home is not None:
+            self._stack.writing(p)
         host.future = self._pool.submit(self._host_step, p, host)
 
     def _host_step(self, p: nn.Parameter, host: _Host) -> None:
-        """(Worker thread) AdamW on the host, then the new weight back into ``p``."""
+        """(Worker thread) AdamW on the host, then the new weight back into ``p`` (or into its
+        home, for a streamed parameter). Runs after the sums of ``host``'s gradients (one
+        worker, first in first out)."""
         start = time.perf_counter()
         if host.grad_ready is not None:
             host.grad_ready.synchronize()
         grad = host.transfer.to(host.master.dtype)
         _adamw([host.master], [grad], [self.state[p]], host.hyper, fused=True)
+        if host.home is not None:
+            host.home.copy_(host.master)
+            self.counters.host_step_s += time.perf_counter() - start
+            self.counters.weight_bytes_home += host.home.nbytes
+            return
         source = host.master
         if host.transfer.dtype != host.master.dtype:
             host.transfer.copy_(host.master)
@@ -194,11 +249,20 @@ class OffloadedAdamW(torch.optim.AdamW):
     def _landed(self) -> list[tuple[nn.Parameter, _Host]]:
         return [(p, host) for p, host in self._host.items() if host.landed]
 
+    def host_grad(self, p: nn.Parameter) -> Tensor | None:
+        """Offloaded ``p``'s gradient summed on the host since the last ``step()``, while its
+        step has not started (with ``max_grad_norm``, or before the ``accumulate``-th
+        backward); None otherwise. Read it, do not keep it: the buffer is reused."""
+        host = self._host[p]
+        if not host.landed or host.future is not None:
+            return None
+        self._settle(host)
+        return host.transfer
+
     def _clip(self, landed: list[tuple[nn.Parameter, _Host]]) -> None:
         """Scale every gradient as ``clip_grad_norm_(all parameters, max_grad_norm)`` would."""
         for _, host in landed:
-            if host.grad_ready is not None:
-                host.grad_ready.synchronize()
+            self._settle(host)
         grads = [self._host[p].transfer if p in self._host else p.grad for p in self._order
                  if (self._host[p].landed if p in self._host else p.grad is not None)]
         if grads:  # clip_grads_with_norm_'s arithmetic, on gradients that are no parameter's .grad
@@ -219,8 +283,9 @@ class OffloadedAdamW(torch.optim.AdamW):
         for p, host in landed:
             host.future.result()
             host.future = None
-            host.landed = False
-            if stream is not None:
+            host.landed = 0
+            host.adding = None
+            if stream is not None and host.home is None:
                 stream.wait_event(host.back)
             if host.hyper != _hyper(self._group_of[p]):
                 changed = (host.hyper, _hyper(self._group_of[p]))
@@ -249,9 +314,12 @@ class OffloadedAdamW(torch.optim.AdamW):
         landed = self._landed()
         if not self.overlap:
             self._clip(landed)
-            for p, host in landed:
+        for p, host in landed:
+            if host.future is None:  # clipped, or fewer backwards than ``accumulate``
                 self._submit(p, host)
         self._finish(landed)
+        if self._stack is not None and any(host.home is not None for _, host in landed):
+            self._stack.written()
         self.counters.steps += 1
         for group in self.param_groups:
             params: list[Tensor] = []
@@ -267,16 +335,15 @@ class OffloadedAdamW(torch.optim.AdamW):
         have already left (their ``.grad`` is None). Between a backward and ``step()`` the
         gradients that came off are dropped, unless their steps already ran (overlapped)."""
         landed = self._landed()
-        if landed and self.overlap:
+        if any(host.future is not None for _, host in landed):
             raise VBUnsupportedError(tr(
                 "VGPU 卸载的优化器: backward 之后、optimizer.step() 之前调用了 zero_grad()；主机步骤已在 backward 中执行，"
                 "无法丢弃这些梯度",
                 "VGPU offloaded optimizer: zero_grad() between backward and optimizer.step(); the host steps "
                 "already ran during backward and these gradients cannot be dropped"))
         for _, host in landed:
-            if host.grad_ready is not None:
-                host.grad_ready.synchronize()
-            host.landed = False
+            self._settle(host)
+            host.landed = 0
         super().zero_grad(set_to_none)
 
     # ---- state ---------------------------------------------------------------------------------
@@ -346,7 +413,8 @@ class OffloadedAdamW(torch.optim.AdamW):
         c = self.counters
         return {"params": len(self._host), "param_bytes": sum(p.nbytes for p in self._host),
                 "host_bytes": self._arena.held_bytes, "pinned": self.memory.pin, "overlap": self.overlap,
-                "steps": c.steps, "grad_bytes_off": c.grad_bytes_off, "weight_bytes_back": c.weight_bytes_back,
+                "accumulate": self.accumulate, "steps": c.steps, "grad_bytes_off": c.grad_bytes_off,
+                "weight_bytes_back": c.weight_bytes_back, "weight_bytes_home": c.weight_bytes_home,
                 "host_step_s": c.host_step_s, "wait_s": c.wait_s}
 
     def release(self) -> None:
@@ -358,10 +426,14 @@ class OffloadedAdamW(torch.optim.AdamW):
         self._hooks.clear()
         for p in self._host:
             _OWNER.pop(p, None)
+        if self._stack is not None:
+            self._stack.offloaded.difference_update(self._host)
         self._pool.shutdown()
 
 
-def _check(model: nn.Module, optimizer: torch.optim.Optimizer, offloaded: list[nn.Parameter]) -> None:
+def _check(model: nn.Module, optimizer: torch.optim.Optimizer, offloaded: list[nn.Parameter],
+           stack: VGPUStack | None, accumulate: int) -> torch.device:
+    """One-line errors for what is not supported; the compute device of ``offloaded``."""
     if type(optimizer) is not torch.optim.AdamW:
         raise VBUnsupportedError(tr(
             f"VGPU 卸载优化器状态只支持 torch.optim.AdamW，收到 {type(optimizer).__module__}.{type(optimizer).__name__}",
@@ -372,16 +444,14 @@ def _check(model: nn.Module, optimizer: torch.optim.Optimizer, offloaded: list[n
             if group.get(flag):
                 raise VBUnsupportedError(tr(f"VGPU 卸载的 AdamW 不支持 {flag}=True (参数组 {i})",
                                             f"the VGPU offloaded AdamW does not support {flag}=True (param group {i})"))
-    stack = stack_of(model)
-    if stack is not None and stack.placed and stack.plan.streamed:
-        raise VBUnsupportedError(tr(
-            f"VGPU: 模型有 {len(stack.plan.streamed)} 个流式块，暂不支持与卸载的优化器一起训练；请让 Level 0 容纳全部块",
-            f"VGPU: the model streams {len(stack.plan.streamed)} blocks; training them with an offloaded optimizer "
-            "is not supported yet: give Level 0 room for every block"))
+    if not isinstance(accumulate, int) or accumulate < 1:
+        raise VBConfigError(tr(f"VGPU 卸载的优化器: accumulate 须为正整数，收到 {accumulate!r}",
+                               f"VGPU offloaded optimizer: accumulate must be a positive integer, got {accumulate!r}"))
     if not offloaded:
         raise VBConfigError(tr("VGPU: 没有要卸载的参数 (优化器中需要梯度的模型参数)",
                                "VGPU: no parameters to offload (model parameters in the optimizer that require grad)"))
-    devices = {p.device for p in offloaded}
+    # a placed stack holds the whole model in Level 0, but streamed blocks show their home
+    devices = {stack.device} if stack is not None else {p.device for p in offloaded}
     if len(devices) != 1:
         raise VBConfigError(tr(f"VGPU: 卸载的参数需在同一设备上，现在在 {sorted(map(str, devices))}",
                                f"VGPU: offloaded parameters must be on one device; they are on {sorted(map(str, devices))}"))
@@ -389,26 +459,34 @@ def _check(model: nn.Module, optimizer: torch.optim.Optimizer, offloaded: list[n
     if taken:
         raise VBConfigError(tr("VGPU: 这些参数已由另一个卸载的优化器管理；先对它调用 release()",
                                "VGPU: these parameters are already offloaded by another optimizer; call its release() first"))
-    need = sum(sum(_host_sizes(p)) for p in offloaded)
+    device = devices.pop()
+    staged = device.type == "cuda" and accumulate > 1
+    need = sum(sum(_host_sizes(p, staged)) for p in offloaded)
     available, _ = host_memory_info()
     if need > available:
         raise VBConfigError(tr(f"VGPU 卸载的优化器需要 {human_bytes(need)} 主机内存，本机可用 {human_bytes(available)}",
                                f"the VGPU offloaded optimizer needs {human_bytes(need)} of host RAM; "
                                f"{human_bytes(available)} is available"))
+    return device
 
 
 def offload_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer,
                       params: Iterable[nn.Parameter] | None = None,
-                      max_grad_norm: float | None = None) -> OffloadedAdamW:
+                      max_grad_norm: float | None = None, accumulate: int = 1) -> OffloadedAdamW:
     """Take over ``optimizer`` (a ``torch.optim.AdamW`` over ``model``'s parameters): the
     returned :class:`OffloadedAdamW` replaces it in the loop. ``params``: which to offload
     (default: every parameter of ``model`` in the optimizer that requires grad); the
     optimizer's state of those moves to the host. ``max_grad_norm``: clip all gradients to
     this norm in ``step()`` (what ``clip_grad_norm_`` on the device gradients would do; the
-    offloaded ones are no longer there). One-line errors for what is not supported."""
+    offloaded ones are no longer there). ``accumulate``: backwards per ``step()`` (gradient
+    accumulation). A model with a VGPU stack is placed now; the parameters it streams are
+    trained through their home. One-line errors for what is not supported."""
+    stack = stack_of(model)
+    if stack is not None:
+        stack.place()
     in_optimizer = {p for g in optimizer.param_groups for p in g["params"]}
     chosen = set(params) if params is not None else None
     order = [p for p in model.parameters() if p in in_optimizer]
     offloaded = [p for p in order if p.requires_grad and (chosen is None or p in chosen)]
-    _check(model, optimizer, offloaded)
-    return OffloadedAdamW(optimizer, offloaded, max_grad_norm, order)
+    device = _check(model, optimizer, offloaded, stack, accumulate)
+    return OffloadedAdamW(optimizer, offloaded, device, max_grad_norm, order, stack, accumulate)

@@ -20,21 +20,33 @@ results. Between uses a streamed block's tensors show its home (pinned host memo
 memory-mapped swap file), so ``state_dict()`` reads the real weights. :func:`detach` puts
 every tensor back on the device the model was on, byte for byte.
 
-Inference only in this version: a forward that could record gradients for streamed
-parameters raises (training offloads the optimizer state instead, :mod:`.offload`); the
-caller may refuse more (the engine: FP4 layers not frozen).
+Training (a forward that records gradients for a streamed block): the block must run under
+activation checkpointing (non-reentrant ``torch.utils.checkpoint``: VB's memory and full
+modes, or Hugging Face's ``gradient_checkpointing_enable``), so its forward saves nothing
+that points into a slot; without it the first weight saved from a slot is refused. Its
+trainable weights must be stepped by :func:`~apt_model.vgpu.offload.offload_optimizer`,
+which writes the new weights into their home. In backward the block is fetched again when
+the gradient of its output arrives (before checkpointing recomputes its forward), blocks are
+prefetched in reverse order, and its slot stays bound until the gradients of its inputs and
+of its parameters are computed; its parameters' gradients then leave the device through the
+offloaded optimizer's hooks. A slot copy whose home bytes changed since (a weight update,
+``load_state_dict``) is fetched again.
 """
 
 from __future__ import annotations
 
 import functools
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import Node, get_gradient_edge, saved_tensors_hooks
+from torch.utils._pytree import tree_leaves
+from torch.utils.hooks import RemovableHandle
 
 from apt_model.accelerator import host_memory_info, resolve_device
 from apt_model.errors import VBConfigError, VBUnsupportedError
@@ -57,13 +69,51 @@ from apt_model.vgpu.stats import AccessCounters, DeviceTimings
 STACK_ATTR = "_vb_vgpu"
 
 
+class _Use:
+    """One forward of a streamed block that autograd may run backward through: the gradient
+    edges (nodes) of its inputs that require grad, and the graph task whose backward reached
+    it (-1: none yet)."""
+
+    __slots__ = ("__weakref__", "block", "guard", "inputs", "nodes", "task")
+
+    def __init__(self, block: int, inputs: list[Tensor], guard: saved_tensors_hooks | None) -> None:
+        self.block = block
+        self.inputs = inputs  # until the forward ends, then their nodes
+        self.nodes: list[Node] = []
+        self.guard = guard
+        self.task = -1
+
+
+@dataclass
+class _Session:
+    """A streamed block's backward in one graph task: its slot stays bound until ``pending``
+    gradients (of its inputs' and its parameters' uses in this backward) are computed."""
+
+    task: int
+    pending: int
+
+
+@dataclass
+class _Call:
+    """One call of a block under way: whether it holds the block's slot, recomputes it inside
+    backward, records gradients (and then its use)."""
+
+    pinned: bool = False
+    recompute: bool = False
+    training: bool = False
+    use: _Use | None = None
+
+
 @dataclass
 class _Block:
     module: nn.Module
     layout: Layout
     home: int = 0  # level index; 0: resident
     home_flat: Tensor | None = None  # its bytes at home (host buffer or mapped swap file)
-    params: list[nn.Parameter] = field(default_factory=list)
+    params: list[nn.Parameter] = field(default_factory=list)  # all of the module's
+    streamed: list[nn.Parameter] = field(default_factory=list)  # those laid out in its slot
+    calls: list[_Call] = field(default_factory=list)  # its calls under way
+    session: _Session | None = None
 
 
 @dataclass
@@ -74,6 +124,21 @@ class _Slot:
     users: int = 0
     ready: Any = None  # CUDA event: the copy into it is done
     free: Any = None  # CUDA event: the compute stream is done with it
+    versions: tuple[int, ...] = ()  # its block's tensors' version counters when fetched
+    stale: bool = False  # its block's home changed while it was in use: drop it when released
+
+
+def _unpack(t: Tensor) -> Tensor:
+    return t
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+def _tensors(*trees: Any) -> list[Tensor]:
+    """The tensors in nested tuples, lists, dicts and model outputs, each once."""
+    return list({id(t): t for t in tree_leaves(trees) if isinstance(t, Tensor)}.values())
 
 
 def _outermost(blocks: Sequence[nn.Module]) -> list[nn.Module]:
@@ -142,10 +207,12 @@ class VGPUStack:
         self._cuda = self.device.type == "cuda"
         self.modules = _outermost(blocks)
         self.placed = False
+        self.offloaded: set[nn.Parameter] = set()  # parameters whose updates an offloaded optimizer writes home
         self._hooks = [model.register_forward_pre_hook(self._on_model_call)]
         for i, module in enumerate(self.modules):
-            self._hooks.append(module.register_forward_pre_hook(functools.partial(self._before, i)))
-            self._hooks.append(module.register_forward_hook(functools.partial(self._after, i), always_call=True))
+            self._hooks.append(module.register_forward_pre_hook(functools.partial(self._before, i), with_kwargs=True))
+            self._hooks.append(module.register_forward_hook(functools.partial(self._after, i), with_kwargs=True,
+                                                            always_call=True))
 
     def place(self) -> None:
         """Plan and place the model now (nothing if placed already): one-line
@@ -183,12 +250,24 @@ class VGPUStack:
         self._timings = DeviceTimings(self.access)
         self.slots: list[_Slot] = []
         self._slot_of: dict[int, _Slot] = {}
+        self._param_hooks: dict[nn.Parameter, RemovableHandle] = {}  # on streamed parameters' gradients
         try:
             self._place()
         except BaseException:
             self._release()
             raise
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._slot_storages = {s.buffer.untyped_storage().data_ptr() for s in self.slots}
+        self._dirty: set[int] = set()  # blocks whose home an optimizer step is writing
+        self._home_index: dict[nn.Parameter, tuple[int, int]] = {}  # -> (block, index in its layout)
+        for i, b in enumerate(self.blocks):
+            if not b.home:
+                continue
+            for k, slot in enumerate(b.layout.slots):
+                p = slot.get()
+                if slot.is_param and p not in self._home_index:
+                    self._home_index[p] = (i, k)
+                    b.streamed.append(p)
         self._order = list(range(len(self.blocks)))
         self._seen: list[int] | None = []
         self._windows()
@@ -206,6 +285,10 @@ class VGPUStack:
 
     def _on_model_call(self, module: nn.Module, args: Any) -> None:
         self.place()
+        if not _in_backward():  # sessions left open by a backward that failed
+            for i, b in enumerate(self.blocks):
+                if b.session is not None:
+                    self._end_session(i)
 
     # ---- placement ----------------------------------------------------------------------------
 
@@ -280,6 +363,13 @@ class VGPUStack:
         if self._moved:
             for layout in self._resident_layouts():
                 layout.materialize(self.origin)
+        for hook in self._param_hooks.values():
+            hook.remove()
+        self._param_hooks.clear()
+        for b in self.blocks:
+            b.streamed.clear()
+            b.calls.clear()
+            b.session = None
         self.slots.clear()
         self._slot_of.clear()
         self.level0.close()
@@ -289,23 +379,30 @@ class VGPUStack:
     # ---- streaming ----------------------------------------------------------------------------
 
     def _windows(self) -> None:
-        """For each block, the streamed blocks to hold from its start and after its end."""
-        streamed = [i for i in self._order if self.blocks[i].home]
-        position = {b: q for q, b in enumerate(self._order)}
-        width = min(self.plan.slots, len(streamed))
+        """For each block, the streamed blocks to hold from its start and after its end: in
+        inference over the execution order, cyclically (``generate()`` repeats it); in training
+        over the order followed by the backward's (the same reversed), cyclically."""
+        order = self._order
+        n = len(order)
+        train = order + order[::-1]
+        width = min(self.plan.slots, sum(1 for b in self.blocks if b.home))
 
-        def ahead(q: int) -> list[int]:
+        def ahead(seq: list[int], q: int) -> list[int]:
             out: list[int] = []
-            for k in range(len(self._order)):
-                b = self._order[(q + k) % len(self._order)]
+            for k in range(len(seq)):
+                b = seq[(q + k) % len(seq)]
                 if self.blocks[b].home and b not in out:
                     out.append(b)
                 if len(out) == width:
                     break
             return out
 
-        self._from = {b: ahead(q) for b, q in position.items()}
-        self._after_end = {b: ahead(q + 1) for b, q in position.items()}
+        self._from = {b: ahead(order, q) for q, b in enumerate(order)}
+        self._after_end = {b: ahead(order, q + 1) for q, b in enumerate(order)}
+        self._train_from = {b: ahead(train, q) for q, b in enumerate(order)}
+        self._train_after = {b: ahead(train, q + 1) for q, b in enumerate(order)}
+        self._back_from = {b: ahead(train, 2 * n - 1 - q) for q, b in enumerate(order)}
+        self._back_after = {b: ahead(train, 2 * n - q) for q, b in enumerate(order)}
 
     def _observe(self, i: int) -> None:
         """Learn the execution order from the first uses (a block seen again ends the lesson)."""
@@ -321,54 +418,254 @@ class VGPUStack:
                 self._order = learned
                 self._windows()
 
+    def _name(self, i: int) -> str:
+        return f"{i} ({type(self.blocks[i].module).__name__})"
+
     def _check_use(self, i: int) -> None:
-        b = self.blocks[i]
-        name = type(b.module).__name__
-        if torch.is_grad_enabled() and any(p.requires_grad for p in b.params):
-            raise VBUnsupportedError(tr(
-                f"VGPU: 块 {i} ({name}) 的权重在下层级，暂不支持训练流式块；推理请在 torch.no_grad() 下运行，"
-                "训练请让 Level 0 容纳全部块 (优化器状态可用 vb.offload_optimizer 卸载)",
-                f"VGPU: block {i} ({name}) streams from a lower level; training streamed blocks is not supported "
-                "yet: run inference under torch.no_grad(), or train with every block in Level 0 (the optimizer "
-                "state can be offloaded: vb.offload_optimizer)"))
         if torch.compiler.is_compiling() or (self._cuda and torch.cuda.is_current_stream_capturing()):
             raise VBUnsupportedError(tr("VGPU 流式块不能在 torch.compile 或 CUDA 图捕获中运行",
                                         "VGPU streamed blocks cannot run under torch.compile or CUDA graph capture"))
-        b.layout.check_bound(f"block {i} ({name})")
+        self.blocks[i].layout.check_bound(f"block {self._name(i)}")
 
-    def _before(self, i: int, module: nn.Module, args: Any) -> None:
+    def _check_training(self, i: int) -> None:
+        """Refuse to train a streamed block whose trainable weights no offloaded optimizer
+        writes home (a plain optimizer would step them where they are bound now)."""
+        if any(p.requires_grad and p not in self.offloaded for p in self.blocks[i].streamed):
+            raise VBUnsupportedError(tr(
+                f"VGPU: 块 {self._name(i)} 的权重从下层级流入，训练它们需要 optimizer = vb.offload_optimizer(model, optimizer) "
+                "(新权重写回其所在层级)，或冻结这些权重",
+                f"VGPU: block {self._name(i)} streams from a lower level; training its weights needs "
+                "optimizer = vb.offload_optimizer(model, optimizer) (it writes the new weights to their home), "
+                "or freeze them"))
+
+    def _guard(self, i: int) -> saved_tensors_hooks | None:
+        """Where no saved-tensor hooks are active around the call (checkpointing inside the
+        block's forward, or none at all), hooks that refuse the first tensor of a Level 0 slot
+        saved for backward: it would outlive the slot's use. None where hooks are active
+        (checkpointing around the call, or activations saved to the host)."""
+        if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+            return None
+        return saved_tensors_hooks(functools.partial(self._refuse_slot_save, i), _unpack)
+
+    def _refuse_slot_save(self, i: int, t: Tensor) -> Tensor:
+        if t.device == self.device and t.untyped_storage().data_ptr() in self._slot_storages:
+            raise VBUnsupportedError(tr(
+                f"VGPU: 训练流式块 {self._name(i)} 需要激活检查点 (非重入的 torch.utils.checkpoint): 它的前向为反向保存了 "
+                "Level 0 槽位中的权重；请使用 VB 的 memory 或 full 模式，或 model.gradient_checkpointing_enable("
+                "gradient_checkpointing_kwargs={'use_reentrant': False})",
+                f"VGPU: training streamed block {self._name(i)} needs activation checkpointing (non-reentrant "
+                "torch.utils.checkpoint): its forward saved a weight in a Level 0 slot for backward; use VB's memory "
+                "or full mode, or model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                "{'use_reentrant': False})"))
+        return t
+
+    def _before(self, i: int, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.place()
-        self._observe(i)
         b = self.blocks[i]
+        call = _Call()
+        b.calls.append(call)
+        if _in_backward():  # checkpointing recomputes the block
+            call.recompute = True
+            if b.home:
+                self._recompute(i)
+                call.pinned = True
+            return
+        self._observe(i)
+        inputs = [t for t in _tensors(args, kwargs) if t.requires_grad] if torch.is_grad_enabled() else []
+        call.training = torch.is_grad_enabled() and (bool(inputs) or any(p.requires_grad for p in b.params))
+        window = (self._train_from if call.training else self._from)[i]
         if not b.home:
             self.access.hits += 1
-            self._prefetch(self._from[i])
+            self._prefetch(window)
             return
         self._check_use(i)
+        if call.training:
+            self._check_training(i)
+            for p in b.streamed:
+                if p.requires_grad and p not in self._param_hooks:
+                    self._param_hooks[p] = p.register_post_accumulate_grad_hook(functools.partial(self._on_param_grad, i))
+        self._pin(i, window)
+        call.pinned = True
+        if call.training:
+            call.use = _Use(i, inputs, self._guard(i))
+            if call.use.guard is not None:
+                call.use.guard.__enter__()
+
+    def _after(self, i: int, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        if not self.placed:
+            return
+        b = self.blocks[i]
+        if not b.calls:  # placed during this call (the first forward of a block run on its own)
+            return
+        call = b.calls.pop()
+        if call.use is not None:
+            if call.use.guard is not None:
+                call.use.guard.__exit__(None, None, None)
+            self._await_backward(call.use, output)
+        if call.pinned:
+            self._unpin(i)
+            if torch.is_autocast_enabled(self.device.type):
+                torch.clear_autocast_cache()  # casts of the slot's weights: no longer used
+        if not call.recompute:
+            self._prefetch((self._train_after if call.training else self._after_end)[i])
+
+    def _recompute(self, i: int) -> None:
+        """A streamed block called inside backward: checkpointing recomputing it while its
+        backward holds it in a slot (its session)."""
+        b = self.blocks[i]
         slot = self._slot_of.get(i)
+        if b.session is None or slot is None or not slot.users:
+            raise VBUnsupportedError(tr(
+                f"VGPU: 流式块 {self._name(i)} 在反向中被调用而其反向未开始: 不支持重入式检查点；"
+                "请使用 torch.utils.checkpoint(..., use_reentrant=False)",
+                f"VGPU: streamed block {self._name(i)} was called inside backward outside its own backward: "
+                "reentrant checkpointing is not supported; use torch.utils.checkpoint(..., use_reentrant=False)"))
+        slot.users += 1
+
+    def _versions(self, i: int) -> tuple[int, ...]:
+        """The version counters of block ``i``'s streamed parameters (in-place writes bump them)."""
+        return tuple(p._version for p in self.blocks[i].streamed)
+
+    def _pin(self, i: int, window: list[int]) -> None:
+        """Block ``i`` into a slot (fetched ahead, or now: a miss), its tensors bound to it, and
+        held there until :meth:`_unpin`; then prefetch ``window``."""
+        if i in self._dirty:
+            raise VBUnsupportedError(tr(
+                f"VGPU: 块 {self._name(i)} 的新权重正在写回其所在层级 (optimizer.step() 尚未调用)；"
+                "请在下一次前向之前调用 optimizer.step()",
+                f"VGPU: the new weights of block {self._name(i)} are being written home (optimizer.step() has not "
+                "run yet): call optimizer.step() before the next forward"))
+        b = self.blocks[i]
+        slot = self._slot_of.get(i)
+        if slot is not None and not slot.users and slot.versions != self._versions(i):
+            self._drop(slot)  # written through its tensors since it was fetched (load_state_dict...)
+            slot = None
         demand = slot is None
         if demand:
-            slot = self._free_slot(self._from[i], demand=True)
+            slot = self._free_slot(window, demand=True)
             self._fetch(i, slot, demand=True)
         self._arrive(slot, demand)
         slot.users += 1
         if slot.users == 1:
             b.layout.bind_flat(slot.buffer[:b.layout.nbytes])
-        self._prefetch(self._from[i])
+        self._prefetch(window)
 
-    def _after(self, i: int, module: nn.Module, args: Any, output: Any) -> None:
-        if not self.placed:
-            return
+    def _unpin(self, i: int) -> None:
+        """One holder of block ``i``'s slot less; the last one binds its tensors home again."""
         b = self.blocks[i]
+        slot = self._slot_of[i]
+        slot.users -= 1
+        if slot.users:
+            return
+        b.layout.bind_flat(b.home_flat)
+        if self._cuda:
+            slot.free = torch.cuda.Event()
+            slot.free.record(torch.cuda.current_stream(self.device))
+        if slot.stale:
+            self._drop(slot)
+
+    def _drop(self, slot: _Slot) -> None:
+        """Forget the block an idle slot holds (its copy is out of date)."""
+        del self._slot_of[slot.block]
+        slot.block = None
+        slot.stale = False
+
+    # ---- backward -----------------------------------------------------------------------------
+
+    def _await_backward(self, use: _Use, output: Any) -> None:
+        """After a training forward of a streamed block: its backward starts when the gradient
+        of one of its outputs arrives (a pre-hook on the nodes that made them) and ends when
+        the gradients of its inputs and parameters are computed (hooks on each)."""
+        nodes = {id(t.grad_fn): t.grad_fn for t in _tensors(output) if t.grad_fn is not None}
+        inputs, use.inputs = use.inputs, []
+        if not nodes:
+            return
+        for node in nodes.values():
+            node.register_prehook(functools.partial(self._on_output_grad, use))
+        use.nodes = [get_gradient_edge(t).node for t in inputs]
+        ref = weakref.ref(use)  # the graph holds the use through the pre-hooks, not through these
+        for t in inputs:
+            t.register_hook(functools.partial(self._on_input_grad, ref))
+
+    def _on_output_grad(self, use: _Use, grad_outputs: Any) -> None:
+        """Block ``use.block``'s backward starts (before checkpointing recomputes its forward):
+        the block into a slot, held by its session; blocks before it prefetched."""
+        task = torch._C._current_graph_task_id()
+        if use.task == task or not self.placed:
+            return
+        use.task = task
+        i = use.block
+        b = self.blocks[i]
+        if b.session is not None and b.session.task != task:
+            self._end_session(i)
+        if b.session is None:
+            self._pin(i, self._back_from[i])
+            pending = sum(p.requires_grad and p in self._param_hooks
+                          and torch._C._will_engine_execute_node(get_gradient_edge(p).node) for p in b.streamed)
+            b.session = _Session(task, pending)
+            torch.autograd.Variable._execution_engine.queue_callback(
+                functools.partial(self._backward_done, i, b.session))
+        b.session.pending += sum(map(torch._C._will_engine_execute_node, use.nodes))
+
+    def _on_input_grad(self, ref: weakref.ref, grad: Tensor) -> None:
+        use = ref()
+        if use is not None and use.task == torch._C._current_graph_task_id():
+            self._count_down(use.block)
+
+    def _on_param_grad(self, i: int, p: nn.Parameter) -> None:
+        if self.placed:
+            self._count_down(i)
+
+    def _count_down(self, i: int) -> None:
+        s = self.blocks[i].session
+        if s is None or s.task != torch._C._current_graph_task_id():
+            return
+        s.pending -= 1
+        if s.pending <= 0:
+            self._end_session(i)
+
+    def _backward_done(self, i: int, session: _Session) -> None:
+        """The end of the backward that opened ``session``: close it if still open (a block
+        whose gradients went nowhere the hooks see)."""
+        if self.placed and self.blocks[i].session is session:
+            self._end_session(i)
+
+    def _end_session(self, i: int) -> None:
+        self.blocks[i].session = None
+        self._unpin(i)
+        self._prefetch(self._back_after[i])
+
+    # ---- for the offloaded optimizer ------------------------------------------------------------
+
+    def home_view(self, p: nn.Parameter) -> Tensor | None:
+        """Streamed parameter ``p`` as it lies at its home (host RAM or the mapped swap file),
+        whatever it is bound to now; None where ``p`` does not stream (or nothing is placed)."""
+        if not self.placed or p not in self._home_index:
+            return None
+        i, k = self._home_index[p]
+        b = self.blocks[i]
+        return b.layout.view_in(b.home_flat, k)
+
+    def writing(self, p: nn.Parameter) -> None:
+        """An optimizer starts writing streamed ``p``'s new value into its home (counted in the
+        home level's bytes in): its block's Level 0 copy is dropped (now, or when its use
+        ends), and the block is not fetched until :meth:`written`."""
+        i = self._home_index[p][0]
+        self._dirty.add(i)
+        self.lower[self.blocks[i].home - 1].counters.bytes_in += p.nbytes
         slot = self._slot_of.get(i)
-        if b.home and slot is not None and slot.users:
-            slot.users -= 1
-            if not slot.users:
-                b.layout.bind_flat(b.home_flat)
-                if self._cuda:
-                    slot.free = torch.cuda.Event()
-                    slot.free.record(torch.cuda.current_stream(self.device))
-        self._prefetch(self._after_end[i])
+        if slot is not None:
+            if slot.users:
+                slot.stale = True
+            else:
+                self._drop(slot)
+
+    def written(self) -> None:
+        """The writes announced by :meth:`writing` are done: the first blocks of the next
+        forward are prefetched."""
+        self._dirty.clear()
+        if self.placed:
+            self._prefetch(self._from[self._order[0]])
 
     def _free_slot(self, window: list[int], demand: bool = False) -> _Slot | None:
         """An idle slot: empty, else holding a block outside ``window``; on ``demand`` also the
@@ -390,7 +687,7 @@ class VGPUStack:
 
     def _prefetch(self, window: list[int]) -> None:
         for j in window:
-            if j in self._slot_of:
+            if j in self._slot_of or j in self._dirty:
                 continue
             slot = self._free_slot(window)
             if slot is None:
@@ -405,6 +702,7 @@ class VGPUStack:
             self.access.demotions += 1
             del self._slot_of[slot.block]
         slot.block = j
+        slot.versions = self._versions(j)
         self._slot_of[j] = slot
         self.access.promotions += 1
         self.access.prefetches += not demand
