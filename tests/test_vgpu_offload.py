@@ -252,6 +252,7 @@ def test_vb_trainer_offloads_and_resumes_bit_for_bit(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_level0_other_than_the_models_device_is_refused():
     """A model on the GPU with Level 0 on the CPU: one clear error, nothing moved."""
+    from apt_model import vgpu
     from apt_model.optimization.config import VGPULevel as Level
 
     model = apt().cuda()
