@@ -167,9 +167,10 @@ def _check_device(name: str, where: str, allowed: tuple[str, ...]) -> str:
     return name
 
 
-def parse_vgpu_config(value: Any, where: str) -> VGPUConfig | None:
+def parse_vgpu_config(value: Any, where: str, this_machine: bool = True) -> VGPUConfig | None:
     """Validate ``vgpu_config`` ({"levels": [{capacity_mb, device, speed_gbps[, path]}, ...]
-    [, "prefetch_depth": n or "auto"]})."""
+    [, "prefetch_depth": n or "auto"]}). ``this_machine`` False: a level's device need not
+    exist here (levels of a machine an estimate is for)."""
     if value is None:
         return None
     if isinstance(value, VGPUConfig):
@@ -206,7 +207,7 @@ def parse_vgpu_config(value: Any, where: str) -> VGPUConfig | None:
             raise _bad(f"{at}: path 应为字符串", f"{at}: path must be a string")
         levels.append(VGPULevel(
             capacity_mb=_as_number("capacity_mb", raw["capacity_mb"], at),
-            device=_check_device(device, at, LEVEL_DEVICES),
+            device=_check_device(device, at, LEVEL_DEVICES) if this_machine else device,
             speed_gbps=_as_number("speed_gbps", raw["speed_gbps"], at),
             path=path,
         ))
