@@ -32,7 +32,7 @@ from apt_model.estimator.attention import cuda_attention
 from apt_model.estimator.tracker import MemoryTracker
 from apt_model.i18n import tr
 from apt_model.optimization import autopatch
-from apt_model.optimization.config import MODES, VBConfig
+from apt_model.optimization.config import MODES, VBConfig, VGPUConfig
 from apt_model.storage import human_bytes
 
 if TYPE_CHECKING:
@@ -494,7 +494,7 @@ class Traced:
 
     def __init__(self, target: Any, *, mode: str | None, training: bool, device: str | None,
                  base: VBConfig | None, levels: Any = None) -> None:
-        from apt_model.estimator.levels import ModelPlan, parse_levels
+        from apt_model.estimator.levels import parse_levels
         from apt_model.fp4.layer import freeze_fp4
         from apt_model.optimization import engine
 
@@ -523,11 +523,27 @@ class Traced:
                 engine.optimize(self.model, mode_config(self.mode, base))
             if not training:
                 freeze_fp4(self.model)  # serving holds packed FP4 weights only (a no-op without FP4 layers)
+        # a model described by a config is built on the host, as VB builds it
+        self._moved = ("cpu" if origin.type == "meta" else origin.type) != self.device_type
+        self._checkpoint_blocks = (base or VBConfig()).checkpoint_blocks
         self.vb_plan: ModelPlan | None = None
-        if vgpu_config is not None:  # a model described by a config is built on the host, as VB builds it
-            home = "cpu" if origin.type == "meta" else origin.type
-            self.vb_plan = ModelPlan(self.model, vgpu_config, moved=home != self.device_type,
-                                     checkpoint_blocks=(base or VBConfig()).checkpoint_blocks)
+        if vgpu_config is not None:
+            self.vb_plan = self._plan(vgpu_config)
+
+    def _plan(self, config: VGPUConfig) -> ModelPlan:
+        from apt_model.estimator.levels import ModelPlan
+
+        return ModelPlan(self.model, config, moved=self._moved, checkpoint_blocks=self._checkpoint_blocks)
+
+    def placed(self, est: Estimate, levels: Any) -> Estimate:
+        """``est`` (a step of this model traced with levels below Level 0, or none, as
+        ``levels`` has) placed over ``levels`` instead: no new trace, one new plan."""
+        from apt_model.estimator.levels import parse_levels
+
+        plan = self._plan(parse_levels(levels))
+        offload = est.training and est.optimizer == "adamw" and len(plan.specs) > 1
+        return dataclasses.replace(est, placement=plan.placement(est.traced_peak, device_type=self.device_type,
+                                                                 offload=offload))
 
     def step(self, *, batch: int, seq: int | None = None, optimizer: str = "adamw") -> Estimate:
         """One step of ``batch`` × ``seq`` tokens (default: the context length), traced."""

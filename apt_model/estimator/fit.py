@@ -10,16 +10,18 @@ kernel workspaces, and on the CPU the process's own code and libraries.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from apt_model import accelerator
+from apt_model.errors import VBConfigError
 from apt_model.estimator.estimate import Estimate, Traced
 from apt_model.i18n import tr
-from apt_model.optimization.config import MODES, MOST_AGGRESSIVE, VBConfig
+from apt_model.optimization.config import MODES, MOST_AGGRESSIVE, VBConfig, VGPULevel
 from apt_model.storage import human_bytes
+from apt_model.vgpu.levels import MIB, copy_gbps
 
 FIT_MARGIN = 0.10
 
@@ -134,3 +136,71 @@ def smallest_fit(target: Any, *, free: int, batch: int, seq: int | None, trainin
     best = largest_batch(lambda b: traced.step(batch=b, seq=seq, optimizer=optimizer), free, batch,
                          choice.peaks[MOST_AGGRESSIVE])
     return tr(f"模式 {MOST_AGGRESSIVE}, batch {best}", f"mode {MOST_AGGRESSIVE} with batch {best}") if best else None
+
+
+@dataclass(frozen=True)
+class VGPUChoice:
+    """A mode and the VGPU levels it fits with (``levels``: ``vgpu_config`` as the
+    configuration takes it), the step's estimate over them, and the free memory it was sized
+    against (device, host)."""
+
+    mode: str
+    levels: dict[str, Any]
+    estimate: Estimate
+    free: int
+    host_free: int
+
+    def reason(self) -> str:
+        """What goes where, in words."""
+        placement = self.estimate.placement
+        levels = ", ".join(f"L{lv.level} {lv.device} {human_bytes(lv.held)}/{human_bytes(lv.capacity)}"
+                           for lv in placement.levels)
+        offloaded = (tr(f", 优化器状态与 fp32 主权重在主机 ({human_bytes(placement.offloaded)})",
+                        f", optimizer state and fp32 masters on the host ({human_bytes(placement.offloaded)})")
+                     if placement.offloaded else "")
+        return tr(f"{placement.streamed}/{placement.blocks} 个块流式, {levels}{offloaded}; 设备峰值 "
+                  f"{human_bytes(self.estimate.peak_bytes)}, {room(self.free)}; 主机 "
+                  f"{human_bytes(placement.host_bytes)}, {room(self.host_free)}",
+                  f"{placement.streamed}/{placement.blocks} blocks streamed, {levels}{offloaded}; device peak "
+                  f"{human_bytes(self.estimate.peak_bytes)}, {room(self.free)}; host "
+                  f"{human_bytes(placement.host_bytes)}, {room(self.host_free)}")
+
+
+def _level(capacity: int, device: str, speed: float) -> dict[str, Any]:
+    return {"capacity_mb": capacity / MIB, "device": device, "speed_gbps": round(speed, 1)}
+
+
+def choose_vgpu(target: Any, *, free: int, host_free: int, batch: int = 1, seq: int | None = None,
+                training: bool = True, device: torch.device, base: VBConfig | None = None,
+                disk: tuple[VGPULevel, ...] = ()) -> VGPUChoice | None:
+    """The least aggressive mode of ``MODES`` that fits with a VGPU plan, and the plan: Level 0
+    = what the fitting rule leaves of ``free`` device bytes once the step's own tensors
+    (activations, transient gradients, runtime) are counted; Level 1 = host RAM, what it
+    leaves of ``host_free`` beside the offloaded optimizer (on a CPU device, beside Level 0
+    too: the same memory); then the ``disk`` levels (a configured SSD). The links' speeds
+    are measured (``copy_gbps``). A training step keeps every block in Level 0 (the stack
+    trains no streamed block) with its AdamW offloaded. None when no mode fits. One trace
+    per mode tried."""
+    host_room = usable(host_free) - (usable(free) if device.type == "cpu" else 0)
+    if host_room <= 0:
+        return None
+    speeds = (copy_gbps(device, device), copy_gbps(torch.device("cpu"), device))
+    disk_levels = [asdict(level) for level in disk]
+    for mode in MODES:
+        traced = Traced(target, mode=mode, training=training, device=str(device), base=base,
+                        levels=[_level(2**60, str(device), speeds[0]), _level(2**60, "cpu", speeds[1])])
+        est = traced.step(batch=batch, seq=seq)  # everything in Level 0: what the step adds beside it
+        placement = est.placement
+        level0 = usable(free) - (est.peak_bytes - placement.levels[0].held)
+        level1 = host_room - placement.offloaded - placement.offload_steps
+        if level0 <= 0 or level1 <= 0:
+            continue
+        levels = {"levels": [_level(level0, str(device), speeds[0]), _level(level1, "cpu", speeds[1]), *disk_levels]}
+        try:
+            placed = traced.placed(est, levels)
+        except VBConfigError:  # the levels cannot hold the model in this mode
+            continue
+        if (training and placed.placement.streamed) or placed.placement.host_bytes > host_room:
+            continue
+        return VGPUChoice(mode, levels, placed, free, host_free)
+    return None

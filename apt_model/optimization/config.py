@@ -318,10 +318,22 @@ def auto_picks_mode(resolved: ResolvedConfig) -> bool:
         sources["mode"] == AUTO or level(sources["mode"]) <= level(sources["auto_estimate"]))
 
 
-def with_auto_mode(resolved: ResolvedConfig, mode: str) -> ResolvedConfig:
-    """``resolved`` with ``mode`` picked by ``auto_estimate`` (its source "auto")."""
-    config = replace(resolved.config, mode=mode)
-    sources = _switch_sources(config, {**resolved.sources, "mode": AUTO})
+def auto_plans_levels(resolved: ResolvedConfig) -> bool:
+    """Whether ``auto_estimate`` may plan the VGPU levels: as for the mode (``auto_picks_mode``),
+    ``vgpu_config`` not set at a higher level than it."""
+    sources = resolved.sources
+    return resolved.config.auto_estimate and (
+        sources["vgpu_config"] == AUTO or level(sources["vgpu_config"]) <= level(sources["auto_estimate"]))
+
+
+def with_auto_mode(resolved: ResolvedConfig, mode: str, vgpu_config: Any = None) -> ResolvedConfig:
+    """``resolved`` with ``mode`` (and, given, ``vgpu_config``) picked by ``auto_estimate``
+    (their source "auto")."""
+    changes: dict[str, Any] = {"mode": mode}
+    if vgpu_config is not None:
+        changes["vgpu_config"] = parse_vgpu_config(vgpu_config, AUTO)
+    config = replace(resolved.config, **changes)
+    sources = _switch_sources(config, {**resolved.sources, **dict.fromkeys(changes, AUTO)})
     return ResolvedConfig(config=config, sources=sources, vbrc_path=resolved.vbrc_path)
 
 

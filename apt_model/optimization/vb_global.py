@@ -242,26 +242,45 @@ def _resolved_for(options: dict[str, Any]) -> _config.ResolvedConfig:
 def _auto_mode(model: nn.Module, resolved: _config.ResolvedConfig) -> _config.ResolvedConfig:
     """``resolved`` with the mode ``auto_estimate`` picks for ``model``: the least aggressive
     that fits the workload (``set_workload``) in the device's free memory, its step traced in
-    each mode (a training step when ``model.training``, else a decode step); the most
-    aggressive mode when none fits. Says which and why (when verbose)."""
-    from apt_model.accelerator import resolve_device
-    from apt_model.estimator.fit import choose_mode, free_memory
+    each mode (a training step when ``model.training``, else a decode step). When none fits
+    on the device alone, the least aggressive mode that fits with a VGPU plan over the device
+    and host RAM (and a configured SSD level), and the plan (``fit.choose_vgpu``; unless
+    ``vgpu_config`` is set at a higher level); else the most aggressive mode. Says which and
+    why (when verbose)."""
+    from apt_model.accelerator import host_memory_info, resolve_device
+    from apt_model.estimator.fit import choose_mode, choose_vgpu, free_memory
 
     config = resolved.config
     device = resolve_device(config.device)
     free = _workload.memory or free_memory(device)
     choice = choose_mode(model, free=free, batch=_workload.batch, seq=_workload.seq, training=model.training,
                          device=str(device), base=config)
-    mode = choice.mode or _config.MOST_AGGRESSIVE
+    if choice.mode is not None:
+        if config.verbose:
+            print(tr(f"✓ auto_estimate: 模式 {choice.mode}, 能放下的最不激进的模式 ({choice.reason()})",
+                     f"✓ auto_estimate: mode {choice.mode}, the least aggressive mode that fits ({choice.reason()})"))
+        return _config.with_auto_mode(resolved, choice.mode)
+    planned = None
+    plans = _config.auto_plans_levels(resolved)
+    if plans:
+        disk = tuple(lv for lv in config.vgpu_config.levels if lv.device == "ssd") if config.vgpu_config else ()
+        planned = choose_vgpu(model, free=free, host_free=host_memory_info()[0], batch=_workload.batch,
+                              seq=_workload.seq, training=model.training, device=device, base=config, disk=disk)
+    if planned is not None:
+        if config.verbose:
+            print(tr(f"✓ auto_estimate: {device} 上任何模式都放不下 ({choice.reason()}); 用 VGPU 计划, 模式 "
+                     f"{planned.mode}: {planned.reason()}",
+                     f"✓ auto_estimate: no mode fits on {device} alone ({choice.reason()}); using a VGPU plan in mode "
+                     f"{planned.mode}: {planned.reason()}"))
+        return _config.with_auto_mode(resolved, planned.mode, planned.levels)
+    mode = _config.MOST_AGGRESSIVE
     if config.verbose:
-        if choice.mode is not None:
-            print(tr(f"✓ auto_estimate: 模式 {mode}, 能放下的最不激进的模式 ({choice.reason()})",
-                     f"✓ auto_estimate: mode {mode}, the least aggressive mode that fits ({choice.reason()})"))
-        else:
-            print(tr(f"⚠ auto_estimate: {device} 上任何模式都放不下 ({choice.reason()}); 需要把参数卸载到 CPU 内存或磁盘 "
-                     f"(VGPU), 暂用最激进的模式 {mode}",
-                     f"⚠ auto_estimate: no mode fits on {device} ({choice.reason()}); offloading to CPU RAM or disk "
-                     f"(the VGPU stack) would be needed; using the most aggressive mode, {mode}, meanwhile"))
+        levels = (tr("卸载到主机内存 (VGPU) 也放不下", "nor with host RAM (VGPU)") if plans
+                  else tr("VGPU 层级按配置 (其设置高于 auto_estimate)", "the VGPU levels stay as configured "
+                          "(set above auto_estimate)"))
+        print(tr(f"⚠ auto_estimate: {device} 上任何模式都放不下 ({choice.reason()}); {levels}; 暂用最激进的模式 {mode}",
+                 f"⚠ auto_estimate: no mode fits on {device} ({choice.reason()}); {levels}; using the most "
+                 f"aggressive mode, {mode}, meanwhile"))
     return _config.with_auto_mode(resolved, mode)
 
 
