@@ -4,15 +4,19 @@ optimizer's host bytes against its own."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 import apt_model.optimization.vb_global as vb
 from apt_model import vgpu
-from apt_model.errors import VBConfigError
+from apt_model.cli import main
+from apt_model.errors import VBConfigError, run_cli
 from apt_model.estimator import estimate
 from apt_model.estimator.levels import parse_levels
 from apt_model.modeling.apt_model import APTConfig, APTModel
+from apt_model.storage import human_bytes
 from apt_model.vgpu.layout import Layout, tensor_slots
 
 MIB = 1 << 20
@@ -114,3 +118,39 @@ def test_levels_that_cannot_hold_the_model_name_the_shortfall():
         estimate(CFG, mode="off", training=False, seq=12, levels=small)  # no CUDA needed here
     with pytest.raises(VBConfigError, match="is not the estimate's device"):
         estimate(CFG, mode="off", seq=12, levels=small, device="cpu")
+
+
+def vb_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    code = run_cli(main, args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_levels_print_what_each_level_holds_and_the_device_peak_fits(capsys, tmp_path):
+    config = json.dumps([{"capacity_mb": 0.6, "device": "cpu", "speed_gbps": 100},
+                         {"capacity_mb": 16, "device": "cpu", "speed_gbps": 50}])
+    code, out, err = vb_cli(capsys, "estimate", "--preset", "tiny", "--seq", "8", "--decode", "--mode", "speed",
+                            "--levels", config, "--memory", "1GiB")
+    assert code == 0, err
+    est = estimate("tiny", mode="speed", seq=8, training=False, levels=json.loads(config))
+    assert est.placement.streamed > 0
+    assert f"L1 {'cpu':<10}{human_bytes(est.placement.levels[1].held):>12} / 16.0 MiB" in out
+    assert out.rstrip().endswith("fits (--memory 1.0 GiB)")
+    # a file works too; --mode all places each mode (training: fp32 weights, they take more room)
+    (tmp_path / "levels.json").write_text(config.replace("0.6", "1.2"))
+    code, out, err = vb_cli(capsys, "estimate", "--preset", "tiny", "--seq", "8", "--levels",
+                            str(tmp_path / "levels.json"), "--mode", "all", "--optimizer", "sgd")
+    assert code == 0 and out.count("  VGPU: 4 blocks, 0 resident, 4 streamed") == 5, err
+
+
+def test_cli_takes_the_configured_levels_and_names_them_when_they_cannot_hold_the_model(capsys, monkeypatch,
+                                                                                          tmp_path):
+    vbrc = tmp_path / ".vbrc"
+    vbrc.write_text(json.dumps({"vgpu_config": {"levels": [{"capacity_mb": 0.01, "device": "cpu", "speed_gbps": 1},
+                                                           {"capacity_mb": 0.01, "device": "cpu",
+                                                            "speed_gbps": 1}]}}))
+    monkeypatch.setenv("VB_CONFIG", str(vbrc))
+    code, out, err = vb_cli(capsys, "estimate", "--preset", "tiny", "--seq", "8", "--mode", "all")
+    lines = err.strip().splitlines()
+    assert code == 2 and out == "" and len(lines) == 1, err
+    assert f"the levels of .vbrc:{vbrc} cannot hold it" in lines[0] and "short by" in lines[0]

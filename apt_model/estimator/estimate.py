@@ -630,7 +630,8 @@ def decode_sweep(target: Any, *, mode: str | None = None, batch: int = 1, longes
 
 
 def decode_table(rows: list[Estimate]) -> str:
-    """A decode sweep (``decode_sweep``) as a text table: one line per context length."""
+    """A decode sweep (``decode_sweep``) as a text table: one line per context length (the
+    peak: the device's), then the VGPU placement if any."""
     first = rows[0]
     lines = [tr(f"{first.target} · 模式 {first.mode} · 解码 · batch {first.batch} · {first.device}",
                 f"{first.target} · mode {first.mode} · decode · batch {first.batch} · {first.device}"),
@@ -639,4 +640,6 @@ def decode_table(rows: list[Estimate]) -> str:
     for row in rows:
         lines.append(f"  {row.seq:>10}{human_bytes(row.parameter_bytes):>12}{human_bytes(row.kv_cache):>12}"
                      f"{human_bytes(row.activations):>14}{human_bytes(row.peak_bytes):>12}")
+    if rows[-1].placement is not None:  # the same placement at every context; the longest's device peak
+        lines += rows[-1].placement.lines()
     return "\n".join(lines)

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from apt_model import accelerator
-from apt_model.errors import VBConfigError
 from apt_model.estimator.estimate import Estimate, Traced
+from apt_model.estimator.levels import PlacementError
 from apt_model.i18n import tr
 from apt_model.optimization.config import MODES, MOST_AGGRESSIVE, VBConfig, VGPULevel
 from apt_model.storage import human_bytes
@@ -105,17 +105,21 @@ class ModeChoice:
 
 
 def choose_mode(target: Any, *, free: int, batch: int = 1, seq: int | None = None, training: bool = True,
-                optimizer: str = "adamw", device: str | None = None,
-                base: VBConfig | None = None, known: Mapping[str, int] | None = None) -> ModeChoice:
+                optimizer: str = "adamw", device: str | None = None, base: VBConfig | None = None,
+                known: Mapping[str, int] | None = None, levels: Any = None) -> ModeChoice:
     """Trace ``target``'s step in each mode of ``MODES``, least aggressive first, and stop at
     the first that fits in ``free`` bytes (arguments as for ``estimate``; ``known``: peaks of
-    this step already traced, by mode, not traced again)."""
+    this step already traced, by mode, not traced again). With ``levels`` a mode whose
+    weights the levels cannot hold is passed over (no peak)."""
     peaks: dict[str, int] = {}
     for mode in MODES:
         if known is not None and mode in known:
             peaks[mode] = known[mode]
         else:
-            traced = Traced(target, mode=mode, training=training, device=device, base=base)
+            try:
+                traced = Traced(target, mode=mode, training=training, device=device, base=base, levels=levels)
+            except PlacementError:
+                continue
             peaks[mode] = traced.step(batch=batch, seq=seq, optimizer=optimizer).peak_bytes
         if peaks[mode] <= usable(free):
             return ModeChoice(mode, peaks, free, training)
@@ -123,16 +127,19 @@ def choose_mode(target: Any, *, free: int, batch: int = 1, seq: int | None = Non
 
 
 def smallest_fit(target: Any, *, free: int, batch: int, seq: int | None, training: bool, optimizer: str,
-                 device: str | None, base: VBConfig | None, known: Mapping[str, int] | None = None) -> str | None:
+                 device: str | None, base: VBConfig | None, known: Mapping[str, int] | None = None,
+                 levels: Any = None) -> str | None:
     """The smallest change that makes ``target``'s step fit in ``free`` bytes, in words: the
     least aggressive mode that fits at this batch, else the largest batch that fits in the
     most aggressive mode; None when not even batch 1 fits there. ``known``: peaks of this
-    step already traced, by mode (as for ``choose_mode``)."""
+    step already traced, by mode; ``levels``: VGPU levels (as for ``choose_mode``)."""
     choice = choose_mode(target, free=free, batch=batch, seq=seq, training=training, optimizer=optimizer,
-                         device=device, base=base, known=known)
+                         device=device, base=base, known=known, levels=levels)
     if choice.mode is not None:
         return tr(f"模式 {choice.mode}, batch {batch}", f"mode {choice.mode} with batch {batch}")
-    traced = Traced(target, mode=MOST_AGGRESSIVE, training=training, device=device, base=base)
+    if MOST_AGGRESSIVE not in choice.peaks:  # the levels cannot hold its weights
+        return None
+    traced = Traced(target, mode=MOST_AGGRESSIVE, training=training, device=device, base=base, levels=levels)
     best = largest_batch(lambda b: traced.step(batch=b, seq=seq, optimizer=optimizer), free, batch,
                          choice.peaks[MOST_AGGRESSIVE])
     return tr(f"模式 {MOST_AGGRESSIVE}, batch {best}", f"mode {MOST_AGGRESSIVE} with batch {best}") if best else None
@@ -198,7 +205,7 @@ def choose_vgpu(target: Any, *, free: int, host_free: int, batch: int = 1, seq: 
         levels = {"levels": [_level(level0, str(device), speeds[0]), _level(level1, "cpu", speeds[1]), *disk_levels]}
         try:
             placed = traced.placed(est, levels)
-        except VBConfigError:  # the levels cannot hold the model in this mode
+        except PlacementError:  # the levels cannot hold the model in this mode
             continue
         if (training and placed.placement.streamed) or placed.placement.host_bytes > host_room:
             continue

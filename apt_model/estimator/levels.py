@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from apt_model.errors import VBConfigError
 from apt_model.i18n import tr
 from apt_model.optimization.checkpointing import find_blocks
 from apt_model.optimization.config import VGPUConfig, VGPULevel, parse_vgpu_config
@@ -34,6 +35,10 @@ from apt_model.vgpu.placement import Plan, make_plan
 from apt_model.vgpu.streaming import _outermost, _partition
 
 STEP_BYTES = 4  # the fp32 step counter the offloaded AdamW keeps per parameter, beside its arena
+
+
+class PlacementError(VBConfigError):
+    """The levels cannot hold the model (``make_plan``'s reason)."""
 
 
 def parse_levels(levels: Any) -> VGPUConfig:
@@ -122,7 +127,7 @@ class Placement:
 
 class ModelPlan:
     """A model laid out and planned over ``config``'s levels, as the stack would: ``plan``
-    (``make_plan``'s ``VBConfigError`` when the levels cannot hold it). ``moved``: the model
+    (``PlacementError`` with ``make_plan``'s reason when the levels cannot hold it). ``moved``: the model
     comes to Level 0 from another device (else its tensors stay and are counted there)."""
 
     def __init__(self, model: nn.Module, config: VGPUConfig, *, checkpoint_blocks: tuple[str, ...],
@@ -133,8 +138,11 @@ class ModelPlan:
         groups, rest = _partition(model, _outermost(find_blocks(model, checkpoint_blocks)))
         self.blocks = [Layout(g) for g in groups]
         self.rest = Layout(rest)
-        self.plan: Plan = make_plan([b.nbytes for b in self.blocks], self.rest.nbytes,
-                                    [capacity_bytes(s) for s in self.specs], config.prefetch_depth)
+        try:
+            self.plan: Plan = make_plan([b.nbytes for b in self.blocks], self.rest.nbytes,
+                                        [capacity_bytes(s) for s in self.specs], config.prefetch_depth)
+        except VBConfigError as exc:
+            raise PlacementError(str(exc)) from None
         self.model_bytes = tensors_nbytes((*model.parameters(), *model.buffers()))
 
     def _level0(self) -> int:
