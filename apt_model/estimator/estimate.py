@@ -8,7 +8,8 @@ has no meta policy, so on meta the bf16 modes would trace in fp32.
 
 A training step (forward, loss, backward, optimizer step) starts with the optimizer state
 already there, as any step after the first: an optimizer step on zero gradients creates it
-beforehand. On a CUDA target, attention runs as CUDA would run it (``attention``). A decode step is a prefill of ``seq - 1`` tokens with the KV cache,
+beforehand. On a CUDA target, attention runs as CUDA would run it (``attention``), and the ops CUDA
+autocast runs in fp32 run in fp32 (``cuda_autocast``). A decode step is a prefill of ``seq - 1`` tokens with the KV cache,
 then one token; ``decode_sweep`` traces it at several context lengths.
 """
 
@@ -29,6 +30,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from apt_model.accelerator import resolve_device
 from apt_model.errors import VBConfigError, VBDataError, first_line, positive_int
 from apt_model.estimator.attention import cuda_attention
+from apt_model.estimator.cuda_autocast import cuda_autocast
 from apt_model.estimator.tracker import MemoryTracker
 from apt_model.i18n import tr
 from apt_model.optimization import autopatch
@@ -557,9 +559,12 @@ class Traced:
         if not self.training and seq < 2:
             raise VBConfigError(tr("解码估算需要 seq >= 2 (预填充 seq-1 个 token, 再解码 1 个)",
                                    "a decode estimate needs seq >= 2 (a prefill of seq-1 tokens, then one)"))
-        kernels = cuda_attention() if self.device_type == "cuda" else contextlib.nullcontext()
         offload = self.offloads(optimizer)
-        with self.fake_mode, kernels:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self.fake_mode)
+            if self.device_type == "cuda":  # the kernels and autocast lists a CUDA card would use
+                stack.enter_context(cuda_attention())
+                stack.enter_context(cuda_autocast())
             est = measure(self.model, batch=batch, seq=seq, optimizer=optimizer if self.training else None,
                           device_type=self.device_type, target=self.description, mode=self.mode, offload=offload)
         if self.vb_plan is None:
@@ -588,8 +593,8 @@ def estimate(target: Any, *, mode: str | None = None, batch: int = 1, seq: int |
     step (FP4 layers frozen, as for serving). ``device`` ("cpu", "cuda", ...; default the
     configured one; it need not exist here) decides the runtime overhead and the
     optimizer's multi-tensor path and, for "cuda", the attention kernel (the one CUDA's
-    dispatcher picks, ``attention.cuda_kernel``); the rest of the step is traced with CPU
-    semantics (autocast's CPU policy).
+    dispatcher picks, ``attention.cuda_kernel``) and autocast's fp32 ops (``cuda_autocast``);
+    the rest of the step is traced with CPU semantics.
     ``base`` supplies the FP4 format, skip list and checkpointed blocks. ``levels``: VGPU
     levels (``vgpu_config`` or its list of levels; Level 0 is the device, which need not exist
     here): the estimate's ``placement`` says what the stack puts on each level and the
