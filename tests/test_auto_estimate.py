@@ -142,3 +142,23 @@ def test_vgpu_levels_set_above_auto_estimate_are_left_alone(capsys, monkeypatch,
     APTModel(CONFIG)
     assert vb.explain_config()["vgpu_config"][1] == "argument"
     assert "the VGPU levels stay as configured (set above auto_estimate)" in capsys.readouterr().out
+
+
+def test_the_launchers_pick_is_carried_to_the_model_with_no_second_trace(monkeypatch, capsys):
+    from apt_model.estimator import Traced
+    from apt_model.training import launcher
+    from apt_model.training.trainer import TrainConfig
+
+    monkeypatch.setenv("VB_LANG", "en")
+    monkeypatch.setenv("VB_AUTO_ESTIMATE", "1")
+    steps: list[int] = []
+    step = Traced.step
+    monkeypatch.setattr(Traced, "step", lambda self, **kw: steps.append(kw["batch"]) or step(self, **kw))
+    cfg = TrainConfig(preset="tiny", batch_size=2, seq_len=16, enable_vb=True)
+    launcher.check_fits(cfg, memory=2**40)  # balanced fits: one trace
+    assert steps == [2] and "✓ auto_estimate: mode balanced" in capsys.readouterr().out
+    model = APTModel(APTConfig.from_preset("tiny"))  # what the trainer builds
+    assert steps == [2] and engine.report_of(model).mode == "balanced"
+    assert vb.explain_config()["mode"] == ("balanced", "auto")
+    APTModel(APTConfig.from_preset("tiny", n_layers=1))  # another model: picked for itself
+    assert len(steps) == 2

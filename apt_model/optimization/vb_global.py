@@ -55,14 +55,26 @@ _fp4_noted = False  # the note that FP4 saves memory, not time, where no kernel 
 
 
 @dataclasses.dataclass(frozen=True)
+class Pick:
+    """A pick ``auto_pick`` made ahead: for models built from ``target`` (a config) in
+    training (or not), under the configuration ``base``: ``picked``."""
+
+    target: Any
+    training: bool
+    base: _config.VBConfig
+    picked: _config.ResolvedConfig
+
+
+@dataclasses.dataclass(frozen=True)
 class Workload:
     """What ``auto_estimate`` sizes the mode for: a step of ``batch`` × ``seq`` tokens (None:
     the model's context length) within ``memory`` bytes (None: the device's free memory when
-    the model is optimized)."""
+    the model is optimized); ``pick``: the pick made ahead for it (``auto_pick``), if any."""
 
     batch: int = 1
     seq: int | None = None
     memory: int | None = None
+    pick: Pick | None = None
 
 
 _workload = Workload()
@@ -240,39 +252,63 @@ def _resolved_for(options: dict[str, Any]) -> _config.ResolvedConfig:
 
 
 def _auto_mode(model: nn.Module, resolved: _config.ResolvedConfig) -> _config.ResolvedConfig:
-    """``resolved`` with the mode ``auto_estimate`` picks for ``model``: the least aggressive
+    """``resolved`` with what ``auto_estimate`` picks for ``model`` (``_auto_pick``), or the pick
+    made ahead for a model built from its config (``auto_pick``), not traced again."""
+    pick = _workload.pick
+    if (pick is not None and pick.base == resolved.config and pick.training == model.training
+            and getattr(model, "config", None) == pick.target):
+        return pick.picked
+    return _auto_pick(model, model.training, resolved)[0]
+
+
+def auto_pick(target: Any, *, training: bool = True) -> bool:
+    """Make ``auto_estimate``'s pick now for the workload (``set_workload``) of a model to be
+    built from ``target`` (an APT or Hugging Face config), under the configuration in force:
+    the model built from an equal config afterwards takes it without tracing again (the
+    launchers' check). Says which and why, as at the model's construction; returns whether the
+    step fits (in a mode, or with a VGPU plan)."""
+    global _workload
+    resolved = _in_force()
+    picked, fits = _auto_pick(target, training, resolved)
+    _workload = dataclasses.replace(_workload, pick=Pick(target, training, resolved.config, picked))
+    return fits
+
+
+def _auto_pick(target: Any, training: bool,
+               resolved: _config.ResolvedConfig) -> tuple[_config.ResolvedConfig, bool]:
+    """``resolved`` with the mode ``auto_estimate`` picks for ``target``: the least aggressive
     that fits the workload (``set_workload``) in the device's free memory, its step traced in
-    each mode (a training step when ``model.training``, else a decode step). When none fits
+    each mode (a training step when ``training``, else a decode step). When none fits
     on the device alone, the least aggressive mode that fits with a VGPU plan over the device
     and host RAM (and a configured SSD level), and the plan (``fit.choose_vgpu``; unless
     ``vgpu_config`` is set at a higher level); else the most aggressive mode. Says which and
-    why (when verbose)."""
+    why (when verbose); also returns whether the step fits."""
     from apt_model.accelerator import host_memory_info, resolve_device
     from apt_model.estimator.fit import choose_mode, choose_vgpu, free_memory
 
     config = resolved.config
     device = resolve_device(config.device)
     free = _workload.memory or free_memory(device)
-    choice = choose_mode(model, free=free, batch=_workload.batch, seq=_workload.seq, training=model.training,
+    choice = choose_mode(target, free=free, batch=_workload.batch, seq=_workload.seq, training=training,
                          device=str(device), base=config)
     if choice.mode is not None:
         if config.verbose:
             print(tr(f"✓ auto_estimate: 模式 {choice.mode}, 能放下的最不激进的模式 ({choice.reason()})",
                      f"✓ auto_estimate: mode {choice.mode}, the least aggressive mode that fits ({choice.reason()})"))
-        return _config.with_auto_mode(resolved, choice.mode)
+        return _config.with_auto_mode(resolved, choice.mode), True
     planned = None
     plans = _config.auto_plans_levels(resolved)
     if plans:
         disk = tuple(lv for lv in config.vgpu_config.levels if lv.device == "ssd") if config.vgpu_config else ()
-        planned = choose_vgpu(model, free=free, host_free=host_memory_info()[0], batch=_workload.batch,
-                              seq=_workload.seq, training=model.training, device=device, base=config, disk=disk)
+        planned = choose_vgpu(target, free=free, host_free=host_memory_info()[0], batch=_workload.batch,
+                              seq=_workload.seq, training=training, device=device, base=config, disk=disk)
     if planned is not None:
         if config.verbose:
             print(tr(f"✓ auto_estimate: {device} 上任何模式都放不下 ({choice.reason()}); 用 VGPU 计划, 模式 "
                      f"{planned.mode}: {planned.reason()}",
                      f"✓ auto_estimate: no mode fits on {device} alone ({choice.reason()}); using a VGPU plan in mode "
                      f"{planned.mode}: {planned.reason()}"))
-        return _config.with_auto_mode(resolved, planned.mode, planned.levels)
+        return _config.with_auto_mode(resolved, planned.mode, planned.levels), True
     mode = _config.MOST_AGGRESSIVE
     if config.verbose:
         levels = (tr("卸载到主机内存 (VGPU) 也放不下", "nor with host RAM (VGPU)") if plans
@@ -281,7 +317,7 @@ def _auto_mode(model: nn.Module, resolved: _config.ResolvedConfig) -> _config.Re
         print(tr(f"⚠ auto_estimate: {device} 上任何模式都放不下 ({choice.reason()}); {levels}; 暂用最激进的模式 {mode}",
                  f"⚠ auto_estimate: no mode fits on {device} ({choice.reason()}); {levels}; using the most "
                  f"aggressive mode, {mode}, meanwhile"))
-    return _config.with_auto_mode(resolved, mode)
+    return _config.with_auto_mode(resolved, mode), False
 
 
 def optimize(model: ModelT, **options: Any) -> ModelT:
