@@ -67,7 +67,8 @@ class Estimate:
     """One step's memory, in bytes.
 
     ``parameters`` (by dtype; frozen FP4 weights as their packed bytes), ``gradients`` and
-    ``optimizer_state`` are what the step holds of each; ``kv_cache`` the KV cache a decode
+    ``optimizer_state`` are what the step holds of each at its end (an offloaded optimizer's
+    gradients leave during backward: those live at the peak are in ``at_peak``); ``kv_cache`` the KV cache a decode
     step ends with (``seq`` tokens; 0 for training); ``logits_loss`` the loss and logits the
     forward pass returns (a training step drops the logits before its backward pass, as
     ``model(...).loss.backward()`` does); ``activations`` is the largest amount
@@ -345,7 +346,7 @@ def measure(model: nn.Module, *, batch: int, seq: int, optimizer: str | None = "
             if opt is not None:
                 _create_optimizer_state(opt)
             tracker.reset_peak()
-            with _gradients_leave(trainable if offload else []):
+            with _gradients_leave(trainable if offload else [], tracker) as left:
                 outputs, grads = _training_step(model, opt, ids, tracker)
             state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)] if opt else []
             cache: set[int] = set()
@@ -353,11 +354,11 @@ def measure(model: nn.Module, *, batch: int, seq: int, optimizer: str | None = "
             model.eval()
             tracker.reset_peak()
             outputs, kv, cache = _decode_step(model, ids, tracker)  # kv: held until counted
-            grads, state = [], []
+            grads, state, left = [], [], set()
         tracker.finish()
         kinds = {
             "parameters": _serials(tracker, [t for t in (*model.parameters(), *model.buffers()) if id(t) in param_ids]),
-            "gradients": _serials(tracker, grads),
+            "gradients": _serials(tracker, grads) | left,
             "optimizer_state": _serials(tracker, state),
             "kv_cache": cache,
             "logits_loss": set(outputs),
@@ -393,16 +394,21 @@ def _create_optimizer_state(opt: torch.optim.Optimizer) -> None:
 
 
 @contextlib.contextmanager
-def _gradients_leave(params: list[nn.Parameter]) -> Any:
+def _gradients_leave(params: list[nn.Parameter], tracker: MemoryTracker) -> Any:
     """While open, each of ``params``' gradients is dropped as soon as it is final, as the
-    offloaded optimizer's hook drops it once copied off the device."""
+    offloaded optimizer's hook drops it once copied off the device; yields the serials of the
+    gradients dropped (so far: read it after)."""
+    left: set[int] = set()
 
     def drop(param: torch.Tensor) -> None:
+        serial = tracker.serial_of(param.grad)
+        if serial is not None:
+            left.add(serial)
         param.grad = None
 
     hooks = [p.register_post_accumulate_grad_hook(drop) for p in params]
     try:
-        yield
+        yield left
     finally:
         for hook in hooks:
             hook.remove()

@@ -24,6 +24,7 @@ from apt_model.storage import human_bytes
 from apt_model.vgpu.levels import MIB, copy_gbps
 
 FIT_MARGIN = 0.10
+LINK_PROBE_BYTES = 64 * 2**20  # a timed host-to-device copy: the VGPU plan's link speed
 
 
 def free_memory(device: torch.device) -> int:
@@ -184,30 +185,30 @@ def choose_vgpu(target: Any, *, free: int, host_free: int, batch: int = 1, seq: 
     = what the fitting rule leaves of ``free`` device bytes once the step's own tensors
     (activations, transient gradients, runtime) are counted; Level 1 = host RAM, what it
     leaves of ``host_free`` beside the offloaded optimizer (on a CPU device, beside Level 0
-    too: the same memory); then the ``disk`` levels (a configured SSD). The links' speeds
-    are measured (``copy_gbps``). A training step keeps every block in Level 0 (the stack
-    trains no streamed block) with its AdamW offloaded. None when no mode fits. One trace
-    per mode tried."""
+    too: the same memory); then the ``disk`` levels (a configured SSD). Levels 0 and 1 share
+    one link, host to device, whose speed is measured (``copy_gbps``) once a plan is found. A
+    training step keeps every block in Level 0 (the stack trains no streamed block) with its
+    AdamW offloaded. None when no mode fits. One trace per mode tried."""
     host_room = usable(host_free) - (usable(free) if device.type == "cpu" else 0)
     if host_room <= 0:
         return None
-    speeds = (copy_gbps(device, device), copy_gbps(torch.device("cpu"), device))
     disk_levels = [asdict(level) for level in disk]
     for mode in MODES:
         traced = Traced(target, mode=mode, training=training, device=str(device), base=base,
-                        levels=[_level(2**60, str(device), speeds[0]), _level(2**60, "cpu", speeds[1])])
+                        levels=[_level(2**60, str(device), 1.0), _level(2**60, "cpu", 1.0)])
         est = traced.step(batch=batch, seq=seq)  # everything in Level 0: what the step adds beside it
         placement = est.placement
         level0 = usable(free) - (est.peak_bytes - placement.levels[0].held)
         level1 = host_room - placement.offloaded - placement.offload_steps
         if level0 <= 0 or level1 <= 0:
             continue
-        levels = {"levels": [_level(level0, str(device), speeds[0]), _level(level1, "cpu", speeds[1]), *disk_levels]}
         try:
-            placed = traced.placed(est, levels)
+            placed = traced.placed(est, [_level(level0, str(device), 1.0), _level(level1, "cpu", 1.0), *disk_levels])
         except PlacementError:  # the levels cannot hold the model in this mode
             continue
         if (training and placed.placement.streamed) or placed.placement.host_bytes > host_room:
             continue
+        link = copy_gbps(torch.device("cpu"), device, max(MIB, min(LINK_PROBE_BYTES, placed.placement.levels[0].held)))
+        levels = {"levels": [_level(level0, str(device), link), _level(level1, "cpu", link), *disk_levels]}
         return VGPUChoice(mode, levels, placed, free, host_free)
     return None
