@@ -154,3 +154,36 @@ def test_cli_takes_the_configured_levels_and_names_them_when_they_cannot_hold_th
     lines = err.strip().splitlines()
     assert code == 2 and out == "" and len(lines) == 1, err
     assert f"the levels of .vbrc:{vbrc} cannot hold it" in lines[0] and "short by" in lines[0]
+
+
+def test_an_offloaded_training_step_on_the_device_is_a_real_one_to_the_byte():
+    """The step's own tensors with AdamW offloaded (no state on the device, each gradient gone
+    once final), against the same tracker on a real CPU step with ``vb.offload_optimizer``: its
+    host steps run in a worker thread, which the tracker does not see, and its host buffers
+    (which the main thread copies gradients into) are counted from the start and taken off."""
+    from apt_model.estimator import MemoryTracker
+
+    torch.manual_seed(0)
+    model = APTModel(CFG).train()
+    config = [{"capacity_mb": 64, "device": "cpu", "speed_gbps": 100},
+              {"capacity_mb": 256, "device": "cpu", "speed_gbps": 50}]
+    vb.enable(mode="balanced", verbose=False, vgpu_config={"levels": config})
+    vb.optimize(model)
+    optimizer = vb.offload_optimizer(model, torch.optim.AdamW(model.parameters()))
+    ids = torch.randint(0, CFG.vocab_size, (2, 32))
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+
+    step()
+    state = list(optimizer.state.values())  # moments: views of the host arena's one buffer; step counters
+    with MemoryTracker() as tracker:
+        tracker.add([*model.parameters(), *model.buffers(), ids, *(t for s in state for t in s.values())])
+        tracker.reset_peak()
+        step()
+    device_peak = tracker.peak - optimizer.stats()["host_bytes"] - 4 * len(state)
+    optimizer.release()
+    est = estimate(CFG, mode="balanced", batch=2, seq=32, levels=config)
+    assert est.traced_peak == device_peak  # to the byte
+    assert est.peak_bytes == est.traced_peak  # every block in Level 0, on the model's own device
