@@ -8,9 +8,9 @@ has no meta policy, so on meta the bf16 modes would trace in fp32.
 
 A training step (forward, loss, backward, optimizer step) starts with the optimizer state
 already there, as any step after the first: an optimizer step on zero gradients creates it
-beforehand. On a CUDA target, attention runs as CUDA would run it (``attention``), and the ops CUDA
-autocast runs in fp32 run in fp32 (``cuda_autocast``). A decode step is a prefill of ``seq - 1`` tokens with the KV cache,
-then one token; ``decode_sweep`` traces it at several context lengths.
+beforehand. On a CUDA target, attention runs as CUDA would run it (``attention``), and the
+ops CUDA autocast runs in fp32 run in fp32 (``cuda_autocast``). A decode step is a prefill of
+``seq - 1`` tokens with the KV cache, then one token; ``decode_sweep`` traces it at several context lengths.
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ class Estimate:
 
     ``parameters`` (by dtype; frozen FP4 weights as their packed bytes), ``gradients`` and
     ``optimizer_state`` are what the step holds of each at its end (an offloaded optimizer's
-    gradients leave during backward: those live at the peak are in ``at_peak``); ``kv_cache`` the KV cache a decode
-    step ends with (``seq`` tokens; 0 for training); ``logits_loss`` the loss and logits the
+    gradients leave during backward: those live at the peak are in ``at_peak``); ``kv_cache``
+    the KV cache a decode step ends with (``seq`` tokens; 0 for training); ``logits_loss`` the loss and logits the
     forward pass returns (a training step drops the logits before its backward pass, as
     ``model(...).loss.backward()`` does); ``activations`` is the largest amount
     of everything else (activations, temporaries) live during the forward and backward
@@ -417,8 +417,9 @@ def _gradients_leave(params: list[nn.Parameter], tracker: MemoryTracker) -> Any:
 def _training_step(model: nn.Module, opt: torch.optim.Optimizer | None, ids: torch.Tensor,
                    tracker: MemoryTracker) -> tuple[dict[int, int], list[torch.Tensor]]:
     """One step as a training loop writes it, ``model(input_ids=ids, labels=ids).loss.backward()``
-    then ``opt.step()`` (None: stepped off the device): the model's outputs other than the loss (the logits) are dropped
-    before the backward pass, which then never holds them unless autograd saved them.
+    then ``opt.step()`` (None: stepped off the device): the model's outputs other than the
+    loss (the logits) are dropped before the backward pass, which then never holds them
+    unless autograd saved them.
     The step marks its phases on ``tracker`` and returns serial -> bytes of the loss and
     logits at the end of the forward pass, and the gradients."""
     tracker.phase("start")
@@ -498,7 +499,7 @@ class Traced:
     any size (``step``): the model is built and optimized once, and each step then costs one
     trace. ``context`` is the model's longest context (None when unknown). With ``levels``
     (VGPU levels, as ``estimate`` takes them) the model is also laid out and planned over
-    them once (``vb_plan``; ``make_plan``'s ``VBConfigError`` when they cannot hold it)."""
+    them once (``vb_plan``; ``levels.PlacementError`` when they cannot hold it)."""
 
     def __init__(self, target: Any, *, mode: str | None, training: bool, device: str | None,
                  base: VBConfig | None, levels: Any = None) -> None:
@@ -549,7 +550,7 @@ class Traced:
         from apt_model.estimator.levels import parse_levels
 
         plan = self._plan(parse_levels(levels))
-        offload = est.training and est.optimizer == "adamw" and len(plan.specs) > 1
+        offload = _offloads(est.optimizer, plan)
         return dataclasses.replace(est, placement=plan.placement(est.traced_peak, device_type=self.device_type,
                                                                  offload=offload))
 
@@ -565,7 +566,7 @@ class Traced:
         if not self.training and seq < 2:
             raise VBConfigError(tr("解码估算需要 seq >= 2 (预填充 seq-1 个 token, 再解码 1 个)",
                                    "a decode estimate needs seq >= 2 (a prefill of seq-1 tokens, then one)"))
-        offload = self.offloads(optimizer)
+        offload = self.training and _offloads(optimizer, self.vb_plan)
         with contextlib.ExitStack() as stack:
             stack.enter_context(self.fake_mode)
             if self.device_type == "cuda":  # the kernels and autocast lists a CUDA card would use
@@ -578,11 +579,11 @@ class Traced:
         placement = self.vb_plan.placement(est.traced_peak, device_type=self.device_type, offload=offload)
         return dataclasses.replace(est, placement=placement)
 
-    def offloads(self, optimizer: str) -> bool:
-        """Whether a training step with ``optimizer`` offloads it, as VB's trainer does: AdamW
-        with VGPU levels below Level 0 (``vb.offloads_training``)."""
-        return (self.training and optimizer == "adamw" and self.vb_plan is not None
-                and len(self.vb_plan.specs) > 1)
+
+def _offloads(optimizer: str | None, plan: ModelPlan | None) -> bool:
+    """Whether a training step with ``optimizer`` offloads it, as VB's trainer does: AdamW,
+    with levels below Level 0."""
+    return optimizer == "adamw" and plan is not None and plan.config.offloads
 
 
 def estimate(target: Any, *, mode: str | None = None, batch: int = 1, seq: int | None = None,

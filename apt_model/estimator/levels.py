@@ -133,6 +133,7 @@ class ModelPlan:
     def __init__(self, model: nn.Module, config: VGPUConfig, *, checkpoint_blocks: tuple[str, ...],
                  moved: bool) -> None:
         self.model = model
+        self.config = config
         self.specs: Sequence[VGPULevel] = config.levels
         self.moved = moved
         groups, rest = _partition(model, _outermost(find_blocks(model, checkpoint_blocks)))

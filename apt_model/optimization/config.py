@@ -76,6 +76,12 @@ class VGPUConfig:
     levels: tuple[VGPULevel, ...]
     prefetch_depth: int | None = None
 
+    @property
+    def offloads(self) -> bool:
+        """Whether there are levels below Level 0 (host RAM, SSD): training state can leave
+        the device (VB's trainer offloads AdamW then)."""
+        return len(self.levels) > 1
+
 
 @dataclass(frozen=True)
 class VBConfig:

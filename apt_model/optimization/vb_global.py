@@ -402,7 +402,7 @@ def offload_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, *,
 def offloads_training(config: _config.VBConfig | None) -> bool:
     """Whether VB's trainers offload the optimizer state: ``vgpu_config`` has levels below
     Level 0 (host RAM or SSD)."""
-    return config is not None and config.vgpu_config is not None and len(config.vgpu_config.levels) > 1
+    return config is not None and config.vgpu_config is not None and config.vgpu_config.offloads
 
 
 def freeze_fp4(model: nn.Module) -> int:
