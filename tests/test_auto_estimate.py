@@ -124,7 +124,8 @@ def test_nothing_fits_on_the_card_alone_plans_vgpu_levels_and_the_plan_runs(caps
 def test_a_vgpu_plan_is_said_in_chinese_by_default_and_a_configured_ssd_level_is_kept(capsys, memory_with_vgpu,
                                                                                       tmp_path):
     ssd = {"capacity_mb": 64, "device": "ssd", "speed_gbps": 3, "path": str(tmp_path)}
-    vb.enable(auto_estimate=True, device="cpu", vgpu_config={"levels": [HOST[0], ssd]})
+    small = {"capacity_mb": 0.01, "device": "cpu", "speed_gbps": 1}  # cannot hold the model: replanned
+    vb.enable(auto_estimate=True, device="cpu", vgpu_config={"levels": [small, ssd]})
     vb.set_workload(batch=1, seq=8, memory=memory_with_vgpu)
     model = APTModel(CONFIG)
     out = capsys.readouterr().out
@@ -134,14 +135,21 @@ def test_a_vgpu_plan_is_said_in_chinese_by_default_and_a_configured_ssd_level_is
     assert vb.get_stats()["vgpu"]["stacks"][0]["blocks"] == 2 and engine.report_of(model).mode == "balanced"
 
 
-def test_vgpu_levels_set_above_auto_estimate_are_left_alone(capsys, monkeypatch, memory_with_vgpu):
+def test_configured_levels_are_estimated_as_they_will_run_and_left_alone_when_set_above(capsys, monkeypatch,
+                                                                                         memory_with_vgpu):
     monkeypatch.setenv("VB_LANG", "en")
     monkeypatch.setenv("VB_AUTO_ESTIMATE", "1")
     vb.enable(device="cpu", vgpu_config={"levels": HOST})  # an argument outranks the environment
     vb.set_workload(batch=1, seq=8, memory=memory_with_vgpu)
+    APTModel(CONFIG)  # AdamW offloaded over the configured levels: balanced fits
+    assert vb.explain_config()["vgpu_config"][1] == "argument" and vb.explain_config()["mode"][0] == "balanced"
+    assert "✓ auto_estimate: mode balanced, the least aggressive mode that fits" in capsys.readouterr().out
+    small = [{"capacity_mb": 0.01, "device": "cpu", "speed_gbps": 1}, HOST[1]]  # cannot hold the model
+    vb.enable(device="cpu", vgpu_config={"levels": small})
     APTModel(CONFIG)
     assert vb.explain_config()["vgpu_config"][1] == "argument"
-    assert "the VGPU levels stay as configured (set above auto_estimate)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "no mode fits on cpu (the VGPU levels hold no mode's weights); the VGPU levels stay as configured" in out
 
 
 def test_the_launchers_pick_is_carried_to_the_model_with_no_second_trace(monkeypatch, capsys):

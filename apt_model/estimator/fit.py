@@ -91,7 +91,8 @@ def largest_batch(step: Callable[[int], Estimate], free: int, too_big: int,
 @dataclass(frozen=True)
 class ModeChoice:
     """The least aggressive mode that fits (``mode``; None when none does), the peak of each
-    mode tried (in ``MODES`` order, up to the one that fits) and the free memory."""
+    mode tried (in ``MODES`` order, up to the one that fits; none for a mode whose weights the
+    VGPU levels cannot hold) and the free memory."""
 
     mode: str | None
     peaks: dict[str, int]
@@ -100,6 +101,8 @@ class ModeChoice:
 
     def reason(self) -> str:
         """Why: each mode tried with its peak, against the free memory and the margin."""
+        if not self.peaks:
+            return tr("VGPU 层级放不下任何模式的权重", "the VGPU levels hold no mode's weights")
         tried = ", ".join(f"{mode} {human_bytes(peak)}" for mode, peak in self.peaks.items())
         step = tr("一步训练", "a training step") if self.training else tr("一步解码", "a decode step")
         return tr(f"{step}的峰值: {tried}; {room(self.free)}", f"peak of {step}: {tried}; {room(self.free)}")

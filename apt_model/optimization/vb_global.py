@@ -278,8 +278,8 @@ def _auto_pick(target: Any, training: bool,
                resolved: _config.ResolvedConfig) -> tuple[_config.ResolvedConfig, bool]:
     """``resolved`` with the mode ``auto_estimate`` picks for ``target``: the least aggressive
     that fits the workload (``set_workload``) in the device's free memory, its step traced in
-    each mode (a training step when ``training``, else a decode step). When none fits
-    on the device alone, the least aggressive mode that fits with a VGPU plan over the device
+    each mode (a training step when ``training``, else a decode step), placed over the
+    configured VGPU levels if any (as it will run). When none fits that way, the least aggressive mode that fits with a VGPU plan over the device
     and host RAM (and a configured SSD level), and the plan (``fit.choose_vgpu``; unless
     ``vgpu_config`` is set at a higher level); else the most aggressive mode. Says which and
     why (when verbose); also returns whether the step fits."""
@@ -290,7 +290,7 @@ def _auto_pick(target: Any, training: bool,
     device = resolve_device(config.device)
     free = _workload.memory or free_memory(device)
     choice = choose_mode(target, free=free, batch=_workload.batch, seq=_workload.seq, training=training,
-                         device=str(device), base=config)
+                         device=str(device), base=config, levels=config.vgpu_config)
     if choice.mode is not None:
         if config.verbose:
             print(tr(f"✓ auto_estimate: 模式 {choice.mode}, 能放下的最不激进的模式 ({choice.reason()})",
