@@ -5,11 +5,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -153,67 +154,94 @@ def plot(log: str, out: str | None) -> Path:
     return png
 
 
-def _memory_budget(text: str | None) -> tuple[int, str] | None:
-    """The memory ``vb estimate`` checks against, and what it is: ``--memory``, else every
-    level of the configured VGPU stack together, else None (no check)."""
-    if text is not None:
-        size = parse_size(text)
-        if size is None or size <= 0:
-            raise VBConfigError(tr(f"--memory 应为正的大小 (如 24GiB, 8000MB), 得到 {text!r}",
-                                   f"--memory must be a positive size (such as 24GiB or 8000MB), got {text!r}"))
-        return size, "--memory"
-    levels = (vb_global.get_config().get("vgpu_config") or {}).get("levels", [])
-    if not levels:
+def _memory_budget(text: str | None) -> int | None:
+    """The device memory ``vb estimate`` checks against (``--memory``), or None (no check)."""
+    if text is None:
         return None
-    return sum(int(level["capacity_mb"] * 2**20) for level in levels), tr("全部 VGPU 层级", "every VGPU level")
+    size = parse_size(text)
+    if size is None or size <= 0:
+        raise VBConfigError(tr(f"--memory 应为正的大小 (如 24GiB, 8000MB), 得到 {text!r}",
+                               f"--memory must be a positive size (such as 24GiB or 8000MB), got {text!r}"))
+    return size
+
+
+def _levels(text: str | None) -> tuple[Any, str] | None:
+    """The VGPU levels ``vb estimate`` places the model over, and where they come from:
+    ``--levels`` (JSON, or the path of a JSON file: the list of levels or ``vgpu_config``),
+    else the configured ``vgpu_config``, else None."""
+    if text is None:
+        configured = vb_global.explain_config()["vgpu_config"]
+        return None if configured[0] is None else configured
+    path = Path(text).expanduser()
+    try:
+        return json.loads(path.read_text() if path.is_file() else text), "--levels"
+    except (OSError, ValueError) as exc:
+        raise VBConfigError(tr(f"--levels 应为 JSON 或 JSON 文件的路径: {first_line(exc)}",
+                               f"--levels must be JSON or the path of a JSON file: {first_line(exc)}")) from None
 
 
 def estimate(args: argparse.Namespace) -> tuple[str, list[Estimate]]:
-    """The text of ``vb estimate`` and the largest step of each mode: one table per mode (with ``--decode``: weights, KV cache and
-    peak by context length, up to ``--seq`` or the model's context). Against a memory budget
-    (``_memory_budget``) each table says whether it fits; when no mode asked for fits, one
-    error naming the smallest configuration that does (``fit.smallest_fit``), if any."""
+    """The text of ``vb estimate`` and the largest step of each mode: one table per mode (with
+    ``--decode``: weights, KV cache and peak by context length, up to ``--seq`` or the model's
+    context). With VGPU levels (``_levels``) each table says what the stack puts on each level
+    and the device's peak with it; a mode whose weights the levels cannot hold says why, and
+    when no mode can be placed, that is one error. Against ``--memory`` each table says
+    whether the device's peak fits; when no mode asked for fits, one error naming the smallest
+    configuration that does (``fit.smallest_fit``), if any."""
     from apt_model.estimator import ESTIMATE_MODES, decode_sweep, decode_table
     from apt_model.estimator import estimate as run_estimate
     from apt_model.estimator.fit import fits, smallest_fit, usable
+    from apt_model.estimator.levels import PlacementError
 
     if (args.preset is None) == (args.hf_config is None):
         raise VBConfigError(tr("请给出 --preset 或 --hf-config 之一", "give one of --preset or --hf-config"))
     if args.mode not in (*ESTIMATE_MODES, "all"):
         raise VBConfigError(tr(f"未知模式 {args.mode!r}, 可用: {', '.join(ESTIMATE_MODES)}, all",
                                f"unknown mode {args.mode!r}; valid: {', '.join(ESTIMATE_MODES)}, all"))
-    budget = _memory_budget(args.memory)
+    free = _memory_budget(args.memory)
+    levels, levels_from = _levels(args.levels) or (None, "")
+    device = args.device or (None if levels is not None else "cpu")  # None: Level 0's
     target = args.preset if args.preset is not None else Path(args.hf_config)
     modes = ESTIMATE_MODES if args.mode == "all" else (args.mode,)
     tables: list[str] = []
     peaks: list[Estimate] = []  # the largest step of each table
     for mode in modes:
-        if args.decode:
-            rows = decode_sweep(target, mode=mode, batch=args.batch, longest=args.seq, device=args.device)
-            tables.append(decode_table(rows))
-            peaks.append(rows[-1])
-        else:
-            peaks.append(run_estimate(target, mode=mode, batch=args.batch, seq=args.seq, optimizer=args.optimizer,
-                                      device=args.device))
-            tables.append(peaks[-1].table())
-    if budget is None:
+        try:
+            if args.decode:
+                rows = decode_sweep(target, mode=mode, batch=args.batch, longest=args.seq, device=device,
+                                    levels=levels)
+                tables.append(decode_table(rows))
+                peaks.append(rows[-1])
+            else:
+                peaks.append(run_estimate(target, mode=mode, batch=args.batch, seq=args.seq,
+                                          optimizer=args.optimizer, device=device, levels=levels))
+                tables.append(peaks[-1].table())
+        except PlacementError as exc:
+            if len(modes) == 1 or (mode == modes[-1] and not peaks):
+                raise PlacementError(tr(f"模式 {', '.join(modes)}: {levels_from} 的层级放不下: {exc}",
+                                        f"mode {', '.join(modes)}: the levels of {levels_from} cannot hold "
+                                        f"it: {exc}")) from None
+            tables.append(tr(f"模式 {mode}: {levels_from} 的层级放不下: {exc}",
+                             f"mode {mode}: the levels of {levels_from} cannot hold it: {exc}"))
+    if free is None:
         return "\n\n".join(tables), peaks
-    free, where = budget
     if not any(fits(est, free) for est in peaks):
         largest = min(peaks, key=lambda est: est.peak_bytes)
         better = smallest_fit(target, free=free, batch=args.batch, seq=largest.seq, training=not args.decode,
-                              optimizer=args.optimizer, device=args.device, base=None,
+                              optimizer=args.optimizer, device=device, base=None, levels=levels,
                               known={est.mode: est.peak_bytes for est in peaks if est.seq == largest.seq})
         hint = (tr(f"能放下的最小配置: {better}", f"the smallest configuration that fits: {better}") if better
                 else tr("任何模式下 batch 1 都放不下", "nothing fits, not even batch 1 in any mode"))
         raise VBConfigError(tr(
             f"模式 {', '.join(modes)} 都放不下: 最少需要 {human_bytes(largest.peak_bytes)} (模式 {largest.mode}), "
-            f"{where} 为 {human_bytes(free)} (留出余量后 {human_bytes(usable(free))}); {hint}",
+            f"--memory 为 {human_bytes(free)} (留出余量后 {human_bytes(usable(free))}); {hint}",
             f"mode {', '.join(modes)} does not fit: it needs at least {human_bytes(largest.peak_bytes)} (mode "
-            f"{largest.mode}), {where} is {human_bytes(free)} ({human_bytes(usable(free))} after the margin); {hint}"))
-    verdicts = [(tr("  放得下", "  fits") if fits(est, free) else tr("  放不下", "  does not fit"))
-                + f" ({where} {human_bytes(free)})" for est in peaks]
-    return "\n\n".join(f"{table}\n{verdict}" for table, verdict in zip(tables, verdicts, strict=True)), peaks
+            f"{largest.mode}), --memory is {human_bytes(free)} ({human_bytes(usable(free))} after the margin); {hint}"))
+    verdicts = {est.mode: (tr("  放得下", "  fits") if fits(est, free) else tr("  放不下", "  does not fit"))
+                + f" (--memory {human_bytes(free)})" for est in peaks}
+    placed = {est.mode: est for est in peaks}
+    return "\n\n".join(f"{table}\n{verdicts[mode]}" if mode in placed else table
+                        for table, mode in zip(tables, modes, strict=True)), peaks
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -259,15 +287,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_est.add_argument("--decode", action="store_true", help=tr("估算解码 (不是训练): 按上下文长度列出权重、KV 缓存与峰值",
                                 "decode, not training: weights, KV cache and peak by context length"))
     p_est.add_argument("--memory", default=None, help=tr(
-        "检查能否放进这么多内存 (如 24GiB; 默认: 配置了 vgpu_config 时为其全部层级之和)",
-        "check the step fits in this much memory (such as 24GiB; default: every level of vgpu_config together, "
-        "when configured)"))
+        "检查设备峰值能否放进这么多内存 (如 24GiB)", "check the device's peak fits in this much memory (such as 24GiB)"))
+    p_est.add_argument("--levels", default=None, help=tr(
+        "VGPU 层级 (JSON 或 JSON 文件路径, 同 vgpu_config; 默认: 配置的 vgpu_config): 每层放什么, 以及设备峰值",
+        "VGPU levels (JSON or the path of a JSON file, as vgpu_config; default: the configured vgpu_config): "
+        "what each level holds, and the device's peak"))
     p_est.add_argument("--plot", default=None, metavar="PNG", help=tr(
         "把各模式的峰值按组成画成堆叠柱状图 (需要 matplotlib)",
         "draw each mode's peak by component as stacked bars into this PNG (needs matplotlib)"))
-    p_est.add_argument("--device", default="cpu", help=tr("目标设备类型, 决定固定开销 (默认 %(default)s)",
+    p_est.add_argument("--device", default=None, help=tr("目标设备类型, 决定固定开销 (默认 cpu; 有 VGPU 层级时为 Level 0 的设备)",
                                                         "the target device type, which sets the fixed overhead "
-                                                        "(default %(default)s)"))
+                                                        "(default cpu; with VGPU levels, Level 0's device)"))
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":
         from apt_model.training.launcher import main as train_main

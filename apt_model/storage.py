@@ -88,8 +88,9 @@ def is_disk_full(exc: BaseException) -> bool:
 
 
 def storage_key(tensor: torch.Tensor) -> tuple[torch.device, int]:
-    """What identifies the memory behind ``tensor``: its device and storage address."""
-    return tensor.device, tensor.untyped_storage().data_ptr()
+    """What identifies the memory behind ``tensor``: its device and storage object (the one
+    all its views share; unlike the data address, it tells fake tensors' storages apart)."""
+    return tensor.device, tensor.untyped_storage()._cdata
 
 
 def tensors_nbytes(tensors: Iterable[torch.Tensor]) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import apt_model.optimization.vb_global as vb
 from apt_model.errors import VBConfigError
@@ -13,6 +14,7 @@ from apt_model.estimator import estimate
 from apt_model.estimator.fit import FIT_MARGIN
 from apt_model.modeling.apt_model import APTConfig, APTModel
 from apt_model.optimization import engine
+from apt_model.optimization.config import MODES
 
 CONFIG = APTConfig.from_preset("tiny", n_layers=2, max_seq_len=64)
 BATCH, SEQ = 4, 64
@@ -45,7 +47,7 @@ def test_nothing_fits_says_offloading_is_needed_in_chinese_by_default(capsys):
     model = APTModel(CONFIG)
     out = capsys.readouterr().out
     assert engine.report_of(model).mode == "full"  # the most aggressive, meanwhile
-    assert "任何模式都放不下" in out and "卸载" in out and "VGPU" in out
+    assert "任何模式都放不下" in out and "卸载到主机内存 (VGPU) 也放不下" in out
     assert vb.explain_config()["mode"] == ("full", "auto")
 
 
@@ -77,3 +79,94 @@ def test_off_by_default_and_bad_workloads_are_refused():
     for bad in ({"batch": 0}, {"seq": -1}, {"memory": 0}):
         with pytest.raises(VBConfigError):
             vb.set_workload(**bad)
+
+
+HOST = [{"capacity_mb": 2**20, "device": "cpu", "speed_gbps": 1}] * 2  # room for everything
+
+
+@pytest.fixture(scope="module")
+def memory_with_vgpu() -> int:
+    """Memory in which no mode fits a short training step on its own, but balanced does with
+    its AdamW offloaded to host RAM (the VGPU plan)."""
+    alone = min(estimate(CONFIG, mode=mode, batch=1, seq=8, device="cpu").peak_bytes for mode in MODES)
+    offloaded = estimate(CONFIG, mode="balanced", batch=1, seq=8, device="cpu", levels=HOST).peak_bytes
+    memory = int(offloaded / (1 - FIT_MARGIN)) + 1
+    assert alone > memory
+    return memory
+
+
+def test_nothing_fits_on_the_card_alone_plans_vgpu_levels_and_the_plan_runs(capsys, monkeypatch, memory_with_vgpu):
+    monkeypatch.setenv("VB_LANG", "en")
+    vb.enable(auto_estimate=True, device="cpu")
+    vb.set_workload(batch=1, seq=8, memory=memory_with_vgpu)
+    model = APTModel(CONFIG)
+    out = capsys.readouterr().out
+    assert engine.report_of(model).mode == "balanced"
+    assert vb.explain_config()["mode"] == ("balanced", "auto")
+    levels, source = vb.explain_config()["vgpu_config"]
+    assert source == "auto" and [lv["device"] for lv in levels["levels"]] == ["cpu", "cpu"]
+    level0 = levels["levels"][0]["capacity_mb"] * 2**20
+    assert level0 <= memory_with_vgpu * (1 - FIT_MARGIN)  # the step's activations have their room beside it
+    assert "✓ auto_estimate: no mode fits on cpu alone" in out and "using a VGPU plan in mode balanced" in out
+    assert "0/2 blocks streamed" in out and "optimizer state and fp32 masters on the host" in out
+
+    optimizer = vb.offload_optimizer(model, torch.optim.AdamW(model.parameters()))  # as VB's trainer does
+    ids = torch.randint(0, CONFIG.vocab_size, (1, 8))
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    planned = estimate(CONFIG, mode="balanced", batch=1, seq=8, levels=levels).placement
+    stack = vb.get_stats()["vgpu"]["stacks"][0]
+    assert stack["levels"][0]["peak_bytes"] == planned.levels[0].held <= level0
+    assert optimizer.stats()["host_bytes"] == planned.offloaded
+    optimizer.release()
+
+
+def test_a_vgpu_plan_is_said_in_chinese_by_default_and_a_configured_ssd_level_is_kept(capsys, memory_with_vgpu,
+                                                                                      tmp_path):
+    ssd = {"capacity_mb": 64, "device": "ssd", "speed_gbps": 3, "path": str(tmp_path)}
+    small = {"capacity_mb": 0.01, "device": "cpu", "speed_gbps": 1}  # cannot hold the model: replanned
+    vb.enable(auto_estimate=True, device="cpu", vgpu_config={"levels": [small, ssd]})
+    vb.set_workload(batch=1, seq=8, memory=memory_with_vgpu)
+    model = APTModel(CONFIG)
+    out = capsys.readouterr().out
+    assert "上任何模式都放不下" in out and "用 VGPU 计划, 模式 balanced" in out
+    levels, source = vb.explain_config()["vgpu_config"]
+    assert source == "auto" and levels["levels"][2] == {**ssd, "capacity_mb": 64.0, "speed_gbps": 3.0}
+    assert vb.get_stats()["vgpu"]["stacks"][0]["blocks"] == 2 and engine.report_of(model).mode == "balanced"
+
+
+def test_configured_levels_are_estimated_as_they_will_run_and_left_alone_when_set_above(capsys, monkeypatch,
+                                                                                         memory_with_vgpu):
+    monkeypatch.setenv("VB_LANG", "en")
+    monkeypatch.setenv("VB_AUTO_ESTIMATE", "1")
+    vb.enable(device="cpu", vgpu_config={"levels": HOST})  # an argument outranks the environment
+    vb.set_workload(batch=1, seq=8, memory=memory_with_vgpu)
+    APTModel(CONFIG)  # AdamW offloaded over the configured levels: balanced fits
+    assert vb.explain_config()["vgpu_config"][1] == "argument" and vb.explain_config()["mode"][0] == "balanced"
+    assert "✓ auto_estimate: mode balanced, the least aggressive mode that fits" in capsys.readouterr().out
+    small = [{"capacity_mb": 0.01, "device": "cpu", "speed_gbps": 1}, HOST[1]]  # cannot hold the model
+    vb.enable(device="cpu", vgpu_config={"levels": small})
+    APTModel(CONFIG)
+    assert vb.explain_config()["vgpu_config"][1] == "argument"
+    out = capsys.readouterr().out
+    assert "no mode fits on cpu (the VGPU levels hold no mode's weights); the VGPU levels stay as configured" in out
+
+
+def test_the_launchers_pick_is_carried_to_the_model_with_no_second_trace(monkeypatch, capsys):
+    from apt_model.estimator import Traced
+    from apt_model.training import launcher
+    from apt_model.training.trainer import TrainConfig
+
+    monkeypatch.setenv("VB_LANG", "en")
+    monkeypatch.setenv("VB_AUTO_ESTIMATE", "1")
+    steps: list[int] = []
+    step = Traced.step
+    monkeypatch.setattr(Traced, "step", lambda self, **kw: steps.append(kw["batch"]) or step(self, **kw))
+    cfg = TrainConfig(preset="tiny", batch_size=2, seq_len=16, enable_vb=True)
+    launcher.check_fits(cfg, memory=2**40)  # balanced fits: one trace
+    assert steps == [2] and "✓ auto_estimate: mode balanced" in capsys.readouterr().out
+    model = APTModel(APTConfig.from_preset("tiny"))  # what the trainer builds
+    assert steps == [2] and engine.report_of(model).mode == "balanced"
+    assert vb.explain_config()["mode"] == ("balanced", "auto")
+    APTModel(APTConfig.from_preset("tiny", n_layers=1))  # another model: picked for itself
+    assert len(steps) == 2

@@ -8,18 +8,20 @@ has no meta policy, so on meta the bf16 modes would trace in fp32.
 
 A training step (forward, loss, backward, optimizer step) starts with the optimizer state
 already there, as any step after the first: an optimizer step on zero gradients creates it
-beforehand. On a CUDA target, attention runs as CUDA would run it (``attention``). A decode step is a prefill of ``seq - 1`` tokens with the KV cache,
-then one token; ``decode_sweep`` traces it at several context lengths.
+beforehand. On a CUDA target, attention runs as CUDA would run it (``attention``), and the
+ops CUDA autocast runs in fp32 run in fp32 (``cuda_autocast``). A decode step is a prefill of
+``seq - 1`` tokens with the KV cache, then one token; ``decode_sweep`` traces it at several context lengths.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -28,11 +30,15 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from apt_model.accelerator import resolve_device
 from apt_model.errors import VBConfigError, VBDataError, first_line, positive_int
 from apt_model.estimator.attention import cuda_attention
+from apt_model.estimator.cuda_autocast import cuda_autocast
 from apt_model.estimator.tracker import MemoryTracker
 from apt_model.i18n import tr
 from apt_model.optimization import autopatch
-from apt_model.optimization.config import MODES, VBConfig
+from apt_model.optimization.config import MODES, VBConfig, VGPUConfig
 from apt_model.storage import human_bytes
+
+if TYPE_CHECKING:
+    from apt_model.estimator.levels import ModelPlan, Placement
 
 # What a CUDA process holds beyond its tensors (context, cuBLAS workspace, allocator
 # slack) is not traced; this fixed allowance stands for it. 512 MiB is the order of an H100's
@@ -61,15 +67,17 @@ class Estimate:
     """One step's memory, in bytes.
 
     ``parameters`` (by dtype; frozen FP4 weights as their packed bytes), ``gradients`` and
-    ``optimizer_state`` are what the step holds of each; ``kv_cache`` the KV cache a decode
-    step ends with (``seq`` tokens; 0 for training); ``logits_loss`` the loss and logits the
+    ``optimizer_state`` are what the step holds of each at its end (an offloaded optimizer's
+    gradients leave during backward: those live at the peak are in ``at_peak``); ``kv_cache``
+    the KV cache a decode step ends with (``seq`` tokens; 0 for training); ``logits_loss`` the loss and logits the
     forward pass returns (a training step drops the logits before its backward pass, as
     ``model(...).loss.backward()`` does); ``activations`` is the largest amount
     of everything else (activations, temporaries) live during the forward and backward
     passes (prefill and decode), beside logits and loss. ``at_peak`` breaks
     ``traced_peak`` down by the same components at the moment of the peak (it sums to it).
     ``peak_bytes`` adds the runtime's fixed overhead (``CUDA_RUNTIME_OVERHEAD`` on CUDA, 0
-    elsewhere).
+    elsewhere) to the device's peak: the traced one, or with VGPU levels ``placement``'s
+    (what the stack puts on each level, and the device's peak with it).
     """
 
     target: str
@@ -88,6 +96,7 @@ class Estimate:
     kv_cache: int = 0
     at_peak: dict[str, int] = field(default_factory=dict)
     runtime_overhead: int = 0
+    placement: Placement | None = None
 
     @property
     def training(self) -> bool:
@@ -99,7 +108,8 @@ class Estimate:
 
     @property
     def peak_bytes(self) -> int:
-        return self.traced_peak + self.runtime_overhead
+        device = self.traced_peak if self.placement is None else self.placement.device_peak
+        return device + self.runtime_overhead
 
     def table(self) -> str:
         """The estimate as a small text table (human-readable sizes)."""
@@ -122,6 +132,8 @@ class Estimate:
         if self.runtime_overhead:
             lines.append(f"  {tr(*COMPONENT_NAMES['runtime_overhead']):<28}{'':>12}"
                          f"{human_bytes(self.runtime_overhead):>12}")
+        if self.placement is not None:
+            lines += self.placement.lines()
         lines.append(f"  {tr('峰值', 'peak'):<28}{'':>12}{human_bytes(self.peak_bytes):>12}")
         return "\n".join(lines)
 
@@ -307,9 +319,11 @@ def _sum(snapshot: dict[int, int], serials: set[int]) -> int:
 
 
 def measure(model: nn.Module, *, batch: int, seq: int, optimizer: str | None = "adamw",
-            device_type: str = "cpu", target: str = "", mode: str = OFF) -> Estimate:
+            device_type: str = "cpu", target: str = "", mode: str = OFF, offload: bool = False) -> Estimate:
     """Run one step of ``model`` (real or fake tensors, as it holds) under a
     :class:`MemoryTracker` and return what it counted. ``optimizer`` None: a decode step.
+    ``offload``: the optimizer is offloaded (``vgpu.offload_optimizer``): no optimizer state on
+    the device, and each gradient leaves it as soon as it is final.
 
     ``model`` must take ``model(input_ids=..., labels=...)`` and return the loss as
     ``.loss`` (training), and ``use_cache=True`` and its cache back (decode; by the name
@@ -327,21 +341,24 @@ def measure(model: nn.Module, *, batch: int, seq: int, optimizer: str | None = "
         if optimizer is not None:
             model.zero_grad(set_to_none=True)
             model.train()
-            opt = _optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], device_type)
-            _create_optimizer_state(opt)
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            opt = None if offload else _optimizer(optimizer, trainable, device_type)
+            if opt is not None:
+                _create_optimizer_state(opt)
             tracker.reset_peak()
-            outputs, grads = _training_step(model, opt, ids, tracker)
-            state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+            with _gradients_leave(trainable if offload else [], tracker) as left:
+                outputs, grads = _training_step(model, opt, ids, tracker)
+            state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)] if opt else []
             cache: set[int] = set()
         else:
             model.eval()
             tracker.reset_peak()
             outputs, kv, cache = _decode_step(model, ids, tracker)  # kv: held until counted
-            grads, state = [], []
+            grads, state, left = [], [], set()
         tracker.finish()
         kinds = {
             "parameters": _serials(tracker, [t for t in (*model.parameters(), *model.buffers()) if id(t) in param_ids]),
-            "gradients": _serials(tracker, grads),
+            "gradients": _serials(tracker, grads) | left,
             "optimizer_state": _serials(tracker, state),
             "kv_cache": cache,
             "logits_loss": set(outputs),
@@ -376,11 +393,33 @@ def _create_optimizer_state(opt: torch.optim.Optimizer) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def _training_step(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor,
+@contextlib.contextmanager
+def _gradients_leave(params: list[nn.Parameter], tracker: MemoryTracker) -> Any:
+    """While open, each of ``params``' gradients is dropped as soon as it is final, as the
+    offloaded optimizer's hook drops it once copied off the device; yields the serials of the
+    gradients dropped (so far: read it after)."""
+    left: set[int] = set()
+
+    def drop(param: torch.Tensor) -> None:
+        serial = tracker.serial_of(param.grad)
+        if serial is not None:
+            left.add(serial)
+        param.grad = None
+
+    hooks = [p.register_post_accumulate_grad_hook(drop) for p in params]
+    try:
+        yield left
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _training_step(model: nn.Module, opt: torch.optim.Optimizer | None, ids: torch.Tensor,
                    tracker: MemoryTracker) -> tuple[dict[int, int], list[torch.Tensor]]:
     """One step as a training loop writes it, ``model(input_ids=ids, labels=ids).loss.backward()``
-    then ``opt.step()``: the model's outputs other than the loss (the logits) are dropped
-    before the backward pass, which then never holds them unless autograd saved them.
+    then ``opt.step()`` (None: stepped off the device): the model's outputs other than the
+    loss (the logits) are dropped before the backward pass, which then never holds them
+    unless autograd saved them.
     The step marks its phases on ``tracker`` and returns serial -> bytes of the loss and
     logits at the end of the forward pass, and the gradients."""
     tracker.phase("start")
@@ -397,7 +436,8 @@ def _training_step(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tens
     loss[0].backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     tracker.phase("optimizer")
-    opt.step()
+    if opt is not None:
+        opt.step()
     return outputs, grads
 
 
@@ -457,17 +497,26 @@ def _decode_step(model: nn.Module, ids: torch.Tensor,
 class Traced:
     """A target built on fake tensors with VB's passes for one mode, ready to trace steps of
     any size (``step``): the model is built and optimized once, and each step then costs one
-    trace. ``context`` is the model's longest context (None when unknown)."""
+    trace. ``context`` is the model's longest context (None when unknown). With ``levels``
+    (VGPU levels, as ``estimate`` takes them) the model is also laid out and planned over
+    them once (``vb_plan``; ``levels.PlacementError`` when they cannot hold it)."""
 
     def __init__(self, target: Any, *, mode: str | None, training: bool, device: str | None,
-                 base: VBConfig | None) -> None:
+                 base: VBConfig | None, levels: Any = None) -> None:
+        from apt_model.estimator.levels import parse_levels
         from apt_model.fp4.layer import freeze_fp4
         from apt_model.optimization import engine
 
         if mode is not None:
             _check_choice(tr("模式", "mode"), mode, ESTIMATE_MODES)
-        self.device_type = _device_type(device or (base.device if base else "auto"))
+        vgpu_config = parse_levels(levels) if levels is not None else None
+        level0 = vgpu_config.levels[0].device if vgpu_config is not None else None
+        self.device_type = _device_type(device or level0 or (base.device if base else "auto"))
+        if level0 is not None and _device_type(level0) != self.device_type:
+            raise VBConfigError(tr(f"VGPU Level 0 ({level0}) 与估算的设备 ({self.device_type}) 不符",
+                                   f"VGPU Level 0 ({level0}) is not the estimate's device ({self.device_type})"))
         source, self.description = _meta_model(target)
+        origin = next((t.device for t in (*source.parameters(), *source.buffers())), torch.device("meta"))
         report = engine.report_of(source)
         if report is not None and mode not in (None, report.mode):
             raise VBConfigError(tr(f"此模型已按模式 '{report.mode}' 优化, 不能按模式 '{mode}' 估算",
@@ -483,6 +532,27 @@ class Traced:
                 engine.optimize(self.model, mode_config(self.mode, base))
             if not training:
                 freeze_fp4(self.model)  # serving holds packed FP4 weights only (a no-op without FP4 layers)
+        # a model described by a config is built on the host, as VB builds it
+        self._moved = ("cpu" if origin.type == "meta" else origin.type) != self.device_type
+        self._checkpoint_blocks = (base or VBConfig()).checkpoint_blocks
+        self.vb_plan: ModelPlan | None = None
+        if vgpu_config is not None:
+            self.vb_plan = self._plan(vgpu_config)
+
+    def _plan(self, config: VGPUConfig) -> ModelPlan:
+        from apt_model.estimator.levels import ModelPlan
+
+        return ModelPlan(self.model, config, moved=self._moved, checkpoint_blocks=self._checkpoint_blocks)
+
+    def placed(self, est: Estimate, levels: Any) -> Estimate:
+        """``est`` (a step of this model traced with levels below Level 0, or none, as
+        ``levels`` has) placed over ``levels`` instead: no new trace, one new plan."""
+        from apt_model.estimator.levels import parse_levels
+
+        plan = self._plan(parse_levels(levels))
+        offload = _offloads(est.optimizer, plan)
+        return dataclasses.replace(est, placement=plan.placement(est.traced_peak, device_type=self.device_type,
+                                                                 offload=offload))
 
     def step(self, *, batch: int, seq: int | None = None, optimizer: str = "adamw") -> Estimate:
         """One step of ``batch`` × ``seq`` tokens (default: the context length), traced."""
@@ -496,15 +566,29 @@ class Traced:
         if not self.training and seq < 2:
             raise VBConfigError(tr("解码估算需要 seq >= 2 (预填充 seq-1 个 token, 再解码 1 个)",
                                    "a decode estimate needs seq >= 2 (a prefill of seq-1 tokens, then one)"))
-        kernels = cuda_attention() if self.device_type == "cuda" else contextlib.nullcontext()
-        with self.fake_mode, kernels:
-            return measure(self.model, batch=batch, seq=seq, optimizer=optimizer if self.training else None,
-                           device_type=self.device_type, target=self.description, mode=self.mode)
+        offload = self.training and _offloads(optimizer, self.vb_plan)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self.fake_mode)
+            if self.device_type == "cuda":  # the kernels and autocast lists a CUDA card would use
+                stack.enter_context(cuda_attention())
+                stack.enter_context(cuda_autocast())
+            est = measure(self.model, batch=batch, seq=seq, optimizer=optimizer if self.training else None,
+                          device_type=self.device_type, target=self.description, mode=self.mode, offload=offload)
+        if self.vb_plan is None:
+            return est
+        placement = self.vb_plan.placement(est.traced_peak, device_type=self.device_type, offload=offload)
+        return dataclasses.replace(est, placement=placement)
+
+
+def _offloads(optimizer: str | None, plan: ModelPlan | None) -> bool:
+    """Whether a training step with ``optimizer`` offloads it, as VB's trainer does: AdamW,
+    with levels below Level 0."""
+    return optimizer == "adamw" and plan is not None and plan.config.offloads
 
 
 def estimate(target: Any, *, mode: str | None = None, batch: int = 1, seq: int | None = None,
              optimizer: str = "adamw", training: bool = True, device: str | None = None,
-             base: VBConfig | None = None) -> Estimate:
+             base: VBConfig | None = None, levels: Any = None) -> Estimate:
     """Peak memory of one step of ``target`` in ``mode``, traced on fake tensors (seconds,
     no accelerator, the target's own tensors untouched).
 
@@ -516,13 +600,17 @@ def estimate(target: Any, *, mode: str | None = None, batch: int = 1, seq: int |
     step (FP4 layers frozen, as for serving). ``device`` ("cpu", "cuda", ...; default the
     configured one; it need not exist here) decides the runtime overhead and the
     optimizer's multi-tensor path and, for "cuda", the attention kernel (the one CUDA's
-    dispatcher picks, ``attention.cuda_kernel``); the rest of the step is traced with CPU
-    semantics (autocast's CPU policy).
-    ``base`` supplies the FP4 format, skip list and checkpointed blocks. Bad input raises
-    ``VBConfigError`` (or ``VBDataError`` for a missing config file).
+    dispatcher picks, ``attention.cuda_kernel``) and autocast's fp32 ops (``cuda_autocast``);
+    the rest of the step is traced with CPU semantics.
+    ``base`` supplies the FP4 format, skip list and checkpointed blocks. ``levels``: VGPU
+    levels (``vgpu_config`` or its list of levels; Level 0 is the device, which need not exist
+    here): the estimate's ``placement`` says what the stack puts on each level and the
+    device's peak with it (a training step with AdamW offloads the optimizer, as VB's trainer
+    does). Bad input, or levels that cannot hold the model, raise ``VBConfigError`` (or
+    ``VBDataError`` for a missing config file).
     """
     _check_step(batch, seq, optimizer)  # before the model is built: bad input fails at once
-    traced = Traced(target, mode=mode, training=training, device=device, base=base)
+    traced = Traced(target, mode=mode, training=training, device=device, base=base, levels=levels)
     return traced.step(batch=batch, seq=seq, optimizer=optimizer)
 
 
@@ -539,12 +627,12 @@ def decode_contexts(longest: int) -> list[int]:
 
 
 def decode_sweep(target: Any, *, mode: str | None = None, batch: int = 1, longest: int | None = None,
-                 device: str | None = None, base: VBConfig | None = None) -> list[Estimate]:
+                 device: str | None = None, base: VBConfig | None = None, levels: Any = None) -> list[Estimate]:
     """One traced decode step per context length of ``decode_contexts(longest)`` (default:
     the model's context length), the model built and optimized once: weights, KV cache and
     peak by context. Arguments and errors as for ``estimate``."""
     positive_int("batch", batch)
-    traced = Traced(target, mode=mode, training=False, device=device, base=base)
+    traced = Traced(target, mode=mode, training=False, device=device, base=base, levels=levels)
     longest = longest or traced.context
     if longest is None:
         raise VBConfigError(tr("无法得知模型的上下文长度, 请给出 seq", "the model's context length is unknown: give seq"))
@@ -554,7 +642,8 @@ def decode_sweep(target: Any, *, mode: str | None = None, batch: int = 1, longes
 
 
 def decode_table(rows: list[Estimate]) -> str:
-    """A decode sweep (``decode_sweep``) as a text table: one line per context length."""
+    """A decode sweep (``decode_sweep``) as a text table: one line per context length (the
+    peak: the device's), then the VGPU placement if any."""
     first = rows[0]
     lines = [tr(f"{first.target} · 模式 {first.mode} · 解码 · batch {first.batch} · {first.device}",
                 f"{first.target} · mode {first.mode} · decode · batch {first.batch} · {first.device}"),
@@ -563,4 +652,6 @@ def decode_table(rows: list[Estimate]) -> str:
     for row in rows:
         lines.append(f"  {row.seq:>10}{human_bytes(row.parameter_bytes):>12}{human_bytes(row.kv_cache):>12}"
                      f"{human_bytes(row.activations):>14}{human_bytes(row.peak_bytes):>12}")
+    if rows[-1].placement is not None:  # the same placement at every context; the longest's device peak
+        lines += rows[-1].placement.lines()
     return "\n".join(lines)

@@ -10,18 +10,21 @@ kernel workspaces, and on the CPU the process's own code and libraries.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from apt_model import accelerator
 from apt_model.estimator.estimate import Estimate, Traced
+from apt_model.estimator.levels import PlacementError
 from apt_model.i18n import tr
-from apt_model.optimization.config import MODES, MOST_AGGRESSIVE, VBConfig
+from apt_model.optimization.config import MODES, MOST_AGGRESSIVE, VBConfig, VGPULevel
 from apt_model.storage import human_bytes
+from apt_model.vgpu.levels import MIB, copy_gbps
 
 FIT_MARGIN = 0.10
+LINK_PROBE_BYTES = 64 * 2**20  # a timed host-to-device copy: the VGPU plan's link speed
 
 
 def free_memory(device: torch.device) -> int:
@@ -88,7 +91,8 @@ def largest_batch(step: Callable[[int], Estimate], free: int, too_big: int,
 @dataclass(frozen=True)
 class ModeChoice:
     """The least aggressive mode that fits (``mode``; None when none does), the peak of each
-    mode tried (in ``MODES`` order, up to the one that fits) and the free memory."""
+    mode tried (in ``MODES`` order, up to the one that fits; none for a mode whose weights the
+    VGPU levels cannot hold) and the free memory."""
 
     mode: str | None
     peaks: dict[str, int]
@@ -97,23 +101,29 @@ class ModeChoice:
 
     def reason(self) -> str:
         """Why: each mode tried with its peak, against the free memory and the margin."""
+        if not self.peaks:
+            return tr("VGPU 层级放不下任何模式的权重", "the VGPU levels hold no mode's weights")
         tried = ", ".join(f"{mode} {human_bytes(peak)}" for mode, peak in self.peaks.items())
         step = tr("一步训练", "a training step") if self.training else tr("一步解码", "a decode step")
         return tr(f"{step}的峰值: {tried}; {room(self.free)}", f"peak of {step}: {tried}; {room(self.free)}")
 
 
 def choose_mode(target: Any, *, free: int, batch: int = 1, seq: int | None = None, training: bool = True,
-                optimizer: str = "adamw", device: str | None = None,
-                base: VBConfig | None = None, known: Mapping[str, int] | None = None) -> ModeChoice:
+                optimizer: str = "adamw", device: str | None = None, base: VBConfig | None = None,
+                known: Mapping[str, int] | None = None, levels: Any = None) -> ModeChoice:
     """Trace ``target``'s step in each mode of ``MODES``, least aggressive first, and stop at
     the first that fits in ``free`` bytes (arguments as for ``estimate``; ``known``: peaks of
-    this step already traced, by mode, not traced again)."""
+    this step already traced, by mode, not traced again). With ``levels`` a mode whose
+    weights the levels cannot hold is passed over (no peak)."""
     peaks: dict[str, int] = {}
     for mode in MODES:
         if known is not None and mode in known:
             peaks[mode] = known[mode]
         else:
-            traced = Traced(target, mode=mode, training=training, device=device, base=base)
+            try:
+                traced = Traced(target, mode=mode, training=training, device=device, base=base, levels=levels)
+            except PlacementError:
+                continue
             peaks[mode] = traced.step(batch=batch, seq=seq, optimizer=optimizer).peak_bytes
         if peaks[mode] <= usable(free):
             return ModeChoice(mode, peaks, free, training)
@@ -121,16 +131,87 @@ def choose_mode(target: Any, *, free: int, batch: int = 1, seq: int | None = Non
 
 
 def smallest_fit(target: Any, *, free: int, batch: int, seq: int | None, training: bool, optimizer: str,
-                 device: str | None, base: VBConfig | None, known: Mapping[str, int] | None = None) -> str | None:
+                 device: str | None, base: VBConfig | None, known: Mapping[str, int] | None = None,
+                 levels: Any = None) -> str | None:
     """The smallest change that makes ``target``'s step fit in ``free`` bytes, in words: the
     least aggressive mode that fits at this batch, else the largest batch that fits in the
     most aggressive mode; None when not even batch 1 fits there. ``known``: peaks of this
-    step already traced, by mode (as for ``choose_mode``)."""
+    step already traced, by mode; ``levels``: VGPU levels (as for ``choose_mode``)."""
     choice = choose_mode(target, free=free, batch=batch, seq=seq, training=training, optimizer=optimizer,
-                         device=device, base=base, known=known)
+                         device=device, base=base, known=known, levels=levels)
     if choice.mode is not None:
         return tr(f"模式 {choice.mode}, batch {batch}", f"mode {choice.mode} with batch {batch}")
-    traced = Traced(target, mode=MOST_AGGRESSIVE, training=training, device=device, base=base)
+    if MOST_AGGRESSIVE not in choice.peaks:  # the levels cannot hold its weights
+        return None
+    traced = Traced(target, mode=MOST_AGGRESSIVE, training=training, device=device, base=base, levels=levels)
     best = largest_batch(lambda b: traced.step(batch=b, seq=seq, optimizer=optimizer), free, batch,
                          choice.peaks[MOST_AGGRESSIVE])
     return tr(f"模式 {MOST_AGGRESSIVE}, batch {best}", f"mode {MOST_AGGRESSIVE} with batch {best}") if best else None
+
+
+@dataclass(frozen=True)
+class VGPUChoice:
+    """A mode and the VGPU levels it fits with (``levels``: ``vgpu_config`` as the
+    configuration takes it), the step's estimate over them, and the free memory it was sized
+    against (device, host)."""
+
+    mode: str
+    levels: dict[str, Any]
+    estimate: Estimate
+    free: int
+    host_free: int
+
+    def reason(self) -> str:
+        """What goes where, in words."""
+        placement = self.estimate.placement
+        levels = ", ".join(f"L{lv.level} {lv.device} {human_bytes(lv.held)}/{human_bytes(lv.capacity)}"
+                           for lv in placement.levels)
+        offloaded = (tr(f", 优化器状态与 fp32 主权重在主机 ({human_bytes(placement.offloaded)})",
+                        f", optimizer state and fp32 masters on the host ({human_bytes(placement.offloaded)})")
+                     if placement.offloaded else "")
+        return tr(f"{placement.streamed}/{placement.blocks} 个块流式, {levels}{offloaded}; 设备峰值 "
+                  f"{human_bytes(self.estimate.peak_bytes)}, {room(self.free)}; 主机 "
+                  f"{human_bytes(placement.host_bytes)}, {room(self.host_free)}",
+                  f"{placement.streamed}/{placement.blocks} blocks streamed, {levels}{offloaded}; device peak "
+                  f"{human_bytes(self.estimate.peak_bytes)}, {room(self.free)}; host "
+                  f"{human_bytes(placement.host_bytes)}, {room(self.host_free)}")
+
+
+def _level(capacity: int, device: str, speed: float) -> dict[str, Any]:
+    return {"capacity_mb": capacity / MIB, "device": device, "speed_gbps": round(speed, 1)}
+
+
+def choose_vgpu(target: Any, *, free: int, host_free: int, batch: int = 1, seq: int | None = None,
+                training: bool = True, device: torch.device, base: VBConfig | None = None,
+                disk: tuple[VGPULevel, ...] = ()) -> VGPUChoice | None:
+    """The least aggressive mode of ``MODES`` that fits with a VGPU plan, and the plan: Level 0
+    = what the fitting rule leaves of ``free`` device bytes once the step's own tensors
+    (activations, transient gradients, runtime) are counted; Level 1 = host RAM, what it
+    leaves of ``host_free`` beside the offloaded optimizer (on a CPU device, beside Level 0
+    too: the same memory); then the ``disk`` levels (a configured SSD). Levels 0 and 1 share
+    one link, host to device, whose speed is measured (``copy_gbps``) once a plan is found. A
+    training step keeps every block in Level 0 (the stack trains no streamed block) with its
+    AdamW offloaded. None when no mode fits. One trace per mode tried."""
+    host_room = usable(host_free) - (usable(free) if device.type == "cpu" else 0)
+    if host_room <= 0:
+        return None
+    disk_levels = [asdict(level) for level in disk]
+    for mode in MODES:
+        traced = Traced(target, mode=mode, training=training, device=str(device), base=base,
+                        levels=[_level(2**60, str(device), 1.0), _level(2**60, "cpu", 1.0)])
+        est = traced.step(batch=batch, seq=seq)  # everything in Level 0: what the step adds beside it
+        placement = est.placement
+        level0 = usable(free) - (est.peak_bytes - placement.levels[0].held)
+        level1 = host_room - placement.offloaded - placement.offload_steps
+        if level0 <= 0 or level1 <= 0:
+            continue
+        try:
+            placed = traced.placed(est, [_level(level0, str(device), 1.0), _level(level1, "cpu", 1.0), *disk_levels])
+        except PlacementError:  # the levels cannot hold the model in this mode
+            continue
+        if (training and placed.placement.streamed) or placed.placement.host_bytes > host_room:
+            continue
+        link = copy_gbps(torch.device("cpu"), device, max(MIB, min(LINK_PROBE_BYTES, placed.placement.levels[0].held)))
+        levels = {"levels": [_level(level0, str(device), link), _level(level1, "cpu", link), *disk_levels]}
+        return VGPUChoice(mode, levels, placed, free, host_free)
+    return None

@@ -76,6 +76,12 @@ class VGPUConfig:
     levels: tuple[VGPULevel, ...]
     prefetch_depth: int | None = None
 
+    @property
+    def offloads(self) -> bool:
+        """Whether there are levels below Level 0 (host RAM, SSD): training state can leave
+        the device (VB's trainer offloads AdamW then)."""
+        return len(self.levels) > 1
+
 
 @dataclass(frozen=True)
 class VBConfig:
@@ -167,9 +173,10 @@ def _check_device(name: str, where: str, allowed: tuple[str, ...]) -> str:
     return name
 
 
-def parse_vgpu_config(value: Any, where: str) -> VGPUConfig | None:
+def parse_vgpu_config(value: Any, where: str, this_machine: bool = True) -> VGPUConfig | None:
     """Validate ``vgpu_config`` ({"levels": [{capacity_mb, device, speed_gbps[, path]}, ...]
-    [, "prefetch_depth": n or "auto"]})."""
+    [, "prefetch_depth": n or "auto"]}). ``this_machine`` False: a level's device need not
+    exist here (levels of a machine an estimate is for)."""
     if value is None:
         return None
     if isinstance(value, VGPUConfig):
@@ -206,7 +213,7 @@ def parse_vgpu_config(value: Any, where: str) -> VGPUConfig | None:
             raise _bad(f"{at}: path 应为字符串", f"{at}: path must be a string")
         levels.append(VGPULevel(
             capacity_mb=_as_number("capacity_mb", raw["capacity_mb"], at),
-            device=_check_device(device, at, LEVEL_DEVICES),
+            device=_check_device(device, at, LEVEL_DEVICES) if this_machine else device,
             speed_gbps=_as_number("speed_gbps", raw["speed_gbps"], at),
             path=path,
         ))
@@ -317,10 +324,22 @@ def auto_picks_mode(resolved: ResolvedConfig) -> bool:
         sources["mode"] == AUTO or level(sources["mode"]) <= level(sources["auto_estimate"]))
 
 
-def with_auto_mode(resolved: ResolvedConfig, mode: str) -> ResolvedConfig:
-    """``resolved`` with ``mode`` picked by ``auto_estimate`` (its source "auto")."""
-    config = replace(resolved.config, mode=mode)
-    sources = _switch_sources(config, {**resolved.sources, "mode": AUTO})
+def auto_plans_levels(resolved: ResolvedConfig) -> bool:
+    """Whether ``auto_estimate`` may plan the VGPU levels: as for the mode (``auto_picks_mode``),
+    ``vgpu_config`` not set at a higher level than it."""
+    sources = resolved.sources
+    return resolved.config.auto_estimate and (
+        sources["vgpu_config"] == AUTO or level(sources["vgpu_config"]) <= level(sources["auto_estimate"]))
+
+
+def with_auto_mode(resolved: ResolvedConfig, mode: str, vgpu_config: Any = None) -> ResolvedConfig:
+    """``resolved`` with ``mode`` (and, given, ``vgpu_config``) picked by ``auto_estimate``
+    (their source "auto")."""
+    changes: dict[str, Any] = {"mode": mode}
+    if vgpu_config is not None:
+        changes["vgpu_config"] = parse_vgpu_config(vgpu_config, AUTO)
+    config = replace(resolved.config, **changes)
+    sources = _switch_sources(config, {**resolved.sources, **dict.fromkeys(changes, AUTO)})
     return ResolvedConfig(config=config, sources=sources, vbrc_path=resolved.vbrc_path)
 
 

@@ -55,14 +55,26 @@ _fp4_noted = False  # the note that FP4 saves memory, not time, where no kernel 
 
 
 @dataclasses.dataclass(frozen=True)
+class Pick:
+    """A pick ``auto_pick`` made ahead: for models built from ``target`` (a config) in
+    training (or not), under the configuration ``base``: ``picked``."""
+
+    target: Any
+    training: bool
+    base: _config.VBConfig
+    picked: _config.ResolvedConfig
+
+
+@dataclasses.dataclass(frozen=True)
 class Workload:
     """What ``auto_estimate`` sizes the mode for: a step of ``batch`` × ``seq`` tokens (None:
     the model's context length) within ``memory`` bytes (None: the device's free memory when
-    the model is optimized)."""
+    the model is optimized); ``pick``: the pick made ahead for it (``auto_pick``), if any."""
 
     batch: int = 1
     seq: int | None = None
     memory: int | None = None
+    pick: Pick | None = None
 
 
 _workload = Workload()
@@ -240,29 +252,72 @@ def _resolved_for(options: dict[str, Any]) -> _config.ResolvedConfig:
 
 
 def _auto_mode(model: nn.Module, resolved: _config.ResolvedConfig) -> _config.ResolvedConfig:
-    """``resolved`` with the mode ``auto_estimate`` picks for ``model``: the least aggressive
+    """``resolved`` with what ``auto_estimate`` picks for ``model`` (``_auto_pick``), or the pick
+    made ahead for a model built from its config (``auto_pick``), not traced again."""
+    pick = _workload.pick
+    if (pick is not None and pick.base == resolved.config and pick.training == model.training
+            and getattr(model, "config", None) == pick.target):
+        return pick.picked
+    return _auto_pick(model, model.training, resolved)[0]
+
+
+def auto_pick(target: Any, *, training: bool = True) -> bool:
+    """Make ``auto_estimate``'s pick now for the workload (``set_workload``) of a model to be
+    built from ``target`` (an APT or Hugging Face config), under the configuration in force:
+    the model built from an equal config afterwards takes it without tracing again (the
+    launchers' check). Says which and why, as at the model's construction; returns whether the
+    step fits (in a mode, or with a VGPU plan)."""
+    global _workload
+    resolved = _in_force()
+    picked, fits = _auto_pick(target, training, resolved)
+    _workload = dataclasses.replace(_workload, pick=Pick(target, training, resolved.config, picked))
+    return fits
+
+
+def _auto_pick(target: Any, training: bool,
+               resolved: _config.ResolvedConfig) -> tuple[_config.ResolvedConfig, bool]:
+    """``resolved`` with the mode ``auto_estimate`` picks for ``target``: the least aggressive
     that fits the workload (``set_workload``) in the device's free memory, its step traced in
-    each mode (a training step when ``model.training``, else a decode step); the most
-    aggressive mode when none fits. Says which and why (when verbose)."""
-    from apt_model.accelerator import resolve_device
-    from apt_model.estimator.fit import choose_mode, free_memory
+    each mode (a training step when ``training``, else a decode step), placed over the
+    configured VGPU levels if any (as it will run). When none fits that way, the least aggressive mode that fits with a VGPU plan over the device
+    and host RAM (and a configured SSD level), and the plan (``fit.choose_vgpu``; unless
+    ``vgpu_config`` is set at a higher level); else the most aggressive mode. Says which and
+    why (when verbose); also returns whether the step fits."""
+    from apt_model.accelerator import host_memory_info, resolve_device
+    from apt_model.estimator.fit import choose_mode, choose_vgpu, free_memory
 
     config = resolved.config
     device = resolve_device(config.device)
     free = _workload.memory or free_memory(device)
-    choice = choose_mode(model, free=free, batch=_workload.batch, seq=_workload.seq, training=model.training,
-                         device=str(device), base=config)
-    mode = choice.mode or _config.MOST_AGGRESSIVE
+    choice = choose_mode(target, free=free, batch=_workload.batch, seq=_workload.seq, training=training,
+                         device=str(device), base=config, levels=config.vgpu_config)
+    if choice.mode is not None:
+        if config.verbose:
+            print(tr(f"✓ auto_estimate: 模式 {choice.mode}, 能放下的最不激进的模式 ({choice.reason()})",
+                     f"✓ auto_estimate: mode {choice.mode}, the least aggressive mode that fits ({choice.reason()})"))
+        return _config.with_auto_mode(resolved, choice.mode), True
+    planned = None
+    plans = _config.auto_plans_levels(resolved)
+    if plans:
+        disk = tuple(lv for lv in config.vgpu_config.levels if lv.device == "ssd") if config.vgpu_config else ()
+        planned = choose_vgpu(target, free=free, host_free=host_memory_info()[0], batch=_workload.batch,
+                              seq=_workload.seq, training=training, device=device, base=config, disk=disk)
+    if planned is not None:
+        if config.verbose:
+            print(tr(f"✓ auto_estimate: {device} 上任何模式都放不下 ({choice.reason()}); 用 VGPU 计划, 模式 "
+                     f"{planned.mode}: {planned.reason()}",
+                     f"✓ auto_estimate: no mode fits on {device} alone ({choice.reason()}); using a VGPU plan in mode "
+                     f"{planned.mode}: {planned.reason()}"))
+        return _config.with_auto_mode(resolved, planned.mode, planned.levels), True
+    mode = _config.MOST_AGGRESSIVE
     if config.verbose:
-        if choice.mode is not None:
-            print(tr(f"✓ auto_estimate: 模式 {mode}, 能放下的最不激进的模式 ({choice.reason()})",
-                     f"✓ auto_estimate: mode {mode}, the least aggressive mode that fits ({choice.reason()})"))
-        else:
-            print(tr(f"⚠ auto_estimate: {device} 上任何模式都放不下 ({choice.reason()}); 需要把参数卸载到 CPU 内存或磁盘 "
-                     f"(VGPU), 暂用最激进的模式 {mode}",
-                     f"⚠ auto_estimate: no mode fits on {device} ({choice.reason()}); offloading to CPU RAM or disk "
-                     f"(the VGPU stack) would be needed; using the most aggressive mode, {mode}, meanwhile"))
-    return _config.with_auto_mode(resolved, mode)
+        levels = (tr("卸载到主机内存 (VGPU) 也放不下", "nor with host RAM (VGPU)") if plans
+                  else tr("VGPU 层级按配置 (其设置高于 auto_estimate)", "the VGPU levels stay as configured "
+                          "(set above auto_estimate)"))
+        print(tr(f"⚠ auto_estimate: {device} 上任何模式都放不下 ({choice.reason()}); {levels}; 暂用最激进的模式 {mode}",
+                 f"⚠ auto_estimate: no mode fits on {device} ({choice.reason()}); {levels}; using the most "
+                 f"aggressive mode, {mode}, meanwhile"))
+    return _config.with_auto_mode(resolved, mode), False
 
 
 def optimize(model: ModelT, **options: Any) -> ModelT:
@@ -350,7 +405,7 @@ def offload_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, *,
 def offloads_training(config: _config.VBConfig | None) -> bool:
     """Whether VB's trainers offload the optimizer state: ``vgpu_config`` has levels below
     Level 0 (host RAM or SSD)."""
-    return config is not None and config.vgpu_config is not None and len(config.vgpu_config.levels) > 1
+    return config is not None and config.vgpu_config is not None and config.vgpu_config.offloads
 
 
 def freeze_fp4(model: nn.Module) -> int:

@@ -132,13 +132,14 @@ def check_fits(cfg: TrainConfig, memory: int | None = None) -> None:
     """Stop a run whose training step cannot fit before anything is allocated: one
     ``VBConfigError`` naming the largest batch that fits (``apt_model.estimator.fit``).
 
-    The step is the estimator's trace of ``cfg``'s preset at its batch and window in the mode
-    VB will use (off when VB is off; with ``auto_estimate`` picking, the most aggressive mode,
-    the one the pick falls back to), against ``memory`` bytes (default: what is free on the
-    run's device now; on the CPU the available RAM). It also tells ``auto_estimate`` the
-    run's batch and window (``vb.set_workload``). Costs one traced step, a few more when the
-    run does not fit. When VB's trainer offloads the optimizer state (``vb.offloads_training``)
-    the device holds no optimizer state, so the step is traced without any.
+    The step is the estimator's trace of ``cfg``'s preset at its batch and window, against
+    ``memory`` bytes (default: what is free on the run's device now; on the CPU the available
+    RAM), in the mode VB will use (off when VB is off). With ``auto_estimate`` picking, the
+    pick is made here (``vb.auto_pick``: a mode, or a VGPU plan) and the model built later
+    takes it without tracing again; when nothing fits, the check is of the most aggressive
+    mode, the one the pick falls back to. With VGPU levels below Level 0 the step is traced
+    placed over them, AdamW offloaded as VB's trainer offloads it (``vb.offloads_training``).
+    Costs the traces of one pick, or one traced step; a few more when the run does not fit.
     """
     from apt_model.accelerator import resolve_device
     from apt_model.estimator import Traced
@@ -148,24 +149,27 @@ def check_fits(cfg: TrainConfig, memory: int | None = None) -> None:
     from apt_model.storage import human_bytes
 
     resolved = vb_global.configure(cfg.vb_cli_options(), announce=False)
-    config = resolved.config
-    mode = "off" if not vb_global.is_enabled() else MOST_AGGRESSIVE if auto_picks_mode(resolved) else config.mode
     seq = cfg.seq_len + 1  # the model sees seq_len + 1 tokens
-    vb_global.set_workload(batch=cfg.batch_size, seq=seq)
+    vb_global.set_workload(batch=cfg.batch_size, seq=seq, memory=memory)
+    target = APTConfig.from_preset(cfg.preset)
+    picks = vb_global.is_enabled() and auto_picks_mode(resolved)
+    if picks and vb_global.auto_pick(target, training=True):
+        return
+    config = vb_global.active_config() or resolved.config
+    mode = "off" if not vb_global.is_enabled() else MOST_AGGRESSIVE if picks else config.mode
     device = resolve_device(config.device)
     free = memory or free_memory(device)
-    traced = Traced(APTConfig.from_preset(cfg.preset), mode=mode, training=True, device=str(device), base=config)
-
-    optimizer = "sgd" if vb_global.offloads_training(vb_global.active_config()) else "adamw"  # sgd: stateless
+    levels = config.vgpu_config if vb_global.offloads_training(vb_global.active_config()) else None
+    traced = Traced(target, mode=mode, training=True, device=str(device), base=config, levels=levels)
 
     def step(batch: int):
-        return traced.step(batch=batch, seq=seq, optimizer=optimizer)
+        return traced.step(batch=batch, seq=seq)
 
     planned = step(cfg.batch_size)
     if fits(planned, free):
         return
     need = planned.peak_bytes
-    best = largest_batch(step, free, cfg.batch_size)
+    best = largest_batch(step, free, cfg.batch_size, need)
     hint = (tr(f"能放下的最大批是 --batch-size {best}", f"the largest batch that fits is --batch-size {best}") if best
             else tr("batch 1 也放不下: 请换更小的 --config 或 --seq-len", "not even batch 1 fits: use a smaller --config "
                     "or --seq-len"))

@@ -115,7 +115,7 @@ class Layout:
             self.views.append(_View(slot, i, t.storage_offset() * t.element_size() - lows[i], t.dtype,
                                     tuple(t.shape), tuple(t.stride())))
         self._first_view = {v.segment: v for v in reversed(self.views)}
-        self._bound: list[int] = [slot.get().data_ptr() for slot in self.slots]
+        self._bound = [_where(slot.get()) for slot in self.slots]
 
     @property
     def payload_bytes(self) -> int:
@@ -175,19 +175,24 @@ class Layout:
         with torch.no_grad():
             for module in self.owners:
                 module._apply(fn, recurse=False)
-        self._bound = [slot.get().data_ptr() for slot in self.slots]
+        self._bound = [_where(slot.get()) for slot in self.slots]
 
     def check_bound(self, what: str) -> None:
         """Fail clearly if a tensor was moved or replaced since the last ``bind`` (``.to()``,
         ``load_state_dict(assign=True)``...): the stack would no longer know where it is."""
-        for slot, ptr in zip(self.slots, self._bound, strict=True):
+        for slot, where in zip(self.slots, self._bound, strict=True):
             t = slot.get()
-            if t is None or t.data_ptr() != ptr:
+            if t is None or _where(t) != where:
                 raise VBUnsupportedError(tr(
                     f"{what} 的张量 '{slot.name}' 在VGPU放置后被移动或替换 (如 .to() 或 load_state_dict(assign=True))；"
                     "请先 vb.restore(model)",
                     f"tensor '{slot.name}' of {what} was moved or replaced after VGPU placement (e.g. by "
                     ".to() or load_state_dict(assign=True)); call vb.restore(model) first"))
+
+
+def _where(t: Tensor) -> tuple[tuple[torch.device, int], int]:
+    """Where ``t``'s data is: its storage and offset (no data pointer: fake tensors have none)."""
+    return storage_key(t), t.storage_offset()
 
 
 def _span(t: Tensor) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
+import time
 import uuid
 import warnings
 import weakref
@@ -52,6 +53,27 @@ class LevelSpec(Protocol):
 
 def capacity_bytes(spec: LevelSpec) -> int:
     return int(spec.capacity_mb * MIB)
+
+
+def copy_gbps(src: torch.device, dst: torch.device, nbytes: int = 64 * MIB, repeats: int = 3) -> float:
+    """The link's speed, measured: the best of ``repeats`` copies of ``nbytes`` from ``src``
+    to ``dst`` (host memory pinned where the other end is CUDA), in GB/s."""
+    cuda = [d for d in (src, dst) if d.type == "cuda"]
+
+    def buffer(device: torch.device) -> Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, device=device, pin_memory=device.type == "cpu" and bool(cuda))
+
+    source, target = buffer(src), buffer(dst)
+    best = float("inf")
+    for _ in range(repeats):
+        for device in cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        target.copy_(source, non_blocking=bool(cuda))
+        for device in cuda:
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best / 1e9
 
 
 def default_swap_dir() -> Path:
