@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from apt_model.fp4.format import FP4Weight
-from apt_model.fp4.layer import FP4Linear, moved_uncast
+from apt_model.fp4.layer import FP4Linear, moved_uncast, written
 from apt_model.fp4.ops import fp4_linear
 
 __all__ = ["FusedFP4Projections"]
@@ -39,7 +39,7 @@ def _held(member: FP4Linear) -> tuple:
     and its tensor scale and bias, which the group copies (by identity and version)."""
     buffers, params = member._buffers, member._parameters  # asked once a fused product
     bias = params["bias"] if "bias" in params else member.bias
-    return tuple((id(t), t._version) if t is not None else None
+    return tuple((id(t), written(t)) if t is not None else None
                  for t in (buffers.get("weight_packed"), buffers.get("weight_scales"),
                            buffers.get("weight_tensor_scale"), bias))
 

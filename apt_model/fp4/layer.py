@@ -169,6 +169,13 @@ def fused_training_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return _FusedFP4LinearTrain.apply(x, weight, bias, fmt)
 
 
+
+def written(t: torch.Tensor) -> int:
+    """``t``'s version counter: how often it was written in place; -1 for an inference tensor
+    (e.g. a VGPU slot's view bound under ``inference_mode``), which has none and cannot be
+    written in place outside that mode."""
+    return -1 if t.is_inference() else t._version
+
 class FP4Linear(nn.Module):
     """A linear layer whose weight is used in NVFP4 or MXFP4 form."""
 
@@ -242,8 +249,8 @@ class FP4Linear(nn.Module):
             # same tensors, unwritten (identity and version of each).
             packed, scales = buffers["weight_packed"], buffers["weight_scales"]
             tensor_scale = buffers.get("weight_tensor_scale")
-            key = (id(packed), packed._version, id(scales), scales._version, id(tensor_scale),
-                   None if tensor_scale is None else tensor_scale._version)
+            key = (id(packed), written(packed), id(scales), written(scales), id(tensor_scale),
+                   None if tensor_scale is None else written(tensor_scale))
             if self._packed is None or self._packed_key != key:
                 present = {"packed": packed, "scales": scales}
                 if tensor_scale is not None:

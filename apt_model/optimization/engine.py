@@ -145,24 +145,40 @@ def _serve_fp4_frozen(block: nn.Module) -> None:
 def _attach_vgpu(model: nn.Module, config: VBConfig) -> vgpu.VGPUStack:
     """Place ``model`` over the configured levels, streaming its repeated blocks."""
     vc = config.vgpu_config
-    return vgpu.attach(model, find_blocks(model, config.checkpoint_blocks), vc.levels, vc.prefetch_depth,
-                       check=_serve_fp4_frozen)
+    stack = vgpu.attach(model, find_blocks(model, config.checkpoint_blocks), vc.levels, vc.prefetch_depth,
+                        check=_serve_fp4_frozen)
+    _place_now(stack)
+    return stack
+
+
+def _place_now(stack: vgpu.VGPUStack) -> None:
+    """Place the model now rather than at its first forward, so that it reports Level 0's
+    device before it is called (Hugging Face ``generate()`` moves its inputs to
+    ``model.device`` first). Not while FP4 layers still hold master weights: the plan is
+    made for the packed weights ``freeze`` leaves (it places the model then)."""
+    if not any(isinstance(m, FP4Linear) and not m.frozen for m in stack.model.modules()):
+        stack.place()
 
 
 def _vgpu_banner(stack: vgpu.VGPUStack) -> str:
     levels = ", ".join(f"L{i} {spec.device} {spec.capacity_mb:g} MB" for i, spec in enumerate(stack.specs))
+    if stack.placed:
+        return tr(f"✓ VGPU: {len(stack.modules)} 个块分布在 {levels}; 已放置",
+                  f"✓ VGPU: {len(stack.modules)} blocks over {levels}; placed")
     return tr(f"✓ VGPU: {len(stack.modules)} 个块分布在 {levels}; 首次前向时放置",
               f"✓ VGPU: {len(stack.modules)} blocks over {levels}; placed at the first forward")
 
 
 def freeze(model: nn.Module) -> int:
-    """``freeze_fp4`` on a model; a placed VGPU stack gives its weights back first, and the next
-    forward places the packed ones (they travel as packed FP4). Returns how many layers were
-    frozen."""
+    """``freeze_fp4`` on a model; a placed VGPU stack gives its weights back first and places
+    the packed ones after (they travel as packed FP4). Returns how many layers were frozen."""
     stack = vgpu.stack_of(model)
     if stack is not None:
         stack.unplace()
-    return freeze_fp4(model)
+    frozen = freeze_fp4(model)
+    if stack is not None:
+        _place_now(stack)
+    return frozen
 
 
 def report_of(model: nn.Module) -> OptimizationReport | None:
