@@ -247,6 +247,30 @@ def test_ssd_directory_too_small_for_the_plan(small_fs):
     assert not stack.placed
 
 
+def test_disk_full_while_placing_loses_nothing(tmp_path, monkeypatch):
+    """The SSD fills up between the plan's free-space check and the second swap file's
+    reservation: one clear line, the model untouched, no swap file left behind."""
+    import errno
+
+    model = apt()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    reserve, calls = os.posix_fallocate, []
+
+    def fill_up(fd: int, offset: int, length: int) -> None:
+        calls.append(length)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        reserve(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", fill_up)
+    stack = vgpu.attach(model, list(model.blocks), stack_levels(model, tmp_path, in_host=0))
+    with pytest.raises(VBDataError, match=f"VGPU SSD directory {tmp_path} is full") as err:
+        stack.place()
+    assert "\n" not in str(err.value) and len(calls) == 2 and not stack.placed
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not list(tmp_path.glob("vgpu-*/*")), "swap files left behind"
+
+
 def test_truncated_swap_file_is_a_clear_error(tmp_path):
     model = apt()
     vgpu.attach(model, list(model.blocks), stack_levels(model, tmp_path, in_host=0)).place()

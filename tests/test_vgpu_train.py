@@ -341,3 +341,51 @@ def test_streamed_training_on_cuda_equals_resident_offloaded(tmp_path, monkeypat
     l0 = stack.stats()["levels"][0]
     assert l0["hits"] + l0["misses"] == 11 * len(xs) and l0["peak_bytes"] <= l0["capacity_bytes"]
     assert l0["stall_s"] >= 0 and optimizer.stats()["pinned"]
+
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_ctrl_c_in_a_streamed_backward_leaves_a_resumable_run(tmp_path, signals):
+    """Ctrl-C inside a streamed block's backward under VB's trainer. Once: the step in flight
+    finishes (its host steps are not left half done), its checkpoint is saved, and the resumed
+    run equals the uninterrupted one. Twice: the run stops at once, and the last checkpoint
+    saved before it is intact and resumes to the same losses."""
+    import signal
+
+    from apt_model.errors import VBInterrupted
+    from apt_model.training.checkpoint import load_checkpoint
+    from apt_model.training.trainer import TrainConfig, Trainer
+
+    cfg4 = APTConfig.from_preset("tiny", n_layers=4)
+    vb.enable(mode="memory", verbose=False,
+              vgpu_config={"levels": [{"capacity_mb": 1.3, "device": "cpu", "speed_gbps": 100},
+                                      {"capacity_mb": 64, "device": "ssd", "speed_gbps": 5, "path": str(tmp_path)}]})
+
+    def run(out: str, interrupt_at: int | None = None, resume: bool = False) -> list[float]:
+        calls = {"backward": 0}
+
+        def build() -> APTModel:
+            model = APTModel(cfg4)
+            if interrupt_at is not None:
+                def hook(module: nn.Module, args: tuple) -> None:
+                    if torch._C._current_graph_task_id() != -1:  # the recompute, in backward
+                        calls["backward"] += 1
+                        if calls["backward"] == interrupt_at:
+                            for _ in range(signals):
+                                signal.raise_signal(signal.SIGINT)
+                list(model.blocks[1].modules())[1].register_forward_pre_hook(hook)
+            return model
+
+        cfg = TrainConfig(max_steps=5, save_interval=2, eval_interval=0, out_dir=out, batch_size=4, seq_len=16,
+                          eval_batches=1, sample_tokens=0, progress=False, warmup=2, resume=resume)
+        return Trainer(cfg, build).run().losses
+
+    full = run(str(tmp_path / "full"))
+    out = str(tmp_path / "cut")
+    expected = (VBInterrupted,) if signals == 1 else (KeyboardInterrupt,)
+    with pytest.raises(expected):
+        run(out, interrupt_at=3)  # in the third step's backward
+    saved = load_checkpoint(Path(out) / "checkpoints")
+    assert saved["step"] == (3 if signals == 1 else 2)
+    assert saved["losses"] == full[:saved["step"]]
+    assert run(out, resume=True) == full
