@@ -108,6 +108,8 @@ def test_training_offloads_masters_and_adamw_state_to_the_host_as_estimated():
     assert est.optimizer_state == 0 and est.gradients == 0
     resident = estimate(CFG, mode="balanced", batch=2, seq=12, device="cpu")
     assert est.peak_bytes < resident.peak_bytes - resident.optimizer_state
+    public = vb.estimate(CFG, mode="balanced", batch=2, seq=12, levels=config)  # the public verb
+    assert public.peak_bytes == est.peak_bytes and public.placement.levels == placement.levels
     optimizer.release()
 
 

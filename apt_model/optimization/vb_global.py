@@ -470,12 +470,14 @@ def load_pretrained_fp4(path: str | os.PathLike, model_class: type | None = None
 
 
 def estimate(target: Any, *, mode: str | None = None, batch: int = 1, seq: int | None = None,
-             optimizer: str = "adamw", training: bool = True, device: str | None = None) -> Any:
+             optimizer: str = "adamw", training: bool = True, device: str | None = None,
+             levels: Any = None) -> Any:
     """The peak memory of one training (or decode) step of ``target`` in ``mode`` (default:
     the configured mode), measured by tracing the step on fake tensors with VB's passes
-    applied: an ``apt_model.estimator.Estimate``. See ``apt_model.estimator.estimate``."""
+    applied, and placed over VGPU ``levels`` when given (the ``vgpu_config`` form): an
+    ``apt_model.estimator.Estimate``. See ``apt_model.estimator.estimate``."""
     from apt_model.estimator import estimate as _estimate
 
     config = _in_force().config
     return _estimate(target, mode=mode or (None if isinstance(target, nn.Module) else config.mode), batch=batch,
-                     seq=seq, optimizer=optimizer, training=training, device=device, base=config)
+                     seq=seq, optimizer=optimizer, training=training, device=device, base=config, levels=levels)
