@@ -9,6 +9,8 @@ Variants (each in a fresh subprocess so allocator state never leaks between them
   bf16-sdpa-ckpt     the same + torch.utils.checkpoint around every block (hand-written)
   vb-balanced / vb-memory / vb-speed / vb-full
                      the plain model and loop, with one VB line before the model is built
+  vb-full-offload    vb-full + the one documented line ``opt = vb.offload_optimizer(model, opt)``:
+                     fp32 masters and AdamW state in host RAM, stepped there (issue 12, part d)
 
 Every variant runs the same training step: AdamW, ``loss = model(x, labels=x).loss``, on
 fresh random tokens each step; step time is the median of the steps after warm-up.
@@ -39,7 +41,8 @@ import time
 import torch
 from variants import add_variant_arguments, run_in_subprocesses
 
-VARIANTS = ("fp32-eager", "bf16-sdpa", "bf16-sdpa-ckpt", "vb-balanced", "vb-memory", "vb-speed", "vb-full")
+VARIANTS = ("fp32-eager", "bf16-sdpa", "bf16-sdpa-ckpt", "vb-balanced", "vb-memory", "vb-speed", "vb-full",
+            "vb-full-offload")
 
 
 def _hand_checkpoint(model: torch.nn.Module) -> None:
@@ -88,7 +91,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     if variant.startswith("vb-"):
         import apt_model.optimization.vb_global as vb
 
-        vb.enable(mode=variant[3:], verbose=False)
+        vb.enable(mode=variant[3:].removesuffix("-offload"), verbose=False)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     rss_before, peak_rss_before = rss_bytes(), peak_rss_bytes()
@@ -100,6 +103,8 @@ def run_variant(args: argparse.Namespace) -> dict:
         _hand_checkpoint(model)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    if variant.endswith("-offload"):
+        opt = vb.offload_optimizer(model, opt)
     gen = torch.Generator(device=device).manual_seed(1)
 
     def step() -> float:
