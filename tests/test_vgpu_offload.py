@@ -303,3 +303,37 @@ def _cuda_equality() -> None:
             assert loss.item() == expected.item() and same_params(model, compute)
         s = optimizer.stats()
         assert s["pinned"] and s["grad_bytes_off"] == 4 * s["param_bytes"] and s["wait_s"] >= 0
+
+
+def test_full_mode_fp4_layers_train_with_the_offloaded_optimizer_bit_for_bit():
+    """Full mode's FP4 layers (master weights re-quantized each step) under the offloaded
+    optimizer: the same losses and weights as fused AdamW on the same model, since a new
+    master's version tells its layer to quantize again."""
+    vb.enable(mode="full", verbose=False)
+    reference, model = apt(), apt()
+    vb.optimize(reference)
+    vb.optimize(model)
+    assert any(type(m).__name__ == "FP4Linear" for m in model.modules())
+    xs = batches(4)
+    expected = train(reference, torch.optim.AdamW(groups(reference), fused=True, **HYPER), xs)
+    assert train(model, vb.offload_optimizer(model, torch.optim.AdamW(groups(model), **HYPER)), xs) == expected
+    assert same_params(model, reference)
+    assert len(set(expected)) == len(expected)  # it trains: the losses move
+
+
+def test_full_mode_offloads_the_optimizer_on_an_accelerator(monkeypatch):
+    """The ``offload_optimizer`` switch: on in mode full only, honoured on an accelerator
+    (faked here), never on the CPU, and an explicit setting wins over the mode; host levels
+    below Level 0 offload in any mode."""
+    import apt_model.accelerator as accelerator
+    from apt_model.optimization.config import VBConfig, VGPUConfig, VGPULevel
+
+    assert not vb.offloads_training(VBConfig(mode="full", device="cpu"))
+    monkeypatch.setattr(accelerator, "resolve_device", lambda name: torch.device("cuda", 0))
+    assert vb.offloads_training(VBConfig(mode="full"))
+    assert not vb.offloads_training(VBConfig(mode="full", offload_optimizer=False))
+    assert not any(vb.offloads_training(VBConfig(mode=m)) for m in ("balanced", "memory", "speed"))
+    assert vb.offloads_training(VBConfig(mode="memory", offload_optimizer=True))
+    levels = VGPUConfig((VGPULevel(1024, "cuda:0", 1000), VGPULevel(1024, "cpu", 50)))
+    assert vb.offloads_training(VBConfig(mode="balanced", vgpu_config=levels))
+    assert not vb.offloads_training(None)

@@ -31,6 +31,7 @@ class ModeSpec:
     fused_loss: bool
     mixed_precision: bool
     gradient_checkpointing: bool
+    offload_optimizer: bool  # fp32 masters and AdamW state in host RAM, on an accelerator
 
 
 # fused_loss rides with fused attention: both are fused kernels that cut activation memory.
@@ -39,13 +40,13 @@ class ModeSpec:
 # smallest weights for serving); then everything. ``auto_estimate`` takes the first that fits.
 MODES: dict[str, ModeSpec] = {
     "balanced": ModeSpec(fp4=False, fused_attention=True, fused_loss=True, mixed_precision=True,
-                         gradient_checkpointing=False),
+                         gradient_checkpointing=False, offload_optimizer=False),
     "memory": ModeSpec(fp4=False, fused_attention=True, fused_loss=True, mixed_precision=True,
-                       gradient_checkpointing=True),
+                       gradient_checkpointing=True, offload_optimizer=False),
     "speed": ModeSpec(fp4=True, fused_attention=False, fused_loss=False, mixed_precision=False,
-                      gradient_checkpointing=False),
+                      gradient_checkpointing=False, offload_optimizer=False),
     "full": ModeSpec(fp4=True, fused_attention=True, fused_loss=True, mixed_precision=True,
-                     gradient_checkpointing=True),
+                     gradient_checkpointing=True, offload_optimizer=True),
 }
 
 MOST_AGGRESSIVE = next(reversed(MODES))  # what auto_estimate falls back to when no mode fits
@@ -98,6 +99,7 @@ class VBConfig:
     fused_loss: bool | None = None
     mixed_precision: bool | None = None
     gradient_checkpointing: bool | None = None
+    offload_optimizer: bool | None = None
     fp4_format: str = "nvfp4"
     fp4_skip: tuple[str, ...] = ("lm_head", "*.lm_head")
     fp4_min_features: int = 64

@@ -403,9 +403,17 @@ def offload_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, *,
 
 
 def offloads_training(config: _config.VBConfig | None) -> bool:
-    """Whether VB's trainers offload the optimizer state: ``vgpu_config`` has levels below
-    Level 0 (host RAM or SSD)."""
-    return config is not None and config.vgpu_config is not None and config.vgpu_config.offloads
+    """Whether VB's trainers offload the optimizer state (fp32 masters and AdamW state in host
+    RAM, :func:`offload_optimizer`): ``vgpu_config`` has levels below Level 0 (host RAM or
+    SSD), or the ``offload_optimizer`` switch is on (mode full) and the compute device is an
+    accelerator (on the CPU the host is the device: nothing to gain)."""
+    from apt_model.accelerator import resolve_device
+
+    if config is None:
+        return False
+    if config.vgpu_config is not None and config.vgpu_config.offloads:
+        return True
+    return config.switch("offload_optimizer") and resolve_device(config.device).type != "cpu"
 
 
 def freeze_fp4(model: nn.Module) -> int:
