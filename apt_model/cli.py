@@ -30,8 +30,10 @@ def _yes(flag: bool) -> str:
     return tr("是", "yes") if flag else tr("否", "no")
 
 
-def info(device_name: str | None) -> str:
-    """The text of ``vb info``."""
+def info(device_name: str | None, preset: str | None = None, hf_config: str | None = None) -> str:
+    """The text of ``vb info``; for a model named by ``preset`` or ``hf_config``, also the
+    VGPU plan of the configured ``vgpu_config`` for it (what each level holds, what streams:
+    the estimator's placement of a training step in the configured mode)."""
     effective = vb_global.explain_config()
     device = accelerator.resolve_device(device_name or effective["device"][0])
     desc = accelerator.describe(device)
@@ -57,7 +59,23 @@ def info(device_name: str | None) -> str:
     lines.append(tr("  生效配置 (值 ← 来源):", "  effective configuration (value ← source):"))
     for key, (value, source) in effective.items():
         lines.append(f"    {key} = {value!r}  ← {source}")
+    if preset is not None or hf_config is not None:
+        lines.append(_plan_text(preset, hf_config, vgpu))
     return "\n".join(lines)
+
+
+def _plan_text(preset: str | None, hf_config: str | None, vgpu: Any) -> str:
+    """The configured VGPU plan for one model (``vb info --preset/--hf-config``)."""
+    from apt_model.estimator import estimate as run_estimate
+
+    if preset is not None and hf_config is not None:
+        raise VBConfigError(tr("请只给出 --preset 或 --hf-config 之一", "give only one of --preset or --hf-config"))
+    if vgpu is None:
+        return tr("  VGPU 计划: 未配置 vgpu_config (整个模型在设备上)",
+                  "  VGPU plan: no vgpu_config configured (the whole model on the device)")
+    target = preset if preset is not None else Path(hf_config)
+    est = run_estimate(target, mode=vb_global.explain_config()["mode"][0], levels=vgpu)
+    return tr("  VGPU 计划 (训练一步, batch 1):\n", "  VGPU plan (a training step, batch 1):\n") + est.table()
 
 
 APT_CLASSES = ("APTModel", "APTLargeModel")
@@ -249,6 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help=tr("显示设备与生效配置", "show the device and the effective configuration"))
     p_info.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1, npu, ...")
+    p_info.add_argument("--preset", default=None, help=tr("APT 预设名: 显示它的 VGPU 计划",
+                                                         "an APT preset name: show its VGPU plan"))
+    p_info.add_argument("--hf-config", default=None, help=tr("Hugging Face 的 config.json 路径: 显示它的 VGPU 计划",
+                                                            "a Hugging Face config.json path: show its VGPU plan"))
     sub.add_parser("train", help=tr("训练APT模型（同 training/train.py）", "train an APT model (as training/train.py)"),
                    add_help=False)
     p_gen = sub.add_parser("generate", help=tr("用训练好的 APT 检查点生成文本", "generate text from a trained APT checkpoint"))
@@ -322,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         png = plot(args.log, args.out)
         print(tr(f"损失曲线: {png}", f"loss curve: {png}"))
     else:
-        print(info(args.device))
+        print(info(args.device, args.preset, args.hf_config))
     return 0
 
 

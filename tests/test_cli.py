@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -29,6 +30,20 @@ def test_info_reports_device_capabilities_memory_and_sources(tmp_path):
     assert "mode = 'memory'  ← .vbrc:" in out
     assert "fp4_format = 'mxfp4'  ← env:VB_FP4_FORMAT" in out
     assert "gradient_checkpointing = None  ← mode:memory" in out
+
+
+def test_info_shows_the_vgpu_plan_of_a_model(tmp_path):
+    """``vb info --preset``: the configured levels' plan for that model (what each level
+    holds, what streams), or that no levels are configured."""
+    levels = [{"capacity_mb": 1.0, "device": "cpu", "speed_gbps": 100}, {"capacity_mb": 64, "device": "cpu", "speed_gbps": 50}]
+    (tmp_path / ".vbrc").write_text(json.dumps({"mode": "memory", "vgpu_config": {"levels": levels}}))
+    proc = vb("info", "--preset", "tiny", cwd=tmp_path, VB_LANG="en", HOME=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    plan = proc.stdout.split("VGPU plan (a training step, batch 1):")[1]
+    assert "mode memory" in plan and "L0 cpu" in plan and "L1 cpu" in plan and "streamed" in plan
+    (tmp_path / ".vbrc").write_text('{"mode": "memory"}')
+    proc = vb("info", "--preset", "tiny", cwd=tmp_path, VB_LANG="en", HOME=str(tmp_path))
+    assert proc.returncode == 0 and "VGPU plan: no vgpu_config configured" in proc.stdout, proc.stderr
 
 
 def test_info_in_chinese_by_default(tmp_path):
