@@ -149,7 +149,7 @@ def test_configured_levels_are_estimated_as_they_will_run_and_left_alone_when_se
     APTModel(CONFIG)
     assert vb.explain_config()["vgpu_config"][1] == "argument"
     out = capsys.readouterr().out
-    assert "no mode fits on cpu (the VGPU levels hold no mode's weights); the VGPU levels stay as configured" in out
+    assert "no mode fits on cpu (the VGPU levels hold no mode's weights, or stream blocks that mode cannot train); the VGPU levels stay as configured" in out
 
 
 def test_the_launchers_pick_is_carried_to_the_model_with_no_second_trace(monkeypatch, capsys):
