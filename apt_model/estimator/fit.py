@@ -172,6 +172,9 @@ class VGPUChoice:
         offloaded = (tr(f", 优化器状态与 fp32 主权重在主机 ({human_bytes(placement.offloaded)})",
                         f", optimizer state and fp32 masters on the host ({human_bytes(placement.offloaded)})")
                      if placement.offloaded else "")
+        if placement.streamed and self.estimate.training:
+            offloaded += tr(", 流式的块在反向中重算 (激活检查点)",
+                            ", streamed blocks recomputed in backward (activation checkpointing)")
         return tr(f"{placement.streamed}/{placement.blocks} 个块流式, {levels}{offloaded}; 设备峰值 "
                   f"{human_bytes(self.estimate.peak_bytes)}, {room(self.free)}; 主机 "
                   f"{human_bytes(placement.host_bytes)}, {room(self.host_free)}",
