@@ -11,10 +11,11 @@ import torch
 import apt_model.optimization.vb_global as vb
 from apt_model.errors import VBConfigError
 from apt_model.estimator import estimate
-from apt_model.estimator.fit import FIT_MARGIN
+from apt_model.estimator.fit import FIT_MARGIN, usable
 from apt_model.modeling.apt_model import APTConfig, APTModel
 from apt_model.optimization import engine
 from apt_model.optimization.config import MODES
+from apt_model.vgpu.layout import Layout, tensor_slots
 
 CONFIG = APTConfig.from_preset("tiny", n_layers=2, max_seq_len=64)
 BATCH, SEQ = 4, 64
@@ -149,7 +150,7 @@ def test_configured_levels_are_estimated_as_they_will_run_and_left_alone_when_se
     APTModel(CONFIG)
     assert vb.explain_config()["vgpu_config"][1] == "argument"
     out = capsys.readouterr().out
-    assert "no mode fits on cpu (the VGPU levels hold no mode's weights); the VGPU levels stay as configured" in out
+    assert "no mode fits on cpu (the VGPU levels hold no mode's weights, or stream blocks that mode cannot train); the VGPU levels stay as configured" in out
 
 
 def test_the_launchers_pick_is_carried_to_the_model_with_no_second_trace(monkeypatch, capsys):
@@ -170,3 +171,78 @@ def test_the_launchers_pick_is_carried_to_the_model_with_no_second_trace(monkeyp
     assert vb.explain_config()["mode"] == ("balanced", "auto")
     APTModel(APTConfig.from_preset("tiny", n_layers=1))  # another model: picked for itself
     assert len(steps) == 2
+
+
+DEEP = APTConfig.from_preset("tiny", n_layers=6, max_seq_len=64)  # weights well over the step's activations
+
+
+@pytest.fixture(scope="module")
+def memory_streaming() -> int:
+    """Memory in which no mode fits a short training step with every block in Level 0 (AdamW
+    offloaded), but memory mode does with blocks streamed from host RAM: Level 0 holding the
+    rest of the model and three blocks' bytes."""
+    resident = min(estimate(DEEP, mode=mode, batch=1, seq=8, device="cpu", levels=HOST).peak_bytes for mode in MODES)
+    model = APTModel(DEEP)
+    blocks = list(model.blocks)
+    size = Layout(tensor_slots(blocks[0].modules())).nbytes
+    inside = {id(m) for b in blocks for m in b.modules()}
+    rest = Layout(tensor_slots(m for m in model.modules() if id(m) not in inside)).nbytes
+    streamed = estimate(DEEP, mode="memory", batch=1, seq=8,
+                        levels=[{**HOST[0], "capacity_mb": (rest + 3 * size) / 2**20}, HOST[1]])
+    assert streamed.placement.streamed > 0
+    memory = int(streamed.peak_bytes / (1 - FIT_MARGIN)) + 1
+    assert resident > usable(memory)
+    return memory
+
+
+def test_training_that_fits_only_streamed_plans_streamed_blocks_in_memory_mode_and_the_plan_runs(
+        capsys, monkeypatch, memory_streaming):
+    from apt_model import vgpu
+    from apt_model.estimator import MemoryTracker
+
+    monkeypatch.setenv("VB_LANG", "en")
+    vb.enable(auto_estimate=True, device="cpu")
+    vb.set_workload(batch=1, seq=8, memory=memory_streaming)
+    torch.manual_seed(0)
+    model = APTModel(DEEP)
+    out = capsys.readouterr().out
+    assert model.training and engine.report_of(model).mode == "memory"  # the mode that trains blocks streamed
+    assert vb.explain_config()["mode"] == ("memory", "auto")
+    levels, source = vb.explain_config()["vgpu_config"]
+    assert source == "auto" and [lv["device"] for lv in levels["levels"]] == ["cpu", "cpu"]
+    stack = vgpu.stack_of(model)
+    streamed = len(stack.plan.streamed)
+    assert streamed > 0
+    assert "✓ auto_estimate: no mode fits on cpu alone" in out and "using a VGPU plan in mode memory" in out
+    assert f"{streamed}/6 blocks streamed" in out and "streamed blocks recomputed in backward" in out
+
+    optimizer = vb.offload_optimizer(model, torch.optim.AdamW(model.parameters()))  # as VB's trainer does
+    ids = torch.randint(0, DEEP.vocab_size, (1, 8))
+
+    def step() -> None:
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+
+    step()
+    state = list(optimizer.state.values())
+    homes = {h.untyped_storage()._cdata: h for h in (b.home_flat for b in stack.blocks) if h is not None}
+    with MemoryTracker() as tracker:
+        tracker.add([*model.parameters(), *model.buffers(), ids, *(t for s in state for t in s.values()),
+                     *(slot.buffer for slot in stack.slots), *homes.values()])
+        tracker.reset_peak()
+        step()
+    device_peak = (tracker.peak - sum(h.untyped_storage().nbytes() for h in homes.values())
+                   - optimizer.stats()["host_bytes"] - 4 * len(state))
+    planned = estimate(DEEP, mode="memory", batch=1, seq=8, levels=levels)
+    optimizer.release()
+    assert device_peak == planned.peak_bytes <= usable(memory_streaming)  # the plan fits, as estimated
+    assert stack.stats()["levels"][0]["peak_bytes"] == planned.placement.levels[0].held
+    assert planned.placement.levels[0].held <= levels["levels"][0]["capacity_mb"] * 2**20
+
+
+def test_a_streamed_training_plan_is_said_in_chinese_by_default(capsys, memory_streaming):
+    vb.enable(auto_estimate=True, device="cpu")
+    vb.set_workload(batch=1, seq=8, memory=memory_streaming)
+    APTModel(DEEP)
+    out = capsys.readouterr().out
+    assert "用 VGPU 计划, 模式 memory" in out and "个块流式" in out and "流式的块在反向中重算 (激活检查点)" in out

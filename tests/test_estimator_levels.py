@@ -138,11 +138,20 @@ def test_cli_levels_print_what_each_level_holds_and_the_device_peak_fits(capsys,
     assert est.placement.streamed > 0
     assert f"L1 {'cpu':<10}{human_bytes(est.placement.levels[1].held):>12} / 16.0 MiB" in out
     assert out.rstrip().endswith("fits (--memory 1.0 GiB)")
-    # a file works too; --mode all places each mode (training: fp32 weights, they take more room)
+    # a file works too; --mode all places each mode: a training step streams its blocks only
+    # where the stack trains them (checkpointed, no FP4 masters, AdamW offloaded)
     (tmp_path / "levels.json").write_text(config.replace("0.6", "1.2"))
     code, out, err = vb_cli(capsys, "estimate", "--preset", "tiny", "--seq", "8", "--levels",
-                            str(tmp_path / "levels.json"), "--mode", "all", "--optimizer", "sgd")
-    assert code == 0 and out.count("  VGPU: 4 blocks, 0 resident, 4 streamed") == 5, err
+                            str(tmp_path / "levels.json"), "--mode", "all")
+    assert code == 0 and out.count("  VGPU: 4 blocks, 0 resident, 4 streamed") == 1, err
+    assert "mode memory · training (adamw)" in out and "offloaded optimizer (host)" in out
+    for mode in ("off", "balanced", "speed"):
+        assert (f"mode {mode}: the levels of --levels cannot hold it: training 4 streamed blocks needs activation "
+                "checkpointing (mode memory" in out)
+    assert "mode full: the levels of --levels cannot hold it: FP4 layers train with fp32 master weights" in out
+    code, out, err = vb_cli(capsys, "estimate", "--preset", "tiny", "--seq", "8", "--levels",
+                            str(tmp_path / "levels.json"), "--mode", "memory", "--optimizer", "sgd")
+    assert code == 2 and "needs the offloaded AdamW (vb.offload_optimizer)" in err
 
 
 def test_cli_takes_the_configured_levels_and_names_them_when_they_cannot_hold_the_model(capsys, monkeypatch,
@@ -189,3 +198,56 @@ def test_an_offloaded_training_step_on_the_device_is_a_real_one_to_the_byte():
     est = estimate(CFG, mode="balanced", batch=2, seq=32, levels=config)
     assert est.traced_peak == device_peak  # to the byte
     assert est.peak_bytes == est.traced_peak  # every block in Level 0, on the model's own device
+
+
+def test_a_streamed_training_step_is_estimated_as_the_stack_runs_it(tmp_path):
+    """Memory mode (checkpointed, bf16 autocast), one block resident, three in host RAM, two on
+    the SSD, AdamW offloaded: each level's bytes are the stack's own counters and the offloaded
+    optimizer's host bytes its own; the device peak is the same tracker's on a real CPU step, to
+    the byte (the stack's Level 0 buffers counted from the start, its host homes, the
+    optimizer's arena and step counters taken off). Without releasing the streamed blocks'
+    weight casts, as the stack does, the trace would be the bf16 copies of every weight over."""
+    from apt_model.estimator import MemoryTracker
+
+    torch.manual_seed(0)
+    model = APTModel(CFG).train()
+    config = {"levels": levels(tmp_path, model), "prefetch_depth": 1}
+    vb.enable(mode="memory", verbose=False, vgpu_config=config)
+    vb.optimize(model)
+    optimizer = vb.offload_optimizer(model, torch.optim.AdamW(model.parameters()))
+    stack = vgpu.stack_of(model)
+    ids = torch.randint(0, CFG.vocab_size, (2, 32))
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+
+    step()
+    state = list(optimizer.state.values())
+    homes = {h.untyped_storage()._cdata: h for h in (b.home_flat for b in stack.blocks) if h is not None}
+    with MemoryTracker() as tracker:
+        tracker.add([*model.parameters(), *model.buffers(), ids, *(t for s in state for t in s.values()),
+                     *(slot.buffer for slot in stack.slots), *homes.values()])
+        tracker.reset_peak()
+        step()
+    at_home = sum(h.untyped_storage().nbytes() for h in homes.values())
+    device_peak = tracker.peak - at_home - optimizer.stats()["host_bytes"] - 4 * len(state)
+    stats, host = stack.stats(), optimizer.stats()
+    optimizer.release()
+
+    est = estimate(CFG, mode="memory", batch=2, seq=32, levels=config)
+    placement = est.placement
+    assert (placement.streamed, placement.slots, placement.depth) == (stats["streamed_blocks"], stats["slots"],
+                                                                      stats["depth"]) == (5, 2, 1)
+    assert [(lv.held, lv.held) for lv in placement.levels] == held(stats)
+    assert placement.slot_bytes == stack.plan.slot_bytes
+    assert placement.offloaded == host["host_bytes"] and placement.offload_steps == 4 * host["params"]
+    assert placement.disk_bytes == stats["levels"][2]["resident_bytes"] > 0
+    assert est.peak_bytes == device_peak  # to the byte
+    assert est.peak_bytes < estimate(CFG, mode="memory", batch=2, seq=32).peak_bytes  # streaming is the point
+    # the step's own tensors with every block resident hold the bf16 casts of every weight
+    resident = estimate(CFG, mode="memory", batch=2, seq=32,
+                        levels=[{**config["levels"][0], "capacity_mb": 64}, config["levels"][1]])
+    own, own_streamed = (resident.peak_bytes - resident.placement.levels[0].held,
+                         est.peak_bytes - placement.levels[0].held)
+    assert own > own_streamed

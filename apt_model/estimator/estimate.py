@@ -545,17 +545,25 @@ class Traced:
         return ModelPlan(self.model, config, moved=self._moved, checkpoint_blocks=self._checkpoint_blocks)
 
     def placed(self, est: Estimate, levels: Any) -> Estimate:
-        """``est`` (a step of this model traced with levels below Level 0, or none, as
-        ``levels`` has) placed over ``levels`` instead: no new trace, one new plan."""
+        """``est`` (a step traced by this object) placed over ``levels`` instead: one new plan,
+        and a new trace unless neither ``est``'s plan nor the new one streams a block (a
+        streamed block releases its weight casts: the step's own tensors change)."""
         from apt_model.estimator.levels import parse_levels
 
         plan = self._plan(parse_levels(levels))
+        if plan.plan.streamed or (est.placement is not None and est.placement.streamed):
+            return self._step(plan, batch=est.batch, seq=est.seq, optimizer=est.optimizer or "adamw")
         offload = _offloads(est.optimizer, plan)
         return dataclasses.replace(est, placement=plan.placement(est.traced_peak, device_type=self.device_type,
                                                                  offload=offload))
 
     def step(self, *, batch: int, seq: int | None = None, optimizer: str = "adamw") -> Estimate:
-        """One step of ``batch`` × ``seq`` tokens (default: the context length), traced."""
+        """One step of ``batch`` × ``seq`` tokens (default: the context length), traced (over
+        ``vb_plan`` when levels were given). ``levels.PlacementError`` when the plan streams
+        blocks in a training step that the stack cannot train (``ModelPlan.check_training``)."""
+        return self._step(self.vb_plan, batch=batch, seq=seq, optimizer=optimizer)
+
+    def _step(self, plan: ModelPlan | None, *, batch: int, seq: int | None, optimizer: str) -> Estimate:
         _check_step(batch, seq, optimizer)
         seq = seq or self.context
         if seq is None:
@@ -566,17 +574,21 @@ class Traced:
         if not self.training and seq < 2:
             raise VBConfigError(tr("解码估算需要 seq >= 2 (预填充 seq-1 个 token, 再解码 1 个)",
                                    "a decode estimate needs seq >= 2 (a prefill of seq-1 tokens, then one)"))
-        offload = self.training and _offloads(optimizer, self.vb_plan)
+        offload = self.training and _offloads(optimizer, plan)
+        if plan is not None and self.training:
+            plan.check_training(offload=offload)
         with contextlib.ExitStack() as stack:
             stack.enter_context(self.fake_mode)
             if self.device_type == "cuda":  # the kernels and autocast lists a CUDA card would use
                 stack.enter_context(cuda_attention())
                 stack.enter_context(cuda_autocast())
+            if plan is not None:
+                stack.enter_context(plan.releasing_casts())
             est = measure(self.model, batch=batch, seq=seq, optimizer=optimizer if self.training else None,
                           device_type=self.device_type, target=self.description, mode=self.mode, offload=offload)
-        if self.vb_plan is None:
+        if plan is None:
             return est
-        placement = self.vb_plan.placement(est.traced_peak, device_type=self.device_type, offload=offload)
+        placement = plan.placement(est.traced_peak, device_type=self.device_type, offload=offload)
         return dataclasses.replace(est, placement=placement)
 
 

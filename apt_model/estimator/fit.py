@@ -22,6 +22,7 @@ from apt_model.i18n import tr
 from apt_model.optimization.config import MODES, MOST_AGGRESSIVE, VBConfig, VGPULevel
 from apt_model.storage import human_bytes
 from apt_model.vgpu.levels import MIB, copy_gbps
+from apt_model.vgpu.placement import AUTO_DEPTHS
 
 FIT_MARGIN = 0.10
 LINK_PROBE_BYTES = 64 * 2**20  # a timed host-to-device copy: the VGPU plan's link speed
@@ -102,7 +103,8 @@ class ModeChoice:
     def reason(self) -> str:
         """Why: each mode tried with its peak, against the free memory and the margin."""
         if not self.peaks:
-            return tr("VGPU 层级放不下任何模式的权重", "the VGPU levels hold no mode's weights")
+            return tr("VGPU 层级放不下任何模式的权重, 或要流式的块在该模式下无法训练",
+                      "the VGPU levels hold no mode's weights, or stream blocks that mode cannot train")
         tried = ", ".join(f"{mode} {human_bytes(peak)}" for mode, peak in self.peaks.items())
         step = tr("一步训练", "a training step") if self.training else tr("一步解码", "a decode step")
         return tr(f"{step}的峰值: {tried}; {room(self.free)}", f"peak of {step}: {tried}; {room(self.free)}")
@@ -114,7 +116,8 @@ def choose_mode(target: Any, *, free: int, batch: int = 1, seq: int | None = Non
     """Trace ``target``'s step in each mode of ``MODES``, least aggressive first, and stop at
     the first that fits in ``free`` bytes (arguments as for ``estimate``; ``known``: peaks of
     this step already traced, by mode, not traced again). With ``levels`` a mode whose
-    weights the levels cannot hold is passed over (no peak)."""
+    weights the levels cannot hold, or whose streamed blocks the stack cannot train, is passed
+    over (no peak)."""
     peaks: dict[str, int] = {}
     for mode in MODES:
         if known is not None and mode in known:
@@ -122,9 +125,9 @@ def choose_mode(target: Any, *, free: int, batch: int = 1, seq: int | None = Non
         else:
             try:
                 traced = Traced(target, mode=mode, training=training, device=device, base=base, levels=levels)
+                peaks[mode] = traced.step(batch=batch, seq=seq, optimizer=optimizer).peak_bytes
             except PlacementError:
                 continue
-            peaks[mode] = traced.step(batch=batch, seq=seq, optimizer=optimizer).peak_bytes
         if peaks[mode] <= usable(free):
             return ModeChoice(mode, peaks, free, training)
     return ModeChoice(None, peaks, free, training)
@@ -169,6 +172,9 @@ class VGPUChoice:
         offloaded = (tr(f", 优化器状态与 fp32 主权重在主机 ({human_bytes(placement.offloaded)})",
                         f", optimizer state and fp32 masters on the host ({human_bytes(placement.offloaded)})")
                      if placement.offloaded else "")
+        if placement.streamed and self.estimate.training:
+            offloaded += tr(", 流式的块在反向中重算 (激活检查点)",
+                            ", streamed blocks recomputed in backward (activation checkpointing)")
         return tr(f"{placement.streamed}/{placement.blocks} 个块流式, {levels}{offloaded}; 设备峰值 "
                   f"{human_bytes(self.estimate.peak_bytes)}, {room(self.free)}; 主机 "
                   f"{human_bytes(placement.host_bytes)}, {room(self.host_free)}",
@@ -189,9 +195,11 @@ def choose_vgpu(target: Any, *, free: int, host_free: int, batch: int = 1, seq: 
     (activations, transient gradients, runtime) are counted; Level 1 = host RAM, what it
     leaves of ``host_free`` beside the offloaded optimizer (on a CPU device, beside Level 0
     too: the same memory); then the ``disk`` levels (a configured SSD). Levels 0 and 1 share
-    one link, host to device, whose speed is measured (``copy_gbps``) once a plan is found. A
-    training step keeps every block in Level 0 (the stack trains no streamed block) with its
-    AdamW offloaded. None when no mode fits. One trace per mode tried."""
+    one link, host to device, whose speed is measured (``copy_gbps``) once a plan is found.
+    A training step offloads AdamW, and streams blocks only in a mode whose blocks the stack
+    can train streamed (``ModelPlan.check_training``: checkpointing, no FP4 masters), which
+    makes ``memory`` the only mode of ``MODES`` that streams in training. None when no mode
+    fits."""
     host_room = usable(host_free) - (usable(free) if device.type == "cpu" else 0)
     if host_room <= 0:
         return None
@@ -199,19 +207,48 @@ def choose_vgpu(target: Any, *, free: int, host_free: int, batch: int = 1, seq: 
     for mode in MODES:
         traced = Traced(target, mode=mode, training=training, device=str(device), base=base,
                         levels=[_level(2**60, str(device), 1.0), _level(2**60, "cpu", 1.0)])
-        est = traced.step(batch=batch, seq=seq)  # everything in Level 0: what the step adds beside it
-        placement = est.placement
-        level0 = usable(free) - (est.peak_bytes - placement.levels[0].held)
-        level1 = host_room - placement.offloaded - placement.offload_steps
-        if level0 <= 0 or level1 <= 0:
+        found = _place(traced, traced.step(batch=batch, seq=seq), str(device), free, host_room, disk_levels)
+        if found is None:
             continue
-        try:
-            placed = traced.placed(est, [_level(level0, str(device), 1.0), _level(level1, "cpu", 1.0), *disk_levels])
-        except PlacementError:  # the levels cannot hold the model in this mode
-            continue
-        if (training and placed.placement.streamed) or placed.placement.host_bytes > host_room:
-            continue
+        placed, level0, level1 = found
         link = copy_gbps(torch.device("cpu"), device, max(MIB, min(LINK_PROBE_BYTES, placed.placement.levels[0].held)))
         levels = {"levels": [_level(level0, str(device), link), _level(level1, "cpu", link), *disk_levels]}
         return VGPUChoice(mode, levels, placed, free, host_free)
+    return None
+
+
+def _place(traced: Traced, resident: Estimate, device: str, free: int, host_room: int,
+           disk_levels: list[dict[str, Any]]) -> tuple[Estimate, int, int] | None:
+    """``traced``'s step (``resident``: traced with every block in Level 0) placed over a Level 0
+    on ``device`` that it fits in with the step's own tensors, Level 1 = ``host_room`` less the
+    offloaded optimizer, and ``disk_levels``: the step placed, and the bytes of Levels 0 and 1;
+    None when no such plan exists.
+
+    The step's own tensors depend on the plan (a streamed block releases its weight casts):
+    they are least when every block streams. Level 0 starts at what the fitting rule leaves
+    beside those, and shrinks by each plan's excess, its step traced, until one fits."""
+    placement = resident.placement
+    level1 = host_room - placement.offloaded - placement.offload_steps
+    own = resident.peak_bytes - placement.levels[0].held
+    vb_plan = traced.vb_plan
+    try:  # the plan that streams the most: one slot beside the resident part
+        fewest = traced.placed(resident, {"levels": [_level(vb_plan.smallest_level0(), device, 1.0),
+                                                     _level(2**60, "cpu", 1.0)], "prefetch_depth": 0})
+        own = min(own, fewest.peak_bytes - fewest.placement.levels[0].held)
+    except PlacementError:  # this step cannot stream its blocks
+        pass
+    level0 = usable(free) - own
+    for _ in range(len(vb_plan.blocks) + len(AUTO_DEPTHS) + 1):
+        if level0 <= 0 or level1 <= 0:
+            return None
+        try:
+            placed = traced.placed(resident, [_level(level0, device, 1.0), _level(level1, "cpu", 1.0), *disk_levels])
+        except PlacementError:  # the levels cannot hold the model, or this step cannot stream
+            return None
+        if placed.placement.host_bytes > host_room:
+            return None
+        excess = placed.peak_bytes - usable(free)
+        if excess <= 0:
+            return placed, level0, level1
+        level0 -= excess
     return None

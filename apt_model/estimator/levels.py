@@ -12,20 +12,27 @@ host bytes of ``offload_optimizer`` are its ``stats()["host_bytes"]``.
 Level 0 holds the resident part, the resident blocks and the slots: laid out anew
 (``Plan.level_bytes[0]``) when the model comes from another device, or counted as the
 storages already there when the model is on the compute device (as the stack adopts them).
+
+A step with streamed blocks is traced as the stack runs it: after each call of a streamed
+block autocast's cache of weight casts is cleared (``releasing_casts``), as the stack clears
+it once the block's slot is released. A training step streams blocks only where the stack
+trains them (``ModelPlan.check_training``): checkpointed, no FP4 master weights, AdamW
+offloaded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from apt_model.errors import VBConfigError
+from apt_model.errors import VBConfigError, VBUnsupportedError
 from apt_model.i18n import tr
-from apt_model.optimization.checkpointing import find_blocks
+from apt_model.optimization.checkpointing import find_blocks, is_checkpointed
 from apt_model.optimization.config import VGPUConfig, VGPULevel, parse_vgpu_config
 from apt_model.storage import human_bytes, tensors_nbytes
 from apt_model.vgpu.layout import Layout
@@ -125,6 +132,10 @@ class Placement:
         return out
 
 
+def _clear_casts(module: nn.Module, args: Any, output: Any) -> None:
+    torch.clear_autocast_cache()  # outside autocast the cache is empty
+
+
 class ModelPlan:
     """A model laid out and planned over ``config``'s levels, as the stack would: ``plan``
     (``PlacementError`` with ``make_plan``'s reason when the levels cannot hold it). ``moved``: the model
@@ -136,7 +147,8 @@ class ModelPlan:
         self.config = config
         self.specs: Sequence[VGPULevel] = config.levels
         self.moved = moved
-        groups, rest = _partition(model, _outermost(find_blocks(model, checkpoint_blocks)))
+        self.modules = _outermost(find_blocks(model, checkpoint_blocks))
+        groups, rest = _partition(model, self.modules)
         self.blocks = [Layout(g) for g in groups]
         self.rest = Layout(rest)
         try:
@@ -145,6 +157,45 @@ class ModelPlan:
         except VBConfigError as exc:
             raise PlacementError(str(exc)) from None
         self.model_bytes = tensors_nbytes((*model.parameters(), *model.buffers()))
+
+    @property
+    def streamed_modules(self) -> list[nn.Module]:
+        """The blocks the plan streams."""
+        return [self.modules[i] for i in self.plan.streamed]
+
+    def smallest_level0(self) -> int:
+        """The Level 0 bytes of the plan that streams the most: the resident part and one slot
+        (prefetch depth 0)."""
+        return self.rest.nbytes + max((b.nbytes for b in self.blocks), default=0)
+
+    def check_training(self, *, offload: bool) -> None:
+        """Raise ``PlacementError`` unless the stack can train the blocks the plan streams: each
+        recomputed in backward (activation checkpointing; its slot's weights are saved for
+        nothing), without FP4 master weights (a streamed block cannot hold them), and its
+        weights stepped by the offloaded AdamW (``offload``; it writes them home)."""
+        from apt_model.optimization.engine import refuse_fp4_masters
+
+        streamed = self.streamed_modules
+        if not streamed:
+            return
+        if not all(is_checkpointed(self.model, block) for block in streamed):
+            raise PlacementError(tr(
+                f"训练时要流式 {len(streamed)} 个块, 需要激活检查点 (memory 模式, 或模型自己的 gradient checkpointing)",
+                f"training {len(streamed)} streamed blocks needs activation checkpointing (mode memory, or the "
+                "model's own gradient checkpointing)"))
+        try:
+            for block in streamed:
+                refuse_fp4_masters(block)
+        except VBUnsupportedError:
+            raise PlacementError(tr(
+                "训练时的 FP4 层带 fp32 主权重, 流式的块放不下它们 (用 memory 模式)",
+                "FP4 layers train with fp32 master weights, which a streamed block cannot hold (use mode memory)"),
+            ) from None
+        if not offload:
+            raise PlacementError(tr(
+                "训练流式的块需要卸载的 AdamW (vb.offload_optimizer) 把新权重写回其所在层级",
+                "training streamed blocks needs the offloaded AdamW (vb.offload_optimizer) to write their new "
+                "weights home"))
 
     def _level0(self) -> int:
         if self.moved:
@@ -165,6 +216,18 @@ class ModelPlan:
                 held = level.counters.resident_bytes
             out.append(LevelUse(i, spec.device, capacity_bytes(spec), held))
         return out
+
+    @contextlib.contextmanager
+    def releasing_casts(self) -> Iterator[None]:
+        """While open, autocast's cache of weight casts is cleared after each call of a streamed
+        block (its recomputation in backward too), as the stack does when it releases the
+        block's slot."""
+        hooks = [m.register_forward_hook(_clear_casts, always_call=True) for m in self.streamed_modules]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
 
     def placement(self, traced_peak: int, *, device_type: str, offload: bool) -> Placement:
         """The placement for a step whose traced peak (every model tensor resident) is

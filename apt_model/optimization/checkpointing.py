@@ -14,7 +14,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from apt_model.optimization.wrapping import wrap_forward
+from apt_model.optimization.wrapping import wrap_forward, wrapped_tags
+
+CHECKPOINT_TAG = "checkpoint"  # the wrapper tag of a checkpointed block
 
 
 def block_class_names(model: nn.Module, configured: tuple[str, ...] = ()) -> set[str]:
@@ -50,5 +52,12 @@ def apply_checkpointing(model: nn.Module, configured: tuple[str, ...] = ()) -> l
     """Wrap every block's forward so its activations are recomputed in backward."""
     blocks = find_blocks(model, configured)
     for block in blocks:
-        wrap_forward(block, "checkpoint", _checkpointed_forward)
+        wrap_forward(block, CHECKPOINT_TAG, _checkpointed_forward)
     return blocks
+
+
+def is_checkpointed(model: nn.Module, block: nn.Module) -> bool:
+    """Whether ``block`` of ``model`` recomputes its activations in backward: VB's checkpointing
+    wraps it (``apply_checkpointing``), or the model's own gradient checkpointing is on
+    (Hugging Face ``gradient_checkpointing_enable``)."""
+    return CHECKPOINT_TAG in wrapped_tags(block) or bool(getattr(model, "is_gradient_checkpointing", False))

@@ -132,7 +132,7 @@ def optimize(model: nn.Module, config: VBConfig) -> OptimizationReport:
     return report
 
 
-def _serve_fp4_frozen(block: nn.Module) -> None:
+def refuse_fp4_masters(block: nn.Module) -> None:
     """Refuse to stream a block whose FP4 layers still hold master weights: each would keep
     a packed copy on the device beside the plan (serving streams the packed weight itself)."""
     if any(isinstance(m, FP4Linear) and not m.frozen for m in block.modules()):
@@ -146,7 +146,7 @@ def _attach_vgpu(model: nn.Module, config: VBConfig) -> vgpu.VGPUStack:
     """Place ``model`` over the configured levels, streaming its repeated blocks."""
     vc = config.vgpu_config
     stack = vgpu.attach(model, find_blocks(model, config.checkpoint_blocks), vc.levels, vc.prefetch_depth,
-                        check=_serve_fp4_frozen)
+                        check=refuse_fp4_masters)
     _place_now(stack)
     return stack
 
