@@ -251,3 +251,18 @@ def test_a_streamed_training_step_is_estimated_as_the_stack_runs_it(tmp_path):
     own, own_streamed = (resident.peak_bytes - resident.placement.levels[0].held,
                          est.peak_bytes - placement.levels[0].held)
     assert own > own_streamed
+
+
+def test_full_mode_on_an_accelerator_is_traced_with_the_optimizer_offloaded():
+    """Mode full offloads AdamW on an accelerator (``offload_optimizer``), so its estimate
+    holds no optimizer state and no gradient after the step there; on the CPU, with the
+    switch off, or in another mode, the state stays on the device."""
+    from apt_model.optimization.config import VBConfig
+
+    offloaded = estimate(CFG, mode="full", batch=2, seq=12, device="cuda:0")
+    assert offloaded.optimizer_state == 0 and offloaded.gradients == 0
+    on_cpu = estimate(CFG, mode="full", batch=2, seq=12, device="cpu")
+    kept = estimate(CFG, mode="full", batch=2, seq=12, device="cuda:0", base=VBConfig(offload_optimizer=False))
+    memory = estimate(CFG, mode="memory", batch=2, seq=12, device="cuda:0")
+    assert min(on_cpu.optimizer_state, kept.optimizer_state, memory.optimizer_state) > 0
+    assert offloaded.peak_bytes < kept.peak_bytes

@@ -535,6 +535,10 @@ class Traced:
         # a model described by a config is built on the host, as VB builds it
         self._moved = ("cpu" if origin.type == "meta" else origin.type) != self.device_type
         self._checkpoint_blocks = (base or VBConfig()).checkpoint_blocks
+        explicit = base.offload_optimizer if base is not None else None
+        spec = MODES.get(self.mode)
+        self._switch_offloads = self.device_type != "cpu" and bool(
+            explicit if explicit is not None else spec is not None and spec.offload_optimizer)
         self.vb_plan: ModelPlan | None = None
         if vgpu_config is not None:
             self.vb_plan = self._plan(vgpu_config)
@@ -553,7 +557,7 @@ class Traced:
         plan = self._plan(parse_levels(levels))
         if plan.plan.streamed or (est.placement is not None and est.placement.streamed):
             return self._step(plan, batch=est.batch, seq=est.seq, optimizer=est.optimizer or "adamw")
-        offload = _offloads(est.optimizer, plan)
+        offload = _offloads(est.optimizer, plan, self._switch_offloads)
         return dataclasses.replace(est, placement=plan.placement(est.traced_peak, device_type=self.device_type,
                                                                  offload=offload))
 
@@ -574,7 +578,7 @@ class Traced:
         if not self.training and seq < 2:
             raise VBConfigError(tr("解码估算需要 seq >= 2 (预填充 seq-1 个 token, 再解码 1 个)",
                                    "a decode estimate needs seq >= 2 (a prefill of seq-1 tokens, then one)"))
-        offload = self.training and _offloads(optimizer, plan)
+        offload = self.training and _offloads(optimizer, plan, self._switch_offloads)
         if plan is not None and self.training:
             plan.check_training(offload=offload)
         with contextlib.ExitStack() as stack:
@@ -592,10 +596,11 @@ class Traced:
         return dataclasses.replace(est, placement=placement)
 
 
-def _offloads(optimizer: str | None, plan: ModelPlan | None) -> bool:
-    """Whether a training step with ``optimizer`` offloads it, as VB's trainer does: AdamW,
-    with levels below Level 0."""
-    return optimizer == "adamw" and plan is not None and plan.config.offloads
+def _offloads(optimizer: str | None, plan: ModelPlan | None, switch: bool = False) -> bool:
+    """Whether a training step with ``optimizer`` offloads it, as VB's trainer does
+    (``vb.offloads_training``): AdamW, with levels below Level 0 or the ``offload_optimizer``
+    switch on for an accelerator (``switch``)."""
+    return optimizer == "adamw" and ((plan is not None and plan.config.offloads) or switch)
 
 
 def estimate(target: Any, *, mode: str | None = None, batch: int = 1, seq: int | None = None,
