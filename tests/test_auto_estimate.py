@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from offloaded_step import device_peak
 
 import apt_model.optimization.vb_global as vb
 from apt_model.errors import VBConfigError
@@ -198,8 +199,6 @@ def memory_streaming() -> int:
 def test_training_that_fits_only_streamed_plans_streamed_blocks_in_memory_mode_and_the_plan_runs(
         capsys, monkeypatch, memory_streaming):
     from apt_model import vgpu
-    from apt_model.estimator import MemoryTracker
-
     monkeypatch.setenv("VB_LANG", "en")
     vb.enable(auto_estimate=True, device="cpu")
     vb.set_workload(batch=1, seq=8, memory=memory_streaming)
@@ -223,19 +222,10 @@ def test_training_that_fits_only_streamed_plans_streamed_blocks_in_memory_mode_a
         model(ids, labels=ids).loss.backward()
         optimizer.step()
 
-    step()
-    state = list(optimizer.state.values())
-    homes = {h.untyped_storage()._cdata: h for h in (b.home_flat for b in stack.blocks) if h is not None}
-    with MemoryTracker() as tracker:
-        tracker.add([*model.parameters(), *model.buffers(), ids, *(t for s in state for t in s.values()),
-                     *(slot.buffer for slot in stack.slots), *homes.values()])
-        tracker.reset_peak()
-        step()
-    device_peak = (tracker.peak - sum(h.untyped_storage().nbytes() for h in homes.values())
-                   - optimizer.stats()["host_bytes"] - 4 * len(state))
+    measured = device_peak(model, optimizer, step, [ids], stack)
     planned = estimate(DEEP, mode="memory", batch=1, seq=8, levels=levels)
     optimizer.release()
-    assert device_peak == planned.peak_bytes <= usable(memory_streaming)  # the plan fits, as estimated
+    assert measured == planned.peak_bytes <= usable(memory_streaming)  # the plan fits, as estimated
     assert stack.stats()["levels"][0]["peak_bytes"] == planned.placement.levels[0].held
     assert planned.placement.levels[0].held <= levels["levels"][0]["capacity_mb"] * 2**20
 

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from offloaded_step import device_peak
 
 import apt_model.optimization.vb_global as vb
 from apt_model import vgpu
@@ -172,8 +173,6 @@ def test_an_offloaded_training_step_on_the_device_is_a_real_one_to_the_byte():
     once final), against the same tracker on a real CPU step with ``vb.offload_optimizer``: its
     host steps run in a worker thread, which the tracker does not see, and its host buffers
     (which the main thread copies gradients into) are counted from the start and taken off."""
-    from apt_model.estimator import MemoryTracker
-
     torch.manual_seed(0)
     model = APTModel(CFG).train()
     config = [{"capacity_mb": 64, "device": "cpu", "speed_gbps": 100},
@@ -187,16 +186,10 @@ def test_an_offloaded_training_step_on_the_device_is_a_real_one_to_the_byte():
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
 
-    step()
-    state = list(optimizer.state.values())  # moments: views of the host arena's one buffer; step counters
-    with MemoryTracker() as tracker:
-        tracker.add([*model.parameters(), *model.buffers(), ids, *(t for s in state for t in s.values())])
-        tracker.reset_peak()
-        step()
-    device_peak = tracker.peak - optimizer.stats()["host_bytes"] - 4 * len(state)
+    measured = device_peak(model, optimizer, step, [ids])
     optimizer.release()
     est = estimate(CFG, mode="balanced", batch=2, seq=32, levels=config)
-    assert est.traced_peak == device_peak  # to the byte
+    assert est.traced_peak == measured  # to the byte
     assert est.peak_bytes == est.traced_peak  # every block in Level 0, on the model's own device
 
 
@@ -207,8 +200,6 @@ def test_a_streamed_training_step_is_estimated_as_the_stack_runs_it(tmp_path):
     the byte (the stack's Level 0 buffers counted from the start, its host homes, the
     optimizer's arena and step counters taken off). Without releasing the streamed blocks'
     weight casts, as the stack does, the trace would be the bf16 copies of every weight over."""
-    from apt_model.estimator import MemoryTracker
-
     torch.manual_seed(0)
     model = APTModel(CFG).train()
     config = {"levels": levels(tmp_path, model), "prefetch_depth": 1}
@@ -222,16 +213,7 @@ def test_a_streamed_training_step_is_estimated_as_the_stack_runs_it(tmp_path):
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
 
-    step()
-    state = list(optimizer.state.values())
-    homes = {h.untyped_storage()._cdata: h for h in (b.home_flat for b in stack.blocks) if h is not None}
-    with MemoryTracker() as tracker:
-        tracker.add([*model.parameters(), *model.buffers(), ids, *(t for s in state for t in s.values()),
-                     *(slot.buffer for slot in stack.slots), *homes.values()])
-        tracker.reset_peak()
-        step()
-    at_home = sum(h.untyped_storage().nbytes() for h in homes.values())
-    device_peak = tracker.peak - at_home - optimizer.stats()["host_bytes"] - 4 * len(state)
+    measured = device_peak(model, optimizer, step, [ids], stack)
     stats, host = stack.stats(), optimizer.stats()
     optimizer.release()
 
@@ -243,7 +225,7 @@ def test_a_streamed_training_step_is_estimated_as_the_stack_runs_it(tmp_path):
     assert placement.slot_bytes == stack.plan.slot_bytes
     assert placement.offloaded == host["host_bytes"] and placement.offload_steps == 4 * host["params"]
     assert placement.disk_bytes == stats["levels"][2]["resident_bytes"] > 0
-    assert est.peak_bytes == device_peak  # to the byte
+    assert est.peak_bytes == measured  # to the byte
     assert est.peak_bytes < estimate(CFG, mode="memory", batch=2, seq=32).peak_bytes  # streaming is the point
     # the step's own tensors with every block resident hold the bf16 casts of every weight
     resident = estimate(CFG, mode="memory", batch=2, seq=32,
