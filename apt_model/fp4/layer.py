@@ -5,7 +5,8 @@ The master weight stays the same ``nn.Parameter`` object the user's optimizer up
 the model keeps learning and its state_dict stays plain. In training the layer computes
 with the FP4-quantized weight and passes gradients straight through to the master weight
 (the trained model is FP4-deployable); in inference it multiplies by the packed weight,
-which is re-packed only when the master weight changes.
+which is re-packed only when the master weight changes (at each use while a VGPU stack
+streams the layer: :meth:`FP4Linear.keep_packed`).
 
 Training takes one of two paths per call, by the number of activation rows, each the
 faster one there (the measurements: BENCHMARKS.md, ``bench/fp4_train.py``); both quantize
