@@ -6,23 +6,24 @@ Capacity: the most blocks of an APT model (the ``xl`` width, ``--vocab`` tokens,
 
 * ``plain``: fp32 eager, ``torch.optim.AdamW(fused=True)`` on the card, nothing else; doubling,
   then bisection over the block count;
-* ``vb``: VB's memory mode (bf16 autocast, fused attention and loss, checkpointed blocks) on
-  bf16 compute weights, a VGPU stack whose Level 0 gets ``--level0-share`` of the cap (the
-  rest is for activations and gradients in flight) over host RAM (and ``--ssd DIR``), fp32
-  masters and AdamW in host RAM (``vb.offload_optimizer``): full mode without FP4, whose
-  layers cannot stream in training yet. It starts from the most blocks whose host state
-  (``HOST_BYTES_PER_PARAM``) fits in ``--host-share`` of the free host RAM and tries 15% fewer
-  after each failure. The model is built on the card before the cap is set (fast
+* ``vb``: VB's ``--mode`` (default full: FP4 layers, bf16 autocast, fused attention and loss,
+  checkpointed blocks; memory: the same without FP4) on bf16 compute weights (FP4 layers
+  quantize them at each use, streamed blocks included), a VGPU stack whose Level 0 gets
+  ``--level0-share`` of the cap (the rest is for activations and gradients in flight) over
+  host RAM (and ``--ssd DIR``), fp32 masters and AdamW in host RAM (``vb.offload_optimizer``).
+  It starts from the most blocks whose host state (``HOST_BYTES_PER_PARAM``) fits in
+  ``--host-share`` of the free host RAM and tries 15% fewer after each failure. The model is built on the card before the cap is set (fast
   initialization); placement moves the streamed blocks out before the cap applies.
 
 Step time at ``--compare-layers`` blocks (default: plain's largest, so it fits both ways),
-median of ``--iters`` steps after ``--warmup``, tokens/s: ``resident`` (memory mode, fp32
-weights, fused AdamW on the card), ``offloaded`` (memory mode, bf16 weights, masters and
+median of ``--iters`` steps after ``--warmup``, tokens/s: ``resident`` (``--mode``, fp32
+weights, fused AdamW on the card), ``offloaded`` (``--mode``, bf16 weights, masters and
 AdamW on the host, every block in Level 0) and ``streamed`` (the same with Level 0 holding
 the rest of the model, ``--streamed-resident`` blocks and three slots). Each trial runs in a
 fresh process.
 
     python bench/vgpu_train.py --json vgpu_c.json        # one H200, a few minutes
+    python bench/vgpu_train.py --mode memory             # VB without FP4 (BENCHMARKS.md's first run)
     python bench/vgpu_train.py --device cpu --tiny       # smoke test (no cap on the CPU), seconds
 """
 
@@ -109,7 +110,7 @@ def train(args: argparse.Namespace, model, optimizer, steps: int, warmup: int = 
 
 
 def vb_model(args: argparse.Namespace, layers: int, level0_bytes: int | None):
-    """Memory mode on bf16 weights; with ``level0_bytes`` a VGPU stack (Level 0 that big,
+    """VB's ``--mode`` on bf16 weights; with ``level0_bytes`` a VGPU stack (Level 0 that big,
     host RAM and ``--ssd`` below); fp32 masters and AdamW in host RAM."""
     import apt_model.optimization.vb_global as vb
     from apt_model.accelerator import host_memory_info
@@ -122,7 +123,7 @@ def vb_model(args: argparse.Namespace, layers: int, level0_bytes: int | None):
                   {"capacity_mb": host / MIB, "device": "cpu", "speed_gbps": 50}]
         if args.ssd:
             levels.append({"capacity_mb": 1 << 30, "device": "ssd", "speed_gbps": 5, "path": args.ssd})
-    vb.optimize(model, mode="memory", verbose=False, vgpu_config={"levels": levels} if levels else None)
+    vb.optimize(model, mode=args.mode, verbose=False, vgpu_config={"levels": levels} if levels else None)
     optimizer = vb.offload_optimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1))
     return model, optimizer
 
@@ -163,7 +164,7 @@ def run_trial(args: argparse.Namespace) -> dict:
             import apt_model.optimization.vb_global as vb
 
             model = build(args, args.layers, torch.float32)
-            vb.optimize(model, mode="memory", verbose=False)
+            vb.optimize(model, mode=args.mode, verbose=False)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=args.device == "cuda")
             row.update(train(args, model, optimizer, args.iters, args.warmup))
         else:
@@ -187,7 +188,7 @@ def block_and_rest(args: argparse.Namespace) -> tuple[int, int]:
 
 def trial(args: argparse.Namespace, name: str, layers: int) -> dict:
     """``run_trial`` in a fresh process (an error row where it failed otherwise)."""
-    forwarded = ("device", "vocab", "seq", "batch", "cap_gib", "level0_share", "host_share",
+    forwarded = ("device", "mode", "vocab", "seq", "batch", "cap_gib", "level0_share", "host_share",
                  "streamed_resident", "ssd", "steps", "iters", "warmup")
     cmd = [sys.executable, __file__, "--trial", name, f"--layers={layers}"] + ["--tiny"] * args.tiny
     cmd += [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in forwarded if getattr(args, k) is not None]
@@ -241,6 +242,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="a tiny model and fixed sizes: a smoke test")
+    p.add_argument("--mode", choices=("full", "memory"), default="full", help="VB's mode for every trial but plain")
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--batch", type=int, default=1)

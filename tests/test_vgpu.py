@@ -15,7 +15,8 @@ from torch import nn
 
 import apt_model.optimization.vb_global as vb
 from apt_model import vgpu
-from apt_model.errors import VBConfigError, VBDataError, VBUnsupportedError
+from apt_model.errors import VBConfigError, VBDataError
+from apt_model.fp4.layer import FP4Linear
 from apt_model.modeling.apt_model import APTConfig, APTModel
 from apt_model.optimization.config import VGPULevel as Level
 from apt_model.vgpu import levels as vgpu_levels
@@ -188,20 +189,31 @@ def test_speed_mode_streams_packed_fp4_through_vb(tmp_path, capsys):
     assert "Level 0 hit rate:" in text and "promotions:" in text and "no tiering" not in text
 
 
-def test_fp4_layers_with_master_weights_are_not_streamed():
+def test_fp4_layers_with_master_weights_stream_them_quantized_at_each_use():
+    """Speed mode, not frozen: the streamed blocks carry the master weights, which each use
+    quantizes and no layer keeps (a resident model's layers keep their packed weight); the
+    outputs equal the resident model's. Frozen, the next forward streams packed FP4."""
+    reference = apt()
+    vb.optimize(reference, mode="speed", verbose=False)
     model = apt()
-    vb.optimize(model, mode="speed", verbose=False)
     blocks = list(model.blocks)
-    level0 = rest_bytes(model, blocks) + block_bytes(blocks[0])
-    vb.restore(model)
+    level0 = rest_bytes(model, blocks) + block_bytes(blocks[0])  # one slot
     config = {"levels": [{"capacity_mb": mb(level0) + 0.01, "device": "cpu", "speed_gbps": 100},
                          {"capacity_mb": 64, "device": "cpu", "speed_gbps": 50}]}
     vb.optimize(model, mode="speed", verbose=False, vgpu_config=config)
-    with pytest.raises(VBUnsupportedError, match=r"call vb.freeze_fp4\(model\) first"):
-        logits(model, X)
-    vb.freeze_fp4(model)  # the next forward places the packed weights
-    logits(model, X)
-    assert vgpu.stack_of(model).stats()["levels"][0]["hits"] == CFG.n_layers
+    assert torch.equal(logits(model, X), logits(reference, X))
+    stack = vgpu.stack_of(model)
+    assert stack.stats()["streamed_blocks"] == CFG.n_layers
+    layers = [m for m in model.modules() if isinstance(m, FP4Linear)]
+    assert layers and all(m._packed is None for m in layers)
+    assert all(m._packed is not None for m in reference.modules() if isinstance(m, FP4Linear))
+    slot = stack.plan.slot_bytes
+    vb.freeze_fp4(model)  # placed again, for the packed weights
+    vb.freeze_fp4(reference)
+    assert stack.plan.slot_bytes < slot / 4
+    assert torch.equal(logits(model, X), logits(reference, X))
+    l0 = stack.stats()["levels"][0]
+    assert l0["hits"] == CFG.n_layers and l0["peak_bytes"] <= l0["capacity_bytes"]
 
 
 def test_restore_gives_back_the_same_parameters_bit_for_bit(tmp_path):

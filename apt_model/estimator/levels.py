@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from apt_model.errors import VBConfigError, VBUnsupportedError
+from apt_model.errors import VBConfigError
 from apt_model.i18n import tr
 from apt_model.optimization.checkpointing import find_blocks, is_checkpointed
 from apt_model.optimization.config import VGPUConfig, VGPULevel, parse_vgpu_config
@@ -171,26 +171,16 @@ class ModelPlan:
     def check_training(self, *, offload: bool) -> None:
         """Raise ``PlacementError`` unless the stack can train the blocks the plan streams: each
         recomputed in backward (activation checkpointing; its slot's weights are saved for
-        nothing), without FP4 master weights (a streamed block cannot hold them), and its
-        weights stepped by the offloaded AdamW (``offload``; it writes them home)."""
-        from apt_model.optimization.engine import refuse_fp4_masters
-
+        nothing), and its weights stepped by the offloaded AdamW (``offload``; it writes them
+        home). FP4 layers with master weights stream those (each use quantizes them)."""
         streamed = self.streamed_modules
         if not streamed:
             return
         if not all(is_checkpointed(self.model, block) for block in streamed):
             raise PlacementError(tr(
-                f"训练时要流式 {len(streamed)} 个块, 需要激活检查点 (memory 模式, 或模型自己的 gradient checkpointing)",
-                f"training {len(streamed)} streamed blocks needs activation checkpointing (mode memory, or the "
-                "model's own gradient checkpointing)"))
-        try:
-            for block in streamed:
-                refuse_fp4_masters(block)
-        except VBUnsupportedError:
-            raise PlacementError(tr(
-                "训练时的 FP4 层带 fp32 主权重, 流式的块放不下它们 (用 memory 模式)",
-                "FP4 layers train with fp32 master weights, which a streamed block cannot hold (use mode memory)"),
-            ) from None
+                f"训练时要流式 {len(streamed)} 个块, 需要激活检查点 (memory 或 full 模式, 或模型自己的 gradient checkpointing)",
+                f"training {len(streamed)} streamed blocks needs activation checkpointing (mode memory or full, or "
+                "the model's own gradient checkpointing)"))
         if not offload:
             raise PlacementError(tr(
                 "训练流式的块需要卸载的 AdamW (vb.offload_optimizer) 把新权重写回其所在层级",

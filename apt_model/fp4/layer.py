@@ -5,7 +5,8 @@ The master weight stays the same ``nn.Parameter`` object the user's optimizer up
 the model keeps learning and its state_dict stays plain. In training the layer computes
 with the FP4-quantized weight and passes gradients straight through to the master weight
 (the trained model is FP4-deployable); in inference it multiplies by the packed weight,
-which is re-packed only when the master weight changes.
+which is re-packed only when the master weight changes (at each use while a VGPU stack
+streams the layer: :meth:`FP4Linear.keep_packed`).
 
 Training takes one of two paths per call, by the number of activation rows, each the
 faster one there (the measurements: BENCHMARKS.md, ``bench/fp4_train.py``); both quantize
@@ -191,6 +192,7 @@ class FP4Linear(nn.Module):
         self.bias = linear.bias
         self._packed: FP4Weight | None = None
         self._packed_key: tuple | None = None
+        self._keep_packed = True  # see keep_packed
         self._compute_dtype: torch.dtype | None = None  # a frozen layer's output dtype
         self._fused = None  # the FusedFP4Projections this layer belongs to (not a submodule)
         self._fused_index = 0
@@ -229,8 +231,22 @@ class FP4Linear(nn.Module):
         ``[in, out]`` layout."""
         return self.weight.t() if self.weight_transposed else self.weight
 
+    def keep_packed(self, keep: bool) -> None:
+        """Whether :meth:`packed_weight` keeps the weight it quantizes from the master weight
+        between calls (the default) or quantizes it at each call and keeps nothing (``keep``
+        False; what is kept is dropped now). A VGPU stack that streams this layer's master
+        weight turns keeping off: a kept copy would stay on the device outside the stack's
+        plan, and the offloaded optimizer writes the new weight into the master's home, which
+        the cache's key (the Parameter's identity, version and device) does not see. A frozen
+        layer's packed weight is its buffers either way."""
+        self._keep_packed = keep
+        if not self.frozen:
+            self._packed = None
+            self._packed_key = None
+
     def packed_weight(self) -> FP4Weight:
-        """The packed FP4 weight, re-quantized only when the master weight was changed or moved.
+        """The packed FP4 weight, re-quantized only when the master weight was changed or moved
+        (at every call where :meth:`keep_packed` turned keeping off).
 
         A frozen layer's is built from its buffers, so it follows ``.to()`` and
         ``load_state_dict`` (rebuilt only when a buffer was replaced or written to). Inside
@@ -260,7 +276,7 @@ class FP4Linear(nn.Module):
                 self._packed_key = key
             return self._packed
         w = self.weight
-        if compiling:
+        if compiling or not self._keep_packed:
             return fp4_quantize(self.master_weight().detach(), self.fmt)
         key = (id(w), w._version, w.device)
         if self._packed is None or self._packed_key != key:

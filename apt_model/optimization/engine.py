@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from apt_model import vgpu
-from apt_model.errors import VBConfigError, VBUnsupportedError
+from apt_model.errors import VBConfigError
 from apt_model.fp4.layer import FP4Linear, convert_to_fp4, count_linear_layers, freeze_fp4
 from apt_model.i18n import tr
 from apt_model.optimization.attention import (
@@ -132,21 +132,12 @@ def optimize(model: nn.Module, config: VBConfig) -> OptimizationReport:
     return report
 
 
-def refuse_fp4_masters(block: nn.Module) -> None:
-    """Refuse to stream a block whose FP4 layers still hold master weights: each would keep
-    a packed copy on the device beside the plan (serving streams the packed weight itself)."""
-    if any(isinstance(m, FP4Linear) and not m.frozen for m in block.modules()):
-        raise VBUnsupportedError(tr(
-            f"VGPU: 流式的块 ({type(block).__name__}) 含有仍带主权重的FP4层；请先 vb.freeze_fp4(model) 以打包FP4形式服务",
-            f"VGPU: a streamed block ({type(block).__name__}) holds FP4 layers that still have master "
-            "weights; serve them packed: call vb.freeze_fp4(model) first"))
-
-
 def _attach_vgpu(model: nn.Module, config: VBConfig) -> vgpu.VGPUStack:
-    """Place ``model`` over the configured levels, streaming its repeated blocks."""
+    """Place ``model`` over the configured levels, streaming its repeated blocks: frozen FP4
+    layers as packed FP4 (serving), FP4 layers with master weights as those (training; each
+    use quantizes them, see :mod:`apt_model.vgpu.streaming`)."""
     vc = config.vgpu_config
-    stack = vgpu.attach(model, find_blocks(model, config.checkpoint_blocks), vc.levels, vc.prefetch_depth,
-                        check=refuse_fp4_masters)
+    stack = vgpu.attach(model, find_blocks(model, config.checkpoint_blocks), vc.levels, vc.prefetch_depth)
     _place_now(stack)
     return stack
 
@@ -154,8 +145,10 @@ def _attach_vgpu(model: nn.Module, config: VBConfig) -> vgpu.VGPUStack:
 def _place_now(stack: vgpu.VGPUStack) -> None:
     """Place the model now rather than at its first forward, so that it reports Level 0's
     device before it is called (Hugging Face ``generate()`` moves its inputs to
-    ``model.device`` first). Not while FP4 layers still hold master weights: the plan is
-    made for the packed weights ``freeze`` leaves (it places the model then)."""
+    ``model.device`` first). Not while FP4 layers still hold master weights: a model to serve
+    is frozen next, and ``freeze`` places the packed weights it leaves (placing the masters
+    now would move them out only to move them back); one to train is placed by its first
+    forward or by ``vb.offload_optimizer``."""
     if not any(isinstance(m, FP4Linear) and not m.frozen for m in stack.model.modules()):
         stack.place()
 

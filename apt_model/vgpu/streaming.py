@@ -31,6 +31,15 @@ prefetched in reverse order, and its slot stays bound until the gradients of its
 of its parameters are computed; its parameters' gradients then leave the device through the
 offloaded optimizer's hooks. A slot copy whose home bytes changed since (a weight update,
 ``load_state_dict``) is fetched again.
+
+FP4 layers (:class:`~apt_model.fp4.layer.FP4Linear`) stream what they hold: a frozen layer its
+packed weight (4.5 or 4.25 bits a weight: serving), a layer with a master weight that
+Parameter in the model's dtype (training, e.g. full mode). The latter is quantized at each use
+from the slot and never kept (:meth:`~apt_model.fp4.layer.FP4Linear.keep_packed`): the
+training forward quantizes per call anyway, and for inference a kept packed copy would stay on
+the device beside the plan, stale once the offloaded optimizer writes the new weight home. The
+quantization reads the slot's bytes on the device, far faster than they crossed from their
+home, so keeping nothing costs little where the weight streams anyway.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from __future__ import annotations
 import functools
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +59,7 @@ from torch.utils.hooks import RemovableHandle
 
 from apt_model.accelerator import host_memory_info, resolve_device
 from apt_model.errors import VBConfigError, VBUnsupportedError
+from apt_model.fp4.layer import FP4Linear
 from apt_model.i18n import tr
 from apt_model.storage import human_bytes, storage_key
 from apt_model.vgpu.layout import Layout, Slot, tensor_slots
@@ -148,6 +158,14 @@ def _outermost(blocks: Sequence[nn.Module]) -> list[nn.Module]:
     return [b for b in unique.values() if id(b) not in inner]
 
 
+def _keep_packed(block: nn.Module, keep: bool) -> None:
+    """:meth:`FP4Linear.keep_packed` on ``block``'s FP4 layers: off while the block streams (a
+    master weight is quantized at each use, see the module doc), on again when it is unplaced."""
+    for module in block.modules():
+        if isinstance(module, FP4Linear):
+            module.keep_packed(keep)
+
+
 def _compute_device(spec: LevelSpec) -> torch.device:
     if spec.device == "ssd":
         raise VBConfigError(tr("vgpu_config.levels[0] 是计算设备 (如 cuda:0 或 cpu)，不能是 ssd",
@@ -187,10 +205,9 @@ class VGPUStack:
     """The levels, the plan and the streaming hooks of one model (see the module doc)."""
 
     def __init__(self, model: nn.Module, blocks: Sequence[nn.Module], levels: Sequence[LevelSpec],
-                 depth: int | None = None, check: Callable[[nn.Module], None] | None = None) -> None:
+                 depth: int | None = None) -> None:
         """Stream ``blocks`` of ``model`` over ``levels`` (Level 0 first: the compute device);
-        ``depth``: blocks fetched ahead (None: automatic); ``check(block)`` runs before each
-        use of a streamed block and raises to refuse it. The levels and a given SSD directory
+        ``depth``: blocks fetched ahead (None: automatic). The levels and a given SSD directory
         are checked now; the model is placed at its first forward (or by :meth:`place`), so
         what is placed is the model as it is then (e.g. FP4 layers frozen since)."""
         for i, spec in enumerate(levels[1:], 1):
@@ -203,7 +220,6 @@ class VGPUStack:
         self.device = _compute_device(levels[0])
         self.specs = list(levels)
         self.depth_setting = depth
-        self._check = check
         self._cuda = self.device.type == "cuda"
         self.modules = _outermost(blocks)
         self.placed = False
@@ -233,10 +249,6 @@ class VGPUStack:
         self.plan: Plan = make_plan([b.layout.nbytes for b in self.blocks], self.rest.nbytes,
                                     [capacity_bytes(s) for s in self.specs], self.depth_setting)
         self._check_room()
-        if self._check is not None:  # refusals before anything moves (freezing unplaces)
-            for block, home in zip(self.blocks, self.plan.homes, strict=True):
-                if home:
-                    self._check(block.module)
         self.host_memory = HostMemory(pin=self._cuda)
         self.level0 = DeviceLevel(self.specs[0], self.device)
         self.lower: list[HostLevel | DiskLevel] = []
@@ -316,6 +328,7 @@ class VGPUStack:
             b.params = list(b.module.parameters())
             if b.home == 0:
                 continue
+            _keep_packed(b.module, False)
             level = self.lower[b.home - 1]
             n = b.layout.nbytes
             b.home_flat = level.allocate(n) if isinstance(level, HostLevel) else level.store(i, n)
@@ -360,6 +373,7 @@ class VGPUStack:
                 self.lower[b.home - 1].check(i)
             b.layout.materialize(self.origin)
             b.home_flat = None
+            _keep_packed(b.module, True)
         if self._moved:
             for layout in self._resident_layouts():
                 layout.materialize(self.origin)
@@ -787,11 +801,11 @@ class VGPUStack:
 
 
 def attach(model: nn.Module, blocks: Sequence[nn.Module], levels: Sequence[LevelSpec],
-           depth: int | None = None, check: Callable[[nn.Module], None] | None = None) -> VGPUStack:
+           depth: int | None = None) -> VGPUStack:
     """Place ``model`` over ``levels`` and stream ``blocks`` (see :class:`VGPUStack`)."""
     if stack_of(model) is not None:
         raise VBConfigError(tr("此模型已有VGPU堆叠", "this model already has a VGPU stack"))
-    stack = VGPUStack(model, blocks, levels, depth, check)
+    stack = VGPUStack(model, blocks, levels, depth)
     object.__setattr__(model, STACK_ATTR, stack)
     return stack
 
