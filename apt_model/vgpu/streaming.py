@@ -59,7 +59,6 @@ from torch.utils.hooks import RemovableHandle
 
 from apt_model.accelerator import host_memory_info, resolve_device
 from apt_model.errors import VBConfigError, VBUnsupportedError
-from apt_model.fp4.layer import FP4Linear
 from apt_model.i18n import tr
 from apt_model.storage import human_bytes, storage_key
 from apt_model.vgpu.layout import Layout, Slot, tensor_slots
@@ -159,11 +158,13 @@ def _outermost(blocks: Sequence[nn.Module]) -> list[nn.Module]:
 
 
 def _keep_packed(block: nn.Module, keep: bool) -> None:
-    """:meth:`FP4Linear.keep_packed` on ``block``'s FP4 layers: off while the block streams (a
-    master weight is quantized at each use, see the module doc), on again when it is unplaced."""
+    """``keep_packed(keep)`` on ``block``'s modules that have it (FP4 layers: a weight derived
+    from the master weight and kept between calls): off while the block streams (a master
+    weight is quantized at each use, see the module doc), on again when it is unplaced."""
     for module in block.modules():
-        if isinstance(module, FP4Linear):
-            module.keep_packed(keep)
+        keep_packed = getattr(module, "keep_packed", None)
+        if callable(keep_packed):
+            keep_packed(keep)
 
 
 def _compute_device(spec: LevelSpec) -> torch.device:
