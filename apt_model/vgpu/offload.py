@@ -48,7 +48,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -515,9 +515,10 @@ class OffloadedAdamW(torch.optim.AdamW):
                 "host_step_s": c.host_step_s, "wait_s": c.wait_s}
 
     def release(self) -> None:
-        """Stop offloading: remove the hooks (pending steps finished first); the parameters
-        keep their last weights and can be given to another optimizer."""
-        self._drain()
+        """Stop offloading: remove the hooks (pending steps finished first; a failure of theirs
+        is ``step()``'s to report, e.g. a truncated swap file); the parameters keep their last
+        weights and can be given to another optimizer."""
+        wait([host.future for host in self._host.values() if host.future is not None])
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
