@@ -1,4 +1,4 @@
-"""Training with offloaded optimizer state: fp32 masters and AdamW moments in host RAM.
+"""Training with offloaded optimizer state: fp32 masters and AdamW moments in host RAM or SSD swap files.
 
 :func:`offload_optimizer` takes over a ``torch.optim.AdamW`` and returns an
 :class:`OffloadedAdamW` (an ``AdamW`` itself: same ``param_groups`` dicts, so lr schedulers
