@@ -18,10 +18,10 @@ def device_peak(model: nn.Module, optimizer: OffloadedAdamW, step: Callable[[], 
     """Peak bytes of ``step()`` (run once before, to create the optimizer state) that a device
     would hold: the tracker counts the model, ``inputs``, the optimizer state and the stack's
     slots and homes from the start, then the host's part (the stack's homes, the optimizer's
-    arena, its step counters) is taken off. The host steps run in a worker thread, which the
+    arena and swap files, its step counters) is taken off. The host steps run in a worker thread, which the
     tracker does not see."""
     step()
-    state = list(optimizer.state.values())  # moments: views of the host arena's one buffer; step counters
+    state = list(optimizer.state.values())  # moments: views of the host arena's one buffer or of swap files; step counters
     homes = {} if stack is None else {
         h.untyped_storage()._cdata: h for h in (b.home_flat for b in stack.blocks) if h is not None}
     slots = [] if stack is None else [slot.buffer for slot in stack.slots]
@@ -31,4 +31,5 @@ def device_peak(model: nn.Module, optimizer: OffloadedAdamW, step: Callable[[], 
         tracker.reset_peak()
         step()
     at_home = sum(h.untyped_storage().nbytes() for h in homes.values())
-    return tracker.peak - at_home - optimizer.stats()["host_bytes"] - 4 * len(state)
+    stats = optimizer.stats()
+    return tracker.peak - at_home - stats["host_bytes"] - stats["disk_bytes"] - 4 * len(state)

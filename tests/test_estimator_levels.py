@@ -114,6 +114,25 @@ def test_training_offloads_masters_and_adamw_state_to_the_host_as_estimated():
     optimizer.release()
 
 
+def test_optimizer_state_past_the_host_ram_level_goes_to_the_ssd_as_estimated(tmp_path):
+    """Every block resident, a host RAM level with room for part of the optimizer's state:
+    the rest in SSD swap files, host and disk bytes the optimizer's own."""
+    torch.manual_seed(0)
+    model = APTModel(CFG).train()
+    config = [{"capacity_mb": 64, "device": "cpu", "speed_gbps": 100},
+              {"capacity_mb": 8, "device": "cpu", "speed_gbps": 50},
+              {"capacity_mb": 64, "device": "ssd", "speed_gbps": 5, "path": str(tmp_path)}]
+    vb.enable(mode="balanced", verbose=False, vgpu_config={"levels": config})
+    vb.optimize(model)
+    optimizer = vb.offload_optimizer(model, torch.optim.AdamW(model.parameters()))
+    host = optimizer.stats()
+    optimizer.release()
+    placement = estimate(CFG, mode="balanced", batch=2, seq=12, levels=config).placement
+    assert (placement.offloaded, placement.offload_disk) == (host["host_bytes"], host["disk_bytes"])
+    assert host["host_bytes"] > 0 and host["disk_bytes"] > 0 and placement.disk_bytes == host["disk_bytes"]
+    assert "offloaded optimizer (SSD)" in "\n".join(placement.lines())
+
+
 def test_levels_that_cannot_hold_the_model_name_the_shortfall():
     small = [{"capacity_mb": 0.1, "device": "cuda:0", "speed_gbps": 100}, {"capacity_mb": 1, "device": "cpu",
                                                                           "speed_gbps": 50}]
@@ -224,7 +243,9 @@ def test_a_streamed_training_step_is_estimated_as_the_stack_runs_it(tmp_path):
     assert [(lv.held, lv.held) for lv in placement.levels] == held(stats)
     assert placement.slot_bytes == stack.plan.slot_bytes
     assert placement.offloaded == host["host_bytes"] and placement.offload_steps == 4 * host["params"]
-    assert placement.disk_bytes == stats["levels"][2]["resident_bytes"] > 0
+    # the host RAM level is full of blocks: the masters and moments live in swap files on the SSD
+    assert placement.offload_disk == host["disk_bytes"] > 0
+    assert placement.disk_bytes == stats["levels"][2]["resident_bytes"] + host["disk_bytes"]
     assert est.peak_bytes == measured  # to the byte
     assert est.peak_bytes < estimate(CFG, mode="memory", batch=2, seq=32).peak_bytes  # streaming is the point
     # the step's own tensors with every block resident hold the bf16 casts of every weight

@@ -233,8 +233,9 @@ def test_checkpoint_resumes_bit_for_bit_and_stale_slots_are_fetched_again(tmp_pa
 
 def test_vb_trainer_streams_blocks_in_memory_mode_and_resumes_bit_for_bit(tmp_path):
     """VB's trainer, zero added lines: memory mode (bf16 autocast, checkpointed blocks, fused
-    loss) with Level 0 holding one slot, every block streamed from the SSD; evaluation and
-    sampling between steps; a resumed run equals the uninterrupted one."""
+    loss) with Level 0 holding one slot, every block streamed from the SSD, the optimizer's
+    masters and moments there too; evaluation and sampling between steps; a resumed run
+    equals the uninterrupted one."""
     import shutil
 
     from apt_model.training.trainer import TrainConfig, Trainer
@@ -248,7 +249,9 @@ def test_vb_trainer_streams_blocks_in_memory_mode_and_resumes_bit_for_bit(tmp_pa
     full = Trainer(cfg, lambda: APTModel(cfg4)).run()
     stack = vb.get_stats()["vgpu"]["stacks"][-1]
     assert stack["streamed_blocks"] == 4 and stack["slots"] == 1
-    assert vb.get_stats()["vgpu"]["optimizers"][-1]["weight_bytes_home"] > 0
+    optimizer = vb.get_stats()["vgpu"]["optimizers"][-1]
+    assert optimizer["weight_bytes_home"] > 0
+    assert optimizer["disk_bytes"] > 0  # no host RAM level: masters and moments in swap files on the SSD
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "ckpt-00000004")
     cfg.resume = True
     resumed = Trainer(cfg, lambda: APTModel(cfg4)).run()

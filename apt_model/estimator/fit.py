@@ -172,6 +172,9 @@ class VGPUChoice:
         offloaded = (tr(f", 优化器状态与 fp32 主权重在主机 ({human_bytes(placement.offloaded)})",
                         f", optimizer state and fp32 masters on the host ({human_bytes(placement.offloaded)})")
                      if placement.offloaded else "")
+        if placement.offload_disk:
+            offloaded += tr(f" 与 SSD ({human_bytes(placement.offload_disk)})",
+                            f" and the SSD ({human_bytes(placement.offload_disk)})")
         if placement.streamed and self.estimate.training:
             offloaded += tr(", 流式的块在反向中重算 (激活检查点)",
                             ", streamed blocks recomputed in backward (activation checkpointing)")

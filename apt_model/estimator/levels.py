@@ -5,9 +5,10 @@ stack's own code: its blocks (``find_blocks``, outermost only) and their tensors
 (``streaming._partition``, ``layout.Layout``), the plan (``placement.make_plan`` over
 ``levels.capacity_bytes``), host buffers carved by ``levels.HostLevel`` / ``HostArena`` (on
 the meta device here, so nothing is allocated) and the offloaded optimizer's host tensors
-(``offload._host_sizes``). So each level's figure is what the stack's own counters report
+(``offload._host_sizes``), or its SSD swap files where the host RAM levels cannot hold its
+masters and moments (``offload.state_homes``). So each level's figure is what the stack's own counters report
 once placed (``stack.stats()["levels"][i]["resident_bytes"]`` and ``peak_bytes``), and the
-host bytes of ``offload_optimizer`` are its ``stats()["host_bytes"]``.
+host and disk bytes of ``offload_optimizer`` are its ``stats()["host_bytes"]`` and ``["disk_bytes"]``.
 
 Level 0 holds the resident part, the resident blocks and the slots: laid out anew
 (``Plan.level_bytes[0]``) when the model comes from another device, or counted as the
@@ -37,7 +38,7 @@ from apt_model.optimization.config import VGPUConfig, VGPULevel, parse_vgpu_conf
 from apt_model.storage import human_bytes, tensors_nbytes
 from apt_model.vgpu.layout import Layout
 from apt_model.vgpu.levels import HostArena, HostLevel, HostMemory, capacity_bytes
-from apt_model.vgpu.offload import _host_sizes
+from apt_model.vgpu.offload import _host_sizes, _swap_bytes, state_homes
 from apt_model.vgpu.placement import Plan, make_plan
 from apt_model.vgpu.streaming import _outermost, _partition
 
@@ -83,8 +84,9 @@ class Placement:
     """What the VGPU stack puts where for one step (bytes): ``levels`` (Level 0 first), the
     blocks streamed of all, the prefetch depth and Level 0 slots, the pinned staging buffers
     that SSD reads land in (CUDA), the offloaded optimizer's host bytes (fp32 masters,
-    transfer buffers, AdamW moments: its arena; ``offload_steps`` its step counters; both 0
-    unless a training step offloads it) and ``device_peak``: the step's peak on the compute
+    transfer buffers, AdamW moments: its arena; ``offload_steps`` its step counters;
+    ``offload_disk`` its swap files on the SSD, for the masters and moments the host RAM levels
+    cannot hold; all 0 unless a training step offloads it) and ``device_peak``: the step's peak on the compute
     device, Level 0's holdings plus the step's own tensors (activations, transient
     gradients, KV cache, logits)."""
 
@@ -97,6 +99,7 @@ class Placement:
     staging: int
     offloaded: int
     offload_steps: int
+    offload_disk: int
     device_peak: int
 
     @property
@@ -107,7 +110,8 @@ class Placement:
 
     @property
     def disk_bytes(self) -> int:
-        return sum(lv.held for lv in self.levels[1:] if lv.device == "ssd")
+        """SSD swap files: the SSD levels' and the offloaded optimizer's."""
+        return sum(lv.held for lv in self.levels[1:] if lv.device == "ssd") + self.offload_disk
 
     def lines(self) -> list[str]:
         """The placement as table lines."""
@@ -125,6 +129,10 @@ class Placement:
                           " (fp32 主权重 + AdamW 状态)",
                           f"    offloaded optimizer (host){human_bytes(self.offloaded + self.offload_steps):>12}"
                           " (fp32 masters + AdamW state)"))
+        if self.offload_disk:
+            out.append(tr(f"    卸载的优化器 (SSD){human_bytes(self.offload_disk):>12} (放不进主机内存层级的 fp32 主权重 + AdamW 状态)",
+                          f"    offloaded optimizer (SSD){human_bytes(self.offload_disk):>12}"
+                          " (fp32 masters + AdamW state the host RAM levels cannot hold)"))
         out.append(tr(f"  设备峰值{human_bytes(self.device_peak):>12} (Level 0 + 本步的激活等); 主机 "
                       f"{human_bytes(self.host_bytes)}, 磁盘 {human_bytes(self.disk_bytes)}",
                       f"  device peak{human_bytes(self.device_peak):>12} (Level 0 + the step's activations etc.); "
@@ -226,19 +234,26 @@ class ModelPlan:
         lower = self._lower()
         plan = self.plan
         on_disk = any(lv.device == "ssd" and lv.held for lv in lower)
-        offloaded, steps = self._offloaded() if offload else (0, 0)
+        staging = plan.slots * plan.slot_bytes if device_type == "cuda" and on_disk else 0
+        levels = (LevelUse(0, self.specs[0].device, capacity_bytes(self.specs[0]), level0), *lower)
+        offloaded, disk, steps = self._offloaded([lv.held for lv in levels], staging) if offload else (0, 0, 0)
         return Placement(
-            levels=(LevelUse(0, self.specs[0].device, capacity_bytes(self.specs[0]), level0), *lower),
-            blocks=len(self.blocks), streamed=len(plan.streamed), depth=plan.depth, slots=plan.slots,
-            slot_bytes=plan.slot_bytes, staging=plan.slots * plan.slot_bytes if device_type == "cuda" and on_disk else 0,
-            offloaded=offloaded, offload_steps=steps, device_peak=traced_peak - self.model_bytes + level0)
+            levels=levels, blocks=len(self.blocks), streamed=len(plan.streamed), depth=plan.depth, slots=plan.slots,
+            slot_bytes=plan.slot_bytes, staging=staging, offloaded=offloaded, offload_steps=steps, offload_disk=disk,
+            device_peak=traced_peak - self.model_bytes + level0)
 
-    def _offloaded(self) -> tuple[int, int]:
-        """Host bytes of ``offload_optimizer`` over every trainable parameter: its arena, and
-        its step counters."""
+    def _offloaded(self, held: list[int], staging: int) -> tuple[int, int, int]:
+        """``offload_optimizer`` over every trainable parameter, beside the stack's ``held``
+        bytes per level and ``staging`` bytes: its host arena, its swap files and its step
+        counters (``PlacementError`` when the SSD levels cannot hold its state)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
-        sizes = [n for p in params for n in _host_sizes(p)]
+        try:
+            homes = state_homes(params, self.specs, held, staging)
+        except VBConfigError as exc:
+            raise PlacementError(str(exc)) from None
+        sizes = [n for p, home in zip(params, homes, strict=True) for n in _host_sizes(p, state=home is None)]
         arena = HostArena(_MetaMemory(), sizes)
-        for nbytes in sizes:  # taken in the optimizer's order: master, transfer, exp_avg, exp_avg_sq
+        for nbytes in sizes:  # taken in the optimizer's order
             arena.take_bytes(nbytes)
-        return arena.held_bytes, STEP_BYTES * len(params)
+        disk = sum(_swap_bytes(p) for p, home in zip(params, homes, strict=True) if home is not None)
+        return arena.held_bytes, disk, STEP_BYTES * len(params)

@@ -197,14 +197,17 @@ def render(stats: dict[str, Any]) -> str:
 
 
 def _render_optimizer(opt: dict[str, Any]) -> str:
-    """One offloaded optimizer: what it holds on the host and what it moved and waited."""
+    """One offloaded optimizer: what it holds on the host and in SSD swap files, and what it
+    moved and waited."""
     memory = tr("锁页" if opt["pinned"] else "可分页", "pinned" if opt["pinned"] else "pageable")
     return tr(
         f"  卸载的优化器: {opt['params']} 个参数, 主机内存 {_fmt_bytes(opt['host_bytes'])} ({memory}), "
+        f"SSD {_fmt_bytes(opt['disk_bytes'])}, "
         f"{opt['steps']} 步, 梯度移出 {_fmt_bytes(opt['grad_bytes_off'])}, 权重移回 {_fmt_bytes(opt['weight_bytes_back'])}, "
         f"流式权重写回其层级 {_fmt_bytes(opt['weight_bytes_home'])}, "
         f"主机AdamW {1e3 * opt['host_step_s']:.1f} ms, 计算等待 {1e3 * opt['wait_s']:.1f} ms",
         f"  offloaded optimizer: {opt['params']} params, host RAM {_fmt_bytes(opt['host_bytes'])} ({memory}), "
+        f"SSD {_fmt_bytes(opt['disk_bytes'])}, "
         f"{opt['steps']} steps, grads off {_fmt_bytes(opt['grad_bytes_off'])}, weights back "
         f"{_fmt_bytes(opt['weight_bytes_back'])}, streamed weights written home {_fmt_bytes(opt['weight_bytes_home'])}, "
         f"host AdamW {1e3 * opt['host_step_s']:.1f} ms, compute waited {1e3 * opt['wait_s']:.1f} ms")

@@ -393,11 +393,15 @@ def offload_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, *,
     Clip with ``max_grad_norm`` instead of ``clip_grad_norm_`` (offloaded gradients leave the
     device during backward); with gradient accumulation say how many backwards make a step
     (``accumulate``). Blocks that a VGPU stack streams train too (under activation
-    checkpointing): their new weights are written into their home. See
-    ``apt_model.vgpu.offload``."""
+    checkpointing): their new weights are written into their home. Where the configured
+    levels have an SSD level and the host RAM levels cannot hold all masters and moments, the
+    rest live in swap files there. See ``apt_model.vgpu.offload``."""
     from apt_model.vgpu import offload_optimizer as _offload
 
-    offloaded = _offload(model, optimizer, params=params, max_grad_norm=max_grad_norm, accumulate=accumulate)
+    config = active_config()
+    levels = config.vgpu_config.levels if config is not None and config.vgpu_config is not None else ()
+    offloaded = _offload(model, optimizer, params=params, max_grad_norm=max_grad_norm, accumulate=accumulate,
+                         levels=levels)
     _stats().REGISTRY.track_optimizer(offloaded)
     return offloaded
 

@@ -4,7 +4,8 @@
 its repeated blocks into Level 0 ahead of use (:mod:`.streaming`); ``detach`` gives the
 plain model back; ``stack_of(model).stats()`` reports the levels' real counters.
 ``offload_optimizer(model, adamw)`` keeps the fp32 masters and AdamW state of a model in
-training in host RAM and steps them there (:mod:`.offload`); with it, streamed blocks train
+training in host RAM (or, past the host RAM levels, in SSD swap files) and steps them on the
+host (:mod:`.offload`); with it, streamed blocks train
 too, under activation checkpointing (fetched again in backward, in reverse order).
 """
 

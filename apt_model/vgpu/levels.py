@@ -146,7 +146,8 @@ class HostMemory:
         return torch.empty(nbytes, dtype=torch.uint8)
 
 
-def _host_aligned(n: int) -> int:
+def host_aligned(n: int) -> int:
+    """``n`` bytes rounded up to ``HOST_ALIGN``: where the next tensor carved after them starts."""
     return -(-n // HOST_ALIGN) * HOST_ALIGN
 
 
@@ -158,14 +159,14 @@ class HostArena:
 
     def __init__(self, memory: HostMemory, sizes: Sequence[int]) -> None:
         self.memory = memory
-        self._left = sum(_host_aligned(n) for n in sizes)
+        self._left = sum(host_aligned(n) for n in sizes)
         self._chunks: list[Tensor] = []
         self._used = 0
         self.held_bytes = 0
 
     def take_bytes(self, nbytes: int) -> Tensor:
         """``nbytes`` of host memory, as a flat ``uint8`` tensor."""
-        size = _host_aligned(nbytes)
+        size = host_aligned(nbytes)
         if not self._chunks or self._used + size > self._chunks[-1].numel():
             self._chunks.append(self.memory.empty(max(min(HOST_CHUNK, self._left), size)))
             self._used = 0
@@ -274,11 +275,16 @@ class DiskLevel:
         return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,), (1,))
 
     def check(self, key: int) -> None:
-        """Fail clearly if block ``key``'s swap file became shorter than what was written."""
+        """Fail clearly if swap file ``key`` was deleted or became shorter than what was written
+        (touching a memory-mapped page past its end would kill the process)."""
         fd, path, nbytes = self._files[key]
-        size = os.fstat(fd).st_size
-        if size < nbytes:
-            raise VBDataError(self._truncated(path, size, nbytes))
+        status = os.fstat(fd)
+        if status.st_nlink == 0:
+            raise VBDataError(tr(f"VGPU交换文件 {path} 已被删除；其中的数据在本进程结束时丢失，请重新构建或加载模型",
+                                 f"VGPU swap file {path} was deleted; the data it holds is lost when this process "
+                                 "ends: build or load the model again"))
+        if status.st_size < nbytes:
+            raise VBDataError(self._truncated(path, status.st_size, nbytes))
 
     def read(self, key: int, into: Tensor) -> None:
         """Read block ``key``'s swap file into the CPU tensor ``into``, in parallel chunks,

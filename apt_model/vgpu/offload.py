@@ -1,4 +1,4 @@
-"""Training with offloaded optimizer state: fp32 masters and AdamW moments in host RAM.
+"""Training with offloaded optimizer state: fp32 masters and AdamW moments in host RAM or SSD swap files.
 
 :func:`offload_optimizer` takes over a ``torch.optim.AdamW`` and returns an
 :class:`OffloadedAdamW` (an ``AdamW`` itself: same ``param_groups`` dicts, so lr schedulers
@@ -27,6 +27,16 @@ parameter itself, the compute copy (bf16, or fp32 for an fp32 model).
 * ``step()`` waits for those steps (on CUDA the compute stream waits on the copies' events;
   the wait is timed) and steps the other parameters on their device as ``AdamW`` would.
 
+Where the levels (a VGPU stack's, or those given) have an SSD level and the host RAM levels,
+beside what the stack keeps there, cannot hold every master and moment, the masters and
+moments of as many parameters as needed (the last ones, :func:`state_homes`) live in swap
+files on the SSD level instead, one a parameter, decided once before anything moves. They are
+memory-mapped and stepped in place by the same fused AdamW: the page cache reads them
+ahead and writes them back while other parameters step, with no staging copy in host RAM
+(explicit reads and writes would need one per parameter and serialize read, step, write);
+the transfer and staging buffers stay in host RAM. Each step first checks its swap file
+(a deleted or truncated one is a clear error, not a crash on a missing page).
+
 Refused with one line: other optimizers, ``amsgrad`` / ``maximize`` / ``capturable`` /
 ``differentiable``, a backward after the overlapped steps started (more than ``accumulate``
 before ``step()``), changing hyperparameters between an overlapped backward and ``step()``,
@@ -35,9 +45,10 @@ and ``zero_grad()`` between them.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +61,15 @@ from apt_model.accelerator import host_memory_info
 from apt_model.errors import VBConfigError, VBUnsupportedError
 from apt_model.i18n import tr
 from apt_model.storage import human_bytes
-from apt_model.vgpu.levels import HostArena, HostMemory
+from apt_model.vgpu.levels import (
+    DiskLevel,
+    HostArena,
+    HostMemory,
+    LevelSpec,
+    capacity_bytes,
+    host_aligned,
+    swap_dir,
+)
 from apt_model.vgpu.streaming import VGPUStack, stack_of
 
 UNSUPPORTED_FLAGS = ("amsgrad", "maximize", "capturable", "differentiable")
@@ -85,6 +104,7 @@ class _Host:
     future: Future | None = None
     hyper: tuple = ()  # the hyperparameters its pending step used
     home: Tensor | None = None  # a streamed parameter's home bytes, where its pending step writes
+    swap: tuple[DiskLevel, int] | None = None  # the SSD level and swap file holding its master and moments
 
 
 def _hyper(group: dict[str, Any]) -> tuple[float, float, float, float, float]:
@@ -105,25 +125,76 @@ def _master_dtype(p: Tensor) -> torch.dtype:
     return torch.promote_types(p.dtype, torch.float32)
 
 
-def _host_sizes(p: Tensor, staged: bool = False) -> list[int]:
-    """Bytes of ``p``'s host tensors: master, transfer buffer, exp_avg, exp_avg_sq, and the
-    staging buffer of accumulated gradients on CUDA when ``staged``."""
-    master = p.numel() * _master_dtype(p).itemsize
-    return [master, p.nbytes, master, master] + [p.nbytes] * staged
+def _state_sizes(p: Tensor) -> list[int]:
+    """Bytes of ``p``'s master, exp_avg and exp_avg_sq, in that order."""
+    return [p.numel() * _master_dtype(p).itemsize] * 3
+
+
+def _host_sizes(p: Tensor, staged: bool = False, state: bool = True) -> list[int]:
+    """Bytes of ``p``'s host tensors in the order they are taken: master, exp_avg, exp_avg_sq
+    (when ``state``: they live in host RAM), the transfer buffer, and the staging buffer of
+    accumulated gradients on CUDA when ``staged``."""
+    return [*(_state_sizes(p) if state else ()), p.nbytes, *([p.nbytes] * staged)]
+
+
+def _swap_bytes(p: Tensor) -> int:
+    """Bytes of the swap file holding ``p``'s master and moments (each aligned as in host RAM)."""
+    return sum(map(host_aligned, _state_sizes(p)))
+
+
+def state_homes(params: Sequence[Tensor], specs: Sequence[LevelSpec], held: Sequence[int], staging: int,
+                staged: bool = False) -> list[int | None]:
+    """Where the offloaded optimizer keeps each of ``params``' master and moments: None for
+    host RAM, else the index of the SSD level whose swap file holds them. From the levels
+    ``specs`` (Level 0 first) less what a VGPU stack holds on each (``held``) and in staging
+    buffers (``staging``): host RAM for each parameter, in order, while the host RAM levels
+    have room beside the transfer (and ``staged``: staging) buffers, which stay there; then
+    the first SSD level with room. Without an SSD level all stay in host RAM. One-line
+    ``VBConfigError`` when the SSD levels cannot hold the rest."""
+    ssd = [i for i, spec in enumerate(specs) if i and spec.device == "ssd"]
+    if not ssd:
+        return [None] * len(params)
+    host = (sum(capacity_bytes(spec) - held[i] for i, spec in enumerate(specs) if i and spec.device == "cpu")
+            - staging - sum(host_aligned(n) for p in params for n in _host_sizes(p, staged, state=False)))
+    room = {i: capacity_bytes(specs[i]) - held[i] for i in ssd}
+    homes: list[int | None] = []
+    for k, p in enumerate(params):
+        need = _swap_bytes(p)
+        if need <= host:
+            host -= need
+            homes.append(None)
+            continue
+        level = next((i for i in ssd if room[i] >= need), None)
+        if level is None:
+            left = sum(map(_swap_bytes, params[k:]))
+            have = max(host, 0) + sum(max(r, 0) for r in room.values())
+            short = human_bytes(max(left - have, need - max(room.values())))
+            raise VBConfigError(tr(
+                f"VGPU 卸载的优化器的 fp32 主权重与 AdamW 状态还需 {human_bytes(left)}，主机内存与 SSD 层级在 VGPU "
+                f"堆叠之外只剩 {human_bytes(have)}: 缺 {short}",
+                f"the VGPU offloaded optimizer's fp32 masters and AdamW state need {human_bytes(left)} more; the "
+                f"host RAM and SSD levels have {human_bytes(have)} left beside the VGPU stack: short by {short}"))
+        room[level] -= need
+        homes.append(level)
+    return homes
 
 
 class OffloadedAdamW(torch.optim.AdamW):
-    """``AdamW`` whose offloaded parameters keep their master and state in host RAM and are
-    stepped there (see the module doc). Build it with :func:`offload_optimizer`."""
+    """``AdamW`` whose offloaded parameters keep their master and state in host RAM (or SSD
+    swap files) and are stepped on the host (see the module doc). Build it with
+    :func:`offload_optimizer`."""
 
     def __init__(self, optimizer: torch.optim.AdamW, offloaded: Sequence[nn.Parameter], device: torch.device,
                  max_grad_norm: float | None = None, order: Sequence[nn.Parameter] = (),
-                 stack: VGPUStack | None = None, accumulate: int = 1) -> None:
+                 stack: VGPUStack | None = None, accumulate: int = 1,
+                 swaps: Sequence[DiskLevel | None] = ()) -> None:
         """Take over ``optimizer``'s groups and state; offload ``offloaded``, computed with on
         ``device``; clip to ``max_grad_norm``, the norm summed over parameters in ``order``
         (the model's; others after), as ``clip_grad_norm_(model.parameters())`` sums it; write
         the new weights of parameters that ``stack`` streams into their home; sum the
-        gradients of ``accumulate`` backwards per step."""
+        gradients of ``accumulate`` backwards per step; keep the master and moments of
+        ``offloaded[k]`` in a swap file of ``swaps[k]`` (None, or no ``swaps``: host RAM).
+        A failure to reserve the swap files (a full disk) leaves ``optimizer`` as it was."""
         torch.optim.Optimizer.__init__(self, optimizer.param_groups, optimizer.defaults)
         self._order = list(dict.fromkeys([*order, *(p for g in self.param_groups for p in g["params"])]))
         self.max_grad_norm = max_grad_norm
@@ -134,19 +205,24 @@ class OffloadedAdamW(torch.optim.AdamW):
         self._cuda = self.device.type == "cuda"
         self._stack = stack
         staged = self._cuda and accumulate > 1
+        swaps = list(swaps) or [None] * len(offloaded)
         self.memory = HostMemory(pin=self._cuda)
-        self._arena = HostArena(self.memory, [n for p in offloaded for n in _host_sizes(p, staged)])
+        self._arena = HostArena(self.memory, [n for p, disk in zip(offloaded, swaps, strict=True)
+                                              for n in _host_sizes(p, staged, state=disk is None)])
+        self._disks = list({id(disk): disk for disk in swaps if disk is not None}.values())
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
+        try:
+            made = [self._take(p, disk, k, staged) for k, (p, disk) in enumerate(zip(offloaded, swaps, strict=True))]
+        except BaseException:
+            for disk in self._disks:
+                disk.close()
+            raise
         self._host: dict[nn.Parameter, _Host] = {}
         taken = {p: optimizer.state.pop(p) for p in offloaded if p in optimizer.state}
         self.state.update(optimizer.state)  # the resident parameters' state, as it is
-        for p in offloaded:
-            master = self._arena.take(p.shape, _master_dtype(p))
-            self._host[p] = _Host(master=master, transfer=self._arena.take(p.shape, p.dtype),
-                                  staged=self._arena.take(p.shape, p.dtype) if staged else None)
-            self.state[p] = {"step": torch.tensor(0.0, dtype=torch.float32),
-                             "exp_avg": self._arena.take(p.shape, master.dtype),
-                             "exp_avg_sq": self._arena.take(p.shape, master.dtype)}
+        for p, (host, state) in zip(offloaded, made, strict=True):
+            self._host[p] = host
+            self.state[p] = state
             self._load_host(p, taken.get(p))
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vgpu-adamw")
         self._d2h = torch.cuda.Stream(self.device) if self._cuda else None
@@ -157,6 +233,22 @@ class OffloadedAdamW(torch.optim.AdamW):
             _OWNER[p] = self
         if stack is not None:
             stack.offloaded.update(offloaded)
+
+    def _take(self, p: nn.Parameter, disk: DiskLevel | None, key: int, staged: bool) -> tuple[_Host, dict[str, Tensor]]:
+        """``p``'s host side and AdamW state (uninitialized): master and moments from the host
+        arena, or carved from a new swap file ``key`` of ``disk``; the buffers from the arena."""
+        dtype = _master_dtype(p)
+        if disk is None:
+            master, exp_avg, exp_avg_sq = (self._arena.take(p.shape, dtype) for _ in range(3))
+        else:
+            flat = disk.store(key, _swap_bytes(p))
+            sizes = _state_sizes(p)
+            starts = itertools.accumulate(map(host_aligned, sizes[:-1]), initial=0)
+            master, exp_avg, exp_avg_sq = (flat[s:s + n].view(dtype).view(p.shape) for s, n in zip(starts, sizes, strict=True))
+        host = _Host(master=master, transfer=self._arena.take(p.shape, p.dtype),
+                     staged=self._arena.take(p.shape, p.dtype) if staged else None,
+                     swap=None if disk is None else (disk, key))
+        return host, {"step": torch.tensor(0.0, dtype=torch.float32), "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 
     # ---- gradients off, steps on the host, weights back ---------------------------------------
 
@@ -222,6 +314,7 @@ class OffloadedAdamW(torch.optim.AdamW):
         home, for a streamed parameter). Runs after the sums of ``host``'s gradients (one
         worker, first in first out)."""
         start = time.perf_counter()
+        _check_swap(host)
         if host.grad_ready is not None:
             host.grad_ready.synchronize()
         grad = host.transfer.to(host.master.dtype)
@@ -349,12 +442,14 @@ class OffloadedAdamW(torch.optim.AdamW):
     # ---- state ---------------------------------------------------------------------------------
 
     def _drain(self) -> None:
+        """Finish the pending host steps; check every swap file."""
         for host in self._host.values():
             if host.future is not None:
                 host.future.result()
+            _check_swap(host)
 
     def state_dict(self) -> dict[str, Any]:
-        """``AdamW.state_dict()`` gathered from host RAM (pending host steps finished first);
+        """``AdamW.state_dict()`` gathered from host RAM and swap files (pending host steps finished first);
         a parameter whose dtype is not its master's also saves its fp32 ``master``."""
         self._drain()
         out = super().state_dict()
@@ -367,7 +462,7 @@ class OffloadedAdamW(torch.optim.AdamW):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load an ``AdamW`` state (this class's or a plain ``AdamW``'s): offloaded
-        parameters' state is copied into their host tensors, the others' moved to their
+        parameters' state is copied into their host tensors (or swap files), the others' moved to their
         device. A state without ``master`` takes it from the parameter as it is now (load
         the model's weights first)."""
         self._drain()
@@ -405,22 +500,25 @@ class OffloadedAdamW(torch.optim.AdamW):
 
     def stats(self) -> dict[str, Any]:
         """The counters (CUDA waits folded in once the device passed them), the offloaded
-        parameters' count and bytes on the device, the host bytes held and whether pinned."""
+        parameters' count and bytes on the device, the host bytes held and whether pinned,
+        the bytes of the swap files holding masters and moments on the SSD."""
         if self._waits:
             torch.cuda.synchronize(self.device)
             self.counters.wait_s += sum(a.elapsed_time(r) for a, r in self._waits) / 1e3
             self._waits.clear()
         c = self.counters
         return {"params": len(self._host), "param_bytes": sum(p.nbytes for p in self._host),
-                "host_bytes": self._arena.held_bytes, "pinned": self.memory.pin, "overlap": self.overlap,
+                "host_bytes": self._arena.held_bytes, "disk_bytes": sum(d.counters.resident_bytes for d in self._disks),
+                "pinned": self.memory.pin, "overlap": self.overlap,
                 "accumulate": self.accumulate, "steps": c.steps, "grad_bytes_off": c.grad_bytes_off,
                 "weight_bytes_back": c.weight_bytes_back, "weight_bytes_home": c.weight_bytes_home,
                 "host_step_s": c.host_step_s, "wait_s": c.wait_s}
 
     def release(self) -> None:
-        """Stop offloading: remove the hooks (pending steps finished first); the parameters
-        keep their last weights and can be given to another optimizer."""
-        self._drain()
+        """Stop offloading: remove the hooks (pending steps finished first; a failure of theirs
+        is ``step()``'s to report, e.g. a truncated swap file); the parameters keep their last
+        weights and can be given to another optimizer."""
+        wait([host.future for host in self._host.values() if host.future is not None])
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
@@ -431,9 +529,18 @@ class OffloadedAdamW(torch.optim.AdamW):
         self._pool.shutdown()
 
 
+def _check_swap(host: _Host) -> None:
+    if host.swap is not None:
+        host.swap[0].check(host.swap[1])
+
+
 def _check(model: nn.Module, optimizer: torch.optim.Optimizer, offloaded: list[nn.Parameter],
-           stack: VGPUStack | None, accumulate: int) -> torch.device:
-    """One-line errors for what is not supported; the compute device of ``offloaded``."""
+           stack: VGPUStack | None, accumulate: int,
+           levels: Sequence[LevelSpec]) -> tuple[torch.device, list[DiskLevel | None]]:
+    """One-line errors for what is not supported or does not fit, before anything moves; the
+    compute device of ``offloaded`` and where each one's master and moments live (None: host
+    RAM, else the SSD level holding them: :func:`state_homes` over the stack's levels, or
+    ``levels`` without a stack)."""
     if type(optimizer) is not torch.optim.AdamW:
         raise VBUnsupportedError(tr(
             f"VGPU 卸载优化器状态只支持 torch.optim.AdamW，收到 {type(optimizer).__module__}.{type(optimizer).__name__}",
@@ -461,18 +568,25 @@ def _check(model: nn.Module, optimizer: torch.optim.Optimizer, offloaded: list[n
                                "VGPU: these parameters are already offloaded by another optimizer; call its release() first"))
     device = devices.pop()
     staged = device.type == "cuda" and accumulate > 1
-    need = sum(sum(_host_sizes(p, staged)) for p in offloaded)
+    specs = stack.specs if stack is not None else list(levels)
+    held, staging = stack.held_bytes() if stack is not None else ([0] * len(specs), 0)
+    homes = state_homes(offloaded, specs, held, staging, staged)
+    need = sum(sum(_host_sizes(p, staged, state=home is None)) for p, home in zip(offloaded, homes, strict=True))
     available, _ = host_memory_info()
     if need > available:
         raise VBConfigError(tr(f"VGPU 卸载的优化器需要 {human_bytes(need)} 主机内存，本机可用 {human_bytes(available)}",
                                f"the VGPU offloaded optimizer needs {human_bytes(need)} of host RAM; "
                                f"{human_bytes(available)} is available"))
-    return device
+    disks = {i: DiskLevel(i, specs[i], swap_dir(specs[i], sum(_swap_bytes(p) for p, home in
+                                                              zip(offloaded, homes, strict=True) if home == i)))
+             for i in dict.fromkeys(home for home in homes if home is not None)}
+    return device, [None if home is None else disks[home] for home in homes]
 
 
 def offload_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer,
                       params: Iterable[nn.Parameter] | None = None,
-                      max_grad_norm: float | None = None, accumulate: int = 1) -> OffloadedAdamW:
+                      max_grad_norm: float | None = None, accumulate: int = 1,
+                      levels: Sequence[LevelSpec] = ()) -> OffloadedAdamW:
     """Take over ``optimizer`` (a ``torch.optim.AdamW`` over ``model``'s parameters): the
     returned :class:`OffloadedAdamW` replaces it in the loop. ``params``: which to offload
     (default: every parameter of ``model`` in the optimizer that requires grad); the
@@ -480,7 +594,9 @@ def offload_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer,
     this norm in ``step()`` (what ``clip_grad_norm_`` on the device gradients would do; the
     offloaded ones are no longer there). ``accumulate``: backwards per ``step()`` (gradient
     accumulation). A model with a VGPU stack is placed now; the parameters it streams are
-    trained through their home. One-line errors for what is not supported."""
+    trained through their home. Masters and moments that the host RAM levels cannot hold go
+    to swap files on an SSD level of the stack's levels (or of ``levels``, for a model without
+    a stack). One-line errors for what is not supported or does not fit."""
     stack = stack_of(model)
     if stack is not None:
         stack.place()
@@ -488,5 +604,5 @@ def offload_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer,
     chosen = set(params) if params is not None else None
     order = [p for p in model.parameters() if p in in_optimizer]
     offloaded = [p for p in order if p.requires_grad and (chosen is None or p in chosen)]
-    device = _check(model, optimizer, offloaded, stack, accumulate)
-    return OffloadedAdamW(optimizer, offloaded, device, max_grad_norm, order, stack, accumulate)
+    device, swaps = _check(model, optimizer, offloaded, stack, accumulate, levels)
+    return OffloadedAdamW(optimizer, offloaded, device, max_grad_norm, order, stack, accumulate, swaps)

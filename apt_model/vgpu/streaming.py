@@ -286,6 +286,12 @@ class VGPUStack:
         self._windows()
         self.placed = True
 
+    def held_bytes(self) -> tuple[list[int], int]:
+        """What the placed stack holds: bytes on each level (Level 0 first), and in the host
+        staging buffers that SSD reads land in."""
+        levels = [self.level0.counters.resident_bytes, *(level.counters.resident_bytes for level in self.lower)]
+        return levels, sum(level.staging_bytes for level in self.lower if isinstance(level, DiskLevel))
+
     def unplace(self) -> None:
         """Every tensor back where the model had it, the levels freed; the hooks stay, and the
         next forward places the model again (as it is then)."""
