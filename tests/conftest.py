@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import subprocess
+from collections.abc import Callable
 
 import pytest
 import torch.nn.functional as F
@@ -58,3 +61,23 @@ def small_fs(tmp_path):
         pytest.skip(f"cannot mount a 1 MiB tmpfs here ({proc.stderr.strip()}); CI runs this test as root")
     yield mount_point
     subprocess.run(["umount", str(mount_point)], check=True)
+
+
+@pytest.fixture
+def disk_fills(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], list[int]]:
+    """``disk_fills(n)``: from then on the ``n``-th space reservation (``os.posix_fallocate``)
+    fails with ENOSPC, the others succeed; returns the lengths asked so far (a live list)."""
+
+    def install(n: int) -> list[int]:
+        reserve, calls = os.posix_fallocate, []
+
+        def fill_up(fd: int, offset: int, length: int) -> None:
+            calls.append(length)
+            if len(calls) == n:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            reserve(fd, offset, length)
+
+        monkeypatch.setattr(os, "posix_fallocate", fill_up)
+        return calls
+
+    return install

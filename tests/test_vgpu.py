@@ -259,22 +259,12 @@ def test_ssd_directory_too_small_for_the_plan(small_fs):
     assert not stack.placed
 
 
-def test_disk_full_while_placing_loses_nothing(tmp_path, monkeypatch):
+def test_disk_full_while_placing_loses_nothing(tmp_path, disk_fills):
     """The SSD fills up between the plan's free-space check and the second swap file's
     reservation: one clear line, the model untouched, no swap file left behind."""
-    import errno
-
     model = apt()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    reserve, calls = os.posix_fallocate, []
-
-    def fill_up(fd: int, offset: int, length: int) -> None:
-        calls.append(length)
-        if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        reserve(fd, offset, length)
-
-    monkeypatch.setattr(os, "posix_fallocate", fill_up)
+    calls = disk_fills(2)
     stack = vgpu.attach(model, list(model.blocks), stack_levels(model, tmp_path, in_host=0))
     with pytest.raises(VBDataError, match=f"VGPU SSD directory {tmp_path} is full") as err:
         stack.place()

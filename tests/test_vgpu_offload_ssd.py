@@ -6,7 +6,6 @@ errors for an SSD too small or full, and clear ones for a truncated or deleted s
 
 from __future__ import annotations
 
-import errno
 import io
 import os
 from pathlib import Path
@@ -167,26 +166,17 @@ def test_an_ssd_too_small_for_the_state_is_one_line_before_anything_moves(tmp_pa
     assert "\n" not in str(err.value) and untouched(plain, before) and not swap_files(tmp_path)
 
 
-def test_a_full_disk_while_reserving_loses_nothing(tmp_path, monkeypatch):
+def test_a_full_disk_while_reserving_loses_nothing(tmp_path, disk_fills):
     model = apt()
     vgpu.attach(model, list(model.blocks), levels(model, tmp_path))
     plain = warm(model)
     before = {i: {k: v.clone() for k, v in s.items()} for i, s in plain.state_dict()["state"].items()}
-    reserve, calls = os.posix_fallocate, []
-
-    def fill_up(fd: int, offset: int, length: int) -> None:
-        calls.append(length)
-        if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        reserve(fd, offset, length)
-
-    monkeypatch.setattr(os, "posix_fallocate", fill_up)
+    calls = disk_fills(2)
     with pytest.raises(VBDataError, match=f"VGPU SSD directory {tmp_path} is full") as err:
         vgpu.offload_optimizer(model, plain)
     assert "\n" not in str(err.value) and len(calls) == 2
     assert untouched(plain, before) and not swap_files(tmp_path), "swap files left behind"
-    monkeypatch.setattr(os, "posix_fallocate", reserve)
-    vgpu.offload_optimizer(model, plain).release()  # nothing half-taken: it can be offloaded now
+    vgpu.offload_optimizer(model, plain).release()  # nothing half-taken: it can be offloaded now (disk free again)
 
 
 def test_a_truncated_or_deleted_state_swap_file_is_a_clear_error(tmp_path):
