@@ -2,10 +2,10 @@
 
 The model is the traced one (fake tensors, VB's passes applied), laid out and planned by the
 stack's own code: its blocks (``find_blocks``, outermost only) and their tensors
-(``streaming._partition``, ``layout.Layout``), the plan (``placement.make_plan`` over
+(``streaming.partition``, ``layout.Layout``), the plan (``placement.make_plan`` over
 ``levels.capacity_bytes``), host buffers carved by ``levels.HostLevel`` / ``HostArena`` (on
 the meta device here, so nothing is allocated) and the offloaded optimizer's host tensors
-(``offload._host_sizes``), or its SSD swap files where the host RAM levels cannot hold its
+(``offload.host_sizes``), or its SSD swap files where the host RAM levels cannot hold its
 masters and moments (``offload.state_homes``). So each level's figure is what the stack's own counters report
 once placed (``stack.stats()["levels"][i]["resident_bytes"]`` and ``peak_bytes``), and the
 host and disk bytes of ``offload_optimizer`` are its ``stats()["host_bytes"]`` and ``["disk_bytes"]``.
@@ -38,9 +38,9 @@ from apt_model.optimization.config import VGPUConfig, VGPULevel, parse_vgpu_conf
 from apt_model.storage import human_bytes, tensors_nbytes
 from apt_model.vgpu.layout import Layout
 from apt_model.vgpu.levels import HostArena, HostLevel, HostMemory, capacity_bytes
-from apt_model.vgpu.offload import _host_sizes, _swap_bytes, state_homes
+from apt_model.vgpu.offload import host_sizes, state_homes, swap_bytes
 from apt_model.vgpu.placement import Plan, make_plan
-from apt_model.vgpu.streaming import _outermost, _partition
+from apt_model.vgpu.streaming import outermost, partition
 
 STEP_BYTES = 4  # the fp32 step counter the offloaded AdamW keeps per parameter, beside its arena
 
@@ -155,8 +155,8 @@ class ModelPlan:
         self.config = config
         self.specs: Sequence[VGPULevel] = config.levels
         self.moved = moved
-        self.modules = _outermost(find_blocks(model, checkpoint_blocks))
-        groups, rest = _partition(model, self.modules)
+        self.modules = outermost(find_blocks(model, checkpoint_blocks))
+        groups, rest = partition(model, self.modules)
         self.blocks = [Layout(g) for g in groups]
         self.rest = Layout(rest)
         try:
@@ -251,9 +251,9 @@ class ModelPlan:
             homes = state_homes(params, self.specs, held, staging)
         except VBConfigError as exc:
             raise PlacementError(str(exc)) from None
-        sizes = [n for p, home in zip(params, homes, strict=True) for n in _host_sizes(p, state=home is None)]
+        sizes = [n for p, home in zip(params, homes, strict=True) for n in host_sizes(p, state=home is None)]
         arena = HostArena(_MetaMemory(), sizes)
         for nbytes in sizes:  # taken in the optimizer's order
             arena.take_bytes(nbytes)
-        disk = sum(_swap_bytes(p) for p, home in zip(params, homes, strict=True) if home is not None)
+        disk = sum(swap_bytes(p) for p, home in zip(params, homes, strict=True) if home is not None)
         return arena.held_bytes, disk, STEP_BYTES * len(params)

@@ -170,12 +170,12 @@ def fused_training_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return _FusedFP4LinearTrain.apply(x, weight, bias, fmt)
 
 
-
 def written(t: torch.Tensor) -> int:
     """``t``'s version counter: how often it was written in place; -1 for an inference tensor
     (e.g. a VGPU slot's view bound under ``inference_mode``), which has none and cannot be
     written in place outside that mode."""
     return -1 if t.is_inference() else t._version
+
 
 class FP4Linear(nn.Module):
     """A linear layer whose weight is used in NVFP4 or MXFP4 form."""

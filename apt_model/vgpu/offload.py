@@ -130,14 +130,14 @@ def _state_sizes(p: Tensor) -> list[int]:
     return [p.numel() * _master_dtype(p).itemsize] * 3
 
 
-def _host_sizes(p: Tensor, staged: bool = False, state: bool = True) -> list[int]:
+def host_sizes(p: Tensor, staged: bool = False, state: bool = True) -> list[int]:
     """Bytes of ``p``'s host tensors in the order they are taken: master, exp_avg, exp_avg_sq
     (when ``state``: they live in host RAM), the transfer buffer, and the staging buffer of
     accumulated gradients on CUDA when ``staged``."""
     return [*(_state_sizes(p) if state else ()), p.nbytes, *([p.nbytes] * staged)]
 
 
-def _swap_bytes(p: Tensor) -> int:
+def swap_bytes(p: Tensor) -> int:
     """Bytes of the swap file holding ``p``'s master and moments (each aligned as in host RAM)."""
     return sum(map(host_aligned, _state_sizes(p)))
 
@@ -155,18 +155,18 @@ def state_homes(params: Sequence[Tensor], specs: Sequence[LevelSpec], held: Sequ
     if not ssd:
         return [None] * len(params)
     host = (sum(capacity_bytes(spec) - held[i] for i, spec in enumerate(specs) if i and spec.device == "cpu")
-            - staging - sum(host_aligned(n) for p in params for n in _host_sizes(p, staged, state=False)))
+            - staging - sum(host_aligned(n) for p in params for n in host_sizes(p, staged, state=False)))
     room = {i: capacity_bytes(specs[i]) - held[i] for i in ssd}
     homes: list[int | None] = []
     for k, p in enumerate(params):
-        need = _swap_bytes(p)
+        need = swap_bytes(p)
         if need <= host:
             host -= need
             homes.append(None)
             continue
         level = next((i for i in ssd if room[i] >= need), None)
         if level is None:
-            left = sum(map(_swap_bytes, params[k:]))
+            left = sum(map(swap_bytes, params[k:]))
             have = max(host, 0) + sum(max(r, 0) for r in room.values())
             short = human_bytes(max(left - have, need - max(room.values())))
             raise VBConfigError(tr(
@@ -208,7 +208,7 @@ class OffloadedAdamW(torch.optim.AdamW):
         swaps = list(swaps) or [None] * len(offloaded)
         self.memory = HostMemory(pin=self._cuda)
         self._arena = HostArena(self.memory, [n for p, disk in zip(offloaded, swaps, strict=True)
-                                              for n in _host_sizes(p, staged, state=disk is None)])
+                                              for n in host_sizes(p, staged, state=disk is None)])
         self._disks = list({id(disk): disk for disk in swaps if disk is not None}.values())
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
         try:
@@ -241,7 +241,7 @@ class OffloadedAdamW(torch.optim.AdamW):
         if disk is None:
             master, exp_avg, exp_avg_sq = (self._arena.take(p.shape, dtype) for _ in range(3))
         else:
-            flat = disk.store(key, _swap_bytes(p))
+            flat = disk.store(key, swap_bytes(p))
             sizes = _state_sizes(p)
             starts = itertools.accumulate(map(host_aligned, sizes[:-1]), initial=0)
             master, exp_avg, exp_avg_sq = (flat[s:s + n].view(dtype).view(p.shape) for s, n in zip(starts, sizes, strict=True))
@@ -571,13 +571,13 @@ def _check(model: nn.Module, optimizer: torch.optim.Optimizer, offloaded: list[n
     specs = stack.specs if stack is not None else list(levels)
     held, staging = stack.held_bytes() if stack is not None else ([0] * len(specs), 0)
     homes = state_homes(offloaded, specs, held, staging, staged)
-    need = sum(sum(_host_sizes(p, staged, state=home is None)) for p, home in zip(offloaded, homes, strict=True))
+    need = sum(sum(host_sizes(p, staged, state=home is None)) for p, home in zip(offloaded, homes, strict=True))
     available, _ = host_memory_info()
     if need > available:
         raise VBConfigError(tr(f"VGPU 卸载的优化器需要 {human_bytes(need)} 主机内存，本机可用 {human_bytes(available)}",
                                f"the VGPU offloaded optimizer needs {human_bytes(need)} of host RAM; "
                                f"{human_bytes(available)} is available"))
-    disks = {i: DiskLevel(i, specs[i], swap_dir(specs[i], sum(_swap_bytes(p) for p, home in
+    disks = {i: DiskLevel(i, specs[i], swap_dir(specs[i], sum(swap_bytes(p) for p, home in
                                                               zip(offloaded, homes, strict=True) if home == i)))
              for i in dict.fromkeys(home for home in homes if home is not None)}
     return device, [None if home is None else disks[home] for home in homes]

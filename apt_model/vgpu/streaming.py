@@ -150,7 +150,7 @@ def _tensors(*trees: Any) -> list[Tensor]:
     return list({id(t): t for t in tree_leaves(trees) if isinstance(t, Tensor)}.values())
 
 
-def _outermost(blocks: Sequence[nn.Module]) -> list[nn.Module]:
+def outermost(blocks: Sequence[nn.Module]) -> list[nn.Module]:
     """``blocks`` without those nested in another one (each module once)."""
     inner = {id(sub) for b in blocks for sub in b.modules() if sub is not b}
     unique = {id(b): b for b in blocks}
@@ -185,7 +185,7 @@ def _origin(model: nn.Module) -> torch.device:
     return next(iter(devices))
 
 
-def _partition(model: nn.Module, blocks: list[nn.Module]) -> tuple[list[list[Slot]], list[Slot]]:
+def partition(model: nn.Module, blocks: list[nn.Module]) -> tuple[list[list[Slot]], list[Slot]]:
     """The tensor attributes of each block, and of the rest of the model; a storage shared
     between blocks, or with the rest, stays with the rest (resident)."""
     in_blocks = {id(sub) for b in blocks for sub in b.modules()}
@@ -222,7 +222,7 @@ class VGPUStack:
         self.specs = list(levels)
         self.depth_setting = depth
         self._cuda = self.device.type == "cuda"
-        self.modules = _outermost(blocks)
+        self.modules = outermost(blocks)
         self.placed = False
         self.offloaded: set[nn.Parameter] = set()  # parameters whose updates an offloaded optimizer writes home
         self._hooks = [model.register_forward_pre_hook(self._on_model_call)]
@@ -244,7 +244,7 @@ class VGPUStack:
                 f"vgpu_config.levels[0] is {self.device} but the model is on {self.origin}: Level 0 must be "
                 "the device the model computes on"))
         self._moved = self.origin != self.device  # the resident part moves to Level 0 (from host RAM)
-        groups, rest = _partition(self.model, self.modules)
+        groups, rest = partition(self.model, self.modules)
         self.blocks = [_Block(m, Layout(g)) for m, g in zip(self.modules, groups, strict=True)]
         self.rest = Layout(rest)
         self.plan: Plan = make_plan([b.layout.nbytes for b in self.blocks], self.rest.nbytes,
