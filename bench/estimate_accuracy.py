@@ -160,6 +160,7 @@ def run_variant(args: argparse.Namespace) -> None:
                 step(batch, seq)
                 torch.cuda.synchronize()
                 row["measured"] = torch.cuda.max_memory_allocated(device)
+                row["reserved"] = torch.cuda.max_memory_reserved(device)
             else:
                 row["measured"] = measure(model, batch=batch, seq=seq, optimizer="adamw",
                                           device_type="cpu").traced_peak
@@ -200,6 +201,26 @@ def run_variants(args: argparse.Namespace, payload: dict) -> list[dict]:
     return results
 
 
+def cuda_runtime(device: torch.device) -> dict[str, int]:
+    """What this process holds on the card beside its tensors, with nothing else running on it:
+    ``context`` = used device memory (total − free) right after CUDA initializes, and
+    ``loaded`` = used less the allocator's reserved bytes after an fp32 and a bf16 cuBLAS
+    product and one Triton FP4 kernel (their libraries and modules loaded)."""
+    from apt_model.fp4 import fp4_linear, quantize_nvfp4
+
+    torch.cuda.init()
+    free, total = torch.cuda.mem_get_info(device)
+    context = total - free
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(256, 256, device=device, dtype=dtype)
+        (a @ a).sum().item()
+    weight = quantize_nvfp4(torch.randn(256, 256, device=device))
+    fp4_linear(torch.randn(1, 256, device=device, dtype=torch.bfloat16), weight).sum().item()
+    torch.cuda.synchronize(device)
+    free, total = torch.cuda.mem_get_info(device)
+    return {"context": context, "loaded": total - free - torch.cuda.memory_reserved(device)}
+
+
 def size(value: int | str | None) -> str:
     return "-" if value is None else value if isinstance(value, str) else human_bytes(value, 2)
 
@@ -207,15 +228,15 @@ def size(value: int | str | None) -> str:
 def markdown(results: list[dict], measured_by: str, header: bool = True) -> str:
     """One line per model, mode, batch and sequence length (and one per failed variant),
     under a table header unless ``header`` is False."""
-    lines = [f"| model | mode | batch | seq | predicted | {measured_by} | error | accelerate (Adam) |",
-             "|---|---|---|---|---|---|---|---|"] if header else []
+    lines = [f"| model | mode | batch | seq | predicted | {measured_by} | error | reserved | accelerate (Adam) |",
+             "|---|---|---|---|---|---|---|---|---|"] if header else []
     for r in results:
         for row in r["rows"]:
             error = f"{100 * row['error']:+.1f}%" if "error" in row else "-"
             lines.append(f"| {r['model']} | {r['mode']} | {row['batch']} | {row['seq']} | {size(row['predicted'])} | "
-                         f"{size(row['measured'])} | {error} | {size(r.get('accelerate'))} |")
+                         f"{size(row['measured'])} | {error} | {size(row.get('reserved'))} | {size(r.get('accelerate'))} |")
         if "error" in r:
-            lines.append(f"| {r['variant']} | ERROR {' '.join(r['error'])} | | | | | | |")
+            lines.append(f"| {r['variant']} | ERROR {' '.join(r['error'])} | | | | | | | |")
     return "\n".join(lines)
 
 
@@ -234,8 +255,12 @@ def main() -> None:
         run_variant(args)
         return
     measured_by = "max_memory_allocated" if args.device == "cuda" else "tracked (CPU)"
-    results = run_variants(args, {"device": device_name(args.device), "args": vars(args),
-                                  "date": time.strftime("%Y-%m-%d"), "measured_by": measured_by, "results": []})
+    payload = {"device": device_name(args.device), "args": vars(args), "date": time.strftime("%Y-%m-%d"),
+               "measured_by": measured_by, "results": []}
+    if args.device == "cuda":
+        payload["runtime"] = cuda_runtime(torch.device("cuda"))
+        print(f"CUDA runtime: {', '.join(f'{k} {human_bytes(v)}' for k, v in payload['runtime'].items())}", flush=True)
+    results = run_variants(args, payload)
     print(f"\n{device_name(args.device)} torch {torch.__version__}\n")
     print(markdown(results, measured_by))
     if all(r.get("accelerate") is None for r in results):
