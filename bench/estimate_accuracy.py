@@ -139,6 +139,8 @@ def run_variant(args: argparse.Namespace) -> None:
                      "accelerate": accelerate_figure(config, mode)}})
     if cuda:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        if mode != "off" and vb.offloads_training(vb.active_config()):
+            opt = vb.offload_optimizer(model, opt)  # the mode's one documented line, as modes.py
         vocab = config.vocab_size
 
         def step(batch: int, seq: int) -> None:
