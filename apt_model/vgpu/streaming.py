@@ -80,15 +80,17 @@ STACK_ATTR = "_vb_vgpu"
 
 class _Use:
     """One forward of a streamed block that autograd may run backward through: the gradient
-    edges (nodes) of its inputs that require grad, and the graph task whose backward reached
-    it (-1: none yet)."""
+    edges (nodes) of its inputs that require grad, the gradient accumulators of its streamed
+    parameters in this forward's graph, and the graph task whose backward reached it (-1:
+    none yet)."""
 
-    __slots__ = ("__weakref__", "block", "guard", "inputs", "nodes", "task")
+    __slots__ = ("__weakref__", "accumulators", "block", "guard", "inputs", "nodes", "task")
 
     def __init__(self, block: int, inputs: list[Tensor], guard: saved_tensors_hooks | None) -> None:
         self.block = block
         self.inputs = inputs  # until the forward ends, then their nodes
         self.nodes: list[Node] = []
+        self.accumulators: list[Node] = []
         self.guard = guard
         self.task = -1
 
@@ -96,10 +98,13 @@ class _Use:
 @dataclass
 class _Session:
     """A streamed block's backward in one graph task: its slot stays bound until ``pending``
-    gradients (of its inputs' and its parameters' uses in this backward) are computed."""
+    gradients (of its inputs' and its parameters' uses in this backward) are computed;
+    ``counted``: the parameters' gradient accumulators counted in ``pending`` (each runs once
+    in a backward, however many uses share it)."""
 
     task: int
-    pending: int
+    pending: int = 0
+    counted: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -604,6 +609,11 @@ class VGPUStack:
         for node in nodes.values():
             node.register_prehook(functools.partial(self._on_output_grad, use))
         use.nodes = [get_gradient_edge(t).node for t in inputs]
+        # The accumulators this forward's graph holds, read while the parameters are bound to the
+        # slot: rebinding a parameter to another device (its home) drops the parameter's link to
+        # them, and a later get_gradient_edge would make a new accumulator outside the graph.
+        use.accumulators = [get_gradient_edge(p).node for p in self.blocks[use.block].streamed
+                            if p.requires_grad and p in self._param_hooks]
         ref = weakref.ref(use)  # the graph holds the use through the pre-hooks, not through these
         for t in inputs:
             t.register_hook(functools.partial(self._on_input_grad, ref))
@@ -621,12 +631,15 @@ class VGPUStack:
             self._end_session(i)
         if b.session is None:
             self._pin(i, self._back_from[i])
-            pending = sum(p.requires_grad and p in self._param_hooks
-                          and torch._C._will_engine_execute_node(get_gradient_edge(p).node) for p in b.streamed)
-            b.session = _Session(task, pending)
+            b.session = _Session(task)
             torch.autograd.Variable._execution_engine.queue_callback(
                 functools.partial(self._backward_done, i, b.session))
-        b.session.pending += sum(map(torch._C._will_engine_execute_node, use.nodes))
+        session = b.session
+        for node in use.accumulators:
+            if id(node) not in session.counted and torch._C._will_engine_execute_node(node):
+                session.counted.add(id(node))
+                session.pending += 1
+        session.pending += sum(map(torch._C._will_engine_execute_node, use.nodes))
 
     def _on_input_grad(self, ref: weakref.ref, grad: Tensor) -> None:
         use = ref()
