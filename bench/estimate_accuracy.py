@@ -45,6 +45,7 @@ from modes import VARIANTS as MODES_VARIANTS
 from modes import device_name
 from variants import add_variant_arguments, write_results
 
+from apt_model.optimization.config import MODES
 from apt_model.storage import human_bytes
 
 MODELS = ("apt", "llama", "gpt2")
@@ -139,8 +140,8 @@ def run_variant(args: argparse.Namespace) -> None:
                      "accelerate": accelerate_figure(config, mode)}})
     if cuda:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        if mode != "off" and vb.offloads_training(vb.active_config()):
-            opt = vb.offload_optimizer(model, opt)  # the mode's one documented line, as modes.py
+        if mode != "off" and MODES[mode].offload_optimizer:  # the mode's one documented line, as modes.py
+            opt = vb.offload_optimizer(model, opt)
         vocab = config.vocab_size
 
         def step(batch: int, seq: int) -> None:

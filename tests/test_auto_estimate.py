@@ -236,3 +236,32 @@ def test_a_streamed_training_plan_is_said_in_chinese_by_default(capsys, memory_s
     APTModel(DEEP)
     out = capsys.readouterr().out
     assert "用 VGPU 计划, 模式 memory" in out and "个块流式" in out and "流式的块在反向中重算 (激活检查点)" in out
+
+
+def test_with_an_ssd_level_the_plan_puts_optimizer_state_past_host_ram_on_the_ssd_and_runs(memory_with_vgpu, tmp_path):
+    """Host RAM too small for the offloaded AdamW's masters and moments: with a configured SSD
+    level the plan still exists (Level 1 is the whole host room; what it cannot hold goes to
+    swap files), its host bytes stay within the room, and the real step's counters match it."""
+    from apt_model.estimator.fit import choose_vgpu
+    from apt_model.optimization.config import VGPULevel
+
+    ssd = VGPULevel(64, "ssd", 3, str(tmp_path))
+    offloaded = estimate(CONFIG, mode="balanced", batch=1, seq=8, device="cpu", levels=HOST).placement.offloaded
+    host_room = offloaded // 2  # beside Level 0, which on the CPU is host RAM too
+    host_free = int((usable(memory_with_vgpu) + host_room) / (1 - FIT_MARGIN)) + 1
+    args = dict(free=memory_with_vgpu, host_free=host_free, batch=1, seq=8, device=torch.device("cpu"))
+    assert choose_vgpu(CONFIG, **args) is None  # host RAM alone cannot hold the optimizer state
+    choice = choose_vgpu(CONFIG, **args, disk=(ssd,))
+    assert choice is not None and choice.mode == "balanced"
+    placement = choice.estimate.placement
+    assert 0 < placement.offload_disk and placement.host_bytes <= host_room + usable(memory_with_vgpu)
+
+    vb.enable(mode="balanced", device="cpu", vgpu_config=choice.levels, verbose=False)
+    model = APTModel(CONFIG)
+    optimizer = vb.offload_optimizer(model, torch.optim.AdamW(model.parameters()))
+    ids = torch.randint(0, CONFIG.vocab_size, (1, 8))
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    stats = optimizer.stats()
+    assert (stats["host_bytes"], stats["disk_bytes"]) == (placement.offloaded, placement.offload_disk)
+    optimizer.release()

@@ -40,10 +40,12 @@ from apt_model.storage import human_bytes
 if TYPE_CHECKING:
     from apt_model.estimator.levels import ModelPlan, Placement
 
-# What a CUDA process holds beyond its tensors (context, cuBLAS workspace, allocator
-# slack) is not traced; this fixed allowance stands for it. 512 MiB is the order of an H100's
-# or H200's CUDA context with cuBLAS loaded; it is an allowance, not a measurement.
-CUDA_RUNTIME_OVERHEAD = 512 * 2**20
+# What a CUDA process holds on the card outside PyTorch's allocator (its context, the cuBLAS
+# and Triton modules it loads) is not traced; this allowance stands for it. Measured on an
+# H200 (torch 2.11, CUDA 13): 527-552 MiB right after initialization, 655 MiB once fp32 and
+# bf16 cuBLAS products and a Triton FP4 kernel have run (BENCHMARKS.md, "Memory estimator").
+# Other cards and drivers differ by tens of MiB; the fitting rule's margin covers that.
+CUDA_RUNTIME_OVERHEAD = 656 * 2**20
 
 OFF = "off"
 ESTIMATE_MODES = (OFF, *MODES)  # least aggressive first, as MODES

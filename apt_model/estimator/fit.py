@@ -197,7 +197,8 @@ def choose_vgpu(target: Any, *, free: int, host_free: int, batch: int = 1, seq: 
     = what the fitting rule leaves of ``free`` device bytes once the step's own tensors
     (activations, transient gradients, runtime) are counted; Level 1 = host RAM, what it
     leaves of ``host_free`` beside the offloaded optimizer (on a CPU device, beside Level 0
-    too: the same memory); then the ``disk`` levels (a configured SSD). Levels 0 and 1 share
+    too: the same memory); then the ``disk`` levels (a configured SSD), where the offloaded
+    optimizer's masters and moments go once Level 1 is full. Levels 0 and 1 share
     one link, host to device, whose speed is measured (``copy_gbps``) once a plan is found.
     A training step offloads AdamW, and streams blocks only in a mode whose blocks the stack
     can train streamed (``ModelPlan.check_training``: checkpointing, no FP4 masters), which
@@ -224,14 +225,17 @@ def _place(traced: Traced, resident: Estimate, device: str, free: int, host_room
            disk_levels: list[dict[str, Any]]) -> tuple[Estimate, int, int] | None:
     """``traced``'s step (``resident``: traced with every block in Level 0) placed over a Level 0
     on ``device`` that it fits in with the step's own tensors, Level 1 = ``host_room`` less the
-    offloaded optimizer, and ``disk_levels``: the step placed, and the bytes of Levels 0 and 1;
+    offloaded optimizer (its step counters only, with ``disk_levels``: its masters and moments
+    share Level 1 and spill to the SSD), and ``disk_levels``: the step placed, and the bytes of Levels 0 and 1;
     None when no such plan exists.
 
     The step's own tensors depend on the plan (a streamed block releases its weight casts):
     they are least when every block streams. Level 0 starts at what the fitting rule leaves
     beside those, and shrinks by each plan's excess, its step traced, until one fits."""
     placement = resident.placement
-    level1 = host_room - placement.offloaded - placement.offload_steps
+    # With an SSD level the offloaded optimizer's masters and moments live within Level 1's
+    # capacity, the rest in swap files (``state_homes``): Level 1 is then all the host room.
+    level1 = host_room - placement.offload_steps - (0 if disk_levels else placement.offloaded)
     own = resident.peak_bytes - placement.levels[0].held
     vb_plan = traced.vb_plan
     try:  # the plan that streams the most: one slot beside the resident part
