@@ -174,6 +174,9 @@ def run_trial(args: argparse.Namespace) -> dict:
             model, optimizer = vb_model(args, args.layers, 2 * weights if args.trial == "offloaded" else int(streamed))
             row.update(train(args, model, optimizer, args.iters, args.warmup))
         row.update(stack_fields(model))
+        if hasattr(optimizer, "stats"):  # the offloaded AdamW: host step and compute-stream wait, per step
+            stats = optimizer.stats()
+            row.update(host_step_ms=1e3 * stats["host_step_s"] / stats["steps"], wait_ms=1e3 * stats["wait_s"] / stats["steps"])
         row["fits"] = True
     except (torch.OutOfMemoryError, VBConfigError) as exc:
         row.update(fits=False, reason=str(exc).splitlines()[0][:300])

@@ -423,3 +423,40 @@ def test_the_cpu_target_is_a_real_cpu_training_step_to_the_byte():
     assert est.traced_peak == tracker.peak
     logits = BATCH * SEQ * cfg.vocab_size * 4
     assert est.logits_loss == logits + 4 and est.at_peak["logits_loss"] == 4  # freed before the peak
+
+
+def test_a_gradient_summed_from_two_uses_is_counted_as_autograd_sums_it_in_place():
+    """A weight used twice (tied embeddings): without a dispatch mode autograd adds its second
+    gradient into the first in place; under the tracker's mode (and on fake tensors) it adds out
+    of place. Both the traced and the tracked step count the in-place sum, to the byte: the
+    peak holds the weight and two vocabulary-sized gradients, not three."""
+    transformers = pytest.importorskip("transformers")
+
+    w = torch.randn(16, 16, requires_grad=True)
+    uses = [torch.randn(4, 16) @ w for _ in range(2)]
+    seen: list[int] = []
+    for y in uses:
+        y.grad_fn.register_hook(lambda grads, _out: seen.extend(g.data_ptr() for g in grads if g is not None))
+    sum(y.sum() for y in uses).backward()
+    assert w.grad.data_ptr() in seen  # summed into one of the two gradients: in place
+
+    seq = 8
+    cfg = transformers.GPT2Config(vocab_size=32768, n_embd=64, n_layer=1, n_head=4, n_positions=seq)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = torch.randint(0, cfg.vocab_size, (1, seq))
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+
+    step()
+    opt.zero_grad(set_to_none=True)
+    with MemoryTracker() as tracker:
+        tracker.add([*model.parameters(), *model.buffers(), ids])
+        tracker.reset_peak()
+        step()
+    est = estimate(cfg, mode="off", batch=1, seq=seq, device="cpu", optimizer="sgd")
+    embedding = cfg.vocab_size * cfg.n_embd * 4
+    assert est.traced_peak == tracker.peak < 3.5 * embedding

@@ -8,6 +8,14 @@ fake ones, so a traced step and a real CPU step are counted by one rule.
 
 What it cannot see: memory a kernel allocates and frees inside itself (workspaces), and
 allocator rounding or caching; both are below the dispatcher.
+
+Gradient accumulation in backward: autograd sums two gradients of one tensor in place into
+the first when it holds the last reference to it, but not for a tensor subclass (the fake
+tensors of a trace) nor while a dispatch mode (this tracker) is active: those get ``a + b``.
+So an ``add`` in backward (grad mode off) of two like tensors counts its result only after
+the frees that follow it: when the first operand goes at once (the engine's buffer let it
+go), the sum takes its place, as the in-place add of a run without the tracker would;
+otherwise it counts as the new tensor it is.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ class MemoryTracker(TorchDispatchMode):
         self._phase = ""
         self._phase_peaks: dict[str, tuple[int, dict[int, int]]] = {}
         self._stale = False  # a new peak whose snapshot is not taken yet
+        self._sum: weakref.ref | None = None  # an accumulated gradient's storage, counted at _settle
 
     # ---- counting -----------------------------------------------------------------------------
 
@@ -87,6 +96,7 @@ class MemoryTracker(TorchDispatchMode):
 
     def phase(self, name: str) -> None:
         """Start phase ``name``: later allocations count toward its own peak too."""
+        self._settle()
         if self._stale:
             self._take_snapshots()
         self._phase = name
@@ -94,6 +104,7 @@ class MemoryTracker(TorchDispatchMode):
 
     def reset_peak(self) -> None:
         """Forget the peaks so far: the peak starts again from the bytes live now."""
+        self._settle()
         self.peak = self.current
         self.snapshot_at_peak = dict(self._live.values())
         self._phase_peaks.clear()
@@ -101,6 +112,7 @@ class MemoryTracker(TorchDispatchMode):
 
     def finish(self) -> None:
         """Take the snapshot of a peak still in progress (call before reading the snapshots)."""
+        self._settle()
         if self._stale:
             self._take_snapshots()
 
@@ -110,14 +122,38 @@ class MemoryTracker(TorchDispatchMode):
 
     def serial_of(self, tensor: torch.Tensor) -> int | None:
         """The serial of ``tensor``'s storage, None when it is not counted."""
+        self._settle()
         entry = self._live.get(tensor.untyped_storage()._cdata)
         return None if entry is None else entry[0]
 
     def live_serials(self) -> dict[int, int]:
         """serial -> bytes of every storage live now."""
+        self._settle()
         return dict(self._live.values())
 
+    def _settle(self) -> None:
+        """Count the accumulated gradient held back by ``__torch_dispatch__`` (if still alive)."""
+        if self._sum is not None:
+            storage, self._sum = self._sum(), None
+            if storage is not None:
+                self._add_storage(storage)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self._settle()
         out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.add.Tensor and not kwargs and _accumulates(args, out):
+            self._sum = weakref.ref(out.untyped_storage())
+            return out
         self.add(tree_leaves(out))
         return out
+
+
+def _accumulates(args: tuple[Any, ...], out: Any) -> bool:
+    """Whether ``out = args[0] + args[1]`` may be autograd summing two gradients of one tensor
+    in backward, which it does in place into ``args[0]`` in a run without the tracker."""
+    if len(args) != 2 or torch.is_grad_enabled() or torch._C._current_graph_task_id() == -1:
+        return False
+    first, second = args
+    return (isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor) and isinstance(out, torch.Tensor)
+            and first.shape == second.shape == out.shape and first.dtype == out.dtype
+            and first.is_contiguous() and first.untyped_storage().nbytes() == out.untyped_storage().nbytes())
