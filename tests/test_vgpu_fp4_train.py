@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_vgpu_train import same_weights
 from torch import nn
 
 import apt_model.optimization.vb_global as vb
@@ -72,12 +73,6 @@ def evaluate(model: APTModel, x: torch.Tensor) -> torch.Tensor:
     logits = model(x).logits
     model.train()
     return logits
-
-
-def same_weights(a: nn.Module, b: nn.Module) -> bool:
-    """Equal state dicts (compared on the CPU: a streamed block's tensors show their home)."""
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
