@@ -75,7 +75,8 @@ from apt_model.vgpu.streaming import VGPUStack, stack_of
 UNSUPPORTED_FLAGS = ("amsgrad", "maximize", "capturable", "differentiable")
 # Elements of a parameter stepped per fused AdamW call on the host when its gradient must be
 # widened first (bf16 -> fp32): the widened slice (16 MiB) is reused from call to call and the
-# new weight is narrowed back slice by slice, while the slice's bytes are still in cache.
+# new weight is narrowed back slice by slice, while the slice's bytes are still in cache. A
+# multiple of the kernel's vector width, so the slices step bit for bit as one call would.
 HOST_STEP_SLICE = 1 << 22
 _OWNER = WeakIdKeyDictionary()  # parameter -> the OffloadedAdamW that offloads it
 
