@@ -282,6 +282,51 @@ def test_truncated_swap_file_is_a_clear_error(tmp_path):
         logits(model, X)
 
 
+OPEN_FILES_SCRIPT = """
+import resource, sys
+from pathlib import Path
+soft, hard = int(sys.argv[2]), int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+from apt_model.errors import VBConfigError
+from apt_model.optimization.config import VGPULevel
+from apt_model.vgpu.levels import DiskLevel
+level = DiskLevel(2, VGPULevel(64, "ssd", 5, sys.argv[1]), Path(sys.argv[1]))
+try:
+    for key in range(int(sys.argv[4])):
+        level.store(key, 4096)
+except VBConfigError as exc:
+    print("ERROR", exc)
+print("STORED", len(level._files), "SOFT", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+level.close()
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX open-file limits")
+def test_swap_files_past_the_soft_open_file_limit_raise_it_and_past_the_hard_one_say_so(tmp_path):
+    """Each swap file keeps a descriptor open. The first one stored raises the soft limit to
+    the hard one, so 200 files store under a soft limit of 64; with the hard limit at 64 too,
+    the file that does not fit is a one-line error naming the limit, and nothing is left behind."""
+    import resource
+    import subprocess
+    import sys
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 512:
+        pytest.skip(f"hard open-file limit {hard}")
+    cap = 1024 if hard == resource.RLIM_INFINITY else min(hard, 1024)
+
+    def run(soft: int, hard: int, files: int) -> str:
+        proc = subprocess.run([sys.executable, "-c", OPEN_FILES_SCRIPT, str(tmp_path), str(soft), str(hard), str(files)],
+                              capture_output=True, text=True, env={**os.environ, "VB_LANG": "en"}, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    assert f"STORED 200 SOFT {cap}" in run(64, cap, 200)
+    out = run(64, 64, 200)
+    assert "ERROR VGPU SSD level: out of file descriptors (" in out and "raise the limit (ulimit -n)" in out
+    assert "STORED 200" not in out and not list(tmp_path.glob("vgpu-*"))
+
+
 def test_plan_names_the_shortfall():
     with pytest.raises(VBConfigError, match=r"Level 0 \(1000 B\) cannot hold .* short by 50 B"):
         make_plan([500] * 4, 50, [1000, 10_000], depth=1)  # rest + 2 slots = 1050

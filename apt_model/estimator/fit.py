@@ -201,9 +201,8 @@ def choose_vgpu(target: Any, *, free: int, host_free: int, batch: int = 1, seq: 
     optimizer's masters and moments go once Level 1 is full. Levels 0 and 1 share
     one link, host to device, whose speed is measured (``copy_gbps``) once a plan is found.
     A training step offloads AdamW, and streams blocks only in a mode whose blocks the stack
-    can train streamed (``ModelPlan.check_training``: checkpointing, no FP4 masters), which
-    makes ``memory`` the only mode of ``MODES`` that streams in training. None when no mode
-    fits."""
+    can train streamed (``ModelPlan.check_training``: checkpointing), which makes ``memory``
+    and ``full`` the modes of ``MODES`` that stream in training. None when no mode fits."""
     host_room = usable(host_free) - (usable(free) if device.type == "cpu" else 0)
     if host_room <= 0:
         return None

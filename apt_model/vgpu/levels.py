@@ -8,11 +8,15 @@ memory with one warning. The SSD level keeps one swap file per block in a folder
 under the configured directory: written once at placement (space reserved first, so a full
 disk fails there, not later), memory-mapped (what the block's tensors show between uses),
 and read for streaming with ``pread`` by a small thread pool, each read checked for length.
+Each swap file keeps one descriptor open: the first one stored raises the process's soft
+limit on open files to its hard limit, and running out of descriptors is a one-line error.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
+import functools
 import os
 import shutil
 import time
@@ -238,6 +242,22 @@ def _remove(folder: Path, fds: list[int]) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+@functools.cache
+def allow_open_files() -> None:
+    """Raise this process's soft limit on open files to its hard limit, once (the SSD level
+    keeps a descriptor per swap file). A no-op where the platform has no such limit."""
+    try:
+        import resource
+    except ImportError:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and soft != resource.RLIM_INFINITY:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):  # refused (macOS caps the soft limit): keep the soft one
+            pass
+
+
 class DiskLevel:
     """The SSD level: one swap file per stored block, in a folder of its own under
     ``directory`` (made at the first block stored)."""
@@ -259,7 +279,7 @@ class DiskLevel:
             self.folder.mkdir()
             self._finalizer = weakref.finalize(self, _remove, self.folder, self._fds)
         path = self.folder / f"block{key}.bin"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = self._open(path)
         self._fds.append(fd)
         try:
             os.posix_fallocate(fd, 0, nbytes)
@@ -273,6 +293,27 @@ class DiskLevel:
         self.counters.hold(nbytes)
         storage = torch.UntypedStorage.from_file(str(path), shared=True, nbytes=nbytes)
         return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,), (1,))
+
+    def _open(self, path: Path) -> int:
+        """A descriptor of the new swap file ``path``, with one more to spare for the memory
+        map ``store`` makes (it opens the file again, then closes it); out of descriptors:
+        one line."""
+        allow_open_files()
+        fd = -1
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(os.dup(fd))
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            if fd >= 0:
+                os.close(fd)
+            raise VBConfigError(tr(
+                f"VGPU SSD 层级: 打开的文件数已达上限 ({len(self._files)} 个交换文件已打开，每个占一个文件描述符)；"
+                "请提高上限 (ulimit -n) 或把更多状态放进主机内存层级",
+                f"VGPU SSD level: out of file descriptors ({len(self._files)} swap files open, one descriptor "
+                "each); raise the limit (ulimit -n) or give the host RAM levels more room")) from None
+        return fd
 
     def check(self, key: int) -> None:
         """Fail clearly if swap file ``key`` was deleted or became shorter than what was written
