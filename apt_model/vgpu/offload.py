@@ -73,11 +73,6 @@ from apt_model.vgpu.levels import (
 from apt_model.vgpu.streaming import VGPUStack, stack_of
 
 UNSUPPORTED_FLAGS = ("amsgrad", "maximize", "capturable", "differentiable")
-# Elements of a parameter stepped per fused AdamW call on the host when its gradient must be
-# widened first (bf16 -> fp32): the widened slice (16 MiB) is reused from call to call and the
-# new weight is narrowed back slice by slice, while the slice's bytes are still in cache. A
-# multiple of the kernel's vector width, so the slices step bit for bit as one call would.
-HOST_STEP_SLICE = 1 << 22
 _OWNER = WeakIdKeyDictionary()  # parameter -> the OffloadedAdamW that offloads it
 
 
@@ -230,7 +225,7 @@ class OffloadedAdamW(torch.optim.AdamW):
             self.state[p] = state
             self._load_host(p, taken.get(p))
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vgpu-adamw")
-        self._wide: Tensor | None = None  # the worker's fp32 gradient slice (_step_on_host)
+        self._wide: Tensor | None = None  # the worker's widened gradient (_step_on_host)
         self._d2h = torch.cuda.Stream(self.device) if self._cuda else None
         self._h2d = torch.cuda.Stream(self.device) if self._cuda else None
         self._waits: list[tuple[Any, Any]] = []  # CUDA events around the compute stream's waits
@@ -343,29 +338,20 @@ class OffloadedAdamW(torch.optim.AdamW):
     def _step_on_host(self, host: _Host, state: dict[str, Tensor], narrow: Tensor) -> None:
         """(Worker thread) AdamW on ``host``'s master with the gradient in its transfer buffer,
         and the new weight into ``narrow`` (the home, or the transfer buffer unless the master
-        is already in p's dtype). A gradient in the master's dtype is stepped in one fused call; a narrower one
-        (bf16) slice by slice through one reused fp32 buffer (``HOST_STEP_SLICE``), each slice
-        narrowed into ``narrow`` at once: no full-size fp32 copy of the gradient is made, and
-        each byte crosses host memory fewer times. The step counter advances once."""
+        is already in p's dtype). A narrower gradient (bf16) is widened into one fp32 buffer
+        the worker keeps (as large as the largest parameter so far; a fresh one per call would
+        cost page faults): faster than slicing it (``bench`` figures in BENCHMARKS.md)."""
         master, grad = host.master, host.transfer
-        if grad.dtype == master.dtype:
-            _adamw([master], [grad], [state], host.hyper, fused=True)
-            if host.home is not None:
-                narrow.copy_(master)
-            return
-        if self._wide is None or self._wide.dtype != master.dtype:
-            self._wide = torch.empty(HOST_STEP_SLICE, dtype=master.dtype)
-        flat = [t.view(-1) for t in (master, state["exp_avg"], state["exp_avg_sq"], grad, narrow)]
-        step = state["step"]
-        for start in range(0, master.numel(), HOST_STEP_SLICE):
-            end = min(start + HOST_STEP_SLICE, master.numel())
-            m, avg, avg_sq, g, out = (t[start:end] for t in flat)
-            wide = self._wide[:end - start]
-            wide.copy_(g)
-            _adamw([m], [wide], [{"exp_avg": avg, "exp_avg_sq": avg_sq, "step": step.clone()}], host.hyper,
-                   fused=True)
-            out.copy_(m)
-        step.add_(1)
+        if grad.dtype != master.dtype:
+            if self._wide is None or self._wide.dtype != master.dtype or self._wide.numel() < master.numel():
+                self._wide = None
+                self._wide = torch.empty(master.numel(), dtype=master.dtype)
+            wide = self._wide[:master.numel()].view(master.shape)
+            wide.copy_(grad)
+            grad = wide
+        _adamw([master], [grad], [state], host.hyper, fused=True)
+        if host.home is not None or narrow.dtype != master.dtype:
+            narrow.copy_(master)
 
     def _landed(self) -> list[tuple[nn.Parameter, _Host]]:
         return [(p, host) for p, host in self._host.items() if host.landed]
