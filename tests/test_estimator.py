@@ -460,3 +460,27 @@ def test_a_gradient_summed_from_two_uses_is_counted_as_autograd_sums_it_in_place
     est = estimate(cfg, mode="off", batch=1, seq=seq, device="cpu", optimizer="sgd")
     embedding = cfg.vocab_size * cfg.n_embd * 4
     assert est.traced_peak == tracker.peak < 3.5 * embedding
+
+
+def test_activations_at_the_peak_are_broken_down_by_block_and_temporaries(monkeypatch):
+    """``activations_at_peak`` splits the activations live at the peak by where they were
+    allocated, and sums to them. Without checkpointing each block keeps its own saved
+    activations (identical blocks, equal bytes); with it (memory mode) the blocks keep less
+    than one block did: only the recomputed one holds its activations. The table prints the
+    split, one line for all blocks past four."""
+    monkeypatch.setenv("VB_LANG", "en")
+    cfg = APTConfig.from_preset("tiny", n_layers=3, max_seq_len=64)
+    plain, checkpointed = (estimate(cfg, mode=mode, batch=2, seq=64, device="cpu", optimizer="sgd")
+                           for mode in ("off", "memory"))
+    for est in (plain, checkpointed):
+        assert sum(est.activations_at_peak.values()) == est.at_peak["activations"]
+        assert est.activations_at_peak["backward"] > 0 and est.activations_at_peak["forward"] > 0
+    sites = plain.activations_at_peak
+    assert sites["block 0"] == sites["block 1"] > 0 and list(sites)[:3] == ["block 0", "block 1", "block 2"]
+    blocks = sum(n for label, n in checkpointed.activations_at_peak.items() if label.startswith("block "))
+    assert 0 < blocks < sites["block 0"]
+    table = plain.table()
+    assert "    block 0 " in table and "    backward temporaries " in table
+    deep = estimate(APTConfig.from_preset("tiny", n_layers=6, max_seq_len=64), mode="off", batch=2, seq=64,
+                    device="cpu", optimizer="sgd")
+    assert "    6 blocks (largest: block 0) " in deep.table()

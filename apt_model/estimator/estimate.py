@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,11 @@ class Estimate:
     of everything else (activations, temporaries) live during the forward and backward
     passes (prefill and decode), beside logits and loss. ``at_peak`` breaks
     ``traced_peak`` down by the same components at the moment of the peak (it sums to it).
+    ``activations_at_peak`` breaks ``at_peak["activations"]`` down by where each tensor was
+    allocated: ``"block i"`` (the model's i-th repeated block, its forward or its
+    recomputation by checkpointing), ``"forward"`` / ``"prefill"`` / ``"decode"`` (outside
+    the blocks: embeddings, head, loss), ``"backward"`` (gradient temporaries) and
+    ``"optimizer"`` (the step's temporaries).
     ``peak_bytes`` adds the runtime's fixed overhead (``CUDA_RUNTIME_OVERHEAD`` on CUDA, 0
     elsewhere) to the device's peak: the traced one, or with VGPU levels ``placement``'s
     (what the stack puts on each level, and the device's peak with it).
@@ -97,6 +103,7 @@ class Estimate:
     traced_peak: int
     kv_cache: int = 0
     at_peak: dict[str, int] = field(default_factory=dict)
+    activations_at_peak: dict[str, int] = field(default_factory=dict)
     runtime_overhead: int = 0
     placement: Placement | None = None
 
@@ -131,6 +138,9 @@ class Estimate:
             if key == "parameters" and len(self.parameters) > 1:
                 for dtype, nbytes in self.parameters.items():
                     lines.append(f"    {dtype:<26}{human_bytes(nbytes):>12}")
+            if key == "activations":
+                lines += [f"    {label:<26}{'':>12}{human_bytes(nbytes):>12}"
+                          for label, nbytes in _activation_lines(self.activations_at_peak)]
         if self.runtime_overhead:
             lines.append(f"  {tr(*COMPONENT_NAMES['runtime_overhead']):<28}{'':>12}"
                          f"{human_bytes(self.runtime_overhead):>12}")
@@ -141,6 +151,31 @@ class Estimate:
 
     def __str__(self) -> str:
         return self.table()
+
+
+SITE_NAMES = {  # (Chinese, English) for the sites of ``Estimate.activations_at_peak`` outside blocks
+    "forward": ("前向 (块外: 嵌入, 头, 损失)", "forward, outside blocks"),
+    "prefill": ("预填充 (块外)", "prefill, outside blocks"),
+    "decode": ("解码 (块外)", "decode, outside blocks"),
+    "backward": ("反向的临时张量", "backward temporaries"),
+    "optimizer": ("优化器步骤的临时张量", "optimizer step temporaries"),
+}
+
+
+def _activation_lines(sites: dict[str, int]) -> list[tuple[str, int]]:
+    """``activations_at_peak`` as table lines: the blocks holding bytes (one line each, or one
+    for all when more than four, with the largest), then the other sites."""
+    blocks = {label: n for label, n in sites.items() if label.startswith("block ") and n}
+    lines: list[tuple[str, int]] = []
+    if len(blocks) > 4:
+        largest = max(blocks, key=blocks.__getitem__)
+        lines.append((tr(f"{len(blocks)} 个块 (最大: {largest})", f"{len(blocks)} blocks (largest: {largest})"),
+                      sum(blocks.values())))
+    else:
+        lines += [(tr(f"块 {label[6:]}", label), n) for label, n in blocks.items()]
+    lines += [(tr(*SITE_NAMES.get(label, (label, label))), n) for label, n in sites.items()
+              if n and not label.startswith("block ")]
+    return lines
 
 
 # ---- checks ----------------------------------------------------------------------------------
@@ -338,7 +373,7 @@ def measure(model: nn.Module, *, batch: int, seq: int, optimizer: str | None = "
     params, param_ids = _parameter_bytes(model)
     tracker = MemoryTracker()
     tracker.add([*model.parameters(), *model.buffers()])
-    with tracker:
+    with tracker, _block_sites(model, tracker):
         ids = torch.randint(0, vocab, (batch, seq), device=device)
         if optimizer is not None:
             model.zero_grad(set_to_none=True)
@@ -370,6 +405,11 @@ def measure(model: nn.Module, *, batch: int, seq: int, optimizer: str | None = "
     known = set().union(*kinds.values())
     at_peak = {key: _sum(tracker.snapshot_at_peak, kinds[key]) for key in kinds}
     at_peak["activations"] = sum(n for s, n in tracker.snapshot_at_peak.items() if s not in known)
+    by_site: dict[str, int] = {}
+    for serial, nbytes in sorted(tracker.snapshot_at_peak.items()):
+        if serial not in known:
+            site = tracker.site_of(serial)
+            by_site[site] = by_site.get(site, 0) + nbytes
     busy = [tracker.phase_peak(p)[1] for p in ("forward", "backward", "prefill", "decode")]
     live = tracker.live_serials()
     return Estimate(
@@ -378,9 +418,43 @@ def measure(model: nn.Module, *, batch: int, seq: int, optimizer: str | None = "
         gradients=_sum(live, kinds["gradients"]), optimizer_state=_sum(live, kinds["optimizer_state"]),
         activations=max(sum(n for s, n in snap.items() if s not in known) for snap in busy),
         logits_loss=sum(outputs.values()), traced_peak=tracker.peak, kv_cache=_sum(live, cache),
-        at_peak={key: at_peak[key] for key in COMPONENTS},
+        at_peak={key: at_peak[key] for key in COMPONENTS}, activations_at_peak=_in_block_order(by_site),
         runtime_overhead=CUDA_RUNTIME_OVERHEAD if device_type == "cuda" else 0,
     )
+
+
+@contextlib.contextmanager
+def _block_sites(model: nn.Module, tracker: MemoryTracker) -> Any:
+    """While open, what the model's repeated blocks allocate (forward and recomputation) is
+    labelled ``"block i"`` on ``tracker``: hooks on each block and on its direct children
+    (checkpointing recomputes a block by calling its ``forward``, which skips the block's own
+    hooks but not its children's), removed after."""
+    from apt_model.optimization.checkpointing import find_blocks
+
+    def enter(label: str, *_: Any) -> None:
+        tracker.sites.append(label)
+
+    def leave(*_: Any) -> None:
+        tracker.sites.pop()
+
+    handles = []
+    for i, block in enumerate(find_blocks(model)):
+        for module in (block, *block.children()):
+            handles.append(module.register_forward_pre_hook(functools.partial(enter, f"block {i}")))
+            handles.append(module.register_forward_hook(leave, always_call=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        tracker.sites.clear()
+
+
+def _in_block_order(sites: dict[str, int]) -> dict[str, int]:
+    """``sites`` with the blocks first, by index, then the phases as they came."""
+    blocks = sorted((label for label in sites if label.startswith("block ")), key=lambda label: int(label[6:]))
+    return {**{label: sites[label] for label in blocks},
+            **{label: n for label, n in sites.items() if not label.startswith("block ")}}
 
 
 def _create_optimizer_state(opt: torch.optim.Optimizer) -> None:

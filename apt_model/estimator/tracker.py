@@ -50,6 +50,8 @@ class MemoryTracker(TorchDispatchMode):
         self._phase_peaks: dict[str, tuple[int, dict[int, int]]] = {}
         self._stale = False  # a new peak whose snapshot is not taken yet
         self._sum: weakref.ref | None = None  # an accumulated gradient's storage, counted at _settle
+        self._site_of: dict[int, str] = {}  # serial -> where it was allocated (``site``)
+        self.sites: list[str] = []  # the labels open now (innermost last), e.g. a block's
 
     # ---- counting -----------------------------------------------------------------------------
 
@@ -64,6 +66,7 @@ class MemoryTracker(TorchDispatchMode):
         if key in self._live:
             return
         self._serial += 1
+        self._site_of[self._serial] = self.sites[-1] if self.sites else self._phase
         nbytes = storage.nbytes()
         self._live[key] = (self._serial, nbytes)
         self._refs[key] = weakref.ref(storage, lambda _ref, key=key: self._free(key))
@@ -125,6 +128,11 @@ class MemoryTracker(TorchDispatchMode):
         self._settle()
         entry = self._live.get(tensor.untyped_storage()._cdata)
         return None if entry is None else entry[0]
+
+    def site_of(self, serial: int) -> str:
+        """Where storage ``serial`` was allocated: the innermost of ``sites`` open then, else
+        the phase ("" before the first)."""
+        return self._site_of.get(serial, "")
 
     def live_serials(self) -> dict[int, int]:
         """serial -> bytes of every storage live now."""
