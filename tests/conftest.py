@@ -35,6 +35,12 @@ def clean_vb(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathF
 
 
 @pytest.fixture
+def english(monkeypatch: pytest.MonkeyPatch) -> None:
+    """User-facing messages in English (``VB_LANG=en``) for tests that match their text."""
+    monkeypatch.setenv("VB_LANG", "en")
+
+
+@pytest.fixture
 def sdpa_calls(monkeypatch: pytest.MonkeyPatch) -> list:
     """The dtype of the query of every ``F.scaled_dot_product_attention`` call."""
     calls = []

@@ -23,9 +23,7 @@ from apt_model.training.checkpoint import latest_checkpoint, load_checkpoint, sa
 MiB = 1 << 20
 
 
-@pytest.fixture(autouse=True)
-def english(monkeypatch):
-    monkeypatch.setenv("VB_LANG", "en")
+pytestmark = pytest.mark.usefixtures("english")  # messages in English (conftest)
 
 
 def tiny_state(step: int) -> dict:

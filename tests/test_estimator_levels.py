@@ -25,9 +25,7 @@ CFG = APTConfig.from_preset("tiny", n_layers=6, max_seq_len=64)
 X = torch.randint(0, CFG.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture(autouse=True)
-def english(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("VB_LANG", "en")
+pytestmark = pytest.mark.usefixtures("english")  # messages in English (conftest)
 
 
 def levels(tmp_path, model: APTModel) -> list[dict]:
@@ -87,19 +85,27 @@ def test_speed_mode_serving_streams_packed_fp4_as_estimated(tmp_path):
     assert est.placement.streamed == stack["streamed_blocks"] > 0 and est.placement.depth == stack["depth"]
 
 
-def test_training_offloads_masters_and_adamw_state_to_the_host_as_estimated():
+HOST_LEVELS = [{"capacity_mb": 64, "device": "cpu", "speed_gbps": 100},
+               {"capacity_mb": 256, "device": "cpu", "speed_gbps": 50}]
+
+
+def offloaded_balanced() -> tuple[APTModel, torch.optim.Optimizer]:
+    """A seeded APT model in balanced mode over two host RAM levels (every block in Level 0),
+    its AdamW offloaded."""
     torch.manual_seed(0)
     model = APTModel(CFG).train()
-    config = [{"capacity_mb": 64, "device": "cpu", "speed_gbps": 100},
-              {"capacity_mb": 256, "device": "cpu", "speed_gbps": 50}]
-    vb.enable(mode="balanced", verbose=False, vgpu_config={"levels": config})
+    vb.enable(mode="balanced", verbose=False, vgpu_config={"levels": HOST_LEVELS})
     vb.optimize(model)
-    optimizer = vb.offload_optimizer(model, torch.optim.AdamW(model.parameters()))
+    return model, vb.offload_optimizer(model, torch.optim.AdamW(model.parameters()))
+
+
+def test_training_offloads_masters_and_adamw_state_to_the_host_as_estimated():
+    model, optimizer = offloaded_balanced()
     model(X, labels=X).loss.backward()
     optimizer.step()
     stack = vb.get_stats()["vgpu"]["stacks"][0]
     host = optimizer.stats()
-    est = estimate(CFG, mode="balanced", batch=2, seq=12, levels=config)
+    est = estimate(CFG, mode="balanced", batch=2, seq=12, levels=HOST_LEVELS)
     placement = est.placement
     assert [(lv.held, lv.held) for lv in placement.levels] == held(stack)
     assert placement.streamed == 0 and placement.levels[0].held == est.parameter_bytes + est.buffers - 2 * 12 * 8
@@ -109,7 +115,7 @@ def test_training_offloads_masters_and_adamw_state_to_the_host_as_estimated():
     assert est.optimizer_state == 0 and est.gradients == 0
     resident = estimate(CFG, mode="balanced", batch=2, seq=12, device="cpu")
     assert est.peak_bytes < resident.peak_bytes - resident.optimizer_state
-    public = vb.estimate(CFG, mode="balanced", batch=2, seq=12, levels=config)  # the public verb
+    public = vb.estimate(CFG, mode="balanced", batch=2, seq=12, levels=HOST_LEVELS)  # the public verb
     assert public.peak_bytes == est.peak_bytes and public.placement.levels == placement.levels
     optimizer.release()
 
@@ -192,13 +198,7 @@ def test_an_offloaded_training_step_on_the_device_is_a_real_one_to_the_byte():
     once final), against the same tracker on a real CPU step with ``vb.offload_optimizer``: its
     host steps run in a worker thread, which the tracker does not see, and its host buffers
     (which the main thread copies gradients into) are counted from the start and taken off."""
-    torch.manual_seed(0)
-    model = APTModel(CFG).train()
-    config = [{"capacity_mb": 64, "device": "cpu", "speed_gbps": 100},
-              {"capacity_mb": 256, "device": "cpu", "speed_gbps": 50}]
-    vb.enable(mode="balanced", verbose=False, vgpu_config={"levels": config})
-    vb.optimize(model)
-    optimizer = vb.offload_optimizer(model, torch.optim.AdamW(model.parameters()))
+    model, optimizer = offloaded_balanced()
     ids = torch.randint(0, CFG.vocab_size, (2, 32))
 
     def step() -> None:
@@ -207,7 +207,7 @@ def test_an_offloaded_training_step_on_the_device_is_a_real_one_to_the_byte():
 
     measured = device_peak(model, optimizer, step, [ids])
     optimizer.release()
-    est = estimate(CFG, mode="balanced", batch=2, seq=32, levels=config)
+    est = estimate(CFG, mode="balanced", batch=2, seq=32, levels=HOST_LEVELS)
     assert est.traced_peak == measured  # to the byte
     assert est.peak_bytes == est.traced_peak  # every block in Level 0, on the model's own device
 

@@ -29,9 +29,7 @@ def save(root, model: torch.nn.Module, model_class: str, model_config: dict | No
                                   "model_config": model_config, "model_class": model_class})
 
 
-@pytest.fixture(autouse=True)
-def english(monkeypatch):
-    monkeypatch.setenv("VB_LANG", "en")
+pytestmark = pytest.mark.usefixtures("english")  # messages in English (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -35,9 +35,7 @@ CJK = re.compile(r"[\u4e00-\u9fff]")
 MISSING_DEVICE = "cuda:7" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
 
 
-@pytest.fixture(autouse=True)
-def english(monkeypatch):
-    monkeypatch.setenv("VB_LANG", "en")
+pytestmark = pytest.mark.usefixtures("english")  # messages in English (conftest)
 
 
 def train(*flags: str) -> int:

@@ -27,9 +27,7 @@ MIB = 1 << 20
 CFG = APTConfig.from_preset("tiny", n_layers=6)
 
 
-@pytest.fixture(autouse=True)
-def english(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("VB_LANG", "en")
+pytestmark = pytest.mark.usefixtures("english")  # messages in English (conftest)
 
 
 def apt() -> APTModel:

@@ -26,9 +26,7 @@ CFG = APTConfig.from_preset("tiny", n_layers=4)
 HYPER = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
 
-@pytest.fixture(autouse=True)
-def english(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("VB_LANG", "en")
+pytestmark = pytest.mark.usefixtures("english")  # messages in English (conftest)
 
 
 def full_apt(dtype: torch.dtype, vgpu_config: dict | None = None, device: str = "cpu") -> APTModel:

@@ -24,9 +24,7 @@ CFG = APTConfig.from_preset("tiny", n_layers=2)
 HYPER = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
 
 
-@pytest.fixture(autouse=True)
-def english(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("VB_LANG", "en")
+pytestmark = pytest.mark.usefixtures("english")  # messages in English (conftest)
 
 
 def apt(dtype: torch.dtype = torch.float32) -> APTModel:
