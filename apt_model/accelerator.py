@@ -71,9 +71,14 @@ def _backend(device: torch.device):
 
 
 def supports_bf16(device: torch.device) -> bool:
-    """Whether bf16 matrix products are native here (autocast to bf16 is worth it)."""
+    """Whether bf16 matrix products are native here (autocast to bf16 is worth it). On the
+    CPU: x86 with AVX512-BF16 or AMX. Elsewhere (AVX2, AVX-512 without BF16, and CPUs torch
+    cannot ask) bf16 products are emulated: a bf16 training step measured 10-15x slower than
+    fp32 on an AVX2 CPU (BENCHMARKS.md)."""
     if device.type == "cpu":
-        return True
+        cpu = torch.cpu
+        probes = (getattr(cpu, "_is_avx512_bf16_supported", None), getattr(cpu, "_is_amx_tile_supported", None))
+        return any(callable(probe) and probe() for probe in probes)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "mps":

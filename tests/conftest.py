@@ -9,6 +9,7 @@ import subprocess
 from collections.abc import Callable
 
 import pytest
+import torch
 import torch.nn.functional as F
 
 from apt_model import env
@@ -38,6 +39,13 @@ def clean_vb(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathF
 def english(monkeypatch: pytest.MonkeyPatch) -> None:
     """User-facing messages in English (``VB_LANG=en``) for tests that match their text."""
     monkeypatch.setenv("VB_LANG", "en")
+
+
+@pytest.fixture
+def native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This CPU counts as having native bf16 (AVX512-BF16 / AMX), so bf16 autocast runs here
+    whatever the machine: for tests of what the autocast pass does."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
 
 
 @pytest.fixture

@@ -669,7 +669,7 @@ def test_graph_fingerprint_sees_what_a_replay_would_miss() -> None:
     assert decoding.fingerprint(model) != stamp
 
 
-def test_static_generate_after_weights_change_and_with_vb_modes() -> None:
+def test_static_generate_after_weights_change_and_with_vb_modes(native_bf16: None) -> None:
     import apt_model.optimization.vb_global as vb
     from apt_model.fp4 import layer as fp4_linear
 

@@ -66,7 +66,7 @@ def train_step(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         ("full", True, True, True, True),
     ],
 )
-def test_each_mode_changes_execution(mode, fp4, sdpa, autocast, recompute, sdpa_calls):
+def test_each_mode_changes_execution(mode, fp4, sdpa, autocast, recompute, sdpa_calls, native_bf16):
     model = build(mode=mode)
     probe = Probe(model)
     train_step(model, batch())
@@ -129,7 +129,7 @@ def test_fused_loss_matches_the_plain_loss_without_materializing_logits():
     assert model(x).logits.shape == (*x.shape, CFG.vocab_size)  # no labels: logits as usual
 
 
-def test_bf16_autocast_loss_and_gradients_within_tolerance():
+def test_bf16_autocast_loss_and_gradients_within_tolerance(native_bf16):
     x = batch(2)
     ref = plain_model()
     loss_ref = train_step(ref, x)
@@ -143,7 +143,7 @@ def test_bf16_autocast_loss_and_gradients_within_tolerance():
         assert err < 5e-2 or torch.count_nonzero(q.grad) == torch.count_nonzero(p.grad) == 0, (name, err)
 
 
-def test_outputs_come_back_in_fp32_under_autocast():
+def test_outputs_come_back_in_fp32_under_autocast(native_bf16):
     model = build(mode="balanced")
     out = model(batch())
     assert out.logits.dtype == torch.float32
@@ -337,6 +337,18 @@ def test_optimize_any_module_and_register_class():
     assert wrapped_tags(Tiny()) == ["autocast"]
     vb.disable()
     assert wrapped_tags(Tiny()) == []
+
+
+@pytest.mark.parametrize(("avx512_bf16", "amx", "native"), [(False, False, False), (True, False, True),
+                                                             (False, True, True)])
+def test_a_cpu_has_native_bf16_only_with_avx512_bf16_or_amx(monkeypatch, avx512_bf16, amx, native):
+    """AVX2 (and AVX-512 without BF16) CPUs emulate bf16 products, 10-15x slower than fp32:
+    VB's autocast keeps fp32 there."""
+    from apt_model.accelerator import supports_bf16
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert supports_bf16(torch.device("cpu")) is native
 
 
 def test_device_without_bf16_keeps_fp32_and_warns_once(monkeypatch):

@@ -122,7 +122,7 @@ def test_decode_contexts_double_from_512_to_the_longest():
 
 
 @pytest.mark.parametrize("mode", ["balanced", "speed"])
-def test_decode_sweep_kv_cache_is_the_real_cache_of_an_apt_model(mode):
+def test_decode_sweep_kv_cache_is_the_real_cache_of_an_apt_model(mode, native_bf16):
     config = APTConfig.from_preset("tiny", n_layers=2, max_seq_len=600)
     rows = decode_sweep(config, mode=mode, batch=BATCH, device="cpu")
     assert [row.seq for row in rows] == [512, 600]
@@ -140,7 +140,7 @@ def test_decode_sweep_kv_cache_is_the_real_cache_of_an_apt_model(mode):
 # bytes of a key and of a value element: fp32; under bf16 autocast the values are bf16 and the
 # keys fp32 (HF's rotary tables follow the fp32 hidden states, and bf16 · fp32 is fp32)
 @pytest.mark.parametrize(("mode", "element"), [("off", 4 + 4), ("balanced", 4 + 2)])
-def test_decode_sweep_kv_cache_of_an_hf_llama(mode, element):
+def test_decode_sweep_kv_cache_of_an_hf_llama(mode, element, native_bf16):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96)

@@ -212,7 +212,7 @@ def test_an_offloaded_training_step_on_the_device_is_a_real_one_to_the_byte():
     assert est.peak_bytes == est.traced_peak  # every block in Level 0, on the model's own device
 
 
-def test_a_streamed_training_step_is_estimated_as_the_stack_runs_it(tmp_path):
+def test_a_streamed_training_step_is_estimated_as_the_stack_runs_it(tmp_path, native_bf16):
     """Memory mode (checkpointed, bf16 autocast), one block resident, three in host RAM, two on
     the SSD, AdamW offloaded: each level's bytes are the stack's own counters and the offloaded
     optimizer's host bytes its own; the device peak is the same tracker's on a real CPU step, to

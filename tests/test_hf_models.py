@@ -62,7 +62,7 @@ def tokens(seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("factory", [llama, gpt2], ids=["llama", "gpt2"])
-def test_memory_mode_switches_attention_autocast_and_checkpointing(factory, sdpa_calls):
+def test_memory_mode_switches_attention_autocast_and_checkpointing(factory, sdpa_calls, native_bf16):
     x = tokens()
     ref = factory()
     ref_loss = ref(input_ids=x, labels=x).loss

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from apt_model.accelerator import resolve_device
+from apt_model.accelerator import resolve_device, supports_bf16
 from apt_model.errors import VBConfigError, VBDataError, first_line, positive_int
 from apt_model.estimator.attention import cuda_attention
 from apt_model.estimator.cuda_autocast import cuda_autocast
@@ -36,6 +36,7 @@ from apt_model.estimator.tracker import MemoryTracker
 from apt_model.i18n import tr
 from apt_model.optimization import autopatch
 from apt_model.optimization.config import MODES, VBConfig, VGPUConfig
+from apt_model.optimization.precision import bf16_assumed
 from apt_model.storage import human_bytes
 
 if TYPE_CHECKING:
@@ -373,7 +374,7 @@ def measure(model: nn.Module, *, batch: int, seq: int, optimizer: str | None = "
     params, param_ids = _parameter_bytes(model)
     tracker = MemoryTracker()
     tracker.add([*model.parameters(), *model.buffers()])
-    with tracker, _block_sites(model, tracker):
+    with tracker, _block_sites(model, tracker), bf16_assumed(_native_bf16(device_type)):
         ids = torch.randint(0, vocab, (batch, seq), device=device)
         if optimizer is not None:
             model.zero_grad(set_to_none=True)
@@ -421,6 +422,16 @@ def measure(model: nn.Module, *, batch: int, seq: int, optimizer: str | None = "
         at_peak={key: at_peak[key] for key in COMPONENTS}, activations_at_peak=_in_block_order(by_site),
         runtime_overhead=CUDA_RUNTIME_OVERHEAD if device_type == "cuda" else 0,
     )
+
+
+def _native_bf16(device_type: str) -> bool:
+    """Whether a step on ``device_type`` runs VB's bf16 autocast: this machine's answer for
+    the CPU or a present accelerator; yes for an absent one (the cards VB targets have bf16)."""
+    if device_type != "cpu":
+        backend = getattr(torch, device_type, None)
+        if backend is None or not getattr(backend, "is_available", lambda: False)():
+            return True  # the target is not on this machine
+    return supports_bf16(torch.device(device_type))
 
 
 @contextlib.contextmanager

@@ -1,14 +1,18 @@
 """bf16 autocast around a model's forward, so the user's loop needs no change.
 
 Outputs come back in fp32 (as a plain model's would), so a loss computed outside the model
-keeps full precision. Devices without native bf16 keep fp32 and say so once.
+keeps full precision. Devices without native bf16 (``accelerator.supports_bf16``: a CPU
+without AVX512-BF16 or AMX, for one) keep fp32 and say so once. :func:`bf16_assumed` sets the
+answer for a while (the estimator traces a target device's step on this machine's CPU).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -19,18 +23,35 @@ from apt_model.i18n import tr
 from apt_model.optimization.wrapping import wrap_forward
 
 _WARNED: set[str] = set()
+_ASSUMED: ContextVar[bool | None] = ContextVar("vb_bf16_assumed", default=None)
+
+
+@contextlib.contextmanager
+def bf16_assumed(native: bool) -> Iterator[None]:
+    """While open, :func:`autocast_dtype` takes ``native`` as the answer to whether the
+    device has bf16, whatever this machine's CPU says (and warns of nothing)."""
+    token = _ASSUMED.set(native)
+    try:
+        yield
+    finally:
+        _ASSUMED.reset(token)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """bf16 where the device has it; else None (and a one-time warning)."""
+    assumed = _ASSUMED.get()
+    if assumed is not None:
+        return torch.bfloat16 if assumed else None
     if supports_bf16(device):
         return torch.bfloat16
     if device.type not in _WARNED:
         _WARNED.add(device.type)
         warnings.warn(
-            tr(f"虚拟Blackwell: {device.type} 不支持bf16，混合精度已关闭（fp16需要损失缩放，保持fp32以免训练发散）",
-               f"Virtual Blackwell: {device.type} has no bf16; mixed precision is off (fp16 would need "
-               "loss scaling, so the model stays in fp32 rather than risk diverging)"),
+            tr(f"虚拟Blackwell: {device.type} 没有原生bf16 (CPU需要AVX512-BF16或AMX)，混合精度已关闭："
+               "模拟的bf16会更慢；fp16需要损失缩放，因此保持fp32",
+               f"Virtual Blackwell: {device.type} has no native bf16 (a CPU needs AVX512-BF16 or AMX); mixed "
+               "precision is off: emulated bf16 would be slower, and fp16 would need loss scaling, so the "
+               "model stays in fp32"),
             RuntimeWarning,
             stacklevel=3,
         )
