@@ -340,7 +340,8 @@ class OffloadedAdamW(torch.optim.AdamW):
         and the new weight into ``narrow`` (the home, or the transfer buffer unless the master
         is already in p's dtype). A narrower gradient (bf16) is widened into one fp32 buffer
         the worker keeps (as large as the largest parameter so far; a fresh one per call would
-        cost page faults): faster than slicing it (``bench`` figures in BENCHMARKS.md)."""
+        cost page faults; a working buffer, not counted in ``stats()["host_bytes"]``): faster
+        than slicing it (``bench/cpu_adamw.py``, BENCHMARKS.md)."""
         master, grad = host.master, host.transfer
         if grad.dtype != master.dtype:
             if self._wide is None or self._wide.dtype != master.dtype or self._wide.numel() < master.numel():
