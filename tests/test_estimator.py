@@ -178,7 +178,9 @@ def test_a_cuda_estimate_needs_no_cuda_and_adds_the_stated_overhead():
     cuda = estimate(CONFIG, mode="off", batch=1, seq=2, device="cuda")
     assert cpu.runtime_overhead == 0 and cuda.runtime_overhead == CUDA_RUNTIME_OVERHEAD > 0
     assert cuda.peak_bytes == cuda.traced_peak + CUDA_RUNTIME_OVERHEAD
-    assert cuda.optimizer_state == cpu.optimizer_state
+    tensors = 3 * len(list(APTModel(CONFIG).parameters()))  # exp_avg, exp_avg_sq, step
+    # the same state, each tensor in an allocator block (rounded up to 512 bytes)
+    assert cpu.optimizer_state <= cuda.optimizer_state < cpu.optimizer_state + 512 * tensors
     assert cuda.traced_peak > cpu.traced_peak  # AdamW's multi-tensor path holds more temporaries
 
 
@@ -393,8 +395,10 @@ def test_a_cuda_target_gpt2_layer_has_no_quadratic_attention_term():
         return traced(2) - traced(1)
 
     # fp32 with dropout: the CPU keeps the attention weights (s²); CUDA's memory-efficient
-    # kernel keeps O(s), plus its philox seed and offset (two int64) a layer
-    assert 2 * per_layer(64, "cuda") - per_layer(128, "cuda") == 2 * 8
+    # kernel keeps O(s), plus its philox seed and offset (two int64, an allocator block each) a layer
+    from apt_model.estimator.tracker import cuda_block_bytes
+
+    assert 2 * per_layer(64, "cuda") - per_layer(128, "cuda") == 2 * cuda_block_bytes(8)
     assert per_layer(128, "cpu") - 2 * per_layer(64, "cpu") > 0
 
 
@@ -484,3 +488,21 @@ def test_activations_at_the_peak_are_broken_down_by_block_and_temporaries(monkey
     deep = estimate(APTConfig.from_preset("tiny", n_layers=6, max_seq_len=64), mode="off", batch=2, seq=64,
                     device="cpu", optimizer="sgd")
     assert "    6 blocks (largest: block 0) " in deep.table()
+
+
+def test_a_cuda_target_counts_the_caching_allocators_blocks():
+    """``torch.cuda.max_memory_allocated`` counts allocator blocks: requests rounded up to 512
+    bytes, and from 10 MiB up a 2 MiB-rounded segment kept whole when at most 1 MiB of it
+    would be left. A CUDA target's trace counts each storage so; a CPU target's counts bytes."""
+    from apt_model.estimator.tracker import cuda_block_bytes
+
+    mib = 1 << 20
+    assert [cuda_block_bytes(n) for n in (0, 1, 513, 5 * mib + 1)] == [0, 512, 1024, 5 * mib + 512]
+    assert cuda_block_bytes(11 * mib) == 12 * mib  # 1 MiB left: not split
+    assert cuda_block_bytes(23 * mib // 2) == 12 * mib
+    assert cuda_block_bytes(10 * mib + 512) == 10 * mib + 512  # nearly 2 MiB left: split off
+    cuda = estimate(CONFIG, mode="off", batch=BATCH, seq=SEQ, device="cuda")
+    cpu = estimate(CONFIG, mode="off", batch=BATCH, seq=SEQ, device="cpu")
+    params = [p for p in APTModel(CONFIG).parameters()]
+    assert cuda.at_peak["parameters"] == sum(cuda_block_bytes(p.nbytes) for p in params)
+    assert cpu.at_peak["parameters"] == sum(p.nbytes for p in params) == cpu.parameter_bytes

@@ -32,7 +32,7 @@ from apt_model.accelerator import resolve_device, supports_bf16
 from apt_model.errors import VBConfigError, VBDataError, first_line, positive_int
 from apt_model.estimator.attention import cuda_attention
 from apt_model.estimator.cuda_autocast import cuda_autocast
-from apt_model.estimator.tracker import MemoryTracker
+from apt_model.estimator.tracker import MemoryTracker, cuda_block_bytes
 from apt_model.i18n import tr
 from apt_model.optimization import autopatch
 from apt_model.optimization.config import MODES, VBConfig, VGPUConfig
@@ -372,7 +372,7 @@ def measure(model: nn.Module, *, batch: int, seq: int, optimizer: str | None = "
     vocab, _context = _vocab_and_context(model)
     device = next(model.parameters()).device
     params, param_ids = _parameter_bytes(model)
-    tracker = MemoryTracker()
+    tracker = MemoryTracker(cuda_block_bytes if device_type == "cuda" else None)
     tracker.add([*model.parameters(), *model.buffers()])
     with tracker, _block_sites(model, tracker), bf16_assumed(_native_bf16(device_type)):
         ids = torch.randint(0, vocab, (batch, seq), device=device)

@@ -7,7 +7,9 @@ The peak is the largest sum of live bytes. The same tracker runs on real tensors
 fake ones, so a traced step and a real CPU step are counted by one rule.
 
 What it cannot see: memory a kernel allocates and frees inside itself (workspaces), and
-allocator rounding or caching; both are below the dispatcher.
+allocator caching; both are below the dispatcher. An allocator's rounding it can count: with
+``block_bytes`` (:func:`cuda_block_bytes` for a CUDA target) each storage counts the block the
+allocator would give it, as ``torch.cuda.max_memory_allocated`` counts it.
 
 Gradient accumulation in backward: autograd sums two gradients of one tensor in place into
 the first when it holds the last reference to it, but not for a tensor subclass (the fake
@@ -21,12 +23,28 @@ otherwise it counts as the new tensor it is.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+MIB = 1 << 20
+
+
+def cuda_block_bytes(nbytes: int) -> int:
+    """The bytes PyTorch's CUDA caching allocator (default settings) counts as allocated for a
+    request of ``nbytes`` served from a fresh segment: rounded up to 512 bytes; a request of 10
+    MiB or more gets a segment rounded up to 2 MiB, split off only when more than 1 MiB would
+    be left (so an 11 MiB tensor counts 12 MiB). Reused cached blocks can differ."""
+    if nbytes == 0:
+        return 0
+    rounded = max(512, -(-nbytes // 512) * 512)
+    if rounded < 10 * MIB:
+        return rounded
+    segment = -(-rounded // (2 * MIB)) * (2 * MIB)
+    return segment if segment - rounded <= MIB else rounded
 
 
 class MemoryTracker(TorchDispatchMode):
@@ -38,8 +56,10 @@ class MemoryTracker(TorchDispatchMode):
     freed storage with a newer one at the same address.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, block_bytes: Callable[[int], int] | None = None) -> None:
+        """``block_bytes``: what a storage of n bytes counts (the allocator's block; n when None)."""
         super().__init__()
+        self._block_bytes = block_bytes
         self._live: dict[int, tuple[int, int]] = {}  # storage address -> (serial, bytes)
         self._refs: dict[int, weakref.ref] = {}
         self._serial = 0
@@ -67,7 +87,7 @@ class MemoryTracker(TorchDispatchMode):
             return
         self._serial += 1
         self._site_of[self._serial] = self.sites[-1] if self.sites else self._phase
-        nbytes = storage.nbytes()
+        nbytes = storage.nbytes() if self._block_bytes is None else self._block_bytes(storage.nbytes())
         self._live[key] = (self._serial, nbytes)
         self._refs[key] = weakref.ref(storage, lambda _ref, key=key: self._free(key))
         self.current += nbytes
