@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_vgpu_train import train
 from torch import nn
 
 import apt_model.optimization.vb_global as vb
@@ -40,16 +41,6 @@ def batches(n: int) -> list[torch.Tensor]:
     return [torch.randint(0, CFG.vocab_size, (2, 16), generator=g) for _ in range(n)]
 
 
-def train(model: nn.Module, optimizer: torch.optim.Optimizer, xs: list[torch.Tensor], per_step: int = 1) -> list[float]:
-    losses = []
-    for k, x in enumerate(xs):
-        loss = model(x, labels=x).loss
-        (loss / per_step).backward()
-        losses.append(loss.item())
-        if (k + 1) % per_step == 0:
-            optimizer.step()
-            optimizer.zero_grad()
-    return losses
 
 
 def same_params(a: nn.Module, b: nn.Module) -> bool:
@@ -87,10 +78,10 @@ def test_state_on_the_ssd_trains_bit_for_bit_like_host_ram(tmp_path, per_step, c
     reference = apt()
     in_host = vgpu.offload_optimizer(reference, torch.optim.AdamW(reference.parameters(), **HYPER),
                                      max_grad_norm=clip, accumulate=per_step)
-    expected = train(reference, in_host, xs, per_step)
+    expected = train(reference, in_host, xs, per_step=per_step)
     model = apt()
     optimizer = on_ssd(model, tmp_path, max_grad_norm=clip, accumulate=per_step)
-    assert train(model, optimizer, xs, per_step) == expected
+    assert train(model, optimizer, xs, per_step=per_step) == expected
     assert same_params(model, reference)
 
     s, ref = optimizer.stats(), in_host.stats()

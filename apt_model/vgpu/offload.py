@@ -345,7 +345,7 @@ class OffloadedAdamW(torch.optim.AdamW):
         master, grad = host.master, host.transfer
         if grad.dtype != master.dtype:
             if self._wide is None or self._wide.dtype != master.dtype or self._wide.numel() < master.numel():
-                self._wide = None
+                self._wide = None  # the smaller one goes before the larger one is taken
                 self._wide = torch.empty(master.numel(), dtype=master.dtype)
             wide = self._wide[:master.numel()].view(master.shape)
             wide.copy_(grad)
