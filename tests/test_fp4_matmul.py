@@ -591,7 +591,7 @@ def test_direct_launch_binds_constants_once_and_rechecks_alignment():
     """After the first launch of a key (through the JIT or the autotuner), the compiled
     kernel's runner gets the tensors plus the constants (the autotuner's choice included)."""
     triton = pytest.importorskip("triton")
-    import apt_model.fp4.triton_matmul as tm
+    import apt_model.ops.triton_launch as tm
 
     launches = []
 
@@ -610,7 +610,7 @@ def test_direct_launch_binds_constants_once_and_rechecks_alignment():
             return launch
 
     class Tuned(triton.runtime.Autotuner):
-        def __init__(self):  # the fields _direct_launch reads
+        def __init__(self):  # the fields direct_launch reads
             self.fn, self.best_config = Jit(), triton.Config({"BLOCK": 8})
 
         __getitem__ = Jit.__getitem__
@@ -620,8 +620,8 @@ def test_direct_launch_binds_constants_once_and_rechecks_alignment():
         launches.clear()
         tm._DIRECT.clear()
         for _ in range(2):
-            tm._direct_launch(("key",), fn, lambda meta: (meta["BLOCK"],), (a, b), consts)
-        tm._direct_launch(("key",), fn, lambda meta: (meta["BLOCK"],), (a[1:], b), consts)
+            tm.direct_launch(("key",), fn, lambda meta: (meta["BLOCK"],), (a, b), consts)
+        tm.direct_launch(("key",), fn, lambda meta: (meta["BLOCK"],), (a[1:], b), consts)
         assert launches == [("jit", (block, 1, 1)), ("direct", (block, 1, 1), (3, block)),
                             ("jit", (block, 1, 1))]  # a misaligned tensor: another specialization
     tm._DIRECT.clear()

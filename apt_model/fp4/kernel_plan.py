@@ -35,6 +35,7 @@ from typing import NamedTuple
 import torch
 
 from apt_model import env
+from apt_model.ops.triton_launch import interpreting
 
 __all__ = [
     "DECODE_PINNED_M",
@@ -61,11 +62,6 @@ DECODE_PINNED_M = 16
 # What a KernelPlan may name: a kernel, or "large" (gemm or chunked, timed at the first call).
 KERNELS = ("gemv", "small", "gemm", "chunked", "large")
 
-
-
-def interpreting() -> bool:
-    """Whether Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return env.get(env.TRITON_INTERPRET) == "1"
 
 
 def autotuning() -> bool:

@@ -59,6 +59,7 @@ from apt_model.fp4.kernel_plan import (
     kernel_for,
 )
 from apt_model.fp4.kernel_plan import interpreting as _interpreting
+from apt_model.ops.triton_launch import direct_launch
 
 try:  # Triton is optional: the package must import on CPU-only and NPU machines.
     import triton
@@ -855,7 +856,7 @@ def _dequantize_rows(packed: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool, k
     consts = dict(N=n, K=k, stride_pn=packed.stride(0), stride_sn=s_bytes.stride(0),
                   stride_on=out.stride(0), IS_NV=is_nv, **cfg)
     tensors = (packed, s_bytes, ts, out)
-    _direct_launch(("dequant", out.device.index, out.dtype, tuple(consts.items())),
+    direct_launch(("dequant", out.device.index, out.dtype, tuple(consts.items())),
                    _fp4_dequant_kernel, grid, tensors, consts)
 
 
@@ -933,10 +934,10 @@ def _chunked(x: Tensor, packed: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool
 
 def _split_sum(partials: Tensor, out: Tensor) -> tuple | None:
     """``out`` = the sum of ``partials`` [split, *out.shape] (fp32) over the first dim; returns
-    the compiled kernel's launch (:func:`_direct_launch`)."""
+    the compiled kernel's launch (:func:`~apt_model.ops.triton_launch.direct_launch`)."""
     block = 1024
     numel = out.numel()
-    return _direct_launch(("split_sum", out.device.index, out.dtype, numel, partials.shape[0]),
+    return direct_launch(("split_sum", out.device.index, out.dtype, numel, partials.shape[0]),
                    _split_sum_kernel, (triton.cdiv(numel, block),), (partials, out),
                    dict(MN=numel, SPLIT=partials.shape[0], BLOCK=block))
 
@@ -1001,50 +1002,6 @@ def fp4_grad_input(
     if split_n > 1:
         _split_sum(out, result)
     return result
-
-
-# Eager decoding launches the same few GEMV shapes thousands of times, and Triton's per-call
-# work (the autotuner's lookup, binding and specializing ~20 arguments) costs several times
-# the ~15 µs of a cuBLAS call on a slow host. So after the first launch of a kernel for a
-# given key (shape, dtypes, constants and the 16-byte alignment of each tensor, which is
-# what Triton specializes on), the compiled kernel is launched through its own runner with
-# the constant arguments bound once; the key's alignment part is checked every call.
-_DIRECT: dict[tuple, tuple] = {}
-
-
-def _aligned(tensors: tuple[Tensor, ...]) -> tuple[bool, ...]:
-    return tuple(t.data_ptr() % 16 == 0 for t in tensors)
-
-
-def _direct_launch(key: tuple, fn, grid, tensors: tuple[Tensor, ...], consts: dict) -> tuple | None:
-    """``fn[grid](*tensors, **consts)``: the first time for ``key`` through the JIT (or the
-    autotuner ``fn``), then straight through the compiled kernel. ``tensors`` are the
-    kernel's leading parameters (the only ones that may change under one key). Returns the
-    compiled kernel's (runner, constant arguments) once known (None under the interpreter)."""
-    key = (key, _aligned(tensors))
-    direct = _DIRECT.get(key)
-    if direct is not None:
-        runner, tail = direct
-        runner(*tensors, *tail)
-        return direct
-    grids = []
-
-    def grid_fn(meta: dict) -> tuple[int, ...]:
-        launch_grid = tuple(grid(meta) if callable(grid) else grid)
-        grids.append(launch_grid + (1,) * (3 - len(launch_grid)))  # the runner reads 3
-        return grids[-1]
-
-    compiled = fn[grid_fn](*tensors, **consts)
-    if compiled is None or not hasattr(compiled, "__getitem__"):  # the interpreter
-        return None
-    tuned = isinstance(fn, triton.runtime.Autotuner)  # it wraps the JIT function
-    jit = fn.fn if tuned else fn
-    chosen = {**consts, **(fn.best_config.kwargs if tuned else {})}
-    names = jit.arg_names[len(tensors):]
-    if not all(name in chosen for name in names):
-        return None
-    _DIRECT[key] = direct = (compiled[grids[-1]], tuple(chosen[name] for name in names))
-    return direct
 
 
 class RowProduct:
@@ -1115,9 +1072,9 @@ class RowProduct:
             if sums is not None:
                 sums[0](partial, result, *sums[1], stream=stream)
             return result
-        x_launch = _direct_launch(self.x_key, _fp4_gemv_x_kernel, self.x_grid, (x, xp, xs),
+        x_launch = direct_launch(self.x_key, _fp4_gemv_x_kernel, self.x_grid, (x, xp, xs),
                                   self.x_consts)
-        gemv_launch = _direct_launch(self.gemv_key, self.gemv_fn, self.gemv_grid, gemv_args,
+        gemv_launch = direct_launch(self.gemv_key, self.gemv_fn, self.gemv_grid, gemv_args,
                                      self.gemv_consts)
         sums = _split_sum(partial, result) if self.split > 1 else None
         if aligned and x_launch and gemv_launch and (sums or self.split == 1):
@@ -1206,7 +1163,7 @@ def fp4_matmul(
     tensors = (x, words, s_bytes, ts, b, out)
     key = ("dot", x.device.index, fn is _fp4_dot_kernel, *(t.dtype for t in tensors),
            tuple(consts.items()))
-    _direct_launch(key, fn, grid, tensors, consts)
+    direct_launch(key, fn, grid, tensors, consts)
     if split > 1:
         _split_sum(out, result)
     return result

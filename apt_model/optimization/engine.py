@@ -20,6 +20,7 @@ from apt_model.optimization.attention import (
 )
 from apt_model.optimization.checkpointing import apply_checkpointing, find_blocks
 from apt_model.optimization.config import VBConfig
+from apt_model.optimization.fused_decoder import fuse_decoder_ops
 from apt_model.optimization.fused_projections import fuse_projections
 from apt_model.optimization.precision import apply_autocast
 from apt_model.optimization.wrapping import unwrap
@@ -42,6 +43,8 @@ class OptimizationReport:
     checkpointed_blocks: int
     fused_projections: int = 0
     """Groups of sibling FP4 projections multiplied as one (q/k/v, gate/up)."""
+    fused_decoder_ops: int = 0
+    """RMSNorms, gated SiLU MLPs and rotary functions given one-launch decode kernels."""
     switches: dict[str, bool | str] = field(default_factory=dict)
     """The effective switches it was optimized with (see ``effective_switches``)."""
     undo: list[Callable[[], None]] = field(default_factory=list, repr=False, compare=False)
@@ -88,7 +91,7 @@ def optimize(model: nn.Module, config: VBConfig) -> OptimizationReport:
         raise _reoptimize_error(existing, config, switches)
     undo: list[Callable[[], None]] = []  # run in reverse by ``restore``
     fp4_layers = 0
-    fused = 0
+    fused = decoder_ops = 0
     if config.switch("fp4"):
         convert_to_fp4(model, config.fp4_format, config.fp4_skip, config.fp4_min_features)
         # converted now, or before (a checkpoint loaded straight into FP4 layers)
@@ -96,6 +99,8 @@ def optimize(model: nn.Module, config: VBConfig) -> OptimizationReport:
         undo.append(lambda: _unconvert_fp4(model))
         fused, unfuse = fuse_projections(model)
         undo.append(unfuse)
+        decoder_ops, unfuse_ops = fuse_decoder_ops(model)
+        undo.append(unfuse_ops)
     undo.append(remember_implementations(model))
     attention = use_fused_attention(model) if config.switch("fused_attention") else 0
     fused_losses = use_fused_loss(model) if config.switch("fused_loss") else 0
@@ -120,6 +125,7 @@ def optimize(model: nn.Module, config: VBConfig) -> OptimizationReport:
         fused_losses=fused_losses,
         checkpointed_blocks=len(blocks),
         fused_projections=fused,
+        fused_decoder_ops=decoder_ops,
         switches=switches,
         undo=undo,
     )

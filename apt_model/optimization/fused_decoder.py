@@ -1,0 +1,227 @@
+"""A model's RMSNorms, gated SiLU MLPs and rotary embedding run the one-launch kernels of
+:mod:`apt_model.ops.decoder` when it decodes eagerly on CUDA.
+
+Which parts, found by what they compute rather than by class name:
+
+* an RMSNorm: a module without children whose ``weight`` is 1-D and whose ``variance_epsilon``
+  (or ``eps``) is a number, and whose forward computes Llama's formula;
+* a gated MLP: ``gate_proj``, ``up_proj``, ``down_proj`` and ``act_fn`` children, the forward
+  ``down_proj(silu(gate_proj(x)) * up_proj(x))``;
+* the rotary embedding: the ``apply_rotary_pos_emb`` function an attention module's code calls
+  (a global of its modeling module), computing ``q * cos + rotate_half(q) * sin``.
+
+"Computes" is checked before anything changes: the module's own forward runs on the CPU over
+a stand-in copy with small random weights (the function on small random tensors) and must
+equal the formula bit for bit. Gemma's ``x * (1 + w)`` norm, a GELU MLP or a partial rotary
+embedding fail that check and are left as they are.
+
+What changes: a matching module's class becomes a subclass whose forward takes the kernel
+where :func:`~apt_model.ops.decoder.fused_here` allows it and otherwise calls the original
+forward (inside ``torch.compile``, on the CPU, in training); a matching rotary function is
+replaced in its module by a wrapper doing the same, while any optimized model uses it (it is
+bit for bit the original). The undo puts classes and functions back.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import sys
+from collections.abc import Callable
+from types import FunctionType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from apt_model.ops.decoder import (
+    fused_here,
+    fused_rms_norm,
+    fused_rotary,
+    fused_silu_mul,
+    rms_norm,
+    rotary,
+)
+
+__all__ = ["fuse_decoder_ops"]
+
+_EPS_NAMES = ("variance_epsilon", "eps")
+_MLP_CHILDREN = ("gate_proj", "up_proj", "down_proj", "act_fn")
+_ROTARY_NAME = "apply_rotary_pos_emb"
+
+# (original class, eps attribute or None for an MLP) -> the fused subclass
+_SUBCLASSES: dict[tuple[type, str | None], type] = {}
+# id of a modeling module's globals -> [the globals, the original function, models using it]
+_ROTARY: dict[int, list] = {}
+
+
+def _stand_in(module: nn.Module, parameters: dict[str, Any] | None = None,
+              modules: dict[str, nn.Module] | None = None) -> nn.Module:
+    """A shallow copy of ``module`` whose parameters / submodules named are replaced (the
+    original is untouched)."""
+    probe = copy.copy(module)
+    object.__setattr__(probe, "_parameters", {**module._parameters, **(parameters or {})})
+    object.__setattr__(probe, "_modules", {**module._modules, **(modules or {})})
+    object.__setattr__(probe, "_forward_hooks", {})
+    object.__setattr__(probe, "_forward_pre_hooks", {})
+    return probe
+
+
+def _equal_on(run: Callable[[], Any], expected: Callable[[], Any]) -> bool:
+    """Whether ``run()`` gives exactly what ``expected()`` gives (False if it raises)."""
+    try:
+        with torch.no_grad():
+            got, want = run(), expected()
+    except Exception:  # noqa: BLE001 - any failure means "not this formula"
+        return False
+    got = got if isinstance(got, tuple) else (got,)
+    want = want if isinstance(want, tuple) else (want,)
+    return len(got) == len(want) and all(
+        isinstance(g, Tensor) and g.dtype == w.dtype and g.shape == w.shape and torch.equal(g, w)
+        for g, w in zip(got, want, strict=True))
+
+
+def _norm_eps_name(module: nn.Module) -> str | None:
+    """The eps attribute of ``module`` if it computes Llama's RMSNorm, else None."""
+    weight = module._parameters.get("weight")
+    if module._modules or weight is None or weight.dim() != 1 or not weight.is_floating_point():
+        return None
+    name = next((n for n in _EPS_NAMES if isinstance(getattr(module, n, None), float)), None)
+    if name is None:
+        return None
+    eps = getattr(module, name)
+    generator = torch.Generator().manual_seed(0)
+    stand_in = nn.Parameter(torch.randn(24, generator=generator).to(weight.dtype), requires_grad=False)
+    probe = _stand_in(module, {"weight": stand_in})
+    forward = type(module).forward
+    for dtype in {weight.dtype, torch.float32}:
+        x = (torch.randn(3, 24, generator=generator) * 3).to(dtype)
+        if not _equal_on(lambda x=x: forward(probe, x), lambda x=x: rms_norm(x, stand_in, eps)):
+            return None
+    return name
+
+
+def _is_silu_mlp(module: nn.Module) -> bool:
+    if not all(isinstance(module._modules.get(name), nn.Module) for name in _MLP_CHILDREN):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        parts = {"gate_proj": nn.Linear(8, 16), "up_proj": nn.Linear(8, 16),
+                 "down_proj": nn.Linear(16, 8)}
+    probe = _stand_in(module, modules=parts)
+    x = torch.randn(3, 8, generator=generator)
+
+    def formula() -> Tensor:
+        return parts["down_proj"](torch.nn.functional.silu(parts["gate_proj"](x)) * parts["up_proj"](x))
+
+    return _equal_on(lambda: type(module).forward(probe, x), formula)
+
+
+def _norm_forward(original: Callable, eps_name: str) -> Callable:
+    def forward(self: nn.Module, hidden_states: Tensor) -> Tensor:
+        fused = fused_rms_norm(hidden_states, self.weight, getattr(self, eps_name))
+        return fused if fused is not None else original(self, hidden_states)
+
+    return forward
+
+
+def _mlp_forward(original: Callable) -> Callable:
+    def forward(self: nn.Module, x: Tensor) -> Tensor:
+        if not fused_here(x):
+            return original(self, x)
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        hidden = fused_silu_mul(gate, up)
+        if hidden is None:
+            hidden = self.act_fn(gate) * up
+        return self.down_proj(hidden)
+
+    return forward
+
+
+def _fused_class(cls: type, eps_name: str | None) -> type:
+    """The subclass of ``cls`` with the fused forward (made once; a global of this module, so
+    a pickled model finds it)."""
+    key = (cls, eps_name)
+    sub = _SUBCLASSES.get(key)
+    if sub is None:
+        forward = _mlp_forward(cls.forward) if eps_name is None else _norm_forward(cls.forward, eps_name)
+        name = f"VBFused{cls.__name__}_{len(_SUBCLASSES)}"
+        sub = type(name, (cls,), {"forward": forward, "__module__": __name__, "__qualname__": name})
+        setattr(sys.modules[__name__], name, sub)
+        _SUBCLASSES[key] = sub
+    return sub
+
+
+def _rotary_wrapper(original: FunctionType) -> Callable:
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *args: Any,
+                             **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if not args and not kwargs:
+            fused = fused_rotary(q, k, cos, sin)
+            if fused is not None:
+                return fused
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb._vb_original = original
+    return apply_rotary_pos_emb
+
+
+def _computes_rotary(function: Callable) -> bool:
+    generator = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, h, 3, 8, generator=generator).bfloat16() for h in (4, 2))
+    cos, sin = (torch.randn(1, 3, 8, generator=generator).bfloat16() for _ in range(2))
+    return _equal_on(lambda: tuple(function(q, k, cos, sin)), lambda: rotary(q, k, cos, sin))
+
+
+def _use_rotary(namespace: dict) -> Callable[[], None] | None:
+    """Wrap ``namespace``'s rotary function (once for every model using it); the undo, or
+    None when the function does not compute the formula."""
+    entry = _ROTARY.get(id(namespace))
+    if entry is None:
+        original = namespace.get(_ROTARY_NAME)
+        if not isinstance(original, FunctionType) or not _computes_rotary(original):
+            return None
+        entry = _ROTARY[id(namespace)] = [namespace, original, 0]
+        namespace[_ROTARY_NAME] = _rotary_wrapper(original)
+    entry[2] += 1
+
+    def undo() -> None:
+        entry[2] -= 1
+        if entry[2] == 0:
+            entry[0][_ROTARY_NAME] = entry[1]
+            del _ROTARY[id(entry[0])]
+
+    return undo
+
+
+def fuse_decoder_ops(model: nn.Module) -> tuple[int, Callable[[], None]]:
+    """Give ``model``'s RMSNorms, gated SiLU MLPs and rotary embedding the fused kernels;
+    returns (modules and functions changed, the undo)."""
+    undo: list[Callable[[], None]] = []
+    namespaces: dict[int, dict] = {}
+    for module in model.modules():
+        cls = type(module)
+        if cls.__module__ == __name__:  # fused already
+            continue
+        globals_ = getattr(getattr(cls, "forward", None), "__globals__", None)
+        if isinstance(globals_, dict) and _ROTARY_NAME in globals_:
+            namespaces.setdefault(id(globals_), globals_)
+        if _is_silu_mlp(module):
+            eps_name = None
+        else:
+            eps_name = _norm_eps_name(module)
+            if eps_name is None:
+                continue
+        module.__class__ = _fused_class(cls, eps_name)
+        undo.append(functools.partial(object.__setattr__, module, "__class__", cls))
+    for namespace in namespaces.values():
+        put_back = _use_rotary(namespace)
+        if put_back is not None:
+            undo.append(put_back)
+
+    def undo_all() -> None:
+        for step in reversed(undo):
+            step()
+
+    return len(undo), undo_all
