@@ -294,13 +294,13 @@ def test_triton_kernels_in_interpreter():
             x = torch.randn(1, 200).bfloat16()
             ts = (torch.cat([p.tensor_scale.reshape(1).expand(p.shape[0]) for p in parts])
                   .reshape(-1, 1) if fmt == "nvfp4" else None)
-            for kernel, m in (("gemv", 1), ("small", 5)):
+            for kernel, m in (("gemv", 1), ("small", 5), ("chunked", 70)):
                 xm = x.expand(m, -1).contiguous()
+                plan = KernelPlan(kernel, chunk_rows=16)
                 fused = fp4_matmul(xm, torch.cat([p.packed for p in parts]),
-                                   torch.cat([p.scales for p in parts]), ts, 200,
-                                   plan=KernelPlan(kernel))
+                                   torch.cat([p.scales for p in parts]), ts, 200, plan=plan)
                 alone = torch.cat([fp4_matmul(xm, p.packed, p.scales, p.tensor_scale, 200,
-                                              plan=KernelPlan(kernel)) for p in parts], dim=-1)
+                                              plan=plan) for p in parts], dim=-1)
                 assert torch.allclose(fused.float(), alone.float(), rtol=1e-2, atol=1e-2), (fmt, kernel)
             for m, split in ((1, None), (17, 3)):
                 w = quantize_fp4(torch.randn(300, 200), fmt)

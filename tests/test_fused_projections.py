@@ -1,5 +1,5 @@
-"""Sibling FP4 projections (q/k/v, gate/up) multiplied as one at one activation row: same
-results as the members alone, no second copy of the weights, undone by ``vb.restore``."""
+"""Sibling FP4 projections (q/k/v, gate/up) multiplied as one: same results as the members
+alone (one row and several), no second copy of the weights, undone by ``vb.restore``."""
 
 from __future__ import annotations
 
@@ -60,6 +60,20 @@ def test_fused_decoding_matches_the_members_alone(fmt):
         one_row = tokens[:, -1:]
         torch.testing.assert_close(model(one_row).logits, reference(one_row).logits, rtol=1e-5, atol=1e-5)
     assert all(g.active and g._input is None for g in groups(model))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_several_rows_are_one_product_too(fmt):
+    """A prompt of several rows: one call of the group's product, each member's output its
+    columns (a view), equal to the member alone."""
+    model, reference = apt(fmt), unfused(apt(fmt))
+    prompt = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
+    calls = []
+    for group in groups(model):
+        group._fused_weight = (lambda f: lambda: calls.append(1) or f())(group._fused_weight)
+    with torch.no_grad():
+        torch.testing.assert_close(model(prompt).logits, reference(prompt).logits, rtol=1e-5, atol=1e-5)
+    assert len(calls) == len(groups(model))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -206,6 +220,9 @@ def test_fused_kernels_on_cuda_match_the_members_alone(fmt):
         assert torch.equal(reference.generate(prompt, 24, do_sample=False), first)
         one_row = first[:, -1:]
         torch.testing.assert_close(model(one_row).logits, reference(one_row).logits, rtol=2e-2, atol=2e-2)
+        for rows in (5, 300):  # the small kernel; the large path (gemm or chunked, per-row scales)
+            many = torch.randint(0, 256, (1, rows), device="cuda")
+            torch.testing.assert_close(model(many).logits, reference(many).logits, rtol=2e-2, atol=2e-2)
 
 
 def test_packing_a_group_frees_the_members_own_packed_tensors():

@@ -2,15 +2,18 @@
 
 At batch-1 decoding an attention block multiplies one row by q, k and v, and a gated MLP by
 gate and up: small products whose launches (host) and ramp-up (device) cost more than their
-weight reads. Concatenating the members' packed weights by rows turns them into one GEMV.
+weight reads. Concatenating the members' packed weights by rows turns them into one GEMV; at
+prefill, into one wider product (one call's host work and one dequantization pass instead of
+two or three).
 
 How it stays invisible to the model's code: the members stay ordinary :class:`FP4Linear`
-modules, called by the model as before. The first member called with a row computes the
-product for all of them and returns its slice; a member called with that same tensor
-afterwards gets its slice without a launch. Anything else (several rows, another input,
-members not frozen) runs the member alone, so results never depend on whether the members
-really share their input; a group that sees its members called with different inputs stops
-fusing for good.
+modules, called by the model as before. The first member called with an input computes the
+product for all of them and returns its slice (for several rows a view of the product's
+columns: splitting its last dim or merging its leading dims works as ``view`` does on any
+linear output); a member called with that same tensor afterwards gets its slice without a
+launch. Anything else (another input, members not frozen) runs the member alone, so results
+never depend on whether the members really share their input; a group that sees its members
+called with different inputs stops fusing for good.
 
 Storage: the group holds the concatenated packed codes, block scales, per-row tensor scales
 (NVFP4: each member keeps its own) and biases as non-persistent buffers, and the members'
@@ -45,7 +48,7 @@ def _held(member: FP4Linear) -> tuple:
 
 
 class FusedFP4Projections(nn.Module):
-    """The frozen members' packed weights as one, and their product at one activation row."""
+    """The frozen members' packed weights as one, and their product for one input."""
 
     @staticmethod
     def fusable(members: Sequence[object]) -> bool:
@@ -124,8 +127,8 @@ class FusedFP4Projections(nn.Module):
     def take(self, index: int, given: Tensor, x: Tensor) -> Tensor | None:
         """Member ``index``'s output for the tensor it was ``given`` (``x``: that input in
         the compute dtype) from the fused product, or None when the member must run alone
-        (not packed, not one row, group inactive)."""
-        if not self.active or self.packed is None or x.numel() != x.shape[-1]:
+        (not packed, group inactive)."""
+        if not self.active or self.packed is None:
             return None
         if self._input is not given or self._outputs[index] is None:
             if self._input is not given and any(out is not None for out in self._outputs):

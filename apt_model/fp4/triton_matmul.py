@@ -494,7 +494,8 @@ if HAS_TRITON:
     @triton.jit
     def _fp4_dequant_kernel(
         p_ptr, s_ptr, ts_ptr, o_ptr, N, K, stride_pn, stride_sn, stride_on,
-        IS_NV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+        IS_NV: tl.constexpr, TS_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_B: tl.constexpr,
     ):
         """Rows of the weight dequantized into ``o`` ([rows, K], bf16/fp16/fp32) for cuBLAS.
 
@@ -502,6 +503,7 @@ if HAS_TRITON:
         outputs (low nibble first), so loads and stores are contiguous along a row.
         Bit for bit :meth:`FP4Weight.dequantize`: code x the block's fp32 multiplier (NVFP4:
         tensor scale x block scale, rounded once; MXFP4: 2^(e - 127), exact), then one cast.
+        ``TS_ROWS``: an NVFP4 tensor scale per row (the rows of several layers).
         """
         BPB: tl.constexpr = 8 if IS_NV else 16  # packed bytes per block scale
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -513,7 +515,11 @@ if HAS_TRITON:
         sc = tl.load(s_ptr + rows * stride_sn + (offs_b // BPB)[None, :], mask=mask, other=0)
         sc = sc.to(tl.int32)
         if IS_NV:
-            mult = tl.load(ts_ptr).to(tl.float32) * _e4m3_to_f32(sc, 0)
+            if TS_ROWS:
+                ts = tl.load(ts_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+            else:
+                ts = tl.load(ts_ptr).to(tl.float32)
+            mult = ts * _e4m3_to_f32(sc, 0)
         else:  # 2^-127 (byte 0) has no exponent field of its own: its subnormal bits
             mult = tl.where(sc == 0, 1 << 22, sc << 23).to(tl.float32, bitcast=True)
             mult = tl.where(sc == 255, float("nan"), mult)
@@ -807,7 +813,8 @@ def _scale_operands(scales: Tensor, tensor_scale: Tensor | None) -> tuple[bool, 
     """(is NVFP4, the block scales as bytes, the tensor-scale pointer operand): MXFP4 has no
     tensor scale, so the kernels get the scale bytes there and never read them as one. An
     NVFP4 tensor scale is one fp32 value, or one per weight row ([N, 1]: the rows of several
-    layers multiplied at once; the fused product kernels only)."""
+    layers multiplied at once: the forward products and the dequantization, not the input
+    gradient)."""
     s_bytes = scales.view(torch.uint8)
     ts = tensor_scale.reshape(-1) if tensor_scale is not None else s_bytes
     return scales.dtype == torch.float8_e4m3fn, s_bytes, ts
@@ -816,7 +823,7 @@ def _scale_operands(scales: Tensor, tensor_scale: Tensor | None) -> tuple[bool, 
 def _one_tensor_scale(ts: Tensor, is_nv: bool, what: str) -> None:
     if is_nv and ts.numel() != 1:
         raise ValueError(f"{what} takes one NVFP4 tensor scale, got {ts.numel()} (per-row scales "
-                         "are for the fused product kernels)")
+                         "are for the forward products)")
 
 
 def _as_words(packed: Tensor) -> Tensor:
@@ -854,7 +861,7 @@ def _dequantize_rows(packed: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool, k
     cfg = DEQUANT_BLOCK
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(_cdiv(k, 2), cfg["BLOCK_B"]))
     consts = dict(N=n, K=k, stride_pn=packed.stride(0), stride_sn=s_bytes.stride(0),
-                  stride_on=out.stride(0), IS_NV=is_nv, **cfg)
+                  stride_on=out.stride(0), IS_NV=is_nv, TS_ROWS=is_nv and ts.numel() > 1, **cfg)
     tensors = (packed, s_bytes, ts, out)
     direct_launch(("dequant", out.device.index, out.dtype, tuple(consts.items())),
                    _fp4_dequant_kernel, grid, tensors, consts)
@@ -866,7 +873,6 @@ def fp4_dequantize(packed: Tensor, scales: Tensor, tensor_scale: Tensor | None, 
     if not HAS_TRITON:
         raise RuntimeError("fp4_dequantize needs Triton")
     is_nv, s_bytes, ts = _scale_operands(scales, tensor_scale)
-    _one_tensor_scale(ts, is_nv, "fp4_dequantize")
     if out.numel():
         _dequantize_rows(_packed_rows(packed), s_bytes, ts, is_nv, k, out)
     return out
@@ -897,7 +903,8 @@ def _chunked(x: Tensor, packed: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool
     def dequantize(i: int) -> Tensor:
         r0, r1 = starts[i], min(n, starts[i] + rows)
         part = bufs[i % len(bufs)][: r1 - r0]
-        _dequantize_rows(packed[r0:r1], s_bytes[r0:r1], ts, is_nv, k, part)
+        _dequantize_rows(packed[r0:r1], s_bytes[r0:r1], ts[r0:r1] if is_nv and ts.numel() > 1 else ts,
+                         is_nv, k, part)
         return part
 
     def multiply(i: int, part: Tensor) -> None:
@@ -1131,7 +1138,6 @@ def fp4_matmul(
     if m == 0 or n == 0:
         return result
     if kernel == "chunked":
-        _one_tensor_scale(ts, is_nv, "the chunked FP4 product")
         return _chunked(x, _packed_rows(packed), s_bytes, ts, is_nv, k, bias, result, chunk_rows,
                         overlap)
     if config is None:  # the first candidate for decode-sized "small", or without autotuning
