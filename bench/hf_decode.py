@@ -19,7 +19,8 @@ the prefill (start to first token) and the decode time per token (first to last 
 divided by N - 1), without a host sync per token. Median over ``--runs`` calls after a
 warm-up call (whose wall time is reported as the first-call time: it includes compiling).
 ``--profile`` adds a torch.profiler pass per variant: device-busy and host time per token,
-kernels per token, and the top ops (written beside the JSON). Dynamo's counters (graph
+kernels per token, and the top ops (written to that folder); ``--cprofile`` the host's
+Python time by function (cProfile) of one call. Dynamo's counters (graph
 breaks, unique graphs, cudagraph skips) are reported for every variant, and each variant's
 ms/token as a percentage of its weight-read floor (the bytes a step must read, at the read
 bandwidth measured in the same process: ``variants.floor_fields``).
@@ -170,6 +171,22 @@ def _profile(call, tokens: int, path: Path) -> dict:
             "kernels_per_token": len(kernels) / tokens}
 
 
+def _cprofile(call, path: Path, rows: int = 45) -> None:
+    """The host's Python time of one call, by function (cProfile, sorted by own time), to
+    ``path``: where a host-bound step spends its time."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    call()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(rows)
+    path.write_text(text.getvalue())
+
+
 def _dynamo_counters() -> dict:
     from torch._dynamo.utils import counters
 
@@ -250,6 +267,10 @@ def run_variant(args: argparse.Namespace) -> dict:
             out.mkdir(parents=True, exist_ok=True)
             result["profile"] = _profile(call, args.new,
                                          out / f"{args.model}.{variant}.prof.txt")
+        if args.cprofile:
+            out = Path(args.cprofile)
+            out.mkdir(parents=True, exist_ok=True)
+            _cprofile(call, out / f"{args.model}.{variant}.cprofile.txt")
     return result
 
 
@@ -261,6 +282,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     add_variant_arguments(parser, VARIANTS)
     parser.add_argument("--profile", default="", help="folder for torch.profiler tables (off if empty)")
+    parser.add_argument("--cprofile", default="",
+                        help="folder for the host's Python profile of one call (off if empty)")
     args = parser.parse_args()
     if args.new < 2:
         parser.error("--new must be at least 2")
@@ -272,7 +295,7 @@ def main() -> None:
     for model in args.model:
         args.model = model
         results += run_in_subprocesses(__file__, args.only, args,
-                                       ("model", "prompt", "new", "runs", "profile"))
+                                       ("model", "prompt", "new", "runs", "profile", "cprofile"))
     print(f"\n{torch.cuda.get_device_name()} torch {torch.__version__} batch=1 prompt={args.prompt} "
           f"new={args.new} greedy, median of {args.runs}")
     print(f"{'model':9} {'variant':12} {'weights GiB':>11} {'peak GiB':>8} {'first s':>7} "

@@ -60,34 +60,75 @@ class GeluMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+def rotary_users() -> int:
+    """How many live optimized models use Llama's wrapped rotary function (0: not wrapped)."""
+    import apt_model.optimization.fused_decoder as fused_decoder
+
+    entry = fused_decoder._ROTARY.get(id(modeling_llama.__dict__))
+    return 0 if entry is None else entry[2]
+
+
 def test_llama_norms_mlps_and_rotary_are_found_and_restore_undoes_them():
+    users = rotary_users()
     model = tiny_llama()
     x = torch.randint(0, 256, (1, 12))
     with torch.no_grad():
         before = model(x).logits
     vb.optimize(model, mode="speed", fp4_min_features=32, verbose=False)
-    # 2 layers x 2 norms + the final norm, 2 MLPs, the rotary function
-    assert report_of(model).fused_decoder_ops == 5 + 2 + 1
+    # 2 layers x 2 norms + the final norm, 2 MLPs, 2 attentions, the rotary function
+    assert report_of(model).fused_decoder_ops == 5 + 2 + 2 + 1
     assert type(model.model.norm).__name__.startswith("VBFused")
     assert isinstance(model.model.norm, modeling_llama.LlamaRMSNorm)
     assert isinstance(model.model.layers[0].mlp, modeling_llama.LlamaMLP)
     assert modeling_llama.apply_rotary_pos_emb._vb_original is not None
+    assert rotary_users() == users + 1
     vb.restore(model)
     assert type(model.model.norm) is modeling_llama.LlamaRMSNorm
     assert type(model.model.layers[1].mlp) is modeling_llama.LlamaMLP
-    assert not hasattr(modeling_llama.apply_rotary_pos_emb, "_vb_original")
+    assert rotary_users() == users
     with torch.no_grad():
         assert torch.equal(model(x).logits, before)
 
 
-def test_the_rotary_function_stays_wrapped_while_another_model_uses_it():
+def test_the_rotary_function_is_wrapped_while_an_optimized_model_lives():
+    import gc
+
+    gc.collect()
+    users = rotary_users()
     first, second = tiny_llama(), tiny_llama()
     for model in (first, second):
         vb.optimize(model, mode="speed", fp4_min_features=32, verbose=False)
     vb.restore(first)
-    assert hasattr(modeling_llama.apply_rotary_pos_emb, "_vb_original")
+    assert rotary_users() == users + 1
     vb.restore(second)
-    assert not hasattr(modeling_llama.apply_rotary_pos_emb, "_vb_original")
+    vb.restore(second)  # twice changes nothing
+    assert rotary_users() == users
+    third = tiny_llama()
+    vb.optimize(third, mode="speed", fp4_min_features=32, verbose=False)
+    assert rotary_users() == users + 1
+    del third
+    gc.collect()
+    assert rotary_users() == users  # dropped without restore
+    if users == 0:
+        assert not hasattr(modeling_llama.apply_rotary_pos_emb, "_vb_original")
+
+
+def test_only_optimized_models_attention_asks_for_the_rotary_kernel(monkeypatch):
+    """The wrapped rotary function is shared by every Llama of the process; a plain model's
+    attention never asks for the kernel."""
+    import apt_model.optimization.fused_decoder as fused_decoder
+
+    asked = []
+    monkeypatch.setattr(fused_decoder, "fused_rotary", lambda *a: asked.append(1))
+    optimized, plain = tiny_llama(), tiny_llama()
+    _, undo = fuse_decoder_ops(optimized)
+    x = torch.randint(0, 256, (1, 6))
+    with torch.no_grad():
+        plain(x)
+        assert not asked
+        optimized(x)
+        assert len(asked) == 2  # one per layer
+    undo()
 
 
 def test_other_formulas_are_left_alone():
@@ -103,7 +144,7 @@ def test_off_cuda_the_fused_model_is_the_original_bit_for_bit():
     model = tiny_llama()
     reference = copy.deepcopy(model)
     count, undo = fuse_decoder_ops(model)
-    assert count == 8
+    assert count == 10
     x = torch.randint(0, 256, (2, 10))
     with torch.no_grad():
         assert torch.equal(model(x).logits, reference(x).logits)

@@ -217,7 +217,9 @@ def test_fused_kernels_on_cuda_match_the_members_alone(fmt):
     with torch.no_grad():
         first = model.generate(prompt, 24, do_sample=False)  # the JIT launches, then direct ones
         assert torch.equal(model.generate(prompt, 24, do_sample=False), first)
-        assert torch.equal(reference.generate(prompt, 24, do_sample=False), first)
+        # The members alone sum in another split of K: the same logits up to rounding (greedy
+        # tokens of a random model can flip on that), checked on the generated sequence.
+        torch.testing.assert_close(model(first).logits, reference(first).logits, rtol=2e-2, atol=2e-2)
         one_row = first[:, -1:]
         torch.testing.assert_close(model(one_row).logits, reference(one_row).logits, rtol=2e-2, atol=2e-2)
         for rows in (5, 300):  # the small kernel; the large path (gemm or chunked, per-row scales)

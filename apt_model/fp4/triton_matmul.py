@@ -1011,6 +1011,22 @@ def fp4_grad_input(
     return result
 
 
+# (device index, raw stream) -> int32 scratch shared by every one-row product on that stream.
+# Kernels on one stream run in order, so each product's x kernel, GEMV and split-K sum are
+# done with it before the next product's x kernel writes it: one buffer serves every layer
+# of a decode step, with no allocation per call. Replaced (larger) when a product needs more;
+# the caching allocator hands the old one to later work on the same stream only.
+_SCRATCH: dict[tuple[int, int], Tensor] = {}
+
+
+def _stream_scratch(index: int, stream: int, words: int) -> Tensor:
+    scratch = _SCRATCH.get((index, stream))
+    if scratch is None or scratch.numel() < words:
+        scratch = _SCRATCH[(index, stream)] = torch.empty(words, dtype=torch.int32,
+                                                          device=torch.device("cuda", index))
+    return scratch
+
+
 class RowProduct:
     """``x @ dequant(W).T (+ bias)`` for one activation row ``x`` [1, k] of one dtype: the
     "gemv" plan for one weight, worked out once (split-K, config, kernel constants).
@@ -1057,28 +1073,55 @@ class RowProduct:
         self.gemv_fn = _gemv_tuned if config is None else _fp4_gemv_kernel
         self.gemv_grid = lambda meta_: (triton.cdiv(n, meta_["BLOCK_N"]), triton.cdiv(kw, k_split))  # noqa: E731
         self.launches: tuple | None = None  # the compiled kernels, once all are known
+        # int32 words of scratch: the prepared row and its scales, then (16-byte aligned) the
+        # split-K partial sums
+        self.scratch_words = -(-9 * groups // 4) * 4 + (self.split * n if self.split > 1 else 0)
+        self._views: tuple | None = None
+
+    def _work(self, stream: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(prepared row, its scales, the split-K partial sums or None): views of ``stream``'s
+        scratch (:func:`_stream_scratch`), made again only when that scratch was replaced."""
+        scratch = _stream_scratch(self.index, stream, self.scratch_words)
+        views = self._views
+        if views is None or views[0] is not scratch:
+            g = self.groups
+            partial = None
+            if self.split > 1:
+                start = self.scratch_words - self.split * self.n
+                partial = scratch[start:].view(torch.float32).view(self.split, 1, self.n)
+            views = self._views = (scratch, scratch[: 8 * g], scratch[8 * g: 9 * g].view(torch.float32),
+                                   partial)
+        return views[1], views[2], views[3]
 
     def __call__(self, x: Tensor, bias: Tensor | None, out: Tensor | None = None) -> Tensor:
         """The product for ``x`` (contiguous [1, k] of the dtype given) and ``bias`` (that
         dtype too, or None), into ``out`` ([1, N]) when given."""
         device = self.device
+        result = out if out is not None else torch.empty((1, self.n), dtype=self.dtype, device=device)
+        launches = self.launches
+        if launches is not None and torch.cuda.current_device() == self.index \
+                and not torch.cuda.is_current_stream_capturing():
+            stream = torch._C._cuda_getCurrentRawStream(self.index)
+            xp, xs, partial = self._work(stream)
+            partial = result if partial is None else partial
+            b = bias if bias is not None else partial
+            if x.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0 and result.data_ptr() % 16 == 0:
+                (x_run, x_tail), (gemv_run, gemv_tail), sums = launches
+                x_run(x, xp, xs, *x_tail, stream=stream)
+                gemv_run(xp, xs, self.words, self.s_bytes, self.ts, b, partial, *gemv_tail,
+                         stream=stream)
+                if sums is not None:
+                    sums[0](partial, result, *sums[1], stream=stream)
+                return result
+        # The first calls (compiling), CUDA-graph capture (whose buffers must be the graph's
+        # own) and misaligned tensors: buffers of this call's own, launches through the JIT.
         buf = torch.empty(9 * self.groups, dtype=torch.int32, device=device)  # one allocation
         xp, xs = buf[: 8 * self.groups], buf[8 * self.groups:].view(torch.float32)
-        result = out if out is not None else torch.empty((1, self.n), dtype=self.dtype, device=device)
         partial = result if self.split == 1 else torch.empty((self.split, 1, self.n),
                                                               dtype=torch.float32, device=device)
         b = bias if bias is not None else partial
         aligned = x.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0 and result.data_ptr() % 16 == 0
         gemv_args = (xp, xs, self.words, self.s_bytes, self.ts, b, partial)
-        launches = self.launches
-        if launches is not None and aligned and torch.cuda.current_device() == self.index:
-            stream = torch._C._cuda_getCurrentRawStream(self.index)
-            (x_run, x_tail), (gemv_run, gemv_tail), sums = launches
-            x_run(x, xp, xs, *x_tail, stream=stream)
-            gemv_run(*gemv_args, *gemv_tail, stream=stream)
-            if sums is not None:
-                sums[0](partial, result, *sums[1], stream=stream)
-            return result
         x_launch = direct_launch(self.x_key, _fp4_gemv_x_kernel, self.x_grid, (x, xp, xs),
                                   self.x_consts)
         gemv_launch = direct_launch(self.gemv_key, self.gemv_fn, self.gemv_grid, gemv_args,

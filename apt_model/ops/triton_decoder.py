@@ -42,15 +42,14 @@ def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, N, stride_x, stride_o, eps, BLOCK: tl.
 
 @triton.jit
 def _rotate_row(src, dst, c1, c2, s1, s2, offs, mask, HALF: tl.constexpr):
-    """``x * cos + rotate_half(x) * sin`` for one head's row, each product and the sum
-    rounded to the row's dtype."""
-    dt = dst.dtype.element_ty
-    x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-    lo = (x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)
-    hi = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
-    tl.store(dst + offs, lo.to(dt), mask=mask)
-    tl.store(dst + HALF + offs, hi.to(dt), mask=mask)
+    """``x * cos + rotate_half(x) * sin`` for one head's row, in the row's dtype: each
+    product and the sum rounded to it, as PyTorch's three elementwise kernels round.
+    The launch turns off the compiler's fusing of a multiply and an add into one FMA,
+    which would round once where PyTorch rounds twice."""
+    x1 = tl.load(src + offs, mask=mask, other=0.0)
+    x2 = tl.load(src + HALF + offs, mask=mask, other=0.0)
+    tl.store(dst + offs, x1 * c1 + -x2 * s1, mask=mask)
+    tl.store(dst + HALF + offs, x2 * c2 + x1 * s2, mask=mask)
 
 
 @triton.jit
@@ -65,10 +64,10 @@ def _rotary_kernel(q_ptr, k_ptr, c_ptr, s_ptr, qo_ptr, ko_ptr, S, HQ,
     offs = tl.arange(0, BLOCK)
     mask = offs < HALF
     cs = b * sc_b + s * sc_s
-    c1 = tl.load(c_ptr + cs + offs, mask=mask, other=0.0).to(tl.float32)
-    c2 = tl.load(c_ptr + cs + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-    s1 = tl.load(s_ptr + cs + offs, mask=mask, other=0.0).to(tl.float32)
-    s2 = tl.load(s_ptr + cs + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+    c1 = tl.load(c_ptr + cs + offs, mask=mask, other=0.0)
+    c2 = tl.load(c_ptr + cs + HALF + offs, mask=mask, other=0.0)
+    s1 = tl.load(s_ptr + cs + offs, mask=mask, other=0.0)
+    s2 = tl.load(s_ptr + cs + HALF + offs, mask=mask, other=0.0)
     if h < HQ:
         _rotate_row(q_ptr + b * sq_b + h * sq_h + s * sq_s,
                     qo_ptr + b * sqo_b + h * sqo_h + s * sqo_s, c1, c2, s1, s2, offs, mask, HALF)
@@ -127,7 +126,7 @@ def rotary_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_out: Tensor,
     names = ("sq_b", "sq_h", "sq_s", "sk_b", "sk_h", "sk_s", "sqo_b", "sqo_h", "sqo_s",
              "sko_b", "sko_h", "sko_s", "sc_b", "sc_s")
     consts = dict(S=seq, HQ=hq, **dict(zip(names, strides, strict=True)), HALF=half,
-                  BLOCK=block, num_warps=1 if block <= 64 else 2)
+                  BLOCK=block, num_warps=1 if block <= 64 else 2, enable_fp_fusion=False)
     grid = (batch * seq, hq + hk)
     key = ("rotary", q.device.index, q.dtype, grid, tuple(consts.items()))
     direct_launch(key, _rotary_kernel, grid, (q, k, cos, sin, q_out, k_out), consts)

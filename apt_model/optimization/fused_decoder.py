@@ -17,16 +17,21 @@ embedding fail that check and are left as they are.
 
 What changes: a matching module's class becomes a subclass whose forward takes the kernel
 where :func:`~apt_model.ops.decoder.fused_here` allows it and otherwise calls the original
-forward (inside ``torch.compile``, on the CPU, in training); a matching rotary function is
-replaced in its module by a wrapper doing the same, while any optimized model uses it (it is
-bit for bit the original). The undo puts classes and functions back.
+forward (inside ``torch.compile``, on the CPU, in training). A matching rotary function is
+replaced in its modeling module by a wrapper while an optimized model lives; the wrapper
+takes the kernel only inside the forward of that model's attention modules (whose classes
+become subclasses marking that), so other models in the process compute exactly as before.
+The undo puts classes and functions back.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import sys
+import threading
+import weakref
 from collections.abc import Callable
 from types import FunctionType
 from typing import Any
@@ -49,10 +54,12 @@ _EPS_NAMES = ("variance_epsilon", "eps")
 _MLP_CHILDREN = ("gate_proj", "up_proj", "down_proj", "act_fn")
 _ROTARY_NAME = "apply_rotary_pos_emb"
 
-# (original class, eps attribute or None for an MLP) -> the fused subclass
-_SUBCLASSES: dict[tuple[type, str | None], type] = {}
+# (original class, what it is: "mlp", "attention" or "norm:<eps attribute>") -> the subclass
+_SUBCLASSES: dict[tuple[type, str], type] = {}
 # id of a modeling module's globals -> [the globals, the original function, models using it]
 _ROTARY: dict[int, list] = {}
+# .inside: the forward of an optimized model's attention runs on this thread (rotary kernel on)
+_ATTENTION = threading.local()
 
 
 def _stand_in(module: nn.Module, parameters: dict[str, Any] | None = None,
@@ -139,13 +146,32 @@ def _mlp_forward(original: Callable) -> Callable:
     return forward
 
 
-def _fused_class(cls: type, eps_name: str | None) -> type:
-    """The subclass of ``cls`` with the fused forward (made once; a global of this module, so
-    a pickled model finds it)."""
-    key = (cls, eps_name)
+def _attention_forward(original: Callable) -> Callable:
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return original(self, *args, **kwargs)
+        outer = getattr(_ATTENTION, "inside", False)
+        _ATTENTION.inside = True
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            _ATTENTION.inside = outer
+
+    return forward
+
+
+def _fused_class(cls: type, kind: str) -> type:
+    """The subclass of ``cls`` with the fused forward for ``kind`` (made once; a global of this
+    module, so a pickled model finds it)."""
+    key = (cls, kind)
     sub = _SUBCLASSES.get(key)
     if sub is None:
-        forward = _mlp_forward(cls.forward) if eps_name is None else _norm_forward(cls.forward, eps_name)
+        if kind == "mlp":
+            forward = _mlp_forward(cls.forward)
+        elif kind == "attention":
+            forward = _attention_forward(cls.forward)
+        else:
+            forward = _norm_forward(cls.forward, kind.removeprefix("norm:"))
         name = f"VBFused{cls.__name__}_{len(_SUBCLASSES)}"
         sub = type(name, (cls,), {"forward": forward, "__module__": __name__, "__qualname__": name})
         setattr(sys.modules[__name__], name, sub)
@@ -157,7 +183,7 @@ def _rotary_wrapper(original: FunctionType) -> Callable:
     @functools.wraps(original)
     def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *args: Any,
                              **kwargs: Any) -> tuple[Tensor, Tensor]:
-        if not args and not kwargs:
+        if getattr(_ATTENTION, "inside", False) and not args and not kwargs:
             fused = fused_rotary(q, k, cos, sin)
             if fused is not None:
                 return fused
@@ -185,8 +211,12 @@ def _use_rotary(namespace: dict) -> Callable[[], None] | None:
         entry = _ROTARY[id(namespace)] = [namespace, original, 0]
         namespace[_ROTARY_NAME] = _rotary_wrapper(original)
     entry[2] += 1
+    done = []
 
     def undo() -> None:
+        if done:
+            return
+        done.append(True)
         entry[2] -= 1
         if entry[2] == 0:
             entry[0][_ROTARY_NAME] = entry[1]
@@ -195,30 +225,41 @@ def _use_rotary(namespace: dict) -> Callable[[], None] | None:
     return undo
 
 
+def _swap_class(module: nn.Module, kind: str, undo: list[Callable[[], None]]) -> None:
+    cls = type(module)
+    module.__class__ = _fused_class(cls, kind)
+    undo.append(functools.partial(object.__setattr__, module, "__class__", cls))
+
+
 def fuse_decoder_ops(model: nn.Module) -> tuple[int, Callable[[], None]]:
     """Give ``model``'s RMSNorms, gated SiLU MLPs and rotary embedding the fused kernels;
     returns (modules and functions changed, the undo)."""
     undo: list[Callable[[], None]] = []
+    callers: dict[int, list[nn.Module]] = {}  # id of a rotary namespace -> modules calling it
     namespaces: dict[int, dict] = {}
     for module in model.modules():
         cls = type(module)
         if cls.__module__ == __name__:  # fused already
             continue
-        globals_ = getattr(getattr(cls, "forward", None), "__globals__", None)
-        if isinstance(globals_, dict) and _ROTARY_NAME in globals_:
+        function = inspect.unwrap(cls.forward)  # under decorators such as deprecate_kwarg
+        globals_ = getattr(function, "__globals__", None)
+        names = getattr(getattr(function, "__code__", None), "co_names", ())
+        if isinstance(globals_, dict) and _ROTARY_NAME in globals_ and _ROTARY_NAME in names:
             namespaces.setdefault(id(globals_), globals_)
+            callers.setdefault(id(globals_), []).append(module)
         if _is_silu_mlp(module):
-            eps_name = None
+            _swap_class(module, "mlp", undo)
         else:
             eps_name = _norm_eps_name(module)
-            if eps_name is None:
-                continue
-        module.__class__ = _fused_class(cls, eps_name)
-        undo.append(functools.partial(object.__setattr__, module, "__class__", cls))
-    for namespace in namespaces.values():
+            if eps_name is not None:
+                _swap_class(module, f"norm:{eps_name}", undo)
+    for key, namespace in namespaces.items():
         put_back = _use_rotary(namespace)
         if put_back is not None:
             undo.append(put_back)
+            weakref.finalize(model, put_back)  # a model dropped without vb.restore
+            for module in callers[key]:
+                _swap_class(module, "attention", undo)
 
     def undo_all() -> None:
         for step in reversed(undo):
