@@ -222,7 +222,7 @@ def test_fused_kernels_on_cuda_match_the_members_alone(fmt):
         torch.testing.assert_close(model(first).logits, reference(first).logits, rtol=2e-2, atol=2e-2)
         one_row = first[:, -1:]
         torch.testing.assert_close(model(one_row).logits, reference(one_row).logits, rtol=2e-2, atol=2e-2)
-        for rows in (5, 300):  # the small kernel; the large path (gemm or chunked, per-row scales)
+        for rows in (5, 200):  # the small kernel; the large path (gemm or chunked, per-row scales)
             many = torch.randint(0, 256, (1, rows), device="cuda")
             torch.testing.assert_close(model(many).logits, reference(many).logits, rtol=2e-2, atol=2e-2)
 
