@@ -59,7 +59,7 @@ def test_fused_decoding_matches_the_members_alone(fmt):
         assert torch.equal(tokens, reference.generate(prompt, 16, do_sample=False))
         one_row = tokens[:, -1:]
         torch.testing.assert_close(model(one_row).logits, reference(one_row).logits, rtol=1e-5, atol=1e-5)
-    assert all(g.active and g._input is None for g in groups(model))
+    assert all(g.active and g._pending.input is None for g in groups(model))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -197,7 +197,7 @@ def test_speed_mode_model_with_fused_groups_compiles_whole():
         eager = model(x).logits
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(x).logits
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
-    assert all(g._input is None and g._outputs == [] for g in groups(model))
+    assert all(g._pending.input is None and g._pending.outputs == [] for g in groups(model))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

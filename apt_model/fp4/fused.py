@@ -38,13 +38,27 @@ __all__ = ["FusedFP4Projections"]
 
 
 def _held(member: FP4Linear) -> tuple:
-    """What a member's part of the group was built from: its packed tensors (by identity),
+    """What a member's part of the group was built from: its packed codes and scales (by
+    identity: they are views of the group's, so writes into them are the group's already),
     and its tensor scale and bias, which the group copies (by identity and version)."""
     buffers, params = member._buffers, member._parameters  # asked once a fused product
     bias = params["bias"] if "bias" in params else member.bias
-    return tuple((id(t), written(t)) if t is not None else None
-                 for t in (buffers.get("weight_packed"), buffers.get("weight_scales"),
-                           buffers.get("weight_tensor_scale"), bias))
+    tensor_scale = buffers.get("weight_tensor_scale")
+    return (id(buffers.get("weight_packed")), id(buffers.get("weight_scales")),
+            None if tensor_scale is None else (id(tensor_scale), written(tensor_scale)),
+            None if bias is None else (id(bias), written(bias)))
+
+
+class _Pending:
+    """The product of one input until every member has taken its columns (a plain object:
+    setting a module's attributes costs several times more on every decode step)."""
+
+    __slots__ = ("input", "outputs", "left")
+
+    def __init__(self) -> None:
+        self.input: Tensor | None = None
+        self.outputs: list[Tensor | None] = []
+        self.left = 0  # members yet to take theirs
 
 
 class FusedFP4Projections(nn.Module):
@@ -75,8 +89,7 @@ class FusedFP4Projections(nn.Module):
             self.register_buffer(name, None, persistent=False)
         self._weight: FP4Weight | None = None
         self._views: list[tuple] = []
-        self._input: Tensor | None = None
-        self._outputs: list[Tensor | None] = []
+        self._pending = _Pending()
         for index, member in enumerate(members):
             member.join_fused(self, index)
         self.pack()
@@ -128,23 +141,28 @@ class FusedFP4Projections(nn.Module):
         """Member ``index``'s output for the tensor it was ``given`` (``x``: that input in
         the compute dtype) from the fused product, or None when the member must run alone
         (not packed, group inactive)."""
-        if not self.active or self.packed is None:
+        buffers = self._buffers  # (not self.packed: module attribute lookups cost per call)
+        if not self.active or buffers["packed"] is None:
             return None
-        if self._input is not given or self._outputs[index] is None:
-            if self._input is not given and any(out is not None for out in self._outputs):
+        pending = self._pending
+        if pending.input is not given or pending.outputs[index] is None:
+            if pending.left and pending.input is not given:
                 # Outputs for another input were never taken: the members do not share it.
                 self.active = False
-                self._input, self._outputs = None, []
+                pending.input, pending.outputs, pending.left = None, [], 0
                 return None
             if not torch.compiler.is_compiling() and not self._linked() and not self.pack():
                 return None  # a member's buffers were replaced (packed again) or unfrozen
-            out = fp4_linear(x, self._fused_weight(), self.bias)
-            self._input = given
-            self._outputs = list(out.split(self.sizes, dim=-1))
-        out = self._outputs[index]
-        self._outputs[index] = None
-        if all(o is None for o in self._outputs):
-            self._input, self._outputs = None, []
+            out = fp4_linear(x, self._fused_weight(), buffers["bias"])
+            pending.input = given
+            pending.outputs = list(out.split_with_sizes(self.sizes, dim=-1))
+            pending.left = len(self.sizes)
+        outputs = pending.outputs
+        out = outputs[index]
+        outputs[index] = None
+        pending.left -= 1
+        if not pending.left:
+            pending.input, pending.outputs = None, []
         return out
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> FusedFP4Projections:

@@ -215,7 +215,7 @@ class FP4Linear(nn.Module):
     @property
     def frozen(self) -> bool:
         """True once the master weight is gone and only the packed weight is kept."""
-        return self.weight is None
+        return self._parameters.get("weight") is None  # (not ``self.weight``: asked per call)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -389,7 +389,7 @@ class FP4Linear(nn.Module):
             out = self._fused.take(self._fused_index, given, x)
             if out is not None:
                 return out
-        return fp4_linear(x, self.packed_weight(), self.bias)
+        return fp4_linear(x, self.packed_weight(), self._parameters.get("bias"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.frozen:

@@ -6,11 +6,16 @@ several times the ~15 µs of a cuBLAS call on a slow host. So after the first la
 kernel for a given key (shape, dtypes, constants and the 16-byte alignment of each tensor,
 which is what Triton specializes on), :func:`direct_launch` calls the compiled kernel's own
 runner with the constant arguments bound once; the key's alignment part is checked every
-call. Importing this module never imports Triton (the first launch of a key does).
+call. On the Triton versions whose launcher was checked (``_BARE_VERSIONS``), the runner is
+Triton's C launch function itself with its fixed arguments bound, skipping the per-launch
+Python of Triton's runner (stream lookup, launch hooks, scratch allocation) wherever a kernel
+needs no scratch and no launch hook is set. Importing this module never imports Triton (the
+first launch of a key does).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from apt_model import env
@@ -18,6 +23,10 @@ from apt_model import env
 __all__ = ["direct_launch", "interpreting"]
 
 _DIRECT: dict[tuple, tuple] = {}
+# Triton versions whose C launcher takes (grid x, y, z, stream, function, cooperative grid,
+# programmatic dependent launch, global scratch, profile scratch, packed metadata, launch
+# metadata, enter hook, exit hook, kernel arguments...), as 3.6 does; others use the runner.
+_BARE_VERSIONS = ("3.6.",)
 
 
 def interpreting() -> bool:
@@ -59,5 +68,32 @@ def direct_launch(key: tuple, fn, grid, tensors: tuple[Tensor, ...], consts: dic
     names = jit.arg_names[len(tensors):]
     if not all(name in chosen for name in names):
         return None
-    _DIRECT[key] = direct = (compiled[grids[-1]], tuple(chosen[name] for name in names))
+    grid = grids[-1]
+    runner = _bare_runner(compiled, grid, tensors[0].device.index) or compiled[grid]
+    _DIRECT[key] = direct = (runner, tuple(chosen[name] for name in names))
     return direct
+
+
+def _bare_runner(compiled, grid: tuple[int, int, int], index: int):
+    """``compiled``'s launch on ``grid`` as one call of Triton's C launcher (the runner's
+    signature: the kernel's arguments, then ``stream=``; default the current stream of CUDA
+    device ``index``), or None where that is not known to be safe."""
+    import triton
+    from triton import knobs
+
+    if not triton.__version__.startswith(_BARE_VERSIONS):
+        return None
+    launcher = getattr(compiled, "run", None)
+    launch = getattr(launcher, "launch", None)
+    if launch is None or getattr(launcher, "global_scratch_size", 1) \
+            or getattr(launcher, "profile_scratch_size", 1) \
+            or knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None:
+        return None
+    head = (*grid, None, compiled.function, launcher.launch_cooperative_grid, launcher.launch_pdl,
+            None, None, compiled.packed_metadata, None, None, None)
+    current_stream = torch._C._cuda_getCurrentRawStream
+
+    def run(*args, stream: int | None = None) -> None:
+        launch(*head[:3], current_stream(index) if stream is None else stream, *head[4:], *args)
+
+    return run
