@@ -263,7 +263,7 @@ def test_triton_kernels_in_interpreter():
         import torch
         from apt_model.fp4.format import fake_quantize_fp4, quantize_fp4
         from apt_model.fp4.kernel_plan import KernelPlan
-        from apt_model.fp4.triton_matmul import fp4_dequantize, fp4_grad_input, fp4_matmul
+        from apt_model.fp4.triton_matmul import MatProduct, fp4_dequantize, fp4_grad_input, fp4_matmul
         from apt_model.fp4.triton_quantize import fake_quantize_fp4_triton, quantize_fp4_triton
         cases = [("gemv", dict(BLOCK_N=16, BLOCK_K=64), 1, None),
                  ("gemv", dict(BLOCK_N=16, BLOCK_K=64), 1, 3),
@@ -309,6 +309,12 @@ def test_triton_kernels_in_interpreter():
                 ref = g.double() @ w.dequantize(torch.float64)
                 err = ((out.double() - ref).norm() / ref.norm()).item()
                 assert err < 1e-2, (fmt, "grad_input", m, split, err)
+            for m in (5, 70):  # prepared products of several rows: the first call's result again
+                w = quantize_fp4(torch.randn(40, 200), fmt)
+                x, b = torch.randn(m, 200).bfloat16(), torch.randn(40).bfloat16()
+                product = MatProduct(w.packed, w.scales, w.tensor_scale, 200, m, torch.bfloat16, True)
+                first = product(x, b)
+                assert torch.equal(product(x, b), first), (fmt, "prepared", m)
             w = torch.randn(48, 200) * 3
             ref = quantize_fp4(w, fmt)
             got = quantize_fp4_triton(w, fmt)
@@ -429,6 +435,25 @@ def test_prepared_row_product_is_the_gemv(fmt, n, k):
         for _ in range(2):
             torch.testing.assert_close(fp4_linear(x, w), _matmul(x, w, kernel="gemv"),
                                        rtol=0, atol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("m", [5, 300])  # the small kernel; large M (gemm or chunked, timed)
+def test_prepared_products_of_several_rows_are_the_default_plan(fmt, m):
+    """Eager ``fp4_linear`` of several rows keeps a product per row count on the weight:
+    after the first call (the default plan, timing large M) the same kernel with its
+    constants kept, bit for bit, for new values, with and without bias, 3-D input."""
+    x, w, b = _problem(m, 2048, 1024, fmt, torch.bfloat16, "cuda")
+    with torch.inference_mode():
+        want = fp4_linear(x, w, b)
+        assert [key[:2] for key in w.kernels] == [("mat", m)]
+        for _ in range(2):
+            torch.testing.assert_close(fp4_linear(x, w, b), want, rtol=0, atol=0)
+        x2 = torch.randn_like(x)
+        torch.testing.assert_close(fp4_linear(x2, w, b), _matmul(x2, w, b), rtol=0, atol=0)
+        torch.testing.assert_close(fp4_linear(x2.view(1, m, -1), w), _matmul(x2, w).view(1, m, -1),
+                                   rtol=0, atol=0)
 
 
 @needs_triton

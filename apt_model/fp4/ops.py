@@ -291,16 +291,40 @@ def fp4_linear(x: Tensor, w: FP4Weight, bias: Tensor | None = None) -> Tensor:
         raise ValueError(f"fp4_linear: x has {x.shape[-1]} features, the weight expects {k}")
     eager = type(x) is Tensor and x.is_cuda and not torch.compiler.is_compiling() and not (
         torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
-    if eager and x.numel() == k and x.stride(-1) == 1:  # one row: the weight's prepared product
+    if eager and x.is_contiguous() and x.numel():  # the weight's prepared product
         if bias is not None and bias.dtype != x.dtype:  # e.g. an fp32 bias under bf16 autocast
             bias = bias.to(x.dtype)
-        product = _row_product(x, w, bias)
+        rows = x.numel() // k
+        product = _row_product(x, w, bias) if rows == 1 else _mat_product(x, w, bias, rows)
         if product is not None:
-            return product(x.view(1, k), bias).view(*x.shape[:-1], w.packed.shape[0])
+            return product(x.view(rows, k), bias).view(*x.shape[:-1], w.packed.shape[0])
     args = (x, w.packed, w.scales, _tensor_scale_arg(w), _FMT_CODES[w.fmt], k, bias)
     # Eager with nothing to differentiate: the CUDA implementation without the custom op's
     # dispatch, which costs tens of microseconds a call on a slow host (decode).
     return _fp4_linear_cuda(*args) if eager else _fp4_linear_op(*args)
+
+
+# Prepared products of several rows kept per weight, one per row count (prompt length),
+# at most this many: a server's varied prompt lengths must not grow them without bound.
+_MAT_PRODUCTS_KEPT = 16
+
+
+def _mat_product(x: Tensor, w: FP4Weight, bias: Tensor | None, rows: int):
+    """The Triton product of ``rows`` rows prepared for ``w`` (kept in ``w.kernels``, like
+    :func:`_row_product`'s), or None where the fused kernels do not run."""
+    key = ("mat", rows, x.dtype, bias is not None, env.get(env.FP4_TRITON),
+           env.get(env.FP4_LARGE_KERNEL), env.get(env.FP4_AUTOTUNE))
+    product = w.kernels.get(key)
+    if product is None:
+        if x.dtype not in _TRITON_DTYPES or not triton_available(x.device):
+            return None
+        kept = [name for name in w.kernels if name[0] == "mat"]
+        if len(kept) >= _MAT_PRODUCTS_KEPT:
+            for name in kept:
+                del w.kernels[name]
+        product = w.kernels[key] = _matmul_kernels().MatProduct(
+            w.packed, w.scales, w.tensor_scale, w.shape[-1], rows, x.dtype, bias is not None)
+    return product
 
 
 def _row_product(x: Tensor, w: FP4Weight, bias: Tensor | None):

@@ -1132,6 +1132,92 @@ class RowProduct:
         return result
 
 
+class MatProduct:
+    """``x @ dequant(W).T (+ bias)`` for ``m`` activation rows (m > 1) of one dtype: the
+    default plan of :func:`fp4_matmul` for one weight, worked out once, so a prefill pays
+    for little more than the launches.
+
+    The first call runs :func:`fp4_matmul` (which compiles, autotunes and, for large M,
+    times "gemm" against "chunked"); from then on the kernel chosen runs with its key,
+    grid and constants kept: the tiled kernels, or for "chunked" one dequantization pass
+    into a fresh buffer and one cuBLAS call (a weight of up to one slice; larger weights
+    keep :func:`_chunked`'s slices and overlap). ``x`` is contiguous [m, k].
+    """
+
+    def __init__(self, packed: Tensor, scales: Tensor, tensor_scale: Tensor | None, k: int,
+                 m: int, x_dtype: torch.dtype, has_bias: bool) -> None:
+        self.packed, self.scales, self.tensor_scale = packed, scales, tensor_scale
+        self.k, self.m, self.n, self.dtype, self.has_bias = k, m, packed.shape[0], x_dtype, has_bias
+        self.run: Callable[[Tensor, Tensor | None, Tensor], None] | None = None
+
+    def __call__(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        if self.run is None:
+            out = fp4_matmul(x, self.packed, self.scales, self.tensor_scale, self.k, bias)
+            self.run = self._prepared(x.device)
+            return out
+        result = torch.empty((self.m, self.n), dtype=self.dtype, device=x.device)
+        self.run(x, bias, result)
+        return result
+
+    def _prepared(self, device: torch.device) -> Callable[[Tensor, Tensor | None, Tensor], None]:
+        m, n, k = self.m, self.n, self.k
+        kernel = kernel_for(m)
+        is_nv, s_bytes, ts = _scale_operands(self.scales, self.tensor_scale)
+        if kernel == "large":
+            kernel = _settled_large_kernel(_large_key(device, n, k, m, self.dtype, self.scales.dtype,
+                                                      self.has_bias)) or "chunked"
+        if kernel == "chunked":
+            packed = _packed_rows(self.packed)
+            if _chunk_rows(n, k) < n:  # several slices: dequantize the next during each GEMM
+                def sliced(x: Tensor, bias: Tensor | None, result: Tensor) -> None:
+                    _chunked(x, packed, s_bytes, ts, is_nv, k, bias, result, None, True)
+
+                return sliced
+
+            def whole(x: Tensor, bias: Tensor | None, result: Tensor) -> None:
+                w = torch.empty((n, k), dtype=x.dtype, device=x.device)
+                _dequantize_rows(packed, s_bytes, ts, is_nv, k, w)
+                if bias is None:
+                    torch.mm(x, w.T, out=result)
+                else:
+                    torch.addmm(bias, x, w.T, out=result)
+
+            return whole
+        words = _as_words(self.packed)
+        kw = words.shape[1]
+        config = fixed_config(kernel, m)
+        split, k_split = _k_splits(n, kw, device, kernel, config, None)
+        meta = _config_meta(config)
+        if kernel == "small":
+            meta.setdefault("BLOCK_M", max(16, _next_pow2(m)))
+            fn = _fp4_dot_kernel if config else _small_tuned
+        else:
+            fn = _fp4_dot_kernel if config else _gemm_tuned
+        m_key = _next_pow2(m) if m <= SMALL_MAX_M else 128 * _next_pow2(_cdiv(m, 128))
+        consts = dict(M=m, N=n, K=k, KW=kw, stride_xm=k, stride_pn=words.stride(0),
+                      stride_sn=s_bytes.stride(0), stride_om=n, K_SPLIT=k_split, M_KEY=m_key,
+                      F16=self.dtype == torch.float16 and is_nv, INTERP=_interpreting(),
+                      IS_NV=is_nv, HAS_BIAS=self.has_bias, SPLIT_K=split, USE_ASM=not _interpreting(),
+                      TS_ROWS=ts.numel() > 1, **meta)
+        sums = torch.float32 if split > 1 else self.dtype
+        key = ("dot", device.index, fn is _fp4_dot_kernel, self.dtype, words.dtype, s_bytes.dtype,
+               ts.dtype, self.dtype if self.has_bias else sums, sums, tuple(consts.items()))
+
+        def grid(meta_: dict) -> tuple[int, int]:
+            return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),
+                    triton.cdiv(kw, k_split))
+
+        def tiled(x: Tensor, bias: Tensor | None, result: Tensor) -> None:
+            partial = result if split == 1 else torch.empty((split, m, n), dtype=torch.float32,
+                                                            device=x.device)
+            b = bias if bias is not None else partial
+            direct_launch(key, fn, grid, (x, words, s_bytes, ts, b, partial), consts)
+            if split > 1:
+                _split_sum(partial, result)
+
+        return tiled
+
+
 def fp4_matmul(
     x: Tensor,
     packed: Tensor,
