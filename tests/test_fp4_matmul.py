@@ -437,6 +437,45 @@ def test_prepared_row_product_is_the_gemv(fmt, n, k):
                                        rtol=0, atol=0)
 
 
+def test_bare_runner_binds_the_launchers_fixed_arguments(monkeypatch):
+    """On a Triton version whose C launcher was checked, a compiled kernel is relaunched by
+    one call of that launcher: grid, stream, function, the launcher's flags, no scratch, the
+    packed metadata, no hooks, then the kernel's arguments. Elsewhere, with scratch or with
+    a launch hook set, Triton's own runner."""
+    triton = pytest.importorskip("triton")
+    from triton import knobs
+
+    import apt_model.ops.triton_launch as tl_
+
+    calls = []
+
+    class Launcher:
+        launch_cooperative_grid, launch_pdl = False, True
+        global_scratch_size = profile_scratch_size = 0
+
+        def launch(self, *args):
+            calls.append(args)
+
+    class Compiled:
+        function, packed_metadata = "fn", "meta"
+        run = Launcher()
+
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    for hook in ("launch_enter_hook", "launch_exit_hook"):  # 3.6's default (later: hook chains)
+        monkeypatch.setattr(knobs.runtime, hook, None)
+    run = tl_._bare_runner(Compiled(), (4, 2, 1), 0)
+    run("a", "b", stream=7)
+    assert calls == [(4, 2, 1, 7, "fn", False, True, None, None, "meta", None, None, None, "a", "b")]
+    Compiled.run.global_scratch_size = 128
+    assert tl_._bare_runner(Compiled(), (4, 2, 1), 0) is None
+    Compiled.run.global_scratch_size = 0
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", lambda *a: None)
+    assert tl_._bare_runner(Compiled(), (4, 2, 1), 0) is None
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", None)
+    monkeypatch.setattr(triton, "__version__", "3.9.0")
+    assert tl_._bare_runner(Compiled(), (4, 2, 1), 0) is None
+
+
 @needs_triton
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("m", [5, 300])  # the small kernel; large M (gemm or chunked, timed)

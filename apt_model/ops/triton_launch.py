@@ -91,7 +91,7 @@ def _bare_runner(compiled, grid: tuple[int, int, int], index: int):
         return None
     head = (*grid, None, compiled.function, launcher.launch_cooperative_grid, launcher.launch_pdl,
             None, None, compiled.packed_metadata, None, None, None)
-    current_stream = torch._C._cuda_getCurrentRawStream
+    current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # absent from CPU builds
 
     def run(*args, stream: int | None = None) -> None:
         launch(*head[:3], current_stream(index) if stream is None else stream, *head[4:], *args)
