@@ -244,7 +244,7 @@ def test_training_ops_match_the_reference(fmt):
 # --------------------------------------------------------------------------- Triton, CPU interpreter
 
 
-def _interpreter_usable() -> bool:
+def interpreter_usable() -> bool:
     """Triton installs on this CPU machine and its interpreter runs here (numpy < 2.4)."""
     if importlib.util.find_spec("triton") is None or importlib.util.find_spec("numpy") is None:
         return False
@@ -253,8 +253,19 @@ def _interpreter_usable() -> bool:
     return tuple(int(part) for part in numpy.__version__.split(".")[:2]) < (2, 4)
 
 
-@pytest.mark.skipif(not _interpreter_usable(),
-                    reason="needs triton and numpy < 2.4 (the test extras bring both on Linux x86-64)")
+needs_interpreter = pytest.mark.skipif(
+    not interpreter_usable(), reason="needs triton and numpy < 2.4 (the test extras bring both on Linux x86-64)")
+
+
+def run_in_interpreter(script: str, timeout: int = 900) -> None:
+    """Run ``script`` in a new Python with ``TRITON_INTERPRET=1``; it must print OK."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=timeout)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+@needs_interpreter
 def test_triton_kernels_in_interpreter():
     """Every Triton kernel once, on CPU through Triton's interpreter: the matmul kernels'
     tiling, masks and split-K (the pure-Triton decode; no PTX), the input-gradient kernel, and
@@ -325,10 +336,7 @@ def test_triton_kernels_in_interpreter():
             assert torch.equal(fake, fake_quantize_fp4(w, fmt)), (fmt, "fake quantize")
         print("OK")
     """)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                         text=True, timeout=900)
-    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+    run_in_interpreter(script)
 
 
 # --------------------------------------------------------------------------- Triton on CUDA

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import copy
 import io
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
+from test_fp4_matmul import needs_interpreter, run_in_interpreter
 from torch import nn
 
 import apt_model.optimization.vb_global as vb
@@ -178,18 +176,7 @@ def test_reference_formulas_are_hugging_face_llama():
     assert torch.equal(decoder.silu_mul(g, u), F.silu(g) * u)
 
 
-def _interpreter_usable() -> bool:
-    import importlib.util
-
-    if importlib.util.find_spec("triton") is None or importlib.util.find_spec("numpy") is None:
-        return False
-    import numpy
-
-    return tuple(int(part) for part in numpy.__version__.split(".")[:2]) < (2, 4)
-
-
-@pytest.mark.skipif(not _interpreter_usable(),
-                    reason="needs triton and numpy < 2.4 (the test extras bring both on Linux x86-64)")
+@needs_interpreter
 def test_kernels_in_the_interpreter():
     """Each kernel once on the CPU through Triton's interpreter, in fp32 (the interpreter's
     own bf16 cast is not the hardware's; the CUDA tests check bf16): strided q and k, a
@@ -215,10 +202,7 @@ def test_kernels_in_the_interpreter():
         torch.testing.assert_close(o, F.silu(full[:, :80]) * full[:, 80:], rtol=1e-6, atol=1e-6)
         print("OK")
     """)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+    run_in_interpreter(script)
 
 
 @cuda

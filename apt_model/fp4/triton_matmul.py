@@ -1132,6 +1132,40 @@ class RowProduct:
         return result
 
 
+def _dot_launch(kernel: str, m: int, k: int, words: Tensor, s_bytes: Tensor, ts: Tensor,
+                is_nv: bool, x_dtype: torch.dtype, has_bias: bool, device: torch.device,
+                config: dict | None, split_k: int | None, use_asm: bool,
+                stride_xm: int) -> tuple[Callable, Callable[[dict], tuple[int, int]], dict, int]:
+    """(kernel function, grid, constants, number of K splits) of the tiled kernel ``kernel``
+    ("small" or "gemm") for ``m`` rows of ``x_dtype`` (row stride ``stride_xm``) times the
+    packed weight ``words``: ``config`` pinned, else the first candidate for decode-sized
+    "small" or without autotuning, else the autotuner's."""
+    n, kw = words.shape
+    if config is None:
+        config = fixed_config(kernel, m)
+    split, k_split = _k_splits(n, kw, device, kernel, config, split_k)
+    meta = _config_meta(config)
+    if kernel == "small":
+        meta.setdefault("BLOCK_M", max(16, _next_pow2(m)))
+        fn = _fp4_dot_kernel if config else _small_tuned
+    else:
+        fn = _fp4_dot_kernel if config else _gemm_tuned
+    m_key = _next_pow2(m) if m <= SMALL_MAX_M else 128 * _next_pow2(_cdiv(m, 128))
+    # fp16 activations keep fp16 operands with NVFP4 (every E2M1 x E4M3 product is exact
+    # in fp16); MXFP4's power-of-two scales can leave fp16's range, so bf16 there.
+    consts = dict(M=m, N=n, K=k, KW=kw, stride_xm=stride_xm, stride_pn=words.stride(0),
+                  stride_sn=s_bytes.stride(0), stride_om=n, K_SPLIT=k_split, M_KEY=m_key,
+                  F16=x_dtype == torch.float16 and is_nv, INTERP=_interpreting(), IS_NV=is_nv,
+                  HAS_BIAS=has_bias, SPLIT_K=split, USE_ASM=use_asm, TS_ROWS=ts.numel() > 1,
+                  **meta)
+
+    def grid(meta_: dict) -> tuple[int, int]:
+        return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),
+                triton.cdiv(kw, k_split))
+
+    return fn, grid, consts, split
+
+
 class MatProduct:
     """``x @ dequant(W).T (+ bias)`` for ``m`` activation rows (m > 1) of one dtype: the
     default plan of :func:`fp4_matmul` for one weight, worked out once, so a prefill pays
@@ -1184,28 +1218,11 @@ class MatProduct:
 
             return whole
         words = _as_words(self.packed)
-        kw = words.shape[1]
-        config = fixed_config(kernel, m)
-        split, k_split = _k_splits(n, kw, device, kernel, config, None)
-        meta = _config_meta(config)
-        if kernel == "small":
-            meta.setdefault("BLOCK_M", max(16, _next_pow2(m)))
-            fn = _fp4_dot_kernel if config else _small_tuned
-        else:
-            fn = _fp4_dot_kernel if config else _gemm_tuned
-        m_key = _next_pow2(m) if m <= SMALL_MAX_M else 128 * _next_pow2(_cdiv(m, 128))
-        consts = dict(M=m, N=n, K=k, KW=kw, stride_xm=k, stride_pn=words.stride(0),
-                      stride_sn=s_bytes.stride(0), stride_om=n, K_SPLIT=k_split, M_KEY=m_key,
-                      F16=self.dtype == torch.float16 and is_nv, INTERP=_interpreting(),
-                      IS_NV=is_nv, HAS_BIAS=self.has_bias, SPLIT_K=split, USE_ASM=not _interpreting(),
-                      TS_ROWS=ts.numel() > 1, **meta)
+        fn, grid, consts, split = _dot_launch(kernel, m, k, words, s_bytes, ts, is_nv, self.dtype,
+                                              self.has_bias, device, None, None, not _interpreting(), k)
         sums = torch.float32 if split > 1 else self.dtype
         key = ("dot", device.index, fn is _fp4_dot_kernel, self.dtype, words.dtype, s_bytes.dtype,
                ts.dtype, self.dtype if self.has_bias else sums, sums, tuple(consts.items()))
-
-        def grid(meta_: dict) -> tuple[int, int]:
-            return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),
-                    triton.cdiv(kw, k_split))
 
         def tiled(x: Tensor, bias: Tensor | None, result: Tensor) -> None:
             partial = result if split == 1 else torch.empty((split, m, n), dtype=torch.float32,
@@ -1262,39 +1279,20 @@ def fp4_matmul(
         use_asm = not _interpreting()
     is_nv, s_bytes, ts = _scale_operands(scales, tensor_scale)
     words = _as_words(packed)
-    kw = words.shape[1]
     result = out if out is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return result
     if kernel == "chunked":
         return _chunked(x, _packed_rows(packed), s_bytes, ts, is_nv, k, bias, result, chunk_rows,
                         overlap)
-    if config is None:  # the first candidate for decode-sized "small", or without autotuning
-        config = fixed_config(kernel, m)
-    split, k_split = _k_splits(n, kw, x.device, kernel, config, split_k)
+    fn, grid, consts, split = _dot_launch(kernel, m, k, words, s_bytes, ts, is_nv, x.dtype,
+                                          bias is not None, x.device, config, split_k, use_asm,
+                                          x.stride(0))
     # Split-K programs write fp32 partial sums [split, M, N], added up in a fixed order
     # afterwards: the result does not depend on scheduling (atomics would).
     out = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 \
         else result
     b = bias if bias is not None else out
-    m_key = _next_pow2(m) if m <= SMALL_MAX_M else 128 * _next_pow2(_cdiv(m, 128))
-    common = dict(IS_NV=is_nv, HAS_BIAS=bias is not None, SPLIT_K=split, USE_ASM=use_asm,
-                  TS_ROWS=ts.numel() > 1)
-    meta = _config_meta(config)
-    if kernel == "small":
-        meta.setdefault("BLOCK_M", max(16, _next_pow2(m)))
-        fn = _fp4_dot_kernel if config else _small_tuned
-    else:
-        fn = _fp4_dot_kernel if config else _gemm_tuned
-    grid = lambda meta_: (  # noqa: E731
-        triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),
-        triton.cdiv(kw, k_split))
-    # fp16 activations keep fp16 operands with NVFP4 (every E2M1 x E4M3 product is exact
-    # in fp16); MXFP4's power-of-two scales can leave fp16's range, so bf16 there.
-    f16 = x.dtype == torch.float16 and is_nv
-    consts = dict(M=m, N=n, K=k, KW=kw, stride_xm=x.stride(0), stride_pn=words.stride(0),
-                  stride_sn=s_bytes.stride(0), stride_om=n, K_SPLIT=k_split, M_KEY=m_key,
-                  F16=f16, INTERP=_interpreting(), **common, **meta)
     tensors = (x, words, s_bytes, ts, b, out)
     key = ("dot", x.device.index, fn is _fp4_dot_kernel, *(t.dtype for t in tensors),
            tuple(consts.items()))
