@@ -63,17 +63,22 @@ def test_fused_decoding_matches_the_members_alone(fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_several_rows_are_one_product_too(fmt):
-    """A prompt of several rows: one call of the group's product, each member's output its
-    columns (a view), equal to the member alone."""
+def test_a_few_rows_are_one_product_and_a_prompt_runs_the_members_alone(fmt):
+    """Up to SMALL_MAX_M rows (batched decoding): one call of the group's product, each
+    member's output its columns, equal to the member alone. A longer prompt runs the members
+    alone: a cache keeping a view of one member's output would keep the whole product."""
+    from apt_model.fp4.kernel_plan import SMALL_MAX_M
+
     model, reference = apt(fmt), unfused(apt(fmt))
-    prompt = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
     calls = []
     for group in groups(model):
         group._fused_weight = (lambda f: lambda: calls.append(1) or f())(group._fused_weight)
-    with torch.no_grad():
-        torch.testing.assert_close(model(prompt).logits, reference(prompt).logits, rtol=1e-5, atol=1e-5)
-    assert len(calls) == len(groups(model))
+    for rows, fused_calls in ((2 * 9, len(groups(model))), (SMALL_MAX_M + 1, 0)):
+        calls.clear()
+        prompt = torch.randint(0, 256, (1, rows), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            torch.testing.assert_close(model(prompt).logits, reference(prompt).logits, rtol=1e-5, atol=1e-5)
+        assert len(calls) == fused_calls, rows
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -222,7 +227,7 @@ def test_fused_kernels_on_cuda_match_the_members_alone(fmt):
         torch.testing.assert_close(model(first).logits, reference(first).logits, rtol=2e-2, atol=2e-2)
         one_row = first[:, -1:]
         torch.testing.assert_close(model(one_row).logits, reference(one_row).logits, rtol=2e-2, atol=2e-2)
-        for rows in (5, 200):  # the small kernel; the large path (gemm or chunked, per-row scales)
+        for rows in (5, 200):  # the group's small-kernel product; the members alone (prefill)
             many = torch.randint(0, 256, (1, rows), device="cuda")
             torch.testing.assert_close(model(many).logits, reference(many).logits, rtol=2e-2, atol=2e-2)
 

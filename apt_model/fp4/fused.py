@@ -2,18 +2,20 @@
 
 At batch-1 decoding an attention block multiplies one row by q, k and v, and a gated MLP by
 gate and up: small products whose launches (host) and ramp-up (device) cost more than their
-weight reads. Concatenating the members' packed weights by rows turns them into one GEMV; at
-prefill, into one wider product (one call's host work and one dequantization pass instead of
-two or three).
+weight reads. Concatenating the members' packed weights by rows turns them into one GEMV, and
+up to ``SMALL_MAX_M`` rows (batched decoding) into one wider product. Above that (prefill) the
+members run alone: their outputs would be views of the one product, and a KV cache keeping
+one member's output (Hugging Face's first ``DynamicCache`` update stores the value states as
+they come) would keep the whole product alive, q's columns included.
 
 How it stays invisible to the model's code: the members stay ordinary :class:`FP4Linear`
 modules, called by the model as before. The first member called with an input computes the
 product for all of them and returns its slice (for several rows a view of the product's
 columns: splitting its last dim or merging its leading dims works as ``view`` does on any
 linear output); a member called with that same tensor afterwards gets its slice without a
-launch. Anything else (another input, members not frozen) runs the member alone, so results
-never depend on whether the members really share their input; a group that sees its members
-called with different inputs stops fusing for good.
+launch. Anything else (more rows, another input, members not frozen) runs the member alone,
+so results never depend on whether the members really share their input; a group that sees
+its members called with different inputs stops fusing for good.
 
 Storage: the group holds the concatenated packed codes, block scales, per-row tensor scales
 (NVFP4: each member keeps its own) and biases as non-persistent buffers, and the members'
@@ -31,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from apt_model.fp4.format import FP4Weight
+from apt_model.fp4.kernel_plan import SMALL_MAX_M
 from apt_model.fp4.layer import FP4Linear, moved_uncast, written
 from apt_model.fp4.ops import fp4_linear
 
@@ -140,9 +143,9 @@ class FusedFP4Projections(nn.Module):
     def take(self, index: int, given: Tensor, x: Tensor) -> Tensor | None:
         """Member ``index``'s output for the tensor it was ``given`` (``x``: that input in
         the compute dtype) from the fused product, or None when the member must run alone
-        (not packed, group inactive)."""
+        (not packed, more than ``SMALL_MAX_M`` rows, group inactive)."""
         buffers = self._buffers  # (not self.packed: module attribute lookups cost per call)
-        if not self.active or buffers["packed"] is None:
+        if not self.active or buffers["packed"] is None or x.numel() > SMALL_MAX_M * x.shape[-1]:
             return None
         pending = self._pending
         if pending.input is not given or pending.outputs[index] is None:

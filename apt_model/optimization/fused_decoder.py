@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _disable_current_modes
 
 from apt_model.ops.decoder import (
     fused_here,
@@ -79,13 +80,13 @@ def _equal_on(run: Callable[[], Any], expected: Callable[[], Any]) -> bool:
     try:
         with torch.no_grad():
             got, want = run(), expected()
+        got = got if isinstance(got, tuple) else (got,)
+        want = want if isinstance(want, tuple) else (want,)
+        return len(got) == len(want) and all(
+            isinstance(g, Tensor) and g.dtype == w.dtype and g.shape == w.shape and torch.equal(g, w)
+            for g, w in zip(got, want, strict=True))
     except Exception:  # noqa: BLE001 - any failure means "not this formula"
         return False
-    got = got if isinstance(got, tuple) else (got,)
-    want = want if isinstance(want, tuple) else (want,)
-    return len(got) == len(want) and all(
-        isinstance(g, Tensor) and g.dtype == w.dtype and g.shape == w.shape and torch.equal(g, w)
-        for g, w in zip(got, want, strict=True))
 
 
 def _norm_eps_name(module: nn.Module) -> str | None:
@@ -234,6 +235,11 @@ def _swap_class(module: nn.Module, kind: str, undo: list[Callable[[], None]]) ->
 def fuse_decoder_ops(model: nn.Module) -> tuple[int, Callable[[], None]]:
     """Give ``model``'s RMSNorms, gated SiLU MLPs and rotary embedding the fused kernels;
     returns (modules and functions changed, the undo)."""
+    with _disable_current_modes():  # real CPU tensors for the probes, even while a model is
+        return _fuse(model)           # traced under a fake or tracking dispatch mode
+
+
+def _fuse(model: nn.Module) -> tuple[int, Callable[[], None]]:
     undo: list[Callable[[], None]] = []
     callers: dict[int, list[nn.Module]] = {}  # id of a rotary namespace -> modules calling it
     namespaces: dict[int, dict] = {}

@@ -1,4 +1,4 @@
-"""Sibling FP4 projections that read one input are multiplied as one (decoding and prefill).
+"""Sibling FP4 projections that read one input are multiplied as one when decoding.
 
 Which siblings: the names models give them (``SIBLINGS``: attention's q/k/v, a gated MLP's
 gate/up), all FP4 layers of one parent module with the same input width, format and bias
