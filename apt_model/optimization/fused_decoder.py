@@ -162,8 +162,7 @@ def _attention_forward(original: Callable) -> Callable:
 
 
 def _fused_class(cls: type, kind: str) -> type:
-    """The subclass of ``cls`` with the fused forward for ``kind`` (made once; a global of this
-    module, so a pickled model finds it)."""
+    """The subclass of ``cls`` with the fused forward for ``kind`` (made once)."""
     key = (cls, kind)
     sub = _SUBCLASSES.get(key)
     if sub is None:
@@ -173,9 +172,13 @@ def _fused_class(cls: type, kind: str) -> type:
             forward = _attention_forward(cls.forward)
         else:
             forward = _norm_forward(cls.forward, kind.removeprefix("norm:"))
-        name = f"VBFused{cls.__name__}_{len(_SUBCLASSES)}"
-        sub = type(name, (cls,), {"forward": forward, "__module__": __name__, "__qualname__": name})
-        setattr(sys.modules[__name__], name, sub)
+        # The original's name (code that matches class names, such as Hugging Face's lists
+        # of modules not to split, still finds it); a unique qualified name under which this
+        # module holds it, for pickle.
+        qualname = f"VBFused{len(_SUBCLASSES)}_{cls.__name__}"
+        sub = type(cls.__name__, (cls,), {"forward": forward, "__module__": __name__,
+                                          "__qualname__": qualname})
+        setattr(sys.modules[__name__], qualname, sub)
         _SUBCLASSES[key] = sub
     return sub
 
