@@ -6,22 +6,29 @@ rotary embedding and SiLU-mul bit for bit (every product and sum rounded to the 
 dtype where PyTorch rounds it; ``exp`` and the division as CUDA's accurate ``expf`` and
 IEEE division), RMSNorm up to the order of its fp32 sum of squares. Callers
 (:mod:`apt_model.ops.decoder`) launch them only on CUDA, eagerly, with nothing to
-differentiate; this module imports Triton, so it is imported on first use only.
+differentiate. It imports Triton when there is one (the package imports it on first use
+only); without Triton it imports, and launching a kernel fails.
 """
 
 from __future__ import annotations
 
-import triton
-import triton.language as tl
 from torch import Tensor
-from triton.language.extra import libdevice
 
 from apt_model.ops.triton_launch import direct_launch, interpreting
 
+try:  # Triton is optional: every module of the package imports without it
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - depends on the machine
+    triton = None
+
 __all__ = ["rms_norm_rows", "rotary_qk", "silu_mul_rows"]
 
+_jit = triton.jit if triton is not None else (lambda fn: fn)
 
-@triton.jit
+
+@_jit
 def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, N, stride_x, stride_o, eps, BLOCK: tl.constexpr,
                      INTERP: tl.constexpr):
     """One row: ``w * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)``, the sum in fp32."""
@@ -40,7 +47,7 @@ def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, N, stride_x, stride_o, eps, BLOCK: tl.
     tl.store(o_ptr + row * stride_o + offs, out.to(o_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@_jit
 def _rotate_row(src, dst, c1, c2, s1, s2, offs, mask, HALF: tl.constexpr):
     """``x * cos + rotate_half(x) * sin`` for one head's row, in the row's dtype: each
     product and the sum rounded to it, as PyTorch's three elementwise kernels round.
@@ -52,7 +59,7 @@ def _rotate_row(src, dst, c1, c2, s1, s2, offs, mask, HALF: tl.constexpr):
     tl.store(dst + HALF + offs, x2 * c2 + x1 * s2, mask=mask)
 
 
-@triton.jit
+@_jit
 def _rotary_kernel(q_ptr, k_ptr, c_ptr, s_ptr, qo_ptr, ko_ptr, S, HQ,
                    sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sqo_b, sqo_h, sqo_s, sko_b, sko_h, sko_s,
                    sc_b, sc_s, HALF: tl.constexpr, BLOCK: tl.constexpr):
@@ -77,7 +84,7 @@ def _rotary_kernel(q_ptr, k_ptr, c_ptr, s_ptr, qo_ptr, ko_ptr, S, HQ,
                     ko_ptr + b * sko_b + hk * sko_h + s * sko_s, c1, c2, s1, s2, offs, mask, HALF)
 
 
-@triton.jit
+@_jit
 def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, N, stride_g, stride_u, stride_o,
                      BLOCK: tl.constexpr, INTERP: tl.constexpr):
     """Program (row, column block): ``silu(g).to(dtype) * u``, silu as ``g / (1 + exp(-g))``."""
