@@ -445,6 +445,30 @@ def test_prepared_row_product_is_the_gemv(fmt, n, k):
                                        rtol=0, atol=0)
 
 
+def test_prepared_products_of_several_rows_are_kept_per_row_count_and_bounded(monkeypatch):
+    """One prepared product per (row count, dtype, bias) on the weight; past
+    ``_MAT_PRODUCTS_KEPT`` row counts (a server's prompt lengths) the kept ones are dropped."""
+    import apt_model.fp4.ops as ops
+
+    made = []
+
+    class Kernels:
+        class MatProduct:
+            def __init__(self, *args):
+                made.append(args[4])  # the row count
+
+    monkeypatch.setattr(ops, "triton_available", lambda device: True)
+    monkeypatch.setattr(ops, "_matmul_kernels", lambda: Kernels)
+    w = quantize_fp4(torch.randn(8, 32), "nvfp4")
+    x = torch.randn(1, 32).bfloat16()
+    assert ops._mat_product(x, w, None, 3) is ops._mat_product(x, w, None, 3)
+    assert ops._mat_product(x, w, None, 3) is not ops._mat_product(x, w, x[0, :8], 3)  # with bias
+    for rows in range(4, 4 + ops._MAT_PRODUCTS_KEPT):
+        ops._mat_product(x, w, None, rows)
+    assert len([key for key in w.kernels if key[0] == "mat"]) <= ops._MAT_PRODUCTS_KEPT
+    assert made[:2] == [3, 3] and len(made) == 2 + ops._MAT_PRODUCTS_KEPT
+
+
 def test_bare_runner_binds_the_launchers_fixed_arguments(monkeypatch):
     """On a Triton version whose C launcher was checked, a compiled kernel is relaunched by
     one call of that launcher: grid, stream, function, the launcher's flags, no scratch, the
