@@ -47,6 +47,7 @@ from apt_model.ops.decoder import (
     fused_silu_mul,
     rms_norm,
     rotary,
+    silu_mul,
 )
 
 __all__ = ["fuse_decoder_ops"]
@@ -121,7 +122,7 @@ def _is_silu_mlp(module: nn.Module) -> bool:
     x = torch.randn(3, 8, generator=generator)
 
     def formula() -> Tensor:
-        return parts["down_proj"](torch.nn.functional.silu(parts["gate_proj"](x)) * parts["up_proj"](x))
+        return parts["down_proj"](silu_mul(parts["gate_proj"](x), parts["up_proj"](x)))
 
     return _equal_on(lambda: type(module).forward(probe, x), formula)
 
@@ -244,8 +245,7 @@ def fuse_decoder_ops(model: nn.Module) -> tuple[int, Callable[[], None]]:
 
 def _fuse(model: nn.Module) -> tuple[int, Callable[[], None]]:
     undo: list[Callable[[], None]] = []
-    callers: dict[int, list[nn.Module]] = {}  # id of a rotary namespace -> modules calling it
-    namespaces: dict[int, dict] = {}
+    callers: dict[int, tuple[dict, list[nn.Module]]] = {}  # id -> (rotary namespace, its callers)
     for module in model.modules():
         cls = type(module)
         if cls.__module__ == __name__:  # fused already
@@ -254,20 +254,19 @@ def _fuse(model: nn.Module) -> tuple[int, Callable[[], None]]:
         globals_ = getattr(function, "__globals__", None)
         names = getattr(getattr(function, "__code__", None), "co_names", ())
         if isinstance(globals_, dict) and _ROTARY_NAME in globals_ and _ROTARY_NAME in names:
-            namespaces.setdefault(id(globals_), globals_)
-            callers.setdefault(id(globals_), []).append(module)
+            callers.setdefault(id(globals_), (globals_, []))[1].append(module)
         if _is_silu_mlp(module):
             _swap_class(module, "mlp", undo)
         else:
             eps_name = _norm_eps_name(module)
             if eps_name is not None:
                 _swap_class(module, f"norm:{eps_name}", undo)
-    for key, namespace in namespaces.items():
+    for namespace, modules in callers.values():
         put_back = _use_rotary(namespace)
         if put_back is not None:
             undo.append(put_back)
             weakref.finalize(model, put_back)  # a model dropped without vb.restore
-            for module in callers[key]:
+            for module in modules:
                 _swap_class(module, "attention", undo)
 
     def undo_all() -> None:
