@@ -1173,9 +1173,8 @@ class MatProduct:
 
     The first call runs :func:`fp4_matmul` (which compiles, autotunes and, for large M,
     times "gemm" against "chunked"); from then on the kernel chosen runs with its key,
-    grid and constants kept: the tiled kernels, or for "chunked" one dequantization pass
-    into a fresh buffer and one cuBLAS call (a weight of up to one slice; larger weights
-    keep :func:`_chunked`'s slices and overlap). ``x`` is contiguous [m, k].
+    grid and constants kept (the tiled kernels), or :func:`_chunked` with its operands
+    prepared. ``x`` is contiguous [m, k].
     """
 
     def __init__(self, packed: Tensor, scales: Tensor, tensor_scale: Tensor | None, k: int,
@@ -1202,21 +1201,11 @@ class MatProduct:
                                                       self.has_bias)) or "chunked"
         if kernel == "chunked":
             packed = _packed_rows(self.packed)
-            if _chunk_rows(n, k) < n:  # several slices: dequantize the next during each GEMM
-                def sliced(x: Tensor, bias: Tensor | None, result: Tensor) -> None:
-                    _chunked(x, packed, s_bytes, ts, is_nv, k, bias, result, None, True)
 
-                return sliced
+            def chunked(x: Tensor, bias: Tensor | None, result: Tensor) -> None:
+                _chunked(x, packed, s_bytes, ts, is_nv, k, bias, result, None, True)
 
-            def whole(x: Tensor, bias: Tensor | None, result: Tensor) -> None:
-                w = torch.empty((n, k), dtype=x.dtype, device=x.device)
-                _dequantize_rows(packed, s_bytes, ts, is_nv, k, w)
-                if bias is None:
-                    torch.mm(x, w.T, out=result)
-                else:
-                    torch.addmm(bias, x, w.T, out=result)
-
-            return whole
+            return chunked
         words = _as_words(self.packed)
         fn, grid, consts, split = _dot_launch(kernel, m, k, words, s_bytes, ts, is_nv, self.dtype,
                                               self.has_bias, device, None, None, not _interpreting(), k)
