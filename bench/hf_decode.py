@@ -154,21 +154,58 @@ def _apt_call(model, prompt: torch.Tensor, new: int, static: bool):
 
 
 def _profile(call, tokens: int, path: Path) -> dict:
-    """Device-busy and host time per token, kernels per token; the top ops to ``path``."""
+    """Device-busy and host time per token, kernels per token, the device's idle gaps; the
+    top ops, the slowest runtime calls and what the host ran during the longest gaps to
+    ``path``."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
         wall = time.perf_counter()
         call()
         torch.cuda.synchronize()
         wall = time.perf_counter() - wall
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     busy_us = sum(e.device_time for e in kernels)
-    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40) + "\n"
-                    + prof.key_averages().table(sort_by="cpu_time_total", row_limit=40))
+    gaps = _device_gaps(kernels)
+    averages = prof.key_averages()
+    runtime = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU
+               and e.name.startswith(("cuda", "cu")) and not e.name.startswith("cudaLaunch")]
+    runtime.sort(key=lambda e: e.time_range.elapsed_us(), reverse=True)
+    lines = [averages.table(sort_by="cuda_time_total", row_limit=40),
+             averages.table(sort_by="cpu_time_total", row_limit=40),
+             "slowest runtime calls (us): " + ", ".join(
+                 f"{e.name} {e.time_range.elapsed_us():.0f}" for e in runtime[:15])]
+    for start, length in sorted(gaps, key=lambda g: -g[1])[:8]:
+        lines.append(f"device idle {length:.0f} us from {start - kernels[0].time_range.start:.0f} us; "
+                     f"the host ran: {_host_at(events, start + length / 2)}")
+    path.write_text("\n".join(lines) + "\n")
     return {"wall_ms_per_token": 1000 * wall / tokens, "device_busy_ms_per_token": busy_us / 1000 / tokens,
-            "kernels_per_token": len(kernels) / tokens}
+            "kernels_per_token": len(kernels) / tokens,
+            "device_idle_ms_per_token": sum(g[1] for g in gaps) / 1000 / tokens}
+
+
+def _device_gaps(kernels: list, least_us: float = 20.0) -> list[tuple[float, float]]:
+    """(start, length) in us of each interval of at least ``least_us`` between the first and
+    the last kernel in which no kernel ran."""
+    gaps, busy_until = [], None
+    for e in sorted(kernels, key=lambda e: e.time_range.start):
+        if busy_until is not None and e.time_range.start - busy_until >= least_us:
+            gaps.append((busy_until, e.time_range.start - busy_until))
+        busy_until = max(busy_until or 0.0, e.time_range.end)
+    return gaps
+
+
+def _host_at(events: list, when: float) -> str:
+    """The innermost host op running at time ``when`` (us) and its Python stack's top."""
+    covering = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU
+                and e.time_range.start <= when <= e.time_range.end]
+    if not covering:
+        return "nothing profiled"
+    inner = min(covering, key=lambda e: e.time_range.elapsed_us())
+    frames = [f for e in covering for f in (e.stack or [])][:6]
+    return f"{inner.name} ({inner.time_range.elapsed_us():.0f} us) <- " + " <- ".join(frames)
 
 
 def _cprofile(call, path: Path, rows: int = 45) -> None:

@@ -472,14 +472,16 @@ def test_prepared_products_of_several_rows_are_kept_per_row_count_and_bounded(mo
 def test_bare_runner_binds_the_launchers_fixed_arguments(monkeypatch):
     """On a Triton version whose C launcher was checked, a compiled kernel is relaunched by
     one call of that launcher: grid, stream, function, the launcher's flags, no scratch, the
-    packed metadata, no hooks, then the kernel's arguments. Elsewhere, with scratch or with
-    a launch hook set, Triton's own runner."""
+    packed metadata, no hooks, then the kernel's arguments. Triton 3.6 keeps the launch hooks
+    in chains, empty by default: while a hook is in one (or set as a plain callable), the
+    launch goes through Triton's own runner, which calls it. Kernels with scratch and other
+    versions get Triton's runner only."""
     triton = pytest.importorskip("triton")
     from triton import knobs
 
     import apt_model.ops.triton_launch as tl_
 
-    calls = []
+    calls, hooked = [], []
 
     class Launcher:
         launch_cooperative_grid, launch_pdl = False, True
@@ -492,18 +494,33 @@ def test_bare_runner_binds_the_launchers_fixed_arguments(monkeypatch):
         function, packed_metadata = "fn", "meta"
         run = Launcher()
 
+        def __getitem__(self, grid):
+            return lambda *args, stream=None: hooked.append((grid, args, stream))
+
+    class Chain:  # Triton 3.6's HookChain: hooks in .calls
+        def __init__(self) -> None:
+            self.calls: list = []
+
     monkeypatch.setattr(triton, "__version__", "3.6.0")
-    for hook in ("launch_enter_hook", "launch_exit_hook"):  # 3.6's default (later: hook chains)
-        monkeypatch.setattr(knobs.runtime, hook, None)
+    enter, leave = Chain(), Chain()
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", enter)
+    monkeypatch.setattr(knobs.runtime, "launch_exit_hook", leave)
     run = tl_._bare_runner(Compiled(), (4, 2, 1), 0)
     run("a", "b", stream=7)
     assert calls == [(4, 2, 1, 7, "fn", False, True, None, None, "meta", None, None, None, "a", "b")]
+    leave.calls.append(print)  # a hook added after the runner was made
+    run("a", "b", stream=7)
+    assert len(calls) == 1 and hooked == [((4, 2, 1), ("a", "b"), 7)]
+    leave.calls.clear()
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", lambda *a: None)
+    run("c", stream=8)
+    assert len(calls) == 1 and hooked[-1] == ((4, 2, 1), ("c",), 8)
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", None)  # no chain at all
+    run("d", stream=9)
+    assert len(calls) == 2 and calls[-1][-1] == "d"
     Compiled.run.global_scratch_size = 128
     assert tl_._bare_runner(Compiled(), (4, 2, 1), 0) is None
     Compiled.run.global_scratch_size = 0
-    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", lambda *a: None)
-    assert tl_._bare_runner(Compiled(), (4, 2, 1), 0) is None
-    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", None)
     monkeypatch.setattr(triton, "__version__", "3.9.0")
     assert tl_._bare_runner(Compiled(), (4, 2, 1), 0) is None
 

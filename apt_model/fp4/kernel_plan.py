@@ -35,7 +35,7 @@ from typing import NamedTuple
 import torch
 
 from apt_model import env
-from apt_model.ops.triton_launch import interpreting
+from apt_model.ops.triton_launch import interpreting, next_pow2
 
 __all__ = [
     "DECODE_PINNED_M",
@@ -200,13 +200,9 @@ def chosen_large_kernels() -> dict[LargeKey, str]:
     return dict(_LARGE_CHOICE)
 
 
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, (v - 1).bit_length())
-
-
 def _large_key(device: torch.device, n: int, k: int, m: int, dtype: torch.dtype,
                scales_dtype: torch.dtype, bias: bool) -> LargeKey:
-    return LargeKey(device, n, k, _next_pow2(m), dtype, scales_dtype, bias)
+    return LargeKey(device, n, k, next_pow2(m), dtype, scales_dtype, bias)
 
 
 def _settled_large_kernel(key: LargeKey) -> str | None:

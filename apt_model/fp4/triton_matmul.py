@@ -59,7 +59,7 @@ from apt_model.fp4.kernel_plan import (
     kernel_for,
 )
 from apt_model.fp4.kernel_plan import interpreting as _interpreting
-from apt_model.ops.triton_launch import direct_launch
+from apt_model.ops.triton_launch import cdiv, direct_launch, next_pow2
 
 try:  # Triton is optional: the package must import on CPU-only and NPU machines.
     import triton
@@ -748,14 +748,6 @@ def _device_ms(run: Callable[[], object], calls: int = 5) -> float:
     return statistics.median(times)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, (v - 1).bit_length())
-
-
 def _index(device: torch.device) -> int:
     """A CUDA device's index (the current device for a bare "cuda")."""
     return device.index if device.index is not None else torch.cuda.current_device()
@@ -781,11 +773,11 @@ def _split_k(n: int, kw: int, device: torch.device, kernel: str, tile_words: int
     keeping at least 2 tiles of ``tile_words`` per split."""
     if device.type != "cuda" or kernel == "gemm":
         return 1
-    tiles = _cdiv(n, 32)
+    tiles = cdiv(n, 32)
     sms = _sm_count(_index(device))
     if tiles >= sms:
         return 1
-    return max(1, min(_cdiv(2 * sms, tiles), kw // (2 * tile_words), 16))
+    return max(1, min(cdiv(2 * sms, tiles), kw // (2 * tile_words), 16))
 
 
 def _k_splits(n: int, kw: int, device: torch.device, kernel: str, config: dict | None,
@@ -796,8 +788,8 @@ def _k_splits(n: int, kw: int, device: torch.device, kernel: str, config: dict |
     configs = {"gemv": GEMV_CONFIGS, "small": SMALL_CONFIGS, "gemm": GEMM_CONFIGS}[kernel]
     tile_words = (config["BLOCK_K"] if config else max(c.kwargs["BLOCK_K"] for c in configs)) // 8
     split = split_k if split_k is not None else _split_k(n, kw, device, kernel, tile_words)
-    k_split = kw if split <= 1 else _cdiv(_cdiv(kw, split), tile_words) * tile_words
-    return _cdiv(kw, k_split), k_split
+    k_split = kw if split <= 1 else cdiv(cdiv(kw, split), tile_words) * tile_words
+    return cdiv(kw, k_split), k_split
 
 
 def _config_meta(config: dict | None) -> dict:
@@ -840,7 +832,7 @@ def _chunk_rows(n: int, k: int) -> int:
     """Weight rows per cuBLAS call of the chunked path: 64 MiB of bf16 (4096 rows for
     K = 8192), a multiple of 256."""
     rows = max(256, (64 * 2**20 // (2 * max(k, 1))) // 256 * 256)
-    return min(rows, _cdiv(n, 256) * 256)
+    return min(rows, cdiv(n, 256) * 256)
 
 
 # Dequantization tiles: 8 rows x 128 packed bytes per program, 8 warps. Of 18 tilings on an
@@ -859,7 +851,7 @@ def _dequantize_rows(packed: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool, k
     """Weight rows (packed bytes, scale bytes) dequantized into ``out`` [rows, k]."""
     n = packed.shape[0]
     cfg = DEQUANT_BLOCK
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(_cdiv(k, 2), cfg["BLOCK_B"]))
+    grid = (cdiv(n, cfg["BLOCK_N"]), cdiv(cdiv(k, 2), cfg["BLOCK_B"]))
     consts = dict(N=n, K=k, stride_pn=packed.stride(0), stride_sn=s_bytes.stride(0),
                   stride_on=out.stride(0), IS_NV=is_nv, TS_ROWS=is_nv and ts.numel() > 1, **cfg)
     tensors = (packed, s_bytes, ts, out)
@@ -945,7 +937,7 @@ def _split_sum(partials: Tensor, out: Tensor) -> tuple | None:
     block = 1024
     numel = out.numel()
     return direct_launch(("split_sum", out.device.index, out.dtype, numel, partials.shape[0]),
-                   _split_sum_kernel, (triton.cdiv(numel, block),), (partials, out),
+                   _split_sum_kernel, (cdiv(numel, block),), (partials, out),
                    dict(MN=numel, SPLIT=partials.shape[0], BLOCK=block))
 
 
@@ -983,15 +975,15 @@ def fp4_grad_input(
     if use_asm is None:
         use_asm = not _interpreting()
     cfg = GRAD_INPUT_BLOCK
-    block_m = max(16, min(64, _next_pow2(m)))
-    tiles = _cdiv(k, cfg["BLOCK_K"]) * _cdiv(m, block_m)
+    block_m = max(16, min(64, next_pow2(m)))
+    tiles = cdiv(k, cfg["BLOCK_K"]) * cdiv(m, block_m)
     if split_n is None:
         split_n = 1
         if grad.device.type == "cuda":
-            split_n = max(1, min(_cdiv(2 * _sm_count(_index(grad.device)), tiles),
+            split_n = max(1, min(cdiv(2 * _sm_count(_index(grad.device)), tiles),
                                  n // (4 * cfg["BLOCK_N"])))
-    n_split = _cdiv(_cdiv(n, split_n), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
-    split_n = _cdiv(n, n_split) if n else 1
+    n_split = cdiv(cdiv(n, split_n), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    split_n = cdiv(n, n_split) if n else 1
     result = torch.empty((m, k), dtype=grad.dtype, device=grad.device)
     if m == 0 or k == 0:
         return result
@@ -1000,7 +992,7 @@ def fp4_grad_input(
     # Split programs write fp32 partial sums [split, M, K], added in a fixed order after.
     out = torch.empty((split_n, m, k), dtype=torch.float32, device=grad.device) \
         if split_n > 1 else result
-    grid = (_cdiv(k, cfg["BLOCK_K"]), split_n, _cdiv(m, block_m))
+    grid = (cdiv(k, cfg["BLOCK_K"]), split_n, cdiv(m, block_m))
     _fp4_grad_input_kernel[grid](
         grad, words, s_bytes, ts, out, m, n, k, kw, grad.stride(0), words.stride(0),
         s_bytes.stride(0), k, n_split, IS_NV=is_nv, SPLIT_N=split_n,
@@ -1058,7 +1050,7 @@ class RowProduct:
         pdl = arch >= (9, 0) and use_asm and gdc_wait is not None
         self.x_key = ("x", self.index, x_dtype, k, groups, pdl)
         self.x_consts = dict(K=k, G=groups, PDL=pdl, BLOCK_G=64)
-        self.x_grid = (triton.cdiv(groups, 64),)
+        self.x_grid = (cdiv(groups, 64),)
         meta = _config_meta(config)
         consts = dict(N=n, K=k, KW=kw, stride_pn=self.words.stride(0),
                       stride_sn=self.s_bytes.stride(0), K_SPLIT=k_split, M_KEY=1, IS_NV=is_nv,
@@ -1071,7 +1063,7 @@ class RowProduct:
             consts["launch_pdl"] = True
         self.gemv_consts = consts
         self.gemv_fn = _gemv_tuned if config is None else _fp4_gemv_kernel
-        self.gemv_grid = lambda meta_: (triton.cdiv(n, meta_["BLOCK_N"]), triton.cdiv(kw, k_split))  # noqa: E731
+        self.gemv_grid = lambda meta_: (cdiv(n, meta_["BLOCK_N"]), cdiv(kw, k_split))  # noqa: E731
         self.launches: tuple | None = None  # the compiled kernels, once all are known
         # int32 words of scratch: the prepared row and its scales, then (16-byte aligned) the
         # split-K partial sums
@@ -1146,11 +1138,11 @@ def _dot_launch(kernel: str, m: int, k: int, words: Tensor, s_bytes: Tensor, ts:
     split, k_split = _k_splits(n, kw, device, kernel, config, split_k)
     meta = _config_meta(config)
     if kernel == "small":
-        meta.setdefault("BLOCK_M", max(16, _next_pow2(m)))
+        meta.setdefault("BLOCK_M", max(16, next_pow2(m)))
         fn = _fp4_dot_kernel if config else _small_tuned
     else:
         fn = _fp4_dot_kernel if config else _gemm_tuned
-    m_key = _next_pow2(m) if m <= SMALL_MAX_M else 128 * _next_pow2(_cdiv(m, 128))
+    m_key = next_pow2(m) if m <= SMALL_MAX_M else 128 * next_pow2(cdiv(m, 128))
     # fp16 activations keep fp16 operands with NVFP4 (every E2M1 x E4M3 product is exact
     # in fp16); MXFP4's power-of-two scales can leave fp16's range, so bf16 there.
     consts = dict(M=m, N=n, K=k, KW=kw, stride_xm=stride_xm, stride_pn=words.stride(0),
@@ -1160,8 +1152,8 @@ def _dot_launch(kernel: str, m: int, k: int, words: Tensor, s_bytes: Tensor, ts:
                   **meta)
 
     def grid(meta_: dict) -> tuple[int, int]:
-        return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),
-                triton.cdiv(kw, k_split))
+        return (cdiv(m, meta_["BLOCK_M"]) * cdiv(n, meta_["BLOCK_N"]),
+                cdiv(kw, k_split))
 
     return fn, grid, consts, split
 

@@ -27,6 +27,7 @@ from apt_model.fp4.format import (
     NVFP4_MIN_TENSOR_SCALE,
     FP4Weight,
 )
+from apt_model.ops.triton_launch import cdiv
 
 __all__ = ["fake_quantize_fp4_triton", "quantize_fp4_triton"]
 
@@ -176,7 +177,7 @@ def _launch(w2: Tensor, amax: Tensor | None, fmt: str, kp: int, *, fake: bool,
     amax = amax if amax is not None else w2
     ts = ts if ts is not None else w2
     n, k = w2.shape
-    grid = (triton.cdiv(n, _BLOCK_R), triton.cdiv(kp, _BLOCK_K))
+    grid = (cdiv(n, _BLOCK_R), cdiv(kp, _BLOCK_K))
     _fp4_quantize_kernel[grid](
         w2, amax, packed, scales, ts, out, n, k, kp, w2.stride(0), packed.stride(0),
         scales.stride(0), out.stride(0), IS_NV=fmt == "nvfp4", FAKE=fake,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from apt_model.ops.triton_launch import direct_launch, interpreting
+from apt_model.ops.triton_launch import cdiv, direct_launch, interpreting, next_pow2
 
 try:  # Triton is optional: every module of the package imports without it
     import triton
@@ -110,7 +110,7 @@ def rms_norm_rows(x: Tensor, weight: Tensor, eps: float, out: Tensor) -> None:
     """``out`` [R, N] = the RMSNorm of ``x`` [R, N] (rows of stride ``x.stride(0)``, unit
     column stride) with ``weight`` [N] (contiguous)."""
     rows, n = x.shape
-    block = triton.next_power_of_2(n)
+    block = next_pow2(n)
     consts = dict(N=n, stride_x=x.stride(0), stride_o=out.stride(0), eps=eps, BLOCK=block,
                   INTERP=interpreting(), num_warps=_warps(block))
     key = ("rms_norm", x.device.index, x.dtype, weight.dtype, out.dtype, rows,
@@ -125,7 +125,7 @@ def rotary_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_out: Tensor,
     batch, hq, seq, d = q.shape
     hk = k.shape[1]
     half = d // 2
-    block = triton.next_power_of_2(half)
+    block = next_pow2(half)
     sc_b = cos.stride(0) if cos.shape[0] > 1 else 0
     strides = (*(q.stride(i) for i in range(3)), *(k.stride(i) for i in range(3)),
                *(q_out.stride(i) for i in range(3)), *(k_out.stride(i) for i in range(3)),
@@ -143,9 +143,9 @@ def silu_mul_rows(gate: Tensor, up: Tensor, out: Tensor) -> None:
     """``out`` [R, N] = ``silu(gate) * up`` for ``gate``, ``up`` [R, N] (rows of their own
     strides, unit column stride), rounded as PyTorch rounds the two steps."""
     rows, n = gate.shape
-    block = min(1024, triton.next_power_of_2(n))
+    block = min(1024, next_pow2(n))
     consts = dict(N=n, stride_g=gate.stride(0), stride_u=up.stride(0), stride_o=out.stride(0),
                   BLOCK=block, INTERP=interpreting(), num_warps=4)
-    grid = (rows, triton.cdiv(n, block))
+    grid = (rows, cdiv(n, block))
     key = ("silu_mul", gate.device.index, gate.dtype, up.dtype, grid, tuple(consts.items()))
     direct_launch(key, _silu_mul_kernel, grid, (gate, up, out), consts)

@@ -8,9 +8,14 @@ which is what Triton specializes on), :func:`direct_launch` calls the compiled k
 runner with the constant arguments bound once; the key's alignment part is checked every
 call. On the Triton versions whose launcher was checked (``_BARE_VERSIONS``), the runner is
 Triton's C launch function itself with its fixed arguments bound, skipping the per-launch
-Python of Triton's runner (stream lookup, launch hooks, scratch allocation) wherever a kernel
-needs no scratch and no launch hook is set. Importing this module never imports Triton (the
-first launch of a key does).
+Python of Triton's runner (stream lookup, launch metadata, calls of the launch hooks, scratch
+allocation) wherever a kernel needs no scratch; while a launch hook is set (Triton 3.6 keeps
+them in chains, empty by default), it launches through that runner. Importing this module
+never imports Triton (the first launch of a key does).
+
+:func:`cdiv` and :func:`next_pow2` are the host's integer helpers for grids and block sizes:
+Triton 3.6's ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr functions, several
+microseconds a call on the host.
 """
 
 from __future__ import annotations
@@ -20,13 +25,23 @@ from torch import Tensor
 
 from apt_model import env
 
-__all__ = ["direct_launch", "interpreting"]
+__all__ = ["cdiv", "direct_launch", "interpreting", "next_pow2"]
 
 _DIRECT: dict[tuple, tuple] = {}
 # Triton versions whose C launcher takes (grid x, y, z, stream, function, cooperative grid,
 # programmatic dependent launch, global scratch, profile scratch, packed metadata, launch
 # metadata, enter hook, exit hook, kernel arguments...), as 3.6 does; others use the runner.
 _BARE_VERSIONS = ("3.6.",)
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ``b``."""
+    return -(-a // b)
+
+
+def next_pow2(v: int) -> int:
+    """The least power of two >= ``v`` (1 for ``v`` <= 1)."""
+    return 1 << max(0, (v - 1).bit_length())
 
 
 def interpreting() -> bool:
@@ -77,7 +92,8 @@ def direct_launch(key: tuple, fn, grid, tensors: tuple[Tensor, ...], consts: dic
 def _bare_runner(compiled, grid: tuple[int, int, int], index: int):
     """``compiled``'s launch on ``grid`` as one call of Triton's C launcher (the runner's
     signature: the kernel's arguments, then ``stream=``; default the current stream of CUDA
-    device ``index``), or None where that is not known to be safe."""
+    device ``index``), or None where that is not known to be safe. While a launch hook is
+    set, each call goes through Triton's runner instead, which calls the hooks."""
     import triton
     from triton import knobs
 
@@ -86,14 +102,23 @@ def _bare_runner(compiled, grid: tuple[int, int, int], index: int):
     launcher = getattr(compiled, "run", None)
     launch = getattr(launcher, "launch", None)
     if launch is None or getattr(launcher, "global_scratch_size", 1) \
-            or getattr(launcher, "profile_scratch_size", 1) \
-            or knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None:
+            or getattr(launcher, "profile_scratch_size", 1):
         return None
     head = (*grid, None, compiled.function, launcher.launch_cooperative_grid, launcher.launch_pdl,
             None, None, compiled.packed_metadata, None, None, None)
     current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # absent from CPU builds
+    hooked = compiled[grid]
+    runtime = knobs.runtime
 
     def run(*args, stream: int | None = None) -> None:
-        launch(*head[:3], current_stream(index) if stream is None else stream, *head[4:], *args)
+        if _hook_set(runtime.launch_enter_hook) or _hook_set(runtime.launch_exit_hook):
+            hooked(*args, stream=stream)
+        else:
+            launch(*head[:3], current_stream(index) if stream is None else stream, *head[4:], *args)
 
     return run
+
+
+def _hook_set(hook) -> bool:
+    """Whether a Triton launch hook is set: a callable, or a hook chain holding any."""
+    return hook is not None and getattr(hook, "calls", True) != []
