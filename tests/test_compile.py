@@ -55,3 +55,49 @@ def test_speed_mode_gpt2_compiles_whole(frozen):
     if frozen:
         vb.freeze_fp4(model)
     compiled_logits_match(model, torch.randint(0, 256, (1, 16)), use_cache=False)
+
+
+def test_fused_groups_stay_one_product_in_compiled_graphs():
+    """Inside ``torch.compile`` a frozen Llama's q/k/v and gate/up groups each run as one FP4
+    op (4 a decoder layer, not 7); the members' columns pass through the module's dict, which
+    is empty again after the call, so a second call reuses the graph (no recompile), and the
+    logits equal eager ones bit for bit. A member given another tensor than its group's first
+    member runs alone, with the same result as eagerly."""
+    transformers = pytest.importorskip("transformers")
+    from apt_model.fp4 import layer as fp4_layer
+
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM._from_config(config).eval()
+    vb.optimize(model, mode="speed", fp4_min_features=32, verbose=False)
+    vb.freeze_fp4(model)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    x = torch.randint(0, 256, (1, 8))
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    with torch.no_grad():
+        eager = model(x, use_cache=False).logits
+        for _ in range(2):
+            assert torch.equal(compiled(x, use_cache=False).logits, eager)
+    assert len(graphs) == 1 and not fp4_layer.TRACED_GROUP_OUTPUTS
+    ops = [n for n in graphs[0].graph.nodes if n.op == "call_function" and "fp4_linear" in str(n.target)]
+    assert len(ops) == 4 * config.num_hidden_layers
+
+    attn = model.model.layers[0].self_attn
+    group = attn.q_proj._fused
+    h = torch.randn(1, 8, 64)
+    pair = torch.compile(lambda a, b: (attn.q_proj(a), attn.k_proj(b)), fullgraph=True,
+                         backend="aot_eager")
+    with torch.no_grad():
+        alone = (attn.q_proj.to_plain()(h), attn.k_proj.to_plain()(h))
+        for _ in range(3):  # the second call finds k's columns untaken: the group stops
+            q, k = pair(h, h.clone())
+            assert torch.allclose(q, alone[0], atol=1e-5) and torch.allclose(k, alone[1], atol=1e-5)
+    assert not group.active and not fp4_layer.TRACED_GROUP_OUTPUTS

@@ -738,3 +738,30 @@ def test_direct_launch_binds_constants_once_and_rechecks_alignment():
         assert launches == [("jit", (block, 1, 1)), ("direct", (block, 1, 1), (3, block)),
                             ("jit", (block, 1, 1))]  # a misaligned tensor: another specialization
     tm._DIRECT.clear()
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_direct_launches_repeat_the_first_launch(fmt):
+    """From the second eager call on, the kernels run through the kept launches (on Triton
+    3.6 straight through its C launcher, the launch hooks' chains being empty): the results
+    equal the first call's, bit for bit, for one row and several, with and without bias."""
+    import triton
+
+    import apt_model.ops.triton_launch as tl_
+
+    torch.manual_seed(0)
+    w = quantize_fp4(torch.randn(384, 512, device="cuda", dtype=torch.bfloat16), fmt)
+    bias = torch.randn(384, device="cuda", dtype=torch.bfloat16)
+    for rows in (1, 5, 300):
+        x = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16)
+        for b in (None, bias):
+            first = fp4_linear(x, w, b)
+            again = [fp4_linear(x, w, b) for _ in range(3)]
+            assert all(torch.equal(first, out) for out in again)
+            ref = fp4_linear_reference(x.double(), w, None if b is None else b.double())
+            assert ((first.double() - ref).norm() / ref.norm()).item() < 1e-2
+    runners = [runner for runner, _ in tl_._DIRECT.values()]
+    assert runners
+    if triton.__version__.startswith(tl_._BARE_VERSIONS):
+        assert all(runner.__qualname__.startswith("_bare_runner") for runner in runners)

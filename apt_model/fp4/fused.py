@@ -27,6 +27,7 @@ first member reached moves the group) and points the members at the moved ones.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -35,9 +36,11 @@ from torch import Tensor, nn
 from apt_model.fp4.format import FP4Weight
 from apt_model.fp4.kernel_plan import SMALL_MAX_M
 from apt_model.fp4.layer import FP4Linear, moved_uncast, written
-from apt_model.fp4.ops import fp4_linear
+from apt_model.fp4.ops import fp4_linear, fp4_linear_tensors
 
 __all__ = ["FusedFP4Projections"]
+
+_KEYS = itertools.count(1)  # group keys (a member's 0 means no group)
 
 
 def _held(member: FP4Linear) -> tuple:
@@ -88,6 +91,7 @@ class FusedFP4Projections(nn.Module):
         self.fmt = first.fmt
         self.sizes = [member.out_features for member in members]
         self.active = True  # False once the members were seen reading different inputs
+        self.key = next(_KEYS)
         for name in ("packed", "scales", "tensor_scale", "bias"):
             self.register_buffer(name, None, persistent=False)
         self._weight: FP4Weight | None = None
@@ -130,20 +134,17 @@ class FusedFP4Projections(nn.Module):
         return all(_held(member) == held for member, held in zip(self.members, self._views, strict=True))
 
     def _fused_weight(self) -> FP4Weight:
-        """The group's packed weight, built once per packing (inside ``torch.compile`` from
-        the buffers every time: nothing is cached there)."""
-        if self._weight is not None and not torch.compiler.is_compiling():
-            return self._weight
-        weight = FP4Weight(self.fmt, self.packed, self.scales, self.tensor_scale,
-                           (self.packed.shape[0], self.in_features))
-        if not torch.compiler.is_compiling():
-            self._weight = weight
-        return weight
+        """The group's packed weight, built once per packing."""
+        if self._weight is None:
+            self._weight = FP4Weight(self.fmt, self.packed, self.scales, self.tensor_scale,
+                                     (self.packed.shape[0], self.in_features))
+        return self._weight
 
     def take(self, index: int, given: Tensor, x: Tensor) -> Tensor | None:
-        """Member ``index``'s output for the tensor it was ``given`` (``x``: that input in
-        the compute dtype) from the fused product, or None when the member must run alone
-        (not packed, more than ``SMALL_MAX_M`` rows, group inactive)."""
+        """Eagerly: member ``index``'s output for the tensor it was ``given`` (``x``: that input
+        in the compute dtype) from the fused product, or None when the member must run alone
+        (not packed, more than ``SMALL_MAX_M`` rows, group inactive). Compiled graphs take
+        :meth:`traced_product` instead (``FP4Linear`` picks)."""
         buffers = self._buffers  # (not self.packed: module attribute lookups cost per call)
         if not self.active or buffers["packed"] is None or x.numel() > SMALL_MAX_M * x.shape[-1]:
             return None
@@ -154,7 +155,7 @@ class FusedFP4Projections(nn.Module):
                 self.active = False
                 pending.input, pending.outputs, pending.left = None, [], 0
                 return None
-            if not torch.compiler.is_compiling() and not self._linked() and not self.pack():
+            if not self._linked() and not self.pack():
                 return None  # a member's buffers were replaced (packed again) or unfrozen
             out = fp4_linear(x, self._fused_weight(), buffers["bias"])
             pending.input = given
@@ -167,6 +168,16 @@ class FusedFP4Projections(nn.Module):
         if not pending.left:
             pending.input, pending.outputs = None, []
         return out
+
+    def traced_product(self, x: Tensor) -> list[Tensor] | None:
+        """Inside ``torch.compile``: the members' outputs for ``x`` (in the compute dtype), as
+        columns of one product, or None where the members run alone (as :meth:`take`)."""
+        buffers = self._buffers
+        if not self.active or buffers["packed"] is None or x.numel() > SMALL_MAX_M * x.shape[-1]:
+            return None
+        out = fp4_linear_tensors(x, buffers["packed"], buffers["scales"], buffers["tensor_scale"],
+                                 self.in_features, buffers["bias"])
+        return list(out.split_with_sizes(self.sizes, dim=-1))
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> FusedFP4Projections:
         """Move the group's packed tensors (never cast: float8 scales, fp32 tensor scales) and

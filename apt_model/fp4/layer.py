@@ -49,6 +49,7 @@ from apt_model.fp4.ops import (
     fp4_fake_quantize,
     fp4_grad_input,
     fp4_linear,
+    fp4_linear_tensors,
     fp4_quantize,
     triton_available,
 )
@@ -82,6 +83,12 @@ FUSED_TRAIN_MIN_WEIGHTS = 1 << 27
 # Buffer names of a frozen layer, in FP4Weight.state_tensors() order.
 PACKED_BUFFERS = {"packed": "weight_packed", "scales": "weight_scales",
                   "tensor_scale": "weight_tensor_scale"}
+
+# Inside torch.compile: a fused group's product, by the group's key, until each member took
+# its columns ([input, outputs, members yet to take theirs]). One module dict, so that no
+# object of a group is reached through two members: a compiled graph guards on every path
+# it read an object through, each call, and on their being the same object.
+TRACED_GROUP_OUTPUTS: dict[int, list] = {}
 
 
 def _conv1d_class() -> type[nn.Module] | None:
@@ -196,6 +203,7 @@ class FP4Linear(nn.Module):
         self._compute_dtype: torch.dtype | None = None  # a frozen layer's output dtype
         self._fused = None  # the FusedFP4Projections this layer belongs to (not a submodule)
         self._fused_index = 0
+        self._fused_key = 0  # that group's key (0: none)
 
     @classmethod
     def from_packed(cls, weight: FP4Weight, bias: torch.Tensor | None = None,
@@ -310,6 +318,7 @@ class FP4Linear(nn.Module):
         member ``index``, or to none (``group`` None)."""
         object.__setattr__(self, "_fused", group)  # a reference, not a submodule
         self._fused_index = index
+        self._fused_key = 0 if group is None else group.key
 
     def to_plain(self) -> nn.Module:
         """The plain layer this one stands for, an ``nn.Linear`` or (``weight_transposed``) a
@@ -392,7 +401,7 @@ class FP4Linear(nn.Module):
         return fp4_linear(x, self.packed_weight(), self._parameters.get("bias"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.frozen:
+        if self._parameters.get("weight") is None:  # frozen
             if torch.is_grad_enabled() and self.training:  # no guard on training under no_grad
                 raise RuntimeError(tr(
                     f"{self._describe()} 已冻结为推理用的打包FP4权重 (没有主权重), 无法训练; "
@@ -400,6 +409,8 @@ class FP4Linear(nn.Module):
                     f"{self._describe()} is frozen to packed FP4 for serving (no master weight) and "
                     "cannot be trained; train before freeze_fp4, and run inference under model.eval() "
                     "or torch.no_grad()"))
+            if torch.compiler.is_compiling():
+                return _traced_frozen_forward(self, x)
             return self._inference_forward(x)
         if torch.is_grad_enabled() and self.weight.requires_grad:
             return self._training_forward(x)
@@ -428,6 +439,55 @@ class FP4Linear(nn.Module):
                 f"bias={self.bias is not None}, fmt={self.fmt}"
                 + (", weight_transposed=True" if self.weight_transposed else "")
                 + (", frozen=True" if self.frozen else ""))
+
+
+def _traced_frozen_forward(layer: FP4Linear, x: torch.Tensor) -> torch.Tensor:
+    """A frozen layer's ``_inference_forward`` as ``torch.compile`` traces it, reading few of
+    the layer's attributes (each read is a guard the compiled graph checks every call): its
+    buffers, compute dtype, input width, bias and group key; only a group's first member
+    reaches the group, the others take their columns from ``TRACED_GROUP_OUTPUTS``."""
+    given = x
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        x = x.to(torch.get_autocast_dtype(device_type))
+    elif x.dtype != layer._compute_dtype:
+        x = x.to(layer._compute_dtype)
+    key = layer._fused_key
+    if key:
+        out = _traced_member_output(layer, key, given, x)
+        if out is not None:
+            return out
+    buffers = layer._buffers
+    return fp4_linear_tensors(x, buffers["weight_packed"], buffers["weight_scales"],
+                              buffers.get("weight_tensor_scale"), layer.in_features,
+                              layer._parameters.get("bias"))
+
+
+def _traced_member_output(layer: FP4Linear, key: int, given: torch.Tensor,
+                          x: torch.Tensor) -> torch.Tensor | None:
+    """Inside ``torch.compile``: group member ``layer``'s columns of its group's product for
+    the tensor it was ``given``, the first member computing the product, or None where the
+    member must run alone (the group does not fuse this input, or the first member did not
+    run on the same tensor). A product whose columns were not all taken when the first
+    member runs again stops the group for good, as eagerly (:meth:`FusedFP4Projections.take`)."""
+    index = layer._fused_index
+    entry = TRACED_GROUP_OUTPUTS.get(key)
+    if index == 0:
+        if entry is not None:  # the last product's columns were not all taken: as eagerly,
+            layer._fused.active = False  # the members do not share their input; they run alone
+            del TRACED_GROUP_OUTPUTS[key]
+            return None
+        outputs = layer._fused.traced_product(x)
+        if outputs is None:
+            return None
+        entry = TRACED_GROUP_OUTPUTS[key] = [given, outputs, len(outputs)]
+    elif entry is None or entry[0] is not given or entry[1][index] is None:
+        return None
+    out, entry[1][index] = entry[1][index], None
+    entry[2] -= 1
+    if not entry[2]:
+        del TRACED_GROUP_OUTPUTS[key]
+    return out
 
 
 def freeze_fp4(model: nn.Module) -> int:

@@ -52,6 +52,7 @@ __all__ = [
     "fp4_grad_input",
     "fp4_linear",
     "fp4_linear_reference",
+    "fp4_linear_tensors",
     "fp4_quantize",
     "triton_available",
 ]
@@ -302,6 +303,19 @@ def fp4_linear(x: Tensor, w: FP4Weight, bias: Tensor | None = None) -> Tensor:
     # Eager with nothing to differentiate: the CUDA implementation without the custom op's
     # dispatch, which costs tens of microseconds a call on a slow host (decode).
     return _fp4_linear_cuda(*args) if eager else _fp4_linear_op(*args)
+
+
+def fp4_linear_tensors(x: Tensor, packed: Tensor, scales: Tensor, tensor_scale: Tensor | None,
+                       k: int, bias: Tensor | None = None) -> Tensor:
+    """``fp4_linear`` over a packed weight's tensors, its format told by the scales' dtype
+    (float8 e4m3: NVFP4, uint8 E8M0: MXFP4), as one op: for compiled graphs, where every
+    Python attribute an :class:`FP4Weight` carries would be one more guard checked each call."""
+    if x.shape[-1] != k:
+        raise ValueError(f"fp4_linear: x has {x.shape[-1]} features, the weight expects {k}")
+    fmt = "nvfp4" if scales.dtype == torch.float8_e4m3fn else "mxfp4"
+    if tensor_scale is None:
+        tensor_scale = scales.new_empty(0, dtype=torch.float32)
+    return _fp4_linear_op(x, packed, scales, tensor_scale, _FMT_CODES[fmt], k, bias)
 
 
 # Prepared products of several rows kept per weight, one per row count (prompt length),
