@@ -389,11 +389,7 @@ class FP4Linear(nn.Module):
         elsewhere), or this layer's part of its fused group's product. Under autocast the
         activations go in the autocast dtype, as ``F.linear`` would take them."""
         given = x
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
-            x = x.to(torch.get_autocast_dtype(device_type))
-        elif x.dtype != self.compute_dtype:
-            x = x.to(self.compute_dtype)
+        x = _activations_in(x, self.compute_dtype)
         if self._fused is not None:
             out = self._fused.take(self._fused_index, given, x)
             if out is not None:
@@ -441,17 +437,22 @@ class FP4Linear(nn.Module):
                 + (", frozen=True" if self.frozen else ""))
 
 
+def _activations_in(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as a frozen layer multiplies it: in the autocast dtype under autocast (as
+    ``F.linear`` would take it), else in the layer's compute ``dtype``."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return x.to(torch.get_autocast_dtype(device_type))
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def _traced_frozen_forward(layer: FP4Linear, x: torch.Tensor) -> torch.Tensor:
     """A frozen layer's ``_inference_forward`` as ``torch.compile`` traces it, reading few of
     the layer's attributes (each read is a guard the compiled graph checks every call): its
     buffers, compute dtype, input width, bias and group key; only a group's first member
     reaches the group, the others take their columns from ``TRACED_GROUP_OUTPUTS``."""
     given = x
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        x = x.to(torch.get_autocast_dtype(device_type))
-    elif x.dtype != layer._compute_dtype:
-        x = x.to(layer._compute_dtype)
+    x = _activations_in(x, layer._compute_dtype)
     key = layer._fused_key
     if key:
         out = _traced_member_output(layer, key, given, x)
