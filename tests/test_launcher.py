@@ -42,12 +42,18 @@ def train(*flags: str) -> int:
     return run_cli(launcher.main, [*QUICK, *flags])
 
 
+# The fresh home folders of the scripts run (removed when the test process exits).
+_HOMES: list[tempfile.TemporaryDirectory] = []
+
+
 def script(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, popen: bool = False,
            **pipes) -> subprocess.CompletedProcess | subprocess.Popen:
     """Run (or, with ``popen``, start) a repository script with VB's variables cleared."""
     clean = {k: v for k, v in os.environ.items()
              if not (k.startswith("VB_") or k in ("ENABLE_VIRTUAL_BLACKWELL", "VB_TRAIN_ARGS"))}
-    home = cwd or tempfile.mkdtemp(prefix="vb-home-")  # no ~/.vbrc in reach, caches kept out of the repo
+    if cwd is None:
+        _HOMES.append(tempfile.TemporaryDirectory(prefix="vb-home-"))
+    home = cwd or _HOMES[-1].name  # no ~/.vbrc in reach, caches kept out of the repo
     full_env = {**clean, "OMP_NUM_THREADS": "1", "VB_LANG": "en", "HOME": str(home),
                 "PYTHONPATH": str(REPO), **(env or {})}
     command = [sys.executable, *args]
