@@ -17,7 +17,8 @@ For APT xl, "eager" is ``APTModel.generate`` as is and "static" adds
 Timing: a stopping criterion records a CUDA event after every new token, so one call gives
 the prefill (start to first token) and the decode time per token (first to last token,
 divided by N - 1), without a host sync per token. Median over ``--runs`` calls after a
-warm-up call (whose wall time is reported as the first-call time: it includes compiling).
+warm-up call (whose wall time is reported as the first-call time: it includes compiling);
+each call's time and Python garbage collections are kept too.
 ``--profile`` adds a torch.profiler pass per variant: device-busy and host time per token,
 kernels per token, and the top ops (written to that folder); ``--cprofile`` the host's
 Python time by function (cProfile) of one call. Dynamo's counters (graph
@@ -29,6 +30,7 @@ bandwidth measured in the same process: ``variants.floor_fields``).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -278,9 +280,11 @@ def run_variant(args: argparse.Namespace) -> dict:
     with torch.inference_mode():
         _, _, tokens = call()
         first_call_s = time.perf_counter() - wall
-        prefill, per_token, repeats = [], [], []
+        prefill, per_token, repeats, collections = [], [], [], []
         for _ in range(args.runs):
+            before = [gen["collections"] for gen in gc.get_stats()]
             p, t, again = call()
+            collections.append([gen["collections"] - n for gen, n in zip(gc.get_stats(), before, strict=True)])
             prefill.append(p)
             per_token.append(t)
             repeats.append(torch.equal(again, tokens))
@@ -293,6 +297,7 @@ def run_variant(args: argparse.Namespace) -> dict:
             "prefill_ms": statistics.median(prefill),
             "decode_ms_per_token": statistics.median(per_token),
             "decode_ms_runs": per_token,
+            "gc_collections_runs": collections,  # Python's garbage collections (gen 0, 1, 2) a call
             "decode_tok_s": 1000 / statistics.median(per_token),
             "tokens_repeat": all(repeats),
             **floor_fields(model, statistics.median(per_token), bandwidth),
