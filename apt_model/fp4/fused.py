@@ -55,6 +55,12 @@ def _held(member: FP4Linear) -> tuple:
             None if bias is None else (id(bias), written(bias)))
 
 
+def _fuses(group: FusedFP4Projections, buffers: dict, x: Tensor) -> bool:
+    """Whether ``group`` (its ``buffers``) multiplies ``x`` as one product: active, packed,
+    and at most ``SMALL_MAX_M`` rows."""
+    return group.active and buffers["packed"] is not None and x.numel() <= SMALL_MAX_M * x.shape[-1]
+
+
 class _Pending:
     """The product of one input until every member has taken its columns (a plain object:
     setting a module's attributes costs several times more on every decode step)."""
@@ -146,7 +152,7 @@ class FusedFP4Projections(nn.Module):
         (not packed, more than ``SMALL_MAX_M`` rows, group inactive). Compiled graphs take
         :meth:`traced_product` instead (``FP4Linear`` picks)."""
         buffers = self._buffers  # (not self.packed: module attribute lookups cost per call)
-        if not self.active or buffers["packed"] is None or x.numel() > SMALL_MAX_M * x.shape[-1]:
+        if not _fuses(self, buffers, x):
             return None
         pending = self._pending
         if pending.input is not given or pending.outputs[index] is None:
@@ -173,7 +179,7 @@ class FusedFP4Projections(nn.Module):
         """Inside ``torch.compile``: the members' outputs for ``x`` (in the compute dtype), as
         columns of one product, or None where the members run alone (as :meth:`take`)."""
         buffers = self._buffers
-        if not self.active or buffers["packed"] is None or x.numel() > SMALL_MAX_M * x.shape[-1]:
+        if not _fuses(self, buffers, x):
             return None
         out = fp4_linear_tensors(x, buffers["packed"], buffers["scales"], buffers["tensor_scale"],
                                  self.in_features, buffers["bias"])
