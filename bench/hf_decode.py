@@ -18,7 +18,7 @@ Timing: a stopping criterion records a CUDA event after every new token, so one 
 the prefill (start to first token) and the decode time per token (first to last token,
 divided by N - 1), without a host sync per token. Median over ``--runs`` calls after a
 warm-up call (whose wall time is reported as the first-call time: it includes compiling);
-each call's time and Python garbage collections are kept too.
+each call's time, its Python garbage collections and their time are kept too.
 ``--profile`` adds a torch.profiler pass per variant: device-busy and host time per token,
 kernels per token, and the top ops (written to that folder); ``--cprofile`` the host's
 Python time by function (cProfile) of one call. Dynamo's counters (graph
@@ -50,7 +50,7 @@ from variants import (
 
 from apt_model.storage import module_nbytes
 
-MODELS = ("llama-1b", "llama-8b", "apt-xl")
+MODELS = ("llama-1b", "llama-8b", "llama-8b-thin", "apt-xl")
 VARIANTS = ("bf16-eager", "bf16-static", "vb-eager", "vb-static", "bnb-4bit")
 
 # Llama-3.2-1B and Llama-3-8B shapes (their published configs, minus the weights).
@@ -61,6 +61,11 @@ LLAMA_SHAPES = {
     "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                      num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                      tie_word_embeddings=False),
+    # Llama-3-8B's 32 layers and vocabulary at width 256: a step's cost apart from its weight
+    # reads (the generate loop, guards, launches), for bf16 and VB alike.
+    "llama-8b-thin": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=32,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                          tie_word_embeddings=False),
     "llama-tiny": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6,  # smoke tests
                        num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                        tie_word_embeddings=False, vocab_size=1024),
@@ -153,6 +158,27 @@ def _apt_call(model, prompt: torch.Tensor, new: int, static: bool):
         return prefill, (full - prefill) / (new - 1), tokens
 
     return call
+
+
+class _GcClock:
+    """The wall time Python's garbage collector runs inside a ``with`` block (``.ms``)."""
+
+    def __init__(self) -> None:
+        self.ms = 0.0
+        self._start = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.ms += 1000 * (time.perf_counter() - self._start)
+
+    def __enter__(self) -> _GcClock:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
 
 
 def _profile(call, tokens: int, path: Path) -> dict:
@@ -280,10 +306,12 @@ def run_variant(args: argparse.Namespace) -> dict:
     with torch.inference_mode():
         _, _, tokens = call()
         first_call_s = time.perf_counter() - wall
-        prefill, per_token, repeats, collections = [], [], [], []
+        prefill, per_token, repeats, collections, gc_ms = [], [], [], [], []
         for _ in range(args.runs):
             before = [gen["collections"] for gen in gc.get_stats()]
-            p, t, again = call()
+            with _GcClock() as clock:
+                p, t, again = call()
+            gc_ms.append(clock.ms)
             collections.append([gen["collections"] - n for gen, n in zip(gc.get_stats(), before, strict=True)])
             prefill.append(p)
             per_token.append(t)
@@ -298,6 +326,7 @@ def run_variant(args: argparse.Namespace) -> dict:
             "decode_ms_per_token": statistics.median(per_token),
             "decode_ms_runs": per_token,
             "gc_collections_runs": collections,  # Python's garbage collections (gen 0, 1, 2) a call
+            "gc_ms_runs": gc_ms,  # the time those collections took, a call
             "decode_tok_s": 1000 / statistics.median(per_token),
             "tokens_repeat": all(repeats),
             **floor_fields(model, statistics.median(per_token), bandwidth),

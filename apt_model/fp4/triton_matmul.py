@@ -9,10 +9,11 @@ Kernels, picked by the number of activation rows M (the policy, thresholds and c
 configs live in :mod:`apt_model.fp4.kernel_plan`; :func:`fp4_matmul` takes a
 :class:`~apt_model.fp4.kernel_plan.KernelPlan` to pin one):
 
-* ``gemv`` (M = 1): a small kernel first turns the row into fp16 pairs, scaled by a power
-  of two per 16 values; the GEMV then decodes each code to fp16 with integer instructions
-  (``_ASM_GEMV``), sums 16 products with packed fp16 FMAs and accumulates the block-scaled
-  partial sums in fp32. Memory-bound: about the time of reading the packed bytes once.
+* ``gemv`` (M = 1), one launch a product: each program turns the row's values of a tile
+  into fp16 pairs, scaled by a power of two per 16 values, decodes each code to fp16 with
+  integer instructions (``_ASM_GEMV``), sums 16 products with packed fp16 FMAs and
+  accumulates the block-scaled partial sums in fp32 (plus a second launch summing the
+  split-K slices where K is split).
 * ``small`` (M <= 64): ``tl.dot`` on one 16..64-row tile per weight tile. Decode is
   memory-bound, but already at M = 16 the fp32 FMAs alone would outlast the memory
   traffic, hence the tensor cores; the compiler pipelines the weight loads.
@@ -68,9 +69,9 @@ except ImportError:  # pragma: no cover - depends on the machine
     triton = None
     tl = None
 try:  # programmatic dependent launch (Triton 3.3+); without it the GEMV waits in line
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    from triton.language.extra.cuda import gdc_wait
 except ImportError:  # pragma: no cover - depends on the Triton version
-    gdc_launch_dependents = gdc_wait = None
+    gdc_wait = None
 
 HAS_TRITON = triton is not None
 
@@ -312,9 +313,9 @@ if HAS_TRITON:
 
     # --------------------------------------------------------------------- kernels
 
-    # GEMV (one row): the row arrives as fp16 pairs, scaled per 16 values by a power of two
-    # (``_fp4_gemv_x_kernel``), and one PTX block multiplies two packed words (16 codes) by
-    # them with packed fp16 FMAs. The decode is built for the integer pipes, which run at
+    # GEMV (one row): the row's values become fp16 pairs, scaled per 16 values by a power of
+    # two (``_row_pairs``), and one PTX block multiplies two packed words (16 codes) by them
+    # with packed fp16 FMAs. The decode is built for the integer pipes, which run at
     # half the rate of the fp16 ones: 13 integer instructions a word (8 codes), against 22
     # when decoding to fp32. Per pair of codes, one ``prmt`` builds two 16-bit lanes from
     # bytes of the word (or of the word shifted left 4): the low byte holds the code in its
@@ -361,81 +362,83 @@ if HAS_TRITON:
                 + _e2m1_to_f32((w >> 24) & 15) * _half(p3, True))
 
     @triton.jit
-    def _group_dots(pk, x_ptr, grp, g_mask, stride_x, USE_ASM: tl.constexpr,
-                    BLOCK_N: tl.constexpr, G: tl.constexpr):
-        """Words [BLOCK_N, 2G] times x pairs (8 planes of ``stride_x``) of groups ``grp``
+    def _group_dots(pk, pairs, USE_ASM: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr):
+        """Words [BLOCK_N, 2G] times the row's fp16 pairs (8 planes [G], ``_row_pairs``)
         -> [BLOCK_N, G]: per group of 16 k, sum x * e2m1."""
         w0, w1 = tl.split(tl.reshape(pk, (BLOCK_N, G, 2)))
-        x_at = x_ptr + grp
-        a0 = tl.load(x_at, mask=g_mask, other=0)[None, :]
-        a1 = tl.load(x_at + stride_x, mask=g_mask, other=0)[None, :]
-        a2 = tl.load(x_at + 2 * stride_x, mask=g_mask, other=0)[None, :]
-        a3 = tl.load(x_at + 3 * stride_x, mask=g_mask, other=0)[None, :]
-        b0 = tl.load(x_at + 4 * stride_x, mask=g_mask, other=0)[None, :]
-        b1 = tl.load(x_at + 5 * stride_x, mask=g_mask, other=0)[None, :]
-        b2 = tl.load(x_at + 6 * stride_x, mask=g_mask, other=0)[None, :]
-        b3 = tl.load(x_at + 7 * stride_x, mask=g_mask, other=0)[None, :]
+        a0, a1, a2, a3, b0, b1, b2, b3 = pairs
         if USE_ASM:
             shape: tl.constexpr = (BLOCK_N, G)
             return tl.inline_asm_elementwise(
                 _ASM_GEMV, "=f,r,r,r,r,r,r,r,r,r,r",
-                [w0, w1, tl.broadcast_to(a0, shape), tl.broadcast_to(a1, shape),
-                 tl.broadcast_to(a2, shape), tl.broadcast_to(a3, shape),
-                 tl.broadcast_to(b0, shape), tl.broadcast_to(b1, shape),
-                 tl.broadcast_to(b2, shape), tl.broadcast_to(b3, shape)],
+                [w0, w1, tl.broadcast_to(a0[None, :], shape), tl.broadcast_to(a1[None, :], shape),
+                 tl.broadcast_to(a2[None, :], shape), tl.broadcast_to(a3[None, :], shape),
+                 tl.broadcast_to(b0[None, :], shape), tl.broadcast_to(b1[None, :], shape),
+                 tl.broadcast_to(b2[None, :], shape), tl.broadcast_to(b3[None, :], shape)],
                 dtype=tl.float32, is_pure=True, pack=1)
         else:
-            return (_word_dot(w0, a0, a1, a2, a3) + _word_dot(w1, b0, b1, b2, b3)) * 2.0**-14
+            return (_word_dot(w0, a0[None, :], a1[None, :], a2[None, :], a3[None, :])
+                    + _word_dot(w1, b0[None, :], b1[None, :], b2[None, :], b3[None, :])) * 2.0**-14
 
     @triton.jit
-    def _fp4_gemv_x_kernel(x_ptr, xp_ptr, xs_ptr, K, G, PDL: tl.constexpr,
-                           BLOCK_G: tl.constexpr):
-        """One activation row -> fp16 pairs in ``_ASM_GEMV``'s order, and a scale per 16.
+    def _row_groups(x_ptr, kw, kw_end, K, G: tl.constexpr):
+        """The row's values [G, 16] (fp32) of the 16-groups of word columns ``kw`` on
+        (zero past ``kw_end`` and past ``K``)."""
+        grp = kw // 2 + tl.arange(0, G)
+        k = 16 * grp[:, None] + tl.arange(0, 16)[None, :]
+        mask = (grp < kw_end // 2)[:, None] & (k < K)
+        return tl.load(x_ptr + k, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _row_pairs(xv, G: tl.constexpr):
+        """Groups of the row (``_row_groups``) as ``_ASM_GEMV``'s operands: 8 planes [G] of
+        fp16 pairs, and each group's scale [G].
 
         Each group of 16 is multiplied by the power of two that puts its largest |x| in
         [2^14, 2^15): with the decoded weights (e2m1 * 2^-14) the products stay below 12 and
         16 of them below 192, inside fp16's range whatever the activations' magnitude, and
-        bf16 / fp16 inputs convert exactly. With ``PDL`` the GEMV may start loading weights
-        while this runs (it waits for these results).
+        bf16 / fp16 inputs convert exactly. The scale, 2^(14 - shift), undoes the scaling and
+        the decode's 2^-14. Plane i of a group pairs the values at k = 8a + 4b + d and that
+        + 2 (lanes low, high) with a = i // 4, b = (i % 4) // 2, d = 1 - i % 2: the order in
+        which ``_ASM_GEMV`` decodes a word's codes.
         """
-        if PDL:
-            gdc_launch_dependents()
-        g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
-        i = tl.arange(0, 8)
-        # Pair i of a group: word i // 4, lanes (lo, lo + 2), lo = 1, 0, 5, 4 for i % 4.
-        lo = (16 * g[:, None] + 8 * (i // 4)[None, :]
-              + (4 * ((i % 4) // 2) + 1 - (i % 2))[None, :])
-        gmask = (g < G)[:, None]
-        x_lo = tl.load(x_ptr + lo, mask=gmask & (lo < K), other=0.0).to(tl.float32)
-        x_hi = tl.load(x_ptr + lo + 2, mask=gmask & (lo + 2 < K), other=0.0).to(tl.float32)
-        amax = tl.maximum(tl.max(tl.abs(x_lo), axis=1), tl.max(tl.abs(x_hi), axis=1))
+        amax = tl.max(tl.abs(xv), axis=1)
         e = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
         shift = tl.where((e == 0) | (e == 255), 0, tl.minimum(141 - e, 126))
         up = ((shift + 127) << 23).to(tl.float32, bitcast=True)[:, None]
-        h_lo = (x_lo * up).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        h_hi = (x_hi * up).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        tl.store(xp_ptr + i[None, :] * G + g[:, None], h_lo | (h_hi << 16), mask=gmask)
-        # 2^(14 - shift): undoes the scaling and the decode's 2^-14.
-        tl.store(xs_ptr + g, ((141 - shift) << 23).to(tl.float32, bitcast=True), mask=g < G)
+        h = (xv * up).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        # k = 8a + 4b + 2c + d: the lanes of a pair differ in c
+        lo, hi = tl.split(tl.permute(tl.reshape(h, (G, 2, 2, 2, 2)), (0, 1, 2, 4, 3)))
+        d0, d1 = tl.split(lo | (hi << 16))  # [G, a, b] each
+        d1b0, d1b1 = tl.split(d1)
+        d0b0, d0b1 = tl.split(d0)
+        p0a0, p0a1 = tl.split(d1b0)
+        p1a0, p1a1 = tl.split(d0b0)
+        p2a0, p2a1 = tl.split(d1b1)
+        p3a0, p3a1 = tl.split(d0b1)
+        scale = ((141 - shift) << 23).to(tl.float32, bitcast=True)
+        return (p0a0, p1a0, p2a0, p3a0, p0a1, p1a1, p2a1, p3a1), scale
 
     @triton.jit
     def _fp4_gemv_kernel(
-        xp_ptr, xs_ptr, p_ptr, s_ptr, ts_ptr, b_ptr, o_ptr,
+        x_ptr, p_ptr, s_ptr, ts_ptr, b_ptr, o_ptr,
         N, K, KW, stride_pn, stride_sn, K_SPLIT, M_KEY,
         IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
         USE_ASM: tl.constexpr, HW_E4M3: tl.constexpr, PDL: tl.constexpr, TS_ROWS: tl.constexpr,
         PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        """out[0, n] = sum_k x[0, k] w[n, k] for one row prepared by ``_fp4_gemv_x_kernel``.
+        """out[0, n] = sum_k x[0, k] w[n, k] for one activation row ``x``.
 
-        Each program owns BLOCK_N rows and (with split-K) a K range. Per 16 k the products
-        are summed in fp16 (exact products, 16 terms below 192: relative error ~1e-3 of
-        that partial sum, like bf16 rounding of the output) and the partial sum, times the
-        block scale and x's group scale, joins an fp32 accumulator. With ``PREFETCH`` 1 or
-        2 the weight tiles of the next iterations are loaded into registers before the
-        current one is decoded, so more loads per warp are in flight; 0 leaves the loads
-        in the loop. With ``PDL`` (programmatic dependent launch, sm90+) the program
-        starts while the x kernel still runs and waits for it only after its first loads.
+        Each program owns BLOCK_N rows and (with split-K) a K range, and turns the row's
+        values of each tile into fp16 pairs itself (``_row_pairs``): one launch a product.
+        Per 16 k the products are summed in fp16 (exact products, 16 terms below 192:
+        relative error ~1e-3 of that partial sum, like bf16 rounding of the output) and the
+        partial sum, times the block scale and the row's group scale, joins an fp32
+        accumulator. With ``PREFETCH`` 1 or 2 the weight tiles of the next iterations are
+        loaded into registers before the current one is decoded, so more loads per warp are
+        in flight; 0 leaves the loads in the loop. With ``PDL`` (programmatic dependent
+        launch, sm90+) the program starts while the kernel before it still runs: it loads
+        its first weight tiles, then waits for that kernel before reading the row.
         With split-K, program k writes its partial sums to row k of ``o``.
         """
         BKW: tl.constexpr = BLOCK_K // 8
@@ -458,14 +461,19 @@ if HAS_TRITON:
                                          stride_pn, stride_sn, BLOCK_N, BKW, WPB, SRUN)
         if PDL:
             gdc_wait()
+        if PREFETCH >= 1:
+            xv = _row_groups(x_ptr, kw_start, kw_end, K, G)
         for kw in range(kw_start, kw_start + K_SPLIT, BKW):
             kw = tl.multiple_of(kw, BKW)  # splits start on whole tiles: vector weight loads
             if PREFETCH == 0:  # left to the compiler's pipeliner (num_stages)
                 pk_cur, sc_cur = _load_weight_tile(p_ptr, s_ptr, offs_n, n_mask, kw, kw_end,
                                                    stride_pn, stride_sn, BLOCK_N, BKW, WPB, SRUN)
+                xv_cur = _row_groups(x_ptr, kw, kw_end, K, G)
             else:
                 pk_cur = pk
                 sc_cur = sc
+                xv_cur = xv
+                xv = _row_groups(x_ptr, kw + BKW, kw_end, K, G)
             if PREFETCH >= 2:
                 pk = pk2
                 sc = sc2
@@ -474,9 +482,7 @@ if HAS_TRITON:
             elif PREFETCH == 1:
                 pk, sc = _load_weight_tile(p_ptr, s_ptr, offs_n, n_mask, kw + BKW, kw_end,
                                            stride_pn, stride_sn, BLOCK_N, BKW, WPB, SRUN)
-            grp = kw // 2 + tl.arange(0, G)
-            g_mask = grp < kw_end // 2
-            xs = tl.load(xs_ptr + grp, mask=g_mask, other=0.0)
+            pairs, xs = _row_pairs(xv_cur, G)
             # The block scales at their true values (no 2^-J): the products below then stay
             # within a factor 192 of the contributions to the output, whatever x's range.
             if IS_NV and HW_E4M3:  # one cvt for two scales
@@ -485,8 +491,7 @@ if HAS_TRITON:
                 f = _scale_factor(sc_cur, IS_NV, 7 if IS_NV else 64)
             if not IS_NV:  # one MXFP4 scale per two groups of 16
                 f = tl.reshape(tl.broadcast_to(f[:, :, None], (BLOCK_N, NBLK, 2)), (BLOCK_N, G))
-            acc += (_group_dots(pk_cur, xp_ptr, grp, g_mask, KW // 2, USE_ASM, BLOCK_N, G)
-                    * (f * xs[None, :]))
+            acc += _group_dots(pk_cur, pairs, USE_ASM, BLOCK_N, G) * (f * xs[None, :])
         _epilogue(tl.sum(acc, axis=1)[None, :], ts_ptr, b_ptr, o_ptr + pid_k.to(tl.int64) * N,
                   tl.arange(0, 1), offs_n, tl.arange(0, 1) < 1, n_mask, 0, pid_k, IS_NV,
                   HAS_BIAS, False, TS_ROWS)
@@ -1003,18 +1008,19 @@ def fp4_grad_input(
     return result
 
 
-# (device index, raw stream) -> int32 scratch shared by every one-row product on that stream.
-# Kernels on one stream run in order, so each product's x kernel, GEMV and split-K sum are
-# done with it before the next product's x kernel writes it: one buffer serves every layer
-# of a decode step, with no allocation per call. Replaced (larger) when a product needs more;
-# the caching allocator hands the old one to later work on the same stream only.
+# (device index, raw stream) -> fp32 scratch for the split-K partial sums of every one-row
+# product on that stream. Kernels on one stream run in order, so each product's GEMV and
+# split-K sum are done with it before the next product's GEMV writes it: one buffer serves
+# every layer of a decode step, with no allocation per call. Replaced (larger) when a
+# product needs more; the caching allocator hands the old one to later work on the same
+# stream only.
 _SCRATCH: dict[tuple[int, int], Tensor] = {}
 
 
-def _stream_scratch(index: int, stream: int, words: int) -> Tensor:
+def _stream_scratch(index: int, stream: int, numel: int) -> Tensor:
     scratch = _SCRATCH.get((index, stream))
-    if scratch is None or scratch.numel() < words:
-        scratch = _SCRATCH[(index, stream)] = torch.empty(words, dtype=torch.int32,
+    if scratch is None or scratch.numel() < numel:
+        scratch = _SCRATCH[(index, stream)] = torch.empty(numel, dtype=torch.float32,
                                                           device=torch.device("cuda", index))
     return scratch
 
@@ -1025,7 +1031,7 @@ class RowProduct:
 
     :func:`fp4_matmul` builds one per one-row call; :func:`apt_model.fp4.ops.fp4_linear`
     keeps one per weight and activation dtype (``FP4Weight.kernels``), so that a decode step
-    pays for little more than the launches: from the second call on (the first compiles or
+    pays for little more than the launch: from the second call on (the first compiles or
     autotunes) the compiled kernels are launched directly, on the current stream, while
     the input, bias and output are 16-byte aligned as they were then.
     """
@@ -1044,13 +1050,8 @@ class RowProduct:
         if config is None:
             config = fixed_config("gemv", 1)
         self.split, k_split = _k_splits(n, kw, self.device, "gemv", config, split_k)
-        groups = kw // 2  # of 16 k: the padded K is a whole number of 16- or 32-blocks
-        self.groups = groups
         arch = device_arch(self.device)
         pdl = arch >= (9, 0) and use_asm and gdc_wait is not None
-        self.x_key = ("x", self.index, x_dtype, k, groups, pdl)
-        self.x_consts = dict(K=k, G=groups, PDL=pdl, BLOCK_G=64)
-        self.x_grid = (cdiv(groups, 64),)
         meta = _config_meta(config)
         consts = dict(N=n, K=k, KW=kw, stride_pn=self.words.stride(0),
                       stride_sn=self.s_bytes.stride(0), K_SPLIT=k_split, M_KEY=1, IS_NV=is_nv,
@@ -1065,25 +1066,17 @@ class RowProduct:
         self.gemv_fn = _gemv_tuned if config is None else _fp4_gemv_kernel
         self.gemv_grid = lambda meta_: (cdiv(n, meta_["BLOCK_N"]), cdiv(kw, k_split))  # noqa: E731
         self.launches: tuple | None = None  # the compiled kernels, once all are known
-        # int32 words of scratch: the prepared row and its scales, then (16-byte aligned) the
-        # split-K partial sums
-        self.scratch_words = -(-9 * groups // 4) * 4 + (self.split * n if self.split > 1 else 0)
-        self._views: tuple | None = None
+        self._partial: tuple[Tensor, Tensor] | None = None  # (scratch, its split-K view)
 
-    def _work(self, stream: int) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(prepared row, its scales, the split-K partial sums or None): views of ``stream``'s
-        scratch (:func:`_stream_scratch`), made again only when that scratch was replaced."""
-        scratch = _stream_scratch(self.index, stream, self.scratch_words)
-        views = self._views
-        if views is None or views[0] is not scratch:
-            g = self.groups
-            partial = None
-            if self.split > 1:
-                start = self.scratch_words - self.split * self.n
-                partial = scratch[start:].view(torch.float32).view(self.split, 1, self.n)
-            views = self._views = (scratch, scratch[: 8 * g], scratch[8 * g: 9 * g].view(torch.float32),
-                                   partial)
-        return views[1], views[2], views[3]
+    def _partial_sums(self, stream: int) -> Tensor:
+        """The split-K partial sums [split, 1, N]: a view of ``stream``'s scratch
+        (:func:`_stream_scratch`), made again only when that scratch was replaced."""
+        scratch = _stream_scratch(self.index, stream, self.split * self.n)
+        kept = self._partial
+        if kept is None or kept[0] is not scratch:
+            kept = self._partial = (scratch, scratch[: self.split * self.n].view(self.split, 1,
+                                                                                 self.n))
+        return kept[1]
 
     def __call__(self, x: Tensor, bias: Tensor | None, out: Tensor | None = None) -> Tensor:
         """The product for ``x`` (contiguous [1, k] of the dtype given) and ``bias`` (that
@@ -1094,33 +1087,27 @@ class RowProduct:
         if launches is not None and torch.cuda.current_device() == self.index \
                 and not torch.cuda.is_current_stream_capturing():
             stream = torch._C._cuda_getCurrentRawStream(self.index)
-            xp, xs, partial = self._work(stream)
-            partial = result if partial is None else partial
+            partial = result if self.split == 1 else self._partial_sums(stream)
             b = bias if bias is not None else partial
             if x.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0 and result.data_ptr() % 16 == 0:
-                (x_run, x_tail), (gemv_run, gemv_tail), sums = launches
-                x_run(x, xp, xs, *x_tail, stream=stream)
-                gemv_run(xp, xs, self.words, self.s_bytes, self.ts, b, partial, *gemv_tail,
+                (gemv_run, gemv_tail), sums = launches
+                gemv_run(x, self.words, self.s_bytes, self.ts, b, partial, *gemv_tail,
                          stream=stream)
                 if sums is not None:
                     sums[0](partial, result, *sums[1], stream=stream)
                 return result
         # The first calls (compiling), CUDA-graph capture (whose buffers must be the graph's
         # own) and misaligned tensors: buffers of this call's own, launches through the JIT.
-        buf = torch.empty(9 * self.groups, dtype=torch.int32, device=device)  # one allocation
-        xp, xs = buf[: 8 * self.groups], buf[8 * self.groups:].view(torch.float32)
         partial = result if self.split == 1 else torch.empty((self.split, 1, self.n),
                                                               dtype=torch.float32, device=device)
         b = bias if bias is not None else partial
         aligned = x.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0 and result.data_ptr() % 16 == 0
-        gemv_args = (xp, xs, self.words, self.s_bytes, self.ts, b, partial)
-        x_launch = direct_launch(self.x_key, _fp4_gemv_x_kernel, self.x_grid, (x, xp, xs),
-                                  self.x_consts)
-        gemv_launch = direct_launch(self.gemv_key, self.gemv_fn, self.gemv_grid, gemv_args,
-                                     self.gemv_consts)
+        gemv_launch = direct_launch(self.gemv_key, self.gemv_fn, self.gemv_grid,
+                                    (x, self.words, self.s_bytes, self.ts, b, partial),
+                                    self.gemv_consts)
         sums = _split_sum(partial, result) if self.split > 1 else None
-        if aligned and x_launch and gemv_launch and (sums or self.split == 1):
-            self.launches = (x_launch, gemv_launch, sums)
+        if aligned and gemv_launch and (sums or self.split == 1):
+            self.launches = (gemv_launch, sums)
         return result
 
 
