@@ -19,6 +19,10 @@ the prefill (start to first token) and the decode time per token (first to last 
 divided by N - 1), without a host sync per token. Median over ``--runs`` calls after a
 warm-up call (whose wall time is reported as the first-call time: it includes compiling);
 each call's time, its Python garbage collections and their time are kept too.
+``--rounds R`` runs the whole set R times, interleaved (ABAB), each variant in a new process
+each time: a process's host speed varies (by up to 25% between processes on one lent H200
+machine), so the table gives the median over rounds with its range, and each ratio to bf16
+as the median of the rounds' back-to-back pairs.
 ``--profile`` adds a torch.profiler pass per variant: device-busy and host time per token,
 kernels per token, and the top ops (written to that folder); ``--cprofile`` the host's
 Python time by function (cProfile) of one call. Dynamo's counters (graph
@@ -345,12 +349,47 @@ def run_variant(args: argparse.Namespace) -> dict:
     return result
 
 
+def _print_row(results: list[dict], model: str, variant: str, rounds: int) -> None:
+    """One table row: the median over rounds of each figure; the ratio to bf16 with the same
+    cache is the median of the rounds' ratios (each round's pair ran back to back)."""
+    rows = [r for r in results if r["model"] == model and r["variant"] == variant]
+    done = [r for r in rows if "decode_tok_s" in r]
+    if not done:
+        r = rows[0]
+        print(f"{model:13} {variant:12} "
+              f"{'SKIPPED ' + r['skipped'] if 'skipped' in r else 'ERROR ' + str(r['error'])}")
+        return
+    base_variant = "bf16-static" if variant.endswith("static") else "bf16-eager"
+    ratios = []
+    for r in done:
+        base = next((b for b in results if b["model"] == model and b["variant"] == base_variant
+                     and b["round"] == r["round"] and "decode_tok_s" in b), None)
+        if base is not None:
+            ratios.append(r["decode_tok_s"] / base["decode_tok_s"])
+
+    def med(key: str) -> float:
+        return statistics.median(r[key] for r in done)
+
+    ms = [r["decode_ms_per_token"] for r in done]
+    spread = f" ({min(ms):.2f}-{max(ms):.2f})" if rounds > 1 else ""
+    ratio = f"{statistics.median(ratios):.2f}x" if ratios else "-"
+    if len(ratios) > 1:
+        ratio += f" ({min(ratios):.2f}-{max(ratios):.2f})"
+    print(f"{model:13} {variant:12} {med('weight_bytes') / 2**30:11.2f} "
+          f"{med('peak_allocated') / 2**30:8.2f} {med('first_call_s'):7.1f} {med('prefill_ms'):10.1f} "
+          f"{med('decode_ms_per_token'):8.3f}{spread} {med('decode_tok_s'):7.1f} "
+          f"{med('pct_of_floor'):7.0f}% {ratio:>18}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", nargs="*", choices=MODELS, default=["llama-1b"])
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the variants this many times, interleaved, each in a new "
+                             "process: host speed differs between processes")
     add_variant_arguments(parser, VARIANTS)
     parser.add_argument("--profile", default="", help="folder for torch.profiler tables (off if empty)")
     parser.add_argument("--cprofile", default="",
@@ -363,27 +402,22 @@ def main() -> None:
         print(json.dumps(run_variant(args)))
         return
     results = []
-    for model in args.model:
-        args.model = model
-        results += run_in_subprocesses(__file__, args.only, args,
-                                       ("model", "prompt", "new", "runs", "profile", "cprofile"))
+    models = args.model
+    for round_ in range(args.rounds):  # variants interleaved: ABAB, not AABB
+        for model in models:
+            args.model = model
+            for r in run_in_subprocesses(__file__, args.only, args,
+                                         ("model", "prompt", "new", "runs", "profile", "cprofile")):
+                results.append({**r, "model": r.get("model", model), "round": round_})
+    args.model = models
     print(f"\n{torch.cuda.get_device_name()} torch {torch.__version__} batch=1 prompt={args.prompt} "
-          f"new={args.new} greedy, median of {args.runs}")
-    print(f"{'model':9} {'variant':12} {'weights GiB':>11} {'peak GiB':>8} {'first s':>7} "
+          f"new={args.new} greedy, median of {args.runs} calls"
+          + (f", then of {args.rounds} rounds (min-max)" if args.rounds > 1 else ""))
+    print(f"{'model':13} {'variant':12} {'weights GiB':>11} {'peak GiB':>8} {'first s':>7} "
           f"{'prefill ms':>10} {'ms/token':>8} {'tok/s':>7} {'of floor':>8} {'vs bf16 same cache':>18}")
-    for r in results:
-        if "decode_tok_s" not in r:
-            print(f"{r.get('model', ''):9} {r['variant']:12} "
-                  f"{'SKIPPED ' + r['skipped'] if 'skipped' in r else 'ERROR ' + str(r['error'])}")
-            continue
-        base = next((b for b in results if b.get("model") == r["model"] and "decode_tok_s" in b
-                     and b["variant"] == ("bf16-static" if r["variant"].endswith("static") else "bf16-eager")),
-                    None)
-        ratio = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if base else "-"
-        print(f"{r['model']:9} {r['variant']:12} {r['weight_bytes'] / 2**30:11.2f} "
-              f"{r['peak_allocated'] / 2**30:8.2f} {r['first_call_s']:7.1f} {r['prefill_ms']:10.1f} "
-              f"{r['decode_ms_per_token']:8.3f} {r['decode_tok_s']:7.1f} {r['pct_of_floor']:7.0f}% "
-              f"{ratio:>18}")
+    for model in models:
+        for variant in args.only:
+            _print_row(results, model, variant, args.rounds)
     write_results(args.json, {"args": vars(args), "results": results})
 
 
