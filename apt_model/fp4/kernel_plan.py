@@ -79,7 +79,9 @@ def _c(num_warps: int, num_stages: int, **meta) -> dict:
 _CONFIGS: dict[str, tuple[dict, ...]] = {
     # H100, M = 1, by CUDA-graph replay (2026-11-26): 0.0596-0.0607 ms for 8192 -> 28672,
     # 0.022-0.026 for 8192 -> 8192 and 0.059-0.069 for 28672 -> 8192 (NVFP4 and MXFP4);
-    # the first config is within 4% of the best on all six.
+    # the first config was within 4% of the best on all six. Since the GEMV prepares the row
+    # itself (H200, 2026-12-01) the first config takes 76 registers and runs 10-38% behind
+    # the autotuner's pick on layers of 16384 rows and more (bench/fp4_read_floor.py).
     "gemv": (
         _c(8, 1, BLOCK_N=16, BLOCK_K=1024, PREFETCH=1),
         _c(4, 1, BLOCK_N=32, BLOCK_K=1024, PREFETCH=0),
