@@ -16,7 +16,8 @@ All by CUDA-graph replay with the L2 flushed before each call (``bench/fp4_linea
 method), so launch gaps do not count. The gap between ``gemv`` and the best ``read`` row is
 what decoding and arithmetic cost over the bytes. Each GEMV row records its compiled
 kernel's registers and spills per thread; ``--sass DIR`` also writes each GEMV kernel's
-SASS there and prints its instruction mix (the loop's share of issue slots by opcode).
+SASS there and prints the instructions of its main loop by opcode
+(``loop_instruction_mix``; ``fp4_gemv_sass.py`` does the same without a GPU).
 """
 
 from __future__ import annotations
@@ -77,12 +78,26 @@ def _compiled_gemvs() -> dict:
     return out
 
 
-_OPCODE = re.compile(r"^\s*/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", re.M)
-
-
-def _instruction_mix(sass: str) -> dict[str, int]:
-    """Opcode counts of a kernel's SASS (each line once: a static count, not a dynamic one)."""
-    return dict(collections.Counter(_OPCODE.findall(sass)).most_common())
+def loop_instruction_mix(sass: str) -> dict[str, int]:
+    """Opcode counts in a kernel's main loop: the longest span from a label back to a branch
+    to it, in SASS as Triton's ``get_sass`` prints it (control codes, a tab, the
+    instruction). Each instruction once: what one iteration issues, not a profile."""
+    lines = sass.splitlines()
+    labels = {line.strip()[:-1]: i for i, line in enumerate(lines) if line.strip().endswith(":")}
+    loop = None
+    for i, line in enumerate(lines):
+        target = re.search(r"BRA (\w+);", line)
+        start = labels.get(target.group(1)) if target else None
+        if start is not None and start < i and (loop is None or i - start > loop[1] - loop[0]):
+            loop = (start, i)
+    if loop is None:
+        return {}
+    ops = collections.Counter()
+    for line in lines[loop[0] + 1: loop[1] + 1]:
+        instruction = re.sub(r"^@!?U?P\w+\s+", "", line.split("\t")[-1].strip())
+        if instruction and not instruction.endswith(":"):
+            ops[instruction.split()[0].split(".")[0].rstrip(";")] += 1
+    return dict(ops.most_common())
 
 
 def _copy_ms(nbytes: int) -> float:
@@ -148,7 +163,7 @@ def _shape_rows(shape: str, fmt: str, configs: list[tuple[int, ...]], sass_dir: 
                 fname = re.sub(r"[^\w.-]+", "_", f"{shape}_{name}") + ".sass"
                 with open(os.path.join(sass_dir, fname), "w") as f:
                     f.write(sass)
-                extra["mix"] = _instruction_mix(sass)
+                extra["mix"] = loop_instruction_mix(sass)
         record(shape, name, ms, layer_bytes, **extra)
         if "mix" in extra:
             print("    " + " ".join(f"{op}:{c}" for op, c in list(extra["mix"].items())[:24]))
