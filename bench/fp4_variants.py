@@ -5,8 +5,10 @@
 Each row pins one kernel of ``apt_model.fp4.triton_matmul.fp4_matmul`` through a
 ``KernelPlan`` ("gemv", "small", "gemm" with a config, or "chunked" with a slice size, with
 or without overlap; ``apt_model.fp4.kernel_plan.plan`` says what runs by default), checks it
-against fp64 on the timing input, then times it (``triton.testing.do_bench`` median, L2
-flushed before each call), next to bf16 cuBLAS on the same input.
+against fp64 on the timing input, then times it next to bf16 cuBLAS on the same input: up to
+``--graph-max-m`` rows by CUDA-graph replay (``fp4_linear.bench_graph``: kernels of a few
+microseconds, whose launch gaps ``do_bench`` would count), above that by
+``triton.testing.do_bench`` (median); the L2 flushed before each call either way.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from fp4_linear import bench_graph  # bench/ is on the path when this runs as a script
 
 from apt_model.fp4.format import quantize_fp4
 from apt_model.fp4.kernel_plan import KernelPlan
@@ -62,15 +65,21 @@ def main() -> int:
     p.add_argument("--formats", default="nvfp4")
     p.add_argument("--json")
     p.add_argument("--rep", type=int, default=60)
+    p.add_argument("--graph-max-m", type=int, default=16)
     p.add_argument("--device", default="cuda", help="cpu only for smoke runs (interpreter)")
     args = p.parse_args()
     dev = torch.device(args.device)
-    if dev.type == "cuda":
-        from triton.testing import do_bench
-    else:
-        def do_bench(fn, **_):
+
+    def timed(fn, m: int) -> float:
+        if dev.type != "cuda":
             fn()
             return 1.0
+        if m <= args.graph_max_m:
+            return bench_graph(lambda _x: fn(), [torch.empty(1, device=dev)])
+        from triton.testing import do_bench
+
+        return do_bench(fn, rep=args.rep, return_mode="median")
+
     rows = []
     for spec in args.shapes.split(";"):
         shape, ms_ = spec.split(":")
@@ -82,7 +91,7 @@ def main() -> int:
             for m in (int(v) for v in ms_.split(",")):
                 x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
                 ref = x.double() @ wd.T
-                base = do_bench(lambda x=x, w=w: F.linear(x, w), rep=args.rep, return_mode="median")
+                base = timed(lambda x=x, w=w: F.linear(x, w), m)
                 rows.append(dict(k=k, n=n, m=m, fmt=fmt, impl="bf16-cublas", ms=base))
                 print(f"{k}->{n} M={m} {fmt} bf16-cublas {base:.4f} ms", flush=True)
                 for kern, cfg, chunk in _variants(m):
@@ -99,7 +108,7 @@ def main() -> int:
 
                         run()
                         err = ((out.double() - ref).norm() / ref.norm()).item()
-                        t = do_bench(run, rep=args.rep, return_mode="median")
+                        t = timed(run, m)
                     except Exception as exc:  # noqa: BLE001 - report and go on
                         print(f"FAIL {name}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
                         rows.append(dict(k=k, n=n, m=m, fmt=fmt, impl=name, error=str(exc)[:300]))
