@@ -28,7 +28,7 @@ from fp4_read_floor import loop_instruction_mix  # bench/ is on the path when th
 from apt_model.fp4 import triton_matmul
 
 _POINTERS = {"x_ptr": "*bf16", "p_ptr": "*i32", "s_ptr": "*u8", "ts_ptr": "*fp32", "b_ptr": "*bf16",
-             "o_ptr": "*bf16"}
+             "o_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32"}
 _DIVISIBLE = {"N", "K", "KW", "stride_pn", "stride_sn", "K_SPLIT"}
 
 

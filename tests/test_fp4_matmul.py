@@ -8,6 +8,7 @@ relative error ||out - ref|| / ||ref||.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import subprocess
 import sys
@@ -259,6 +260,34 @@ needs_interpreter = pytest.mark.skipif(
     not interpreter_usable(), reason="needs triton and numpy < 2.4 (the test extras bring both on Linux x86-64)")
 
 
+def split_gemv_and_its_parts(x, w, b, split: int, config: dict):
+    """(the split-K GEMV of the one row ``x``, the sum in split order of each split's own
+    product), both fp32: a split's product is the unsplit GEMV of ``x`` zeroed outside that
+    split's K range, with the bias in split 0's. Equal bit for bit when the GEMV adds its
+    partial sums in split order (zeros add nothing to a program's accumulator)."""
+    import torch
+
+    from apt_model.fp4.kernel_plan import KernelPlan
+    from apt_model.fp4.triton_matmul import _as_words, _k_splits, fp4_matmul
+
+    n, k = w.shape
+    splits, k_split = _k_splits(n, _as_words(w.packed).shape[1], x.device, "gemv", config, split)
+    assert splits == split
+
+    def gemv(row, bias, split_k):
+        return fp4_matmul(row, w.packed, w.scales, w.tensor_scale, k, bias,
+                          plan=KernelPlan("gemv", config=config, split_k=split_k))
+
+    row, bias = x.float(), b.float()
+    total = torch.zeros(1, n, device=x.device)
+    for i in range(splits):
+        part = torch.zeros_like(row)
+        lo, hi = 8 * k_split * i, min(8 * k_split * (i + 1), k)
+        part[:, lo:hi] = row[:, lo:hi]
+        total += gemv(part, bias if i == 0 else None, 1)
+    return gemv(row, bias, split), total
+
+
 def run_in_interpreter(script: str, timeout: int = 900) -> None:
     """Run ``script`` in a new Python with ``TRITON_INTERPRET=1``; it must print OK."""
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -272,7 +301,7 @@ def test_triton_kernels_in_interpreter():
     """Every Triton kernel once, on CPU through Triton's interpreter: the matmul kernels'
     tiling, masks and split-K (the pure-Triton decode; no PTX), the input-gradient kernel, and
     the quantize kernels bit for bit against the PyTorch reference."""
-    script = textwrap.dedent("""
+    script = textwrap.dedent(inspect.getsource(split_gemv_and_its_parts)) + textwrap.dedent("""
         import torch
         from apt_model.fp4.format import fake_quantize_fp4, quantize_fp4
         from apt_model.fp4.kernel_plan import KernelPlan
@@ -295,6 +324,11 @@ def test_triton_kernels_in_interpreter():
                     ref = x.double() @ w.dequantize(torch.float64).T + b.double()
                     err = ((out.double() - ref).norm() / ref.norm()).item()
                     assert err < 1e-2, (fmt, kernel, m, k, split, err)
+            for n, k, split in ((40, 1056, 3), (72, 520, 2)):  # split-K: its partials in order
+                w = quantize_fp4(torch.randn(n, k), fmt)
+                got, want = split_gemv_and_its_parts(torch.randn(1, k), w, torch.randn(n), split,
+                                                     dict(BLOCK_N=16, BLOCK_K=64))
+                assert torch.equal(got, want), (fmt, "split-K order", n, k, split)
             for k in (200, 33):  # into a strided fp32 buffer, an odd width too: bit for bit
                 w = quantize_fp4(torch.randn(40, k) * 3, fmt)
                 big = torch.full((40, k + 8), float("nan"))
@@ -429,7 +463,7 @@ def test_prepared_row_product_is_the_gemv(fmt, n, k):
         for _ in range(3):
             torch.testing.assert_close(fp4_linear(x, w, b), want, rtol=0, atol=0)
         (product,) = w.kernels.values()
-        assert product.launches is not None, seed
+        assert product.launch is not None, seed
         x2 = torch.randn_like(x)
         torch.testing.assert_close(fp4_linear(x2, w, b), _matmul(x2, w, b, kernel="gemv"),
                                    rtol=0, atol=0)
@@ -602,6 +636,44 @@ def test_the_default_plan_is_what_runs(monkeypatch):
     after = plan(200, 328, 1040, device="cuda", fmt="mxfp4", bias=True).kernel
     assert after in ("gemm", "chunked") and before in ("large", after)
     assert after in chosen_large_kernels().values()
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(("n", "k", "split"), [(96, 4096, 3), (2048, 8192, 8), (40, 1056, 2)])
+def test_split_k_gemv_adds_its_partial_sums_in_order(fmt, n, k, split):
+    """The split-K GEMV's last program per tile adds the splits up in split order (bit for
+    bit each split's own product summed in order), every call the same, and leaves the
+    stream's tile counters at zero; also inside a CUDA graph captured on a stream whose
+    counters did not exist yet, and into bf16."""
+    from apt_model.fp4.triton_matmul import _COUNTERS
+
+    seed = _seed()
+    x, w, b = _problem(1, n, k, fmt, torch.bfloat16, "cuda")
+    config = dict(BLOCK_N=16, BLOCK_K=512, PREFETCH=1, num_warps=4, num_stages=1)
+    got, want = split_gemv_and_its_parts(x, w, b, split, config)
+    assert torch.equal(got, want), seed
+    for _ in range(3):
+        assert torch.equal(split_gemv_and_its_parts(x, w, b, split, config)[0], got), seed
+    assert _COUNTERS and all(not c.any() for c in _COUNTERS.values()), seed
+    run = lambda: _matmul(x, w, b, kernel="gemv", config=config, split_k=split)  # noqa: E731
+    used = torch.cuda.Stream()  # its counters are made by an eager call before the capture
+    used.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(used):
+        run()
+    torch.cuda.current_stream().wait_stream(used)
+    for stream in (torch.cuda.Stream(), used):  # counters of the graph's own, then the kept
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out = run()
+        for _ in range(2):
+            x.copy_(torch.randn_like(x))
+            graph.replay()
+            torch.testing.assert_close(out, run(), rtol=0, atol=0)
+            want = split_gemv_and_its_parts(x, w, b, split, config)[1]
+            torch.testing.assert_close(out, want.to(x.dtype), rtol=0, atol=0)
+    torch.cuda.synchronize()
+    assert all(not c.any() for c in _COUNTERS.values()), seed
 
 
 @needs_triton

@@ -12,8 +12,9 @@ configs live in :mod:`apt_model.fp4.kernel_plan`; :func:`fp4_matmul` takes a
 * ``gemv`` (M = 1), one launch a product: each program turns the row's values of a tile
   into fp16 pairs, scaled by a power of two per 16 values, decodes each code to fp16 with
   integer instructions (``_ASM_GEMV``), sums 16 products with packed fp16 FMAs and
-  accumulates the block-scaled partial sums in fp32 (plus a second launch summing the
-  split-K slices where K is split).
+  accumulates the block-scaled partial sums in fp32. Where K is split, the last program of
+  each weight-row tile to finish adds the splits' partial sums up in split order
+  (``_split_fixup``), so that too is one launch.
 * ``small`` (M <= 64): ``tl.dot`` on one 16..64-row tile per weight tile. Decode is
   memory-bound, but already at M = 16 the fp32 FMAs alone would outlast the memory
   traffic, hence the tensor cores; the compiler pipelines the weight loads.
@@ -420,8 +421,26 @@ if HAS_TRITON:
         return (p0a0, p1a0, p2a0, p3a0, p0a1, p1a1, p2a1, p3a1), scale
 
     @triton.jit
+    def _split_fixup(part_ptr, count_ptr, o_ptr, offs_n, n_mask, N, SPLIT_K: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+        """After a program stored its split's partial sums (row ``pid_k`` of ``part_ptr``
+        [SPLIT_K, N], fp32): count it in at ``count_ptr`` (its N tile's counter); the last
+        program of the tile to arrive adds the SPLIT_K rows up in split order (the same sum
+        whichever program came last), stores it to ``o_ptr`` in o's dtype and sets the
+        counter back to zero for the next launch."""
+        tl.debug_barrier()  # every thread's partial sums are stored before the count
+        arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for i in tl.static_range(SPLIT_K):  # .cg: from L2, where the others' stores are
+                total += tl.load(part_ptr + i * N + offs_n, mask=n_mask, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(o_ptr + offs_n, total.to(o_ptr.dtype.element_ty), mask=n_mask)
+            tl.atomic_xchg(count_ptr, 0, sem="relaxed")
+
+    @triton.jit
     def _fp4_gemv_kernel(
-        x_ptr, p_ptr, s_ptr, ts_ptr, b_ptr, o_ptr,
+        x_ptr, p_ptr, s_ptr, ts_ptr, b_ptr, o_ptr, part_ptr, count_ptr,
         N, K, KW, stride_pn, stride_sn, K_SPLIT, M_KEY,
         IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
         USE_ASM: tl.constexpr, HW_E4M3: tl.constexpr, PDL: tl.constexpr, TS_ROWS: tl.constexpr,
@@ -439,7 +458,10 @@ if HAS_TRITON:
         in flight; 0 leaves the loads in the loop. With ``PDL`` (programmatic dependent
         launch, sm90+) the program starts while the kernel before it still runs: it loads
         its first weight tiles, then waits for that kernel before reading the row.
-        With split-K, program k writes its partial sums to row k of ``o``.
+        With split-K, program k writes its partial sums to row k of ``part_ptr`` and the
+        last program of each N tile adds them up into ``o`` (``_split_fixup``; the tile
+        counters at ``count_ptr`` are zero before the launch and after it): still one
+        launch, and the same sum as a separate kernel adding the rows in order.
         """
         BKW: tl.constexpr = BLOCK_K // 8
         G: tl.constexpr = BKW // 2
@@ -492,9 +514,15 @@ if HAS_TRITON:
             if not IS_NV:  # one MXFP4 scale per two groups of 16
                 f = tl.reshape(tl.broadcast_to(f[:, :, None], (BLOCK_N, NBLK, 2)), (BLOCK_N, G))
             acc += _group_dots(pk_cur, pairs, USE_ASM, BLOCK_N, G) * (f * xs[None, :])
-        _epilogue(tl.sum(acc, axis=1)[None, :], ts_ptr, b_ptr, o_ptr + pid_k.to(tl.int64) * N,
-                  tl.arange(0, 1), offs_n, tl.arange(0, 1) < 1, n_mask, 0, pid_k, IS_NV,
-                  HAS_BIAS, False, TS_ROWS)
+        sums = tl.sum(acc, axis=1)[None, :]
+        one = tl.arange(0, 1)
+        if SPLIT_K == 1:
+            _epilogue(sums, ts_ptr, b_ptr, o_ptr, one, offs_n, one < 1, n_mask, 0, pid_k, IS_NV,
+                      HAS_BIAS, False, TS_ROWS)
+        else:
+            _epilogue(sums, ts_ptr, b_ptr, part_ptr + pid_k.to(tl.int64) * N, one, offs_n,
+                      one < 1, n_mask, 0, pid_k, IS_NV, HAS_BIAS, False, TS_ROWS)
+            _split_fixup(part_ptr, count_ptr + pid_n, o_ptr, offs_n, n_mask, N, SPLIT_K, BLOCK_N)
 
     @triton.jit
     def _fp4_dequant_kernel(
@@ -1009,12 +1037,21 @@ def fp4_grad_input(
 
 
 # (device index, raw stream) -> fp32 scratch for the split-K partial sums of every one-row
-# product on that stream. Kernels on one stream run in order, so each product's GEMV and
-# split-K sum are done with it before the next product's GEMV writes it: one buffer serves
-# every layer of a decode step, with no allocation per call. Replaced (larger) when a
-# product needs more; the caching allocator hands the old one to later work on the same
-# stream only.
+# product on that stream. Kernels on one stream run in order, so each product's GEMV is done
+# with it before the next product's GEMV writes it: one buffer serves every layer of a decode
+# step, with no allocation per call. Replaced (larger) when a product needs more; the
+# caching allocator hands the old one to later work on the same stream only.
 _SCRATCH: dict[tuple[int, int], Tensor] = {}
+
+# (device index, raw stream) -> the split-K GEMV's tile counters on that stream (int32,
+# ``COUNTER_SLOTS``): zero between launches, as each launch leaves them. Made outside CUDA-graph
+# capture only and never replaced or freed, since a captured graph keeps their address; such
+# a graph must not be replayed on another stream while that stream runs split-K GEMVs.
+_COUNTERS: dict[tuple[int, int], Tensor] = {}
+# Enough for every default split (split-K runs only where a layer has fewer 32-row tiles
+# than the GPU has multiprocessors); a product with more tiles (a pinned split_k) gets
+# counters of its own per call.
+COUNTER_SLOTS = 4096
 
 
 def _stream_scratch(index: int, stream: int, numel: int) -> Tensor:
@@ -1023,6 +1060,20 @@ def _stream_scratch(index: int, stream: int, numel: int) -> Tensor:
         scratch = _SCRATCH[(index, stream)] = torch.empty(numel, dtype=torch.float32,
                                                           device=torch.device("cuda", index))
     return scratch
+
+
+def _split_counters(index: int, stream: int, tiles: int, capturing: bool) -> Tensor:
+    """Zeroed tile counters for a split-K GEMV of ``tiles`` N tiles on ``stream``: the
+    stream's kept ones (``_COUNTERS``, made now unless ``capturing``), or where they do not
+    fit or cannot be made, zeros of this call's own (inside a captured graph: one memset)."""
+    device = torch.device("cuda", index)
+    counters = _COUNTERS.get((index, stream))
+    if counters is None and not capturing:
+        counters = _COUNTERS[(index, stream)] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32,
+                                                            device=device)
+    if counters is not None and tiles <= counters.numel():
+        return counters
+    return torch.zeros(tiles, dtype=torch.int32, device=device)
 
 
 class RowProduct:
@@ -1057,15 +1108,20 @@ class RowProduct:
                       stride_sn=self.s_bytes.stride(0), K_SPLIT=k_split, M_KEY=1, IS_NV=is_nv,
                       HAS_BIAS=has_bias, SPLIT_K=self.split, USE_ASM=use_asm,
                       TS_ROWS=self.ts.numel() > 1, HW_E4M3=arch >= (8, 9), PDL=pdl, **meta)
-        sums = torch.float32 if self.split > 1 else x_dtype
-        self.gemv_key = ("gemv", self.index, x_dtype, sums, x_dtype if has_bias else sums,
-                         config is None, tuple(consts.items()))
+        # dtypes of the bias operand, the output, the partial sums and the counters
+        dtypes = (x_dtype if has_bias else torch.float32 if self.split > 1 else x_dtype, x_dtype,
+                  *((torch.float32, torch.int32) if self.split > 1 else (x_dtype, x_dtype)))
+        self.gemv_key = ("gemv", self.index, x_dtype, *dtypes, config is None,
+                         tuple(consts.items()))
         if pdl:
             consts["launch_pdl"] = True
         self.gemv_consts = consts
         self.gemv_fn = _gemv_tuned if config is None else _fp4_gemv_kernel
         self.gemv_grid = lambda meta_: (cdiv(n, meta_["BLOCK_N"]), cdiv(kw, k_split))  # noqa: E731
-        self.launches: tuple | None = None  # the compiled kernels, once all are known
+        # N tiles at the narrowest BLOCK_N a config may take: one split-K counter each
+        self.tiles = cdiv(n, min(c.kwargs["BLOCK_N"] for c in GEMV_CONFIGS)
+                          if config is None else config["BLOCK_N"])
+        self.launch: tuple | None = None  # the compiled kernel, once known
         self._partial: tuple[Tensor, Tensor] | None = None  # (scratch, its split-K view)
 
     def _partial_sums(self, stream: int) -> Tensor:
@@ -1083,31 +1139,40 @@ class RowProduct:
         dtype too, or None), into ``out`` ([1, N]) when given."""
         device = self.device
         result = out if out is not None else torch.empty((1, self.n), dtype=self.dtype, device=device)
-        launches = self.launches
-        if launches is not None and torch.cuda.current_device() == self.index \
+        launch = self.launch
+        if launch is not None and torch.cuda.current_device() == self.index \
                 and not torch.cuda.is_current_stream_capturing():
             stream = torch._C._cuda_getCurrentRawStream(self.index)
-            partial = result if self.split == 1 else self._partial_sums(stream)
+            if self.split == 1:
+                partial = counters = result
+            else:
+                partial = self._partial_sums(stream)
+                counters = _split_counters(self.index, stream, self.tiles, False)
             b = bias if bias is not None else partial
             if x.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0 and result.data_ptr() % 16 == 0:
-                (gemv_run, gemv_tail), sums = launches
-                gemv_run(x, self.words, self.s_bytes, self.ts, b, partial, *gemv_tail,
-                         stream=stream)
-                if sums is not None:
-                    sums[0](partial, result, *sums[1], stream=stream)
+                run, tail = launch
+                run(x, self.words, self.s_bytes, self.ts, b, result, partial, counters, *tail,
+                    stream=stream)
                 return result
-        # The first calls (compiling), CUDA-graph capture (whose buffers must be the graph's
-        # own) and misaligned tensors: buffers of this call's own, launches through the JIT.
-        partial = result if self.split == 1 else torch.empty((self.split, 1, self.n),
-                                                              dtype=torch.float32, device=device)
+        # The first calls (compiling), CUDA-graph capture (whose partial sums must be the
+        # graph's own), misaligned tensors and the interpreter: partial sums of this call's
+        # own, launches through the JIT.
+        if self.split == 1:
+            partial = counters = result
+        else:
+            partial = torch.empty((self.split, 1, self.n), dtype=torch.float32, device=device)
+            if self.index is None:  # the interpreter
+                counters = torch.zeros(self.tiles, dtype=torch.int32, device=device)
+            else:
+                counters = _split_counters(self.index, torch._C._cuda_getCurrentRawStream(self.index),
+                                           self.tiles, torch.cuda.is_current_stream_capturing())
         b = bias if bias is not None else partial
         aligned = x.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0 and result.data_ptr() % 16 == 0
-        gemv_launch = direct_launch(self.gemv_key, self.gemv_fn, self.gemv_grid,
-                                    (x, self.words, self.s_bytes, self.ts, b, partial),
-                                    self.gemv_consts)
-        sums = _split_sum(partial, result) if self.split > 1 else None
-        if aligned and gemv_launch and (sums or self.split == 1):
-            self.launches = (gemv_launch, sums)
+        launch = direct_launch(self.gemv_key, self.gemv_fn, self.gemv_grid,
+                               (x, self.words, self.s_bytes, self.ts, b, result, partial,
+                                counters), self.gemv_consts)
+        if aligned and launch:
+            self.launch = launch
         return result
 
 
