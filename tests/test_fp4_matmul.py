@@ -26,6 +26,7 @@ from apt_model.fp4.kernel_plan import (
     fixed_config,
     plan,
 )
+from apt_model.fp4.layer import FP4Linear
 from apt_model.fp4.ops import fp4_linear, fp4_linear_reference, triton_available
 from apt_model.ops.triton_launch import interpreting
 
@@ -642,12 +643,8 @@ def test_the_default_plan_is_what_runs(monkeypatch):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize(("n", "k", "split"), [(96, 4096, 3), (2048, 8192, 8), (40, 1056, 2)])
 def test_split_k_gemv_adds_its_partial_sums_in_order(fmt, n, k, split):
-    """The split-K GEMV's last program per tile adds the splits up in split order (bit for
-    bit each split's own product summed in order), every call the same, and leaves the
-    stream's tile counters at zero; also inside a CUDA graph captured on a stream whose
-    counters did not exist yet, and into bf16."""
-    from apt_model.fp4.triton_matmul import _COUNTERS
-
+    """The split-K GEMV's last program per tile adds the splits up in split order: bit for
+    bit each split's own product summed in order, every call the same."""
     seed = _seed()
     x, w, b = _problem(1, n, k, fmt, torch.bfloat16, "cuda")
     config = dict(BLOCK_N=16, BLOCK_K=512, PREFETCH=1, num_warps=4, num_stages=1)
@@ -655,13 +652,27 @@ def test_split_k_gemv_adds_its_partial_sums_in_order(fmt, n, k, split):
     assert torch.equal(got, want), seed
     for _ in range(3):
         assert torch.equal(split_gemv_and_its_parts(x, w, b, split, config)[0], got), seed
-    assert _COUNTERS and all(not c.any() for c in _COUNTERS.values()), seed
-    run = lambda: _matmul(x, w, b, kernel="gemv", config=config, split_k=split)  # noqa: E731
-    used = torch.cuda.Stream()  # its counters are made by an eager call before the capture
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_split_k_counters_stay_zero_eagerly_and_in_cuda_graphs(fmt):
+    """Eager direct launches keep one set of tile counters per stream and leave them at zero;
+    a graph captured on that stream uses them, one captured elsewhere zeroes its own; every
+    replay gives the eager result."""
+    from apt_model.fp4.triton_matmul import _COUNTERS
+
+    seed = _seed()
+    x, w, b = _problem(1, 2048, 8192, fmt, torch.bfloat16, "cuda")  # the default plan splits K
+    used = torch.cuda.Stream()
     used.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(used):
-        run()
+    with torch.inference_mode(), torch.cuda.stream(used):
+        for _ in range(3):
+            torch.testing.assert_close(fp4_linear(x, w, b), _matmul(x, w, b, kernel="gemv"),
+                                       rtol=0, atol=0)
     torch.cuda.current_stream().wait_stream(used)
+    assert (torch.cuda.current_device(), used.cuda_stream) in _COUNTERS, seed
+    run = lambda: _matmul(x, w, b, kernel="gemv", split_k=4)  # noqa: E731
     for stream in (torch.cuda.Stream(), used):  # counters of the graph's own, then the kept
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
@@ -670,10 +681,22 @@ def test_split_k_gemv_adds_its_partial_sums_in_order(fmt, n, k, split):
             x.copy_(torch.randn_like(x))
             graph.replay()
             torch.testing.assert_close(out, run(), rtol=0, atol=0)
-            want = split_gemv_and_its_parts(x, w, b, split, config)[1]
-            torch.testing.assert_close(out, want.to(x.dtype), rtol=0, atol=0)
     torch.cuda.synchronize()
     assert all(not c.any() for c in _COUNTERS.values()), seed
+
+
+@needs_triton
+def test_split_k_gemv_under_cuda_graph_trees():
+    """A frozen layer whose GEMV splits K, compiled with ``mode="reduce-overhead"`` (CUDA-graph
+    trees, Hugging Face's static-cache recipe): no buffer of the op outlives the trees' warm-up
+    in their memory pool, and replays give the eager result."""
+    torch.manual_seed(0)
+    layer = FP4Linear(torch.nn.Linear(8192, 2048, device="cuda", dtype=torch.bfloat16)).freeze()
+    step = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    with torch.inference_mode():
+        for _ in range(5):
+            x = torch.randn(1, 8192, device="cuda", dtype=torch.bfloat16)
+            torch.testing.assert_close(step(x).clone(), layer(x), rtol=0, atol=0)
 
 
 @needs_triton

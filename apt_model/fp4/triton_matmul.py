@@ -1044,9 +1044,11 @@ def fp4_grad_input(
 _SCRATCH: dict[tuple[int, int], Tensor] = {}
 
 # (device index, raw stream) -> the split-K GEMV's tile counters on that stream (int32,
-# ``COUNTER_SLOTS``): zero between launches, as each launch leaves them. Made outside CUDA-graph
-# capture only and never replaced or freed, since a captured graph keeps their address; such
-# a graph must not be replayed on another stream while that stream runs split-K GEMVs.
+# ``COUNTER_SLOTS``): zero between launches, as each launch leaves them. Made only by eager
+# direct launches (never while a compiled graph runs: CUDA-graph tools route those
+# allocations to their own pools, which must be empty again afterwards) and never replaced
+# or freed, since a graph captured later keeps their address; such a graph must not be
+# replayed on another stream while that stream runs split-K GEMVs.
 _COUNTERS: dict[tuple[int, int], Tensor] = {}
 # Enough for every default split (split-K runs only where a layer has fewer 32-row tiles
 # than the GPU has multiprocessors); a product with more tiles (a pinned split_k) gets
@@ -1062,13 +1064,13 @@ def _stream_scratch(index: int, stream: int, numel: int) -> Tensor:
     return scratch
 
 
-def _split_counters(index: int, stream: int, tiles: int, capturing: bool) -> Tensor:
+def _split_counters(index: int, stream: int, tiles: int, keep: bool) -> Tensor:
     """Zeroed tile counters for a split-K GEMV of ``tiles`` N tiles on ``stream``: the
-    stream's kept ones (``_COUNTERS``, made now unless ``capturing``), or where they do not
-    fit or cannot be made, zeros of this call's own (inside a captured graph: one memset)."""
+    stream's kept ones (``_COUNTERS``; made now if ``keep``), or where there are none or
+    they do not fit, zeros of this call's own (in a captured graph: one memset node)."""
     device = torch.device("cuda", index)
     counters = _COUNTERS.get((index, stream))
-    if counters is None and not capturing:
+    if counters is None and keep:
         counters = _COUNTERS[(index, stream)] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32,
                                                             device=device)
     if counters is not None and tiles <= counters.numel():
@@ -1147,7 +1149,7 @@ class RowProduct:
                 partial = counters = result
             else:
                 partial = self._partial_sums(stream)
-                counters = _split_counters(self.index, stream, self.tiles, False)
+                counters = _split_counters(self.index, stream, self.tiles, True)
             b = bias if bias is not None else partial
             if x.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0 and result.data_ptr() % 16 == 0:
                 run, tail = launch
@@ -1165,7 +1167,7 @@ class RowProduct:
                 counters = torch.zeros(self.tiles, dtype=torch.int32, device=device)
             else:
                 counters = _split_counters(self.index, torch._C._cuda_getCurrentRawStream(self.index),
-                                           self.tiles, torch.cuda.is_current_stream_capturing())
+                                           self.tiles, False)
         b = bias if bias is not None else partial
         aligned = x.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0 and result.data_ptr() % 16 == 0
         launch = direct_launch(self.gemv_key, self.gemv_fn, self.gemv_grid,
