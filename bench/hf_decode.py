@@ -37,6 +37,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -162,6 +163,22 @@ def _apt_call(model, prompt: torch.Tensor, new: int, static: bool):
         return prefill, (full - prefill) / (new - 1), tokens
 
     return call
+
+
+def _cudagraph_tree_counts(device: torch.device) -> tuple[int, int] | None:
+    """(graphs recorded, warm-up runs) so far by inductor's CUDA-graph trees on ``device``,
+    read from the tree manager's id counters (private; None where they are not found)."""
+    from torch._inductor import cudagraph_trees
+
+    try:
+        manager = cudagraph_trees.get_manager(device.index or 0, create_if_none_exists=False)
+        if manager is None:
+            return 0, 0
+        recorded = int(re.search(r"-?\d+", repr(manager.graph_counter)).group())
+        warmups = -1 - int(re.search(r"-?\d+", repr(manager.warmup_node_counter)).group())
+    except (AttributeError, TypeError):
+        return None
+    return recorded, warmups
 
 
 class _GcClock:
@@ -310,12 +327,16 @@ def run_variant(args: argparse.Namespace) -> dict:
     with torch.inference_mode():
         _, _, tokens = call()
         first_call_s = time.perf_counter() - wall
-        prefill, per_token, repeats, collections, gc_ms = [], [], [], [], []
+        prefill, per_token, repeats, collections, gc_ms, trees = [], [], [], [], [], []
         for _ in range(args.runs):
             before = [gen["collections"] for gen in gc.get_stats()]
+            trees_before = _cudagraph_tree_counts(device)
             with _GcClock() as clock:
                 p, t, again = call()
             gc_ms.append(clock.ms)
+            trees_after = _cudagraph_tree_counts(device)
+            trees.append(None if trees_before is None or trees_after is None else
+                         [a - b for a, b in zip(trees_after, trees_before, strict=True)])
             collections.append([gen["collections"] - n for gen, n in zip(gc.get_stats(), before, strict=True)])
             prefill.append(p)
             per_token.append(t)
@@ -331,6 +352,8 @@ def run_variant(args: argparse.Namespace) -> dict:
             "decode_ms_runs": per_token,
             "gc_collections_runs": collections,  # Python's garbage collections (gen 0, 1, 2) a call
             "gc_ms_runs": gc_ms,  # the time those collections took, a call
+            # CUDA-graph trees' (graphs recorded, warm-up runs) a call: 0, 0 once it replays
+            "cudagraph_tree_runs": trees,
             "decode_tok_s": 1000 / statistics.median(per_token),
             "tokens_repeat": all(repeats),
             **floor_fields(model, statistics.median(per_token), bandwidth),
