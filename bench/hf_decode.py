@@ -327,6 +327,8 @@ def run_variant(args: argparse.Namespace) -> dict:
     with torch.inference_mode():
         _, _, tokens = call()
         first_call_s = time.perf_counter() - wall
+        for _ in range(args.warmup):  # untimed, after the first: until compiled steps replay
+            call()
         prefill, per_token, repeats, collections, gc_ms, trees = [], [], [], [], [], []
         for _ in range(args.runs):
             before = [gen["collections"] for gen in gc.get_stats()]
@@ -410,6 +412,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="untimed calls after the first, for every variant alike")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the variants this many times, interleaved, each in a new "
                              "process: host speed differs between processes")
@@ -430,11 +434,11 @@ def main() -> None:
         for model in models:
             args.model = model
             for r in run_in_subprocesses(__file__, args.only, args,
-                                         ("model", "prompt", "new", "runs", "profile", "cprofile")):
+                                         ("model", "prompt", "new", "runs", "warmup", "profile", "cprofile")):
                 results.append({**r, "model": r.get("model", model), "round": round_})
     args.model = models
     print(f"\n{torch.cuda.get_device_name()} torch {torch.__version__} batch=1 prompt={args.prompt} "
-          f"new={args.new} greedy, median of {args.runs} calls"
+          f"new={args.new} greedy, median of {args.runs} calls after {1 + args.warmup} untimed"
           + (f", then of {args.rounds} rounds (min-max)" if args.rounds > 1 else ""))
     print(f"{'model':13} {'variant':12} {'weights GiB':>11} {'peak GiB':>8} {'first s':>7} "
           f"{'prefill ms':>10} {'ms/token':>8} {'tok/s':>7} {'of floor':>8} {'vs bf16 same cache':>18}")
