@@ -1047,8 +1047,8 @@ _SCRATCH: dict[tuple[int, int], Tensor] = {}
 # ``COUNTER_SLOTS``): zero between launches, as each launch leaves them. Made only by eager
 # direct launches (never while a compiled graph runs: CUDA-graph tools route those
 # allocations to their own pools, which must be empty again afterwards) and never replaced
-# or freed, since a graph captured later keeps their address; such a graph must not be
-# replayed on another stream while that stream runs split-K GEMVs.
+# or freed, since a graph captured on that stream keeps their address; such a graph must not
+# be replayed on another stream while split-K GEMVs run on the stream it was captured on.
 _COUNTERS: dict[tuple[int, int], Tensor] = {}
 # Enough for every default split (split-K runs only where a layer has fewer 32-row tiles
 # than the GPU has multiprocessors); a product with more tiles (a pinned split_k) gets
@@ -1110,11 +1110,10 @@ class RowProduct:
                       stride_sn=self.s_bytes.stride(0), K_SPLIT=k_split, M_KEY=1, IS_NV=is_nv,
                       HAS_BIAS=has_bias, SPLIT_K=self.split, USE_ASM=use_asm,
                       TS_ROWS=self.ts.numel() > 1, HW_E4M3=arch >= (8, 9), PDL=pdl, **meta)
-        # dtypes of the bias operand, the output, the partial sums and the counters
-        dtypes = (x_dtype if has_bias else torch.float32 if self.split > 1 else x_dtype, x_dtype,
-                  *((torch.float32, torch.int32) if self.split > 1 else (x_dtype, x_dtype)))
-        self.gemv_key = ("gemv", self.index, x_dtype, *dtypes, config is None,
-                         tuple(consts.items()))
+        # unsplit, the partial sums and counters operands are the result (x's dtype)
+        sums, counts = (torch.float32, torch.int32) if self.split > 1 else (x_dtype, x_dtype)
+        self.gemv_key = ("gemv", self.index, x_dtype, x_dtype if has_bias else sums, sums, counts,
+                         config is None, tuple(consts.items()))
         if pdl:
             consts["launch_pdl"] = True
         self.gemv_consts = consts
