@@ -17,7 +17,9 @@ For APT xl, "eager" is ``APTModel.generate`` as is and "static" adds
 Timing: a stopping criterion records a CUDA event after every new token, so one call gives
 the prefill (start to first token) and the decode time per token (first to last token,
 divided by N - 1), without a host sync per token. Median over ``--runs`` calls after a
-warm-up call (whose wall time is reported as the first-call time: it includes compiling);
+warm-up call (whose wall time is reported as the first-call time: it includes compiling)
+and ``--warmup`` more untimed calls (default none; CUDA-graph trees may still record in the
+first calls, which ``cudagraph_tree_runs`` shows per call);
 each call's time, its Python garbage collections and their time are kept too.
 ``--rounds R`` runs the whole set R times, interleaved (ABAB), each variant in a new process
 each time: a process's host speed varies (by up to 25% between processes on one lent H200
