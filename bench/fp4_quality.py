@@ -6,8 +6,8 @@ NVFP4 and MXFP4 (post-training conversion, the form ``vb.save_fp4`` ships).
 
 The model is trained on the embedded pydoc corpus by the playground ``Trainer`` (plain fp32,
 VB off). Each FP4 variant is a copy converted by ``vb.optimize(mode="speed")`` (FP4 weights
-only) and frozen to packed weights; it is also written to a packed checkpoint and loaded back,
-which must give the same loss bit for bit. Every variant is scored on the same seeded
+only) and frozen to packed weights; it is also written to a packed checkpoint and loaded back (then
+optimized in the same mode, as a server would), which must give the same loss bit for bit. Every variant is scored on the same seeded
 held-out windows. The project's target is a relative loss increase within 5%.
 """
 
@@ -82,7 +82,9 @@ def measure(model: nn.Module, cfg: TrainConfig, eval_batches: int = 32,
         loss = val_loss(fp4, cfg, corpus, eval_batches)
         with tempfile.TemporaryDirectory() as tmp:
             path = vb.save_fp4(fp4, Path(tmp) / f"{fmt}.safetensors")
-            reloaded = vb.load_fp4(path).to(next(iter(fp4.state_dict().values())).device)
+            # served as saved: the same device and VB mode (on a GPU, speed mode computes in bf16)
+            reloaded = vb.optimize(vb.load_fp4(path).to(next(iter(fp4.state_dict().values())).device),
+                                   mode="speed", fp4_format=fmt, verbose=False)
             exact = val_loss(reloaded, cfg, corpus, eval_batches) == loss
         rows.append({"variant": fmt, "val_loss": loss, "rel_change": (loss - base) / base,
                      "fp4_layers": sum(isinstance(m, FP4Linear) for m in fp4.modules()),

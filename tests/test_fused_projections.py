@@ -186,6 +186,23 @@ def test_moving_the_model_copies_the_fused_rows_once():
         model(torch.randint(0, 256, (1, 1)))
 
 
+def test_apt_bottleneck_down_projection_joins_the_qkv_product():
+    """``ap_down`` (d -> ap_rank, below ``fp4_min_features``) rides in q/k/v's product, unless
+    it or its siblings stay out of FP4."""
+    model = apt("nvfp4")
+    attn = model.blocks[0].attn
+    assert isinstance(attn.ap_down, FP4Linear) and type(attn.ap_up) is nn.Linear
+    assert attn.ap_down._fused is attn.q_proj._fused
+    assert attn.q_proj._fused.sizes == [128, 128, 128, 16]
+    for skip in (("*.ap_down",), ("*.k_proj",)):
+        torch.manual_seed(0)
+        plain = APTModel(APTConfig.from_preset("tiny", vocab_size=256))
+        vb.optimize(plain, mode="speed", fp4_skip=skip, verbose=False)
+        attn = plain.blocks[0].attn
+        assert type(attn.ap_down) is nn.Linear
+        assert (attn.q_proj._fused is None) == (skip == ("*.k_proj",))
+
+
 def test_fusing_twice_or_mismatched_siblings_is_refused():
     model = Siblings()
     vb.optimize(model, mode="speed", verbose=False)

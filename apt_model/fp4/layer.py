@@ -58,7 +58,9 @@ from apt_model.i18n import tr
 __all__ = [
     "FUSED_TRAIN_MAX_ROWS",
     "FUSED_TRAIN_MIN_WEIGHTS",
+    "FP4_RIDERS",
     "PACKED_BUFFERS",
+    "SIBLINGS",
     "FP4Linear",
     "convert_to_fp4",
     "count_linear_layers",
@@ -547,22 +549,54 @@ def _plain_features(module: nn.Module) -> tuple[int, int] | None:
     return linear_features(module) if type(module) is nn.Linear or is_conv1d(module) else None
 
 
+# Child names of layers that read the same input, by model family, longest first: APT's
+# q_proj k_proj v_proj with its ``FP4_RIDERS`` ap_down; Llama / Mistral / Qwen's
+# q_proj k_proj v_proj; gate_proj up_proj; APT's w_gate w_up; BERT's query key value;
+# Mixtral-style experts' w1 w3. A group's members are multiplied as one product at decode
+# (``apt_model.optimization.fused_projections``).
+SIBLINGS = (
+    ("q_proj", "k_proj", "v_proj", "ap_down"),
+    ("q_proj", "k_proj", "v_proj"),
+    ("gate_proj", "up_proj"),
+    ("w_gate", "w_up"),
+    ("query", "key", "value"),
+    ("w1", "w3"),
+)
+
+
+# Layers too small to be worth FP4 alone that join their siblings' product when those are
+# FP4, whatever ``min_features`` says: there they add a few rows to one launch instead of
+# costing a launch of their own. APT's autopoietic down projection (d -> ap_rank) reads
+# attention's input, as q/k/v do.
+FP4_RIDERS = {"ap_down": ("q_proj", "k_proj", "v_proj")}
+
+
 def fp4_candidates(model: nn.Module, skip: tuple[str, ...], min_features: int) -> list[tuple[str, nn.Module]]:
-    """Linear layers (``nn.Linear``, GPT-2 ``Conv1D``) worth converting: not tied, not tiny,
-    not named in the skip list."""
+    """Linear layers (``nn.Linear``, GPT-2 ``Conv1D``) worth converting: not tied, not named
+    in the skip list, not tiny (fewer than ``min_features`` in or out) unless an
+    ``FP4_RIDERS`` layer whose siblings are converted, with the same input width."""
     shared = _shared_weight_ids(model)
-    out = []
+    out, riders = [], []
     for name, module in model.named_modules():
         features = _plain_features(module)
         if features is None:
             continue
         if id(module.weight) in shared:
             continue
-        if min(features) < min_features:
-            continue
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in skip):
             continue
-        out.append((name, module))
+        if min(features) >= min_features:
+            out.append((name, module))
+        elif name.rpartition(".")[2] in FP4_RIDERS:
+            riders.append((name, module))
+    picked = {id(module) for _, module in out}
+    for name, module in riders:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        siblings = [parent._modules.get(sibling) for sibling in FP4_RIDERS[child]]
+        if all(id(s) in picked and _plain_features(s)[0] == _plain_features(module)[0]
+               for s in siblings):
+            out.append((name, module))
     return out
 
 

@@ -1,8 +1,8 @@
 """Sibling FP4 projections that read one input are multiplied as one when decoding.
 
-Which siblings: the names models give them (``SIBLINGS``: attention's q/k/v, a gated MLP's
-gate/up), all FP4 layers of one parent module with the same input width, format and bias
-presence. The mechanism, and why it never changes results when a guess is wrong, is
+Which siblings: the names models give them (``SIBLINGS``: attention's q/k/v, with APT's
+``ap_down`` where there is one; a gated MLP's gate/up), all FP4 layers of one parent module
+with the same input width, format and bias presence. The mechanism, and why it never changes results when a guess is wrong, is
 :mod:`apt_model.fp4.fused`; a group packs when its members are frozen (``vb.freeze_fp4``).
 """
 
@@ -13,19 +13,9 @@ from collections.abc import Callable
 from torch import nn
 
 from apt_model.fp4.fused import FusedFP4Projections
+from apt_model.fp4.layer import SIBLINGS
 
 __all__ = ["SIBLINGS", "fuse_projections"]
-
-# Child names of layers that read the same input, by model family (Llama / Mistral / Qwen /
-# APT's q_proj k_proj v_proj; gate_proj up_proj; APT's w_gate w_up; BERT's query key value;
-# Mixtral-style experts' w1 w3).
-SIBLINGS = (
-    ("q_proj", "k_proj", "v_proj"),
-    ("gate_proj", "up_proj"),
-    ("w_gate", "w_up"),
-    ("query", "key", "value"),
-    ("w1", "w3"),
-)
 
 
 def fuse_projections(model: nn.Module) -> tuple[int, Callable[[], None]]:
