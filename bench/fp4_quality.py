@@ -6,9 +6,9 @@ NVFP4 and MXFP4 (post-training conversion, the form ``vb.save_fp4`` ships).
 
 The model is trained on the embedded pydoc corpus by the playground ``Trainer`` (plain fp32,
 VB off). Each FP4 variant is a copy converted by ``vb.optimize(mode="speed")`` (FP4 weights
-only) and frozen to packed weights; it is also written to a packed checkpoint and loaded back (then
-optimized in the same mode, as a server would), which must give the same loss bit for bit. Every variant is scored on the same seeded
-held-out windows. The project's target is a relative loss increase within 5%.
+only) and frozen to packed weights; it is also written to a packed checkpoint and loaded back
+(then optimized in the same mode, as a server would), which must give the same loss bit for
+bit. Every variant is scored on the same seeded held-out windows. The project's target is a relative loss increase within 5%.
 """
 
 from __future__ import annotations

@@ -549,26 +549,25 @@ def _plain_features(module: nn.Module) -> tuple[int, int] | None:
     return linear_features(module) if type(module) is nn.Linear or is_conv1d(module) else None
 
 
-# Child names of layers that read the same input, by model family, longest first: APT's
-# q_proj k_proj v_proj with its ``FP4_RIDERS`` ap_down; Llama / Mistral / Qwen's
-# q_proj k_proj v_proj; gate_proj up_proj; APT's w_gate w_up; BERT's query key value;
-# Mixtral-style experts' w1 w3. A group's members are multiplied as one product at decode
+# Layers too small to be worth FP4 alone that join their siblings' product when those are
+# FP4, whatever ``min_features`` says: there they add a few rows to one launch instead of
+# costing a launch of their own. APT's autopoietic down projection (d -> ap_rank) reads
+# attention's input, as q/k/v do.
+FP4_RIDERS = {"ap_down": ("q_proj", "k_proj", "v_proj")}
+
+# Child names of layers that read the same input, by model family, longest first: the
+# riders with their siblings; Llama / Mistral / Qwen / APT's q_proj k_proj v_proj;
+# gate_proj up_proj; APT's w_gate w_up; BERT's query key value; Mixtral-style experts' w1 w3.
+# A group's members are multiplied as one product at decode
 # (``apt_model.optimization.fused_projections``).
 SIBLINGS = (
-    ("q_proj", "k_proj", "v_proj", "ap_down"),
+    *((*siblings, rider) for rider, siblings in FP4_RIDERS.items()),
     ("q_proj", "k_proj", "v_proj"),
     ("gate_proj", "up_proj"),
     ("w_gate", "w_up"),
     ("query", "key", "value"),
     ("w1", "w3"),
 )
-
-
-# Layers too small to be worth FP4 alone that join their siblings' product when those are
-# FP4, whatever ``min_features`` says: there they add a few rows to one launch instead of
-# costing a launch of their own. APT's autopoietic down projection (d -> ap_rank) reads
-# attention's input, as q/k/v do.
-FP4_RIDERS = {"ap_down": ("q_proj", "k_proj", "v_proj")}
 
 
 def fp4_candidates(model: nn.Module, skip: tuple[str, ...], min_features: int) -> list[tuple[str, nn.Module]]:

@@ -2,8 +2,9 @@
 
 Which siblings: the names models give them (``SIBLINGS``: attention's q/k/v, with APT's
 ``ap_down`` where there is one; a gated MLP's gate/up), all FP4 layers of one parent module
-with the same input width, format and bias presence. The mechanism, and why it never changes results when a guess is wrong, is
-:mod:`apt_model.fp4.fused`; a group packs when its members are frozen (``vb.freeze_fp4``).
+with the same input width, format and bias presence. The mechanism, and why it never
+changes results when a guess is wrong, is :mod:`apt_model.fp4.fused`; a group packs when its
+members are frozen (``vb.freeze_fp4``).
 """
 
 from __future__ import annotations
