@@ -31,12 +31,13 @@ def _shape_rows(shape: str, fmt: str) -> list[dict]:
     rows = [{"shape": shape, "tile": "bf16 copy (reads and writes 2 B each)", "ms": copy_ms,
              "gbps": 2 * out.nbytes / copy_ms / 1e6}]
     default = dict(triton_matmul.DEQUANT_BLOCK)
-    for bn, bb, warps in itertools.product((8, 16, 32), (128, 256, 512), (4, 8)):
-        triton_matmul.DEQUANT_BLOCK.update(BLOCK_N=bn, BLOCK_B=bb, num_warps=warps)
+    for bn, bkw, warps in itertools.product((4, 8, 16, 32), (16, 32, 64), (4, 8)):
+        triton_matmul.DEQUANT_BLOCK.update(BLOCK_N=bn, BKW=bkw, num_warps=warps)
         ms = bench_graph(lambda _: triton_matmul.fp4_dequantize(w.packed, w.scales, w.tensor_scale, k, out=out),
                          [out])
-        rows.append({"shape": shape, "tile": f"{bn}x{bb} w{warps}", "ms": ms, "gbps": moved / ms / 1e6,
-                     "default": (bn, bb, warps) == (default["BLOCK_N"], default["BLOCK_B"], default["num_warps"])})
+        rows.append({"shape": shape, "tile": f"{bn} rows x {bkw} words, {warps} warps", "ms": ms,
+                     "gbps": moved / ms / 1e6,
+                     "default": (bn, bkw, warps) == (default["BLOCK_N"], default["BKW"], default["num_warps"])})
     triton_matmul.DEQUANT_BLOCK.update(default)
     return rows
 

@@ -43,6 +43,15 @@ def _variants(m: int) -> list[tuple[str, dict | None, int | None]]:
                 (256, 128, 64, 8, 3, True), (256, 128, 64, 8, 4, False),
                 (256, 128, 64, 8, 3, False), (128, 128, 64, 4, 3, True),
                 (128, 128, 64, 4, 4, False), (128, 256, 64, 8, 4, False))]
+    # SWAP: out^T = W @ x^T, the dequantized weight tile as the first (register) operand.
+    swapped = [("gemm", _c(bn, bk, w, st, pf, BLOCK_M=bm, GROUP_M=8, SWAP=True), None)
+               for bm, bn, bk, w, st, pf in (
+                   (128, 128, 64, 4, 3, False), (128, 128, 64, 8, 3, False),
+                   (256, 128, 64, 8, 3, False), (256, 128, 64, 8, 4, False),
+                   (256, 64, 64, 4, 3, False), (256, 64, 128, 4, 3, False),
+                   (256, 128, 128, 8, 3, False), (128, 128, 128, 4, 3, False),
+                   (256, 128, 64, 8, 3, True), (128, 256, 64, 8, 3, False),
+                   (256, 256, 64, 8, 3, False), (128, 64, 64, 4, 4, False))]
     chunked = [("chunked", None, (r, o)) for r in (None, 2048, 4096, 8192) for o in (False, True)]
     if m == 1:
         gemv = [("gemv", _c(bn, bk, w, 1, pf), None) for bn, bk, w, pf in (
@@ -55,7 +64,7 @@ def _variants(m: int) -> list[tuple[str, dict | None, int | None]]:
         return small
     if m <= 64:
         return small[:3] + gemm[3:5]
-    return gemm[:2] + chunked
+    return gemm[:3] + swapped + chunked
 
 
 def main() -> int:
@@ -67,6 +76,7 @@ def main() -> int:
     p.add_argument("--rep", type=int, default=60)
     p.add_argument("--graph-max-m", type=int, default=16)
     p.add_argument("--device", default="cuda", help="cpu only for smoke runs (interpreter)")
+    p.add_argument("--kernels", default="", help="comma-separated kernels to keep (default all)")
     args = p.parse_args()
     dev = torch.device(args.device)
 
@@ -95,6 +105,8 @@ def main() -> int:
                 rows.append(dict(k=k, n=n, m=m, fmt=fmt, impl="bf16-cublas", ms=base))
                 print(f"{k}->{n} M={m} {fmt} bf16-cublas {base:.4f} ms", flush=True)
                 for kern, cfg, chunk in _variants(m):
+                    if args.kernels and kern not in args.kernels.split(","):
+                        continue
                     rows_, overlap = chunk or (None, True)
                     name = f"{kern} {cfg}" if cfg else f"{kern} rows={rows_} overlap={overlap}"
                     try:

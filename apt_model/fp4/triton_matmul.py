@@ -526,42 +526,52 @@ if HAS_TRITON:
 
     @triton.jit
     def _fp4_dequant_kernel(
-        p_ptr, s_ptr, ts_ptr, o_ptr, N, K, stride_pn, stride_sn, stride_on,
-        IS_NV: tl.constexpr, TS_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_B: tl.constexpr,
+        w_ptr, s_ptr, ts_ptr, o_ptr, N, K, KW, stride_wn, stride_sn, stride_on,
+        IS_NV: tl.constexpr, TS_ROWS: tl.constexpr, USE_ASM: tl.constexpr,
+        BLOCK_N: tl.constexpr, BKW: tl.constexpr,
     ):
         """Rows of the weight dequantized into ``o`` ([rows, K], bf16/fp16/fp32) for cuBLAS.
 
-        A tile is ``BLOCK_N`` rows by ``BLOCK_B`` packed bytes: each byte gives two adjacent
-        outputs (low nibble first), so loads and stores are contiguous along a row.
-        Bit for bit :meth:`FP4Weight.dequantize`: code x the block's fp32 multiplier (NVFP4:
-        tensor scale x block scale, rounded once; MXFP4: 2^(e - 127), exact), then one cast.
-        ``TS_ROWS``: an NVFP4 tensor scale per row (the rows of several layers).
+        A tile is ``BLOCK_N`` rows by ``BKW`` packed int32 words (8 codes each). Bit for bit
+        :meth:`FP4Weight.dequantize`: the codes as exact fp32 values (the PTX decode, or
+        ``_e2m1_to_f32`` in the interpreter) times the block's fp32 multiplier (NVFP4: tensor
+        scale x block scale, rounded once; MXFP4: 2^(e - 127), exact), then one cast. The
+        multiplier is worked out once per block, not per code. ``TS_ROWS``: an NVFP4 tensor
+        scale per row (the rows of several layers).
         """
-        BPB: tl.constexpr = 8 if IS_NV else 16  # packed bytes per block scale
+        WPB: tl.constexpr = 2 if IS_NV else 4
+        NBLK: tl.constexpr = BKW // WPB
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-        rows = offs_n.to(tl.int64)[:, None]
-        mask = (offs_n < N)[:, None] & (offs_b < (K + 1) // 2)[None, :]
-        byte = tl.load(p_ptr + rows * stride_pn + offs_b[None, :], mask=mask, other=0)
-        byte = byte.to(tl.int32)
-        sc = tl.load(s_ptr + rows * stride_sn + (offs_b // BPB)[None, :], mask=mask, other=0)
+        n_mask = offs_n < N
+        kw = tl.program_id(1) * BKW
+        pk, sc = _load_weight_tile(w_ptr, s_ptr, offs_n, n_mask, kw, KW, stride_wn, stride_sn,
+                                   BLOCK_N, BKW, WPB)
         sc = sc.to(tl.int32)
         if IS_NV:
             if TS_ROWS:
-                ts = tl.load(ts_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+                ts = tl.load(ts_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
             else:
                 ts = tl.load(ts_ptr).to(tl.float32)
             mult = ts * _e4m3_to_f32(sc, 0)
         else:  # 2^-127 (byte 0) has no exponent field of its own: its subnormal bits
             mult = tl.where(sc == 0, 1 << 22, sc << 23).to(tl.float32, bitcast=True)
             mult = tl.where(sc == 255, float("nan"), mult)
-        lo = _e2m1_to_f32(byte & 15) * mult
-        hi = _e2m1_to_f32(byte >> 4) * mult
-        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, 2 * BLOCK_B)).to(o_ptr.dtype.element_ty)
-        k = 2 * tl.program_id(1) * BLOCK_B + tl.arange(0, 2 * BLOCK_B)
-        tl.store(o_ptr + rows * stride_on + k[None, :], w,
-                 mask=(offs_n < N)[:, None] & (k < K)[None, :])
+        mult = tl.reshape(tl.broadcast_to(mult[:, :, None], (BLOCK_N, NBLK, WPB)), (BLOCK_N, BKW))
+        if USE_ASM:  # the scale operand 2^126 (bf16 pair) turns e2m1 * 2^-126 into e2m1
+            one = tl.full((BLOCK_N, BKW), 0x7E807E80, tl.int32)
+            v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+                _ASM_F32, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [pk, one],
+                dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+        else:
+            v0, v1, v2, v3 = _code(pk, 0, 1.0), _code(pk, 1, 1.0), _code(pk, 2, 1.0), _code(pk, 3, 1.0)
+            v4, v5, v6, v7 = _code(pk, 4, 1.0), _code(pk, 5, 1.0), _code(pk, 6, 1.0), _code(pk, 7, 1.0)
+        dt = o_ptr.dtype.element_ty
+        w = _interleave8((v0 * mult).to(dt), (v1 * mult).to(dt), (v2 * mult).to(dt),
+                         (v3 * mult).to(dt), (v4 * mult).to(dt), (v5 * mult).to(dt),
+                         (v6 * mult).to(dt), (v7 * mult).to(dt))
+        k = 8 * kw + tl.arange(0, 8 * BKW)
+        tl.store(o_ptr + offs_n.to(tl.int64)[:, None] * stride_on + k[None, :], w,
+                 mask=n_mask[:, None] & (k < K)[None, :])
 
     @triton.jit
     def _fp4_dot_kernel(
@@ -868,10 +878,9 @@ def _chunk_rows(n: int, k: int) -> int:
     return min(rows, cdiv(n, 256) * 256)
 
 
-# Dequantization tiles: 8 rows x 128 packed bytes per program, 8 warps. Of 18 tilings on an
-# H200 (bench/fp4_dequant.py) the fastest on 4096x4096 and 14336x4096: 1.8-1.9 TB/s moved,
-# against 1.1-1.3 for 16 x 256 and 3.5-4.0 TB/s for a bf16 copy of the output's size.
-DEQUANT_BLOCK = dict(BLOCK_N=8, BLOCK_B=128, num_warps=8)
+# Dequantization tiles: 8 rows x 64 words (512 codes) per program, 4 warps (H200 sweep:
+# bench/fp4_dequant.py, BENCHMARKS.md).
+DEQUANT_BLOCK = dict(BLOCK_N=8, BKW=64, num_warps=4)
 
 
 def _packed_rows(packed: Tensor) -> Tensor:
@@ -882,14 +891,16 @@ def _packed_rows(packed: Tensor) -> Tensor:
 def _dequantize_rows(packed: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool, k: int,
                      out: Tensor) -> None:
     """Weight rows (packed bytes, scale bytes) dequantized into ``out`` [rows, k]."""
-    n = packed.shape[0]
+    words = _as_words(packed)
+    n, kw = words.shape
     cfg = DEQUANT_BLOCK
-    grid = (cdiv(n, cfg["BLOCK_N"]), cdiv(cdiv(k, 2), cfg["BLOCK_B"]))
-    consts = dict(N=n, K=k, stride_pn=packed.stride(0), stride_sn=s_bytes.stride(0),
-                  stride_on=out.stride(0), IS_NV=is_nv, TS_ROWS=is_nv and ts.numel() > 1, **cfg)
-    tensors = (packed, s_bytes, ts, out)
+    grid = (cdiv(n, cfg["BLOCK_N"]), cdiv(kw, cfg["BKW"]))
+    consts = dict(N=n, K=k, KW=kw, stride_wn=words.stride(0), stride_sn=s_bytes.stride(0),
+                  stride_on=out.stride(0), IS_NV=is_nv, TS_ROWS=is_nv and ts.numel() > 1,
+                  USE_ASM=not _interpreting(), **cfg)
+    tensors = (words, s_bytes, ts, out)
     direct_launch(("dequant", out.device.index, out.dtype, tuple(consts.items())),
-                   _fp4_dequant_kernel, grid, tensors, consts)
+                  _fp4_dequant_kernel, grid, tensors, consts)
 
 
 def fp4_dequantize(packed: Tensor, scales: Tensor, tensor_scale: Tensor | None, k: int,
