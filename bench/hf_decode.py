@@ -8,15 +8,20 @@ Variants (each in a fresh subprocess, the same seeded bf16 model built on the ca
   bf16-static    the same after ``model.generation_config.cache_implementation = "static"``:
                  HF's static-cache recipe, which compiles the decode step (CUDA graphs)
   vb-eager       ``vb.optimize(model, mode="speed")`` + ``vb.freeze_fp4(model)``, then as bf16-eager
+                 (speed mode's ``generate`` decodes as one CUDA-graph replay a token, dynamic or
+                 static cache alike: ``apt_model.optimization.graphed_decode``)
   vb-static      the same, then as bf16-static
+  bf16-graphed   bf16 weights in that same graphed loop (``vb.optimize(model, mode="speed",
+                 fp4=False)``): what the loop gives without FP4, to tell the two apart
   bnb-4bit       transformers' ``BitsAndBytesConfig(load_in_4bit=True)`` (NF4, bf16 compute),
                  loaded by ``from_pretrained`` from the same weights saved to /dev/shm; eager
 For APT xl, "eager" is ``APTModel.generate`` as is and "static" adds
 ``static_cache=True, cuda_graph=True, compile_step=True`` (its best bf16 configuration).
 
-Timing: a stopping criterion records a CUDA event after every new token, so one call gives
-the prefill (start to first token) and the decode time per token (first to last token,
-divided by N - 1), without a host sync per token. Median over ``--runs`` calls after a
+Timing: each timed call is two ``generate`` calls, of 1 and of N new tokens, timed by CUDA
+events: the first is the prefill, the difference over N - 1 the decode time per token (no
+stopping criterion per token, which would take speed mode's calls back to Hugging Face's
+loop). Median over ``--runs`` calls after a
 warm-up call (whose wall time is reported as the first-call time: it includes compiling)
 and ``--warmup`` more untimed calls (default none; CUDA-graph trees may still record in the
 first calls, which ``cudagraph_tree_runs`` shows per call);
@@ -58,7 +63,7 @@ from variants import (
 from apt_model.storage import module_nbytes
 
 MODELS = ("llama-1b", "llama-8b", "llama-8b-thin", "apt-xl")
-VARIANTS = ("bf16-eager", "bf16-static", "vb-eager", "vb-static", "bnb-4bit")
+VARIANTS = ("bf16-eager", "bf16-static", "vb-eager", "vb-static", "bf16-graphed", "bnb-4bit")
 
 # Llama-3.2-1B and Llama-3-8B shapes (their published configs, minus the weights).
 LLAMA_SHAPES = {
@@ -119,44 +124,14 @@ def _bnb_llama(model, device: torch.device):
     return always_n_tokens(loaded)
 
 
-class _TokenClock:
-    """A stopping criterion that never stops and records a CUDA event per new token."""
-
-    def __init__(self) -> None:
-        self.events: list[torch.cuda.Event] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        self.events.append(event)
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
-def timed_generate(model, prompt: torch.Tensor, new: int):
-    """A call of ``model.generate(prompt, new tokens, greedy)`` that returns (prefill ms,
-    decode ms per token, the new tokens), timed by a CUDA event per token."""
-    from transformers import StoppingCriteriaList
-
-    def call() -> tuple[float, float, torch.Tensor]:
-        clock = _TokenClock()
-        torch.cuda.synchronize()
-        start = torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                             stopping_criteria=StoppingCriteriaList([clock]))
-        torch.cuda.synchronize()
-        first, last = clock.events[0], clock.events[-1]
-        return (start.elapsed_time(first), first.elapsed_time(last) / (len(clock.events) - 1),
-                out[0, prompt.shape[1]:])
-
-    return call
-
-
-def _apt_call(model, prompt: torch.Tensor, new: int, static: bool):
-    kw = dict(static_cache=True, cuda_graph=True, compile_step=True) if static else {}
+def timed_generate(generate, prompt: torch.Tensor, new: int):
+    """A call of ``generate(prompt, n)`` (greedy, exactly ``n`` new tokens) timed as two calls:
+    (prefill ms: the call of one new token, decode ms per token: the call of ``new`` less that,
+    over ``new - 1``, the new tokens). The same for every variant: a stopping criterion that
+    timed each token would send speed mode's graphed loop back to Hugging Face's."""
 
     def timed(n: int) -> tuple[float, torch.Tensor]:
-        ms, out = cuda_timed(lambda: model.generate(prompt, n, do_sample=False, **kw))
+        ms, out = cuda_timed(lambda: generate(prompt, n))
         return ms, out[0, prompt.shape[1]:]
 
     def call() -> tuple[float, float, torch.Tensor]:
@@ -165,6 +140,15 @@ def _apt_call(model, prompt: torch.Tensor, new: int, static: bool):
         return prefill, (full - prefill) / (new - 1), tokens
 
     return call
+
+
+def _hf_generate(model):
+    return lambda prompt, n: model.generate(prompt, max_new_tokens=n, do_sample=False)
+
+
+def _apt_generate(model, static: bool):
+    kw = dict(static_cache=True, cuda_graph=True, compile_step=True) if static else {}
+    return lambda prompt, n: model.generate(prompt, n, do_sample=False, **kw)
 
 
 def _cudagraph_tree_counts(device: torch.device) -> tuple[int, int] | None:
@@ -296,6 +280,8 @@ def run_variant(args: argparse.Namespace) -> dict:
             import bitsandbytes  # noqa: F401
         except ImportError:
             return {"variant": variant, "skipped": "bitsandbytes is not installed"}
+    if variant == "bf16-graphed" and args.model == "apt-xl":
+        return {"variant": variant, "skipped": "APT's own generate has its static cache and graphs"}
     if args.model == "apt-xl":
         from apt_model.modeling.apt_model import APTConfig, APTModel
 
@@ -314,6 +300,8 @@ def run_variant(args: argparse.Namespace) -> dict:
     if variant.startswith("vb-"):
         vb.optimize(model, mode="speed", verbose=False)
         vb.freeze_fp4(model)
+    if variant == "bf16-graphed":
+        vb.optimize(model, mode="speed", fp4=False, verbose=False)
     static = variant.endswith("-static")
     if static and args.model != "apt-xl":
         model.generation_config.cache_implementation = "static"
@@ -323,8 +311,8 @@ def run_variant(args: argparse.Namespace) -> dict:
 
     gen = torch.Generator(device=device).manual_seed(1)
     prompt = torch.randint(0, vocab, (1, args.prompt), device=device, generator=gen)
-    call = (_apt_call(model, prompt, args.new, static) if args.model == "apt-xl"
-            else timed_generate(model, prompt, args.new))
+    generate = _apt_generate(model, static) if args.model == "apt-xl" else _hf_generate(model)
+    call = timed_generate(generate, prompt, args.new)
     wall = time.perf_counter()
     with torch.inference_mode():
         _, _, tokens = call()
@@ -386,7 +374,7 @@ def _print_row(results: list[dict], model: str, variant: str, rounds: int) -> No
         print(f"{model:13} {variant:12} "
               f"{'SKIPPED ' + r['skipped'] if 'skipped' in r else 'ERROR ' + str(r['error'])}")
         return
-    base_variant = "bf16-static" if variant.endswith("static") else "bf16-eager"
+    base_variant = "bf16-static" if variant.endswith(("static", "graphed")) else "bf16-eager"
     ratios = []
     for r in done:
         base = next((b for b in results if b["model"] == model and b["variant"] == base_variant

@@ -38,12 +38,13 @@ def test_defaults_and_mode_table():
     resolved = config.resolve()
     assert resolved.config.mode == "balanced" and not resolved.config.enabled
     assert all(src == "default" or src.startswith("mode:") for src in resolved.sources.values())
-    # fp4, fused attention, fused loss, bf16 autocast, checkpointing, offloaded optimizer
+    # fp4, fused attention, fused loss, bf16 autocast, checkpointing, offloaded optimizer,
+    # graphed decoding
     expected = {
-        "full": (True, True, True, True, True, True),
-        "speed": (True, False, False, False, False, False),
-        "memory": (False, True, True, True, True, False),
-        "balanced": (False, True, True, True, False, False),
+        "full": (True, True, True, True, True, True, False),
+        "speed": (True, False, False, False, False, False, True),
+        "memory": (False, True, True, True, True, False, False),
+        "balanced": (False, True, True, True, False, False, False),
     }
     for mode, flags in expected.items():
         cfg = config.VBConfig(mode=mode)
@@ -175,7 +176,8 @@ def test_enable_disable_get_config(monkeypatch):
     cfg = vb.enable(verbose=False)
     assert vb.is_enabled() and cfg["mode"] == "memory"
     assert cfg["effective"] == {"fp4": False, "fused_attention": True, "fused_loss": True,
-                                "mixed_precision": True, "gradient_checkpointing": True, "offload_optimizer": False}
+                                "mixed_precision": True, "gradient_checkpointing": True, "offload_optimizer": False,
+                                "graphed_decode": False}
     assert vb.explain_config()["mode"] == ("memory", "env:VB_MODE")
     vb.enable_speed_mode(verbose=False)
     assert vb.get_config()["mode"] == "speed" and vb.explain_config()["mode"][1] == "argument"

@@ -32,6 +32,7 @@ class ModeSpec:
     mixed_precision: bool
     gradient_checkpointing: bool
     offload_optimizer: bool  # fp32 masters and AdamW state in host RAM, on an accelerator
+    graphed_decode: bool  # Hugging Face generate(): greedy decoding as a CUDA-graph replay a token
 
 
 # fused_loss rides with fused attention: both are fused kernels that cut activation memory.
@@ -40,13 +41,13 @@ class ModeSpec:
 # smallest weights for serving); then everything. ``auto_estimate`` takes the first that fits.
 MODES: dict[str, ModeSpec] = {
     "balanced": ModeSpec(fp4=False, fused_attention=True, fused_loss=True, mixed_precision=True,
-                         gradient_checkpointing=False, offload_optimizer=False),
+                         gradient_checkpointing=False, offload_optimizer=False, graphed_decode=False),
     "memory": ModeSpec(fp4=False, fused_attention=True, fused_loss=True, mixed_precision=True,
-                       gradient_checkpointing=True, offload_optimizer=False),
+                       gradient_checkpointing=True, offload_optimizer=False, graphed_decode=False),
     "speed": ModeSpec(fp4=True, fused_attention=False, fused_loss=False, mixed_precision=False,
-                      gradient_checkpointing=False, offload_optimizer=False),
+                      gradient_checkpointing=False, offload_optimizer=False, graphed_decode=True),
     "full": ModeSpec(fp4=True, fused_attention=True, fused_loss=True, mixed_precision=True,
-                     gradient_checkpointing=True, offload_optimizer=True),
+                     gradient_checkpointing=True, offload_optimizer=True, graphed_decode=False),
 }
 
 MOST_AGGRESSIVE = next(reversed(MODES))  # what auto_estimate falls back to when no mode fits
@@ -100,6 +101,7 @@ class VBConfig:
     mixed_precision: bool | None = None
     gradient_checkpointing: bool | None = None
     offload_optimizer: bool | None = None
+    graphed_decode: bool | None = None
     fp4_format: str = "nvfp4"
     fp4_skip: tuple[str, ...] = ("lm_head", "*.lm_head")
     fp4_min_features: int = 64

@@ -13,6 +13,7 @@ from apt_model import vgpu
 from apt_model.errors import VBConfigError
 from apt_model.fp4.layer import FP4Linear, convert_to_fp4, count_linear_layers, freeze_fp4
 from apt_model.i18n import tr
+from apt_model.optimization import graphed_decode
 from apt_model.optimization.attention import (
     remember_implementations,
     use_fused_attention,
@@ -26,7 +27,8 @@ from apt_model.optimization.precision import apply_autocast
 from apt_model.optimization.wrapping import unwrap
 
 REPORT_ATTR = "_vb_report"
-_COMPARED_SWITCHES = ("fp4", "fused_attention", "fused_loss", "mixed_precision", "gradient_checkpointing")
+_COMPARED_SWITCHES = ("fp4", "fused_attention", "fused_loss", "mixed_precision", "gradient_checkpointing",
+                      "graphed_decode")
 
 
 @dataclass
@@ -45,6 +47,8 @@ class OptimizationReport:
     """Groups of sibling FP4 projections multiplied as one (q/k/v, gate/up)."""
     fused_decoder_ops: int = 0
     """RMSNorms, gated SiLU MLPs and rotary functions given one-launch decode kernels."""
+    graphed_decode: bool = False
+    """Hugging Face ``generate()`` decodes greedily as one CUDA-graph replay a token."""
     switches: dict[str, bool | str] = field(default_factory=dict)
     """The effective switches it was optimized with (see ``effective_switches``)."""
     undo: list[Callable[[], None]] = field(default_factory=list, repr=False, compare=False)
@@ -115,6 +119,10 @@ def optimize(model: nn.Module, config: VBConfig) -> OptimizationReport:
     if config.vgpu_config is not None:
         stack = _attach_vgpu(model, config)
         undo.append(functools.partial(vgpu.detach, model))
+    # A streamed model moves weights between levels in every forward: nothing to capture.
+    graphed = stack is None and config.switch("graphed_decode") and graphed_decode.attach(model)
+    if graphed:
+        undo.append(functools.partial(graphed_decode.detach, model))
     report = OptimizationReport(
         mode=config.mode,
         fp4_format=config.fp4_format if fp4_layers else None,
@@ -126,6 +134,7 @@ def optimize(model: nn.Module, config: VBConfig) -> OptimizationReport:
         checkpointed_blocks=len(blocks),
         fused_projections=fused,
         fused_decoder_ops=decoder_ops,
+        graphed_decode=graphed,
         switches=switches,
         undo=undo,
     )
