@@ -4,6 +4,8 @@ that everything else goes to Hugging Face's ``generate``."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -53,6 +55,35 @@ def test_calls_on_the_cpu_go_to_hugging_face():
     got = model.generate(prompt, max_new_tokens=6, do_sample=False)
     assert got.shape == want.shape and not decoder.steps
     assert torch.equal(got, decoder.hf_generate(prompt, max_new_tokens=6, do_sample=False))
+
+
+def test_steps_are_forgotten_when_weights_move_and_not_copied():
+    model = tiny_llama()
+    vb.optimize(model, mode="speed", verbose=False)
+    decoder = model.__dict__[graphed_decode.ATTR]
+    decoder.forget_stale_steps()
+    decoder.steps[(1, 256)] = "captured"
+    decoder.forget_stale_steps()
+    assert decoder.steps  # nothing moved
+    with torch.no_grad():
+        model.model.norm.weight.add_(1.0)  # in place: the graphs read the new values
+    decoder.forget_stale_steps()
+    assert decoder.steps
+    vb.freeze_fp4(model)  # packed buffers replace the master weights
+    decoder.forget_stale_steps()
+    assert not decoder.steps
+    decoder.steps[(1, 256)] = "captured"
+    model.to(torch.float64)
+    decoder.forget_stale_steps()
+    assert not decoder.steps
+    decoder.steps[(1, 256)] = "captured"
+    copied = copy.deepcopy(model)
+    assert not copied.__dict__[graphed_decode.ATTR].steps and decoder.steps
+    assert copied.__dict__[graphed_decode.ATTR].model is copied
+    assert copied.generate.__self__ is copied.__dict__[graphed_decode.ATTR]
+    prompt = ids()
+    assert torch.equal(copied.generate(prompt, max_new_tokens=4, do_sample=False),
+                       model.generate(prompt, max_new_tokens=4, do_sample=False))
 
 
 def test_greedy_calls_are_taken_and_the_rest_are_not():

@@ -149,7 +149,22 @@ class GraphedDecoder:
         self.steps: OrderedDict[tuple[int, int], _Step] = OrderedDict()
         self.failed: str | None = None
         self._forward: Callable[[Tensor, Tensor, Any], Tensor] | None = None
+        self._weights_at: tuple[int, ...] = ()  # where the captured steps read the weights
         self._keep_one = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copied (``copy.deepcopy`` of the model) without its graphs, caches and compiled step,
+        which the copy makes again at its first call."""
+        return dict(self.__dict__, steps=OrderedDict(), _forward=None, _weights_at=())
+
+    def forget_stale_steps(self) -> None:
+        """Drop the captured steps when a weight or buffer of the model has moved (``.to()``,
+        ``freeze_fp4``, a layer replaced): their graphs read the old addresses. Weights
+        changed in place (``load_state_dict``) need nothing: the graphs read them anew."""
+        where = tuple(t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers()))
+        if where != self._weights_at:
+            self.steps.clear()
+            self._weights_at = where
 
     # ------------------------------------------------------------------ the call
 
@@ -196,6 +211,7 @@ class GraphedDecoder:
     def _decode(self, call: _Call) -> Tensor:
         """The new tokens [batch, n] as the graph wrote them (through the step where every row
         has met an end-of-sequence token, or all of them)."""
+        self.forget_stale_steps()
         ids = call.ids
         batch, prompt = ids.shape
         step = self._step(batch, prompt + call.new, ids.device)
