@@ -37,7 +37,7 @@ from apt_model.i18n import tr
 ATTR = "_vb_graphed_decode"
 EOS_CHECK_EVERY = 16
 CACHE_LEN_STEP = 256  # cache lengths are rounded up to this: prompts of other lengths share a graph
-KEPT_GRAPHS = 4  # (batch, cache length) entries kept; the oldest goes first
+KEPT_GRAPHS = 2  # (batch, cache length) steps kept, each with its static cache; the oldest goes first
 
 # Generation-config fields a taken call may differ from the defaults in (anything else, such as
 # sampling, beams, penalties, or output dicts, goes to Hugging Face). temperature / top_p /
