@@ -22,6 +22,7 @@ Face's ``generate`` from then on, with one warning.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import warnings
 from collections import OrderedDict
@@ -140,6 +141,12 @@ def padded_like_greedy_search(tokens: Tensor, eos: tuple[int, ...], pad: int | N
     return tokens
 
 
+def _logits(model: nn.Module, ids: Tensor, cache: Any, position: Tensor, **extra: Any) -> Tensor:
+    """The model's logits for ``ids`` at cache positions ``position``, writing ``cache``."""
+    return model(input_ids=ids, past_key_values=cache, cache_position=position,
+                 position_ids=position.expand(ids.shape[0], -1), use_cache=True, **extra).logits
+
+
 class GraphedDecoder:
     """The ``generate`` :func:`attach` installs, with the steps it keeps."""
 
@@ -148,7 +155,7 @@ class GraphedDecoder:
         self.hf_generate: Callable[..., Any] = type(model).generate.__get__(model)
         self.steps: OrderedDict[tuple[int, int], _Step] = OrderedDict()
         self.failed: str | None = None
-        self._forward: Callable[[Tensor, Tensor, Any], Tensor] | None = None
+        self._forward: Callable[[Tensor, Any, Tensor], Tensor] | None = None
         self._weights_at: tuple[int, ...] = ()  # where the captured steps read the weights
         self._keep_one = "logits_to_keep" in inspect.signature(model.forward).parameters
 
@@ -233,9 +240,7 @@ class GraphedDecoder:
         prompt = ids.shape[1]
         position = torch.arange(prompt, device=ids.device)
         extra = {"logits_to_keep": 1} if self._keep_one else {}
-        logits = self.model(input_ids=ids, past_key_values=step.cache, cache_position=position,
-                            position_ids=position.expand(ids.shape[0], -1), use_cache=True,
-                            **extra).logits
+        logits = _logits(self.model, ids, step.cache, position, **extra)
         first = logits[:, -1].argmax(dim=-1, keepdim=True)
         step.token.copy_(first)
         step.tokens[:, :1].copy_(first)
@@ -269,7 +274,7 @@ class GraphedDecoder:
         forward = self._compiled_forward()
 
         def decode_step() -> None:
-            logits = forward(step.token, step.position, step.cache)
+            logits = forward(step.token, step.cache, step.position)
             token = logits[:, -1].argmax(dim=-1, keepdim=True)
             step.token.copy_(token)
             step.tokens.index_copy_(1, step.index, token)
@@ -289,14 +294,8 @@ class GraphedDecoder:
             decode_step()
         step.graph = graph
 
-    def _compiled_forward(self) -> Callable[[Tensor, Tensor, Any], Tensor]:
+    def _compiled_forward(self) -> Callable[[Tensor, Any, Tensor], Tensor]:
         if self._forward is None:
-            model = self.model
-
-            def forward(token: Tensor, position: Tensor, cache: Any) -> Tensor:
-                return model(input_ids=token, past_key_values=cache, cache_position=position,
-                             position_ids=position.expand(token.shape[0], -1),
-                             use_cache=True).logits
-
-            self._forward = torch.compile(forward, fullgraph=True, dynamic=False)
+            self._forward = torch.compile(functools.partial(_logits, self.model), fullgraph=True,
+                                          dynamic=False)
         return self._forward
