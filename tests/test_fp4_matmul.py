@@ -306,6 +306,7 @@ def test_triton_kernels_in_interpreter():
         import torch
         from apt_model.fp4.format import fake_quantize_fp4, quantize_fp4
         from apt_model.fp4.kernel_plan import KernelPlan
+        from apt_model.fp4 import triton_matmul
         from apt_model.fp4.triton_matmul import MatProduct, fp4_dequantize, fp4_grad_input, fp4_matmul
         from apt_model.fp4.triton_quantize import fake_quantize_fp4_triton, quantize_fp4_triton
         cases = [("gemv", dict(BLOCK_N=16, BLOCK_K=64), 1, None),
@@ -363,6 +364,16 @@ def test_triton_kernels_in_interpreter():
                 product = MatProduct(w.packed, w.scales, w.tensor_scale, 200, m, torch.bfloat16, True)
                 first = product(x, b)
                 assert torch.equal(product(x, b), first), (fmt, "prepared", m)
+            # ... and over three slices of 256, 256 and 88 weight rows: the chunked path's bits
+            triton_matmul.CHUNK_BYTES = 256 * 200 * 2
+            w = quantize_fp4(torch.randn(600, 200), fmt)
+            x, b = torch.randn(70, 200).bfloat16(), torch.randn(600).bfloat16()
+            want = fp4_matmul(x, w.packed, w.scales, w.tensor_scale, 200, b,
+                              plan=KernelPlan("chunked", chunk_rows=256, overlap=False))
+            product = MatProduct(w.packed, w.scales, w.tensor_scale, 200, 70, torch.bfloat16, True)
+            for _ in range(2):
+                assert torch.equal(product(x, b), want), (fmt, "prepared slices")
+            triton_matmul.CHUNK_BYTES = 128 * 2**20
             w = torch.randn(48, 200) * 3
             ref = quantize_fp4(w, fmt)
             got = quantize_fp4_triton(w, fmt)
@@ -748,6 +759,23 @@ def test_chunked_path(fmt, dtype, bias):
     torch.testing.assert_close(
         out, _run_poisoned(x, w, b, kernel="chunked", chunk_rows=64, overlap=False),
         rtol=0, atol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("bias", [True, False])
+def test_prepared_chunked_product_is_the_chunked_path(bias, monkeypatch):
+    """The prepared product of several rows (a prefill's eager path) over several slices and a
+    ragged last one: the same bits as the planned chunked path, call after call."""
+    from apt_model.fp4 import triton_matmul
+
+    monkeypatch.setattr(triton_matmul, "CHUNK_BYTES", 256 * 1040 * 2)  # 256-row slices
+    monkeypatch.setenv("VB_FP4_LARGE_KERNEL", "chunked")
+    x, w, b = _problem(70, 600, 1040, "nvfp4", torch.bfloat16, "cuda", bias=bias)
+    want = _matmul(x, w, b, kernel="chunked", chunk_rows=256, overlap=False)
+    product = triton_matmul.MatProduct(w.packed, w.scales, w.tensor_scale, 1040, 70, torch.bfloat16,
+                                       bias)
+    for _ in range(3):  # the first call plans, later ones run the prepared slices
+        torch.testing.assert_close(product(x, b), want, rtol=0, atol=0)
 
 
 @needs_triton

@@ -159,7 +159,7 @@ class KernelPlan:
     ``split_k``: how many programs share the reduction over K ("gemv", "small", "gemm");
     None: derived from the layer's size and the GPU's multiprocessor count.
     ``chunk_rows`` and ``overlap`` shape the "chunked" path: weight rows dequantized per
-    cuBLAS call (None: 64 MiB of bf16 at a time) and whether the next slice is dequantized
+    cuBLAS call (None: ``triton_matmul.CHUNK_BYTES`` of bf16 at a time) and whether the next slice is dequantized
     on a side stream meanwhile.
     ``use_asm``: the PTX decode (True) or the plain-Triton one (False); None: PTX except
     under the interpreter.

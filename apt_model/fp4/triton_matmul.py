@@ -741,7 +741,7 @@ def _large_kernel(x: Tensor, packed: Tensor, scales: Tensor, tensor_scale: Tenso
 
     The fused GEMM never holds more than a tile of bf16 weight but pays for dequantizing
     each weight tile once per M tile, serialized with the tensor cores inside a CTA;
-    the chunked path runs cuBLAS on weight slices of at most 64 MiB. Which wins depends on
+    the chunked path runs cuBLAS on weight slices of at most ``CHUNK_BYTES``. Which wins depends on
     the GPU and the shape, so the first call per (shape, M bucket, dtype) times both, like
     the autotuner does for configs (so, like autotuning, not inside CUDA-graph capture).
     ``VB_FP4_LARGE_KERNEL=gemm|chunked`` pins one; fp32 activations always take the
@@ -868,13 +868,16 @@ def _as_words(packed: Tensor) -> Tensor:
     return packed.view(torch.int32)
 
 
-# Fewer, larger GEMMs waste less on partial waves: on an H100 at M = 4096 slices of ~1280
-# rows ran 1.14x bf16 cuBLAS, 4096 rows 0.99-1.11x, 8192 rows 1.14-1.20x
-# (bench/fp4_variants.py; BENCHMARKS.md).
+# Fewer, larger GEMMs waste less on partial waves, and every slice costs the host a launch
+# and a cuBLAS call: at M = 512 one 112 MiB slice of 14336 -> 4096 ran 13% faster than
+# two (H200; bench/fp4_variants.py, BENCHMARKS.md).
+CHUNK_BYTES = 128 * 2**20
+
+
 def _chunk_rows(n: int, k: int) -> int:
-    """Weight rows per cuBLAS call of the chunked path: 64 MiB of bf16 (4096 rows for
-    K = 8192), a multiple of 256."""
-    rows = max(256, (64 * 2**20 // (2 * max(k, 1))) // 256 * 256)
+    """Weight rows per cuBLAS call of the chunked path: ``CHUNK_BYTES`` of bf16 (8192 rows
+    for K = 8192), a multiple of 256."""
+    rows = max(256, (CHUNK_BYTES // (2 * max(k, 1))) // 256 * 256)
     return min(rows, cdiv(n, 256) * 256)
 
 
@@ -888,19 +891,32 @@ def _packed_rows(packed: Tensor) -> Tensor:
     return packed if packed.stride(-1) == 1 else packed.contiguous()
 
 
+class _DequantLaunch:
+    """The dequantization of some weight rows (packed bytes, scale bytes) into a buffer of
+    ``dtype`` with row stride ``stride_on``, worked out once: call it with the buffer."""
+
+    __slots__ = ("operands", "key", "grid", "consts")
+
+    def __init__(self, packed: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool, k: int,
+                 dtype: torch.dtype, stride_on: int) -> None:
+        words = _as_words(packed)
+        n, kw = words.shape
+        cfg = DEQUANT_BLOCK
+        self.grid = (cdiv(n, cfg["BLOCK_N"]), cdiv(kw, cfg["BKW"]))
+        self.consts = dict(N=n, K=k, KW=kw, stride_wn=words.stride(0), stride_sn=s_bytes.stride(0),
+                           stride_on=stride_on, IS_NV=is_nv, TS_ROWS=is_nv and ts.numel() > 1,
+                           USE_ASM=not _interpreting(), **cfg)
+        self.operands = (words, s_bytes, ts)
+        self.key = ("dequant", packed.device.index, dtype, tuple(self.consts.items()))
+
+    def __call__(self, out: Tensor) -> None:
+        direct_launch(self.key, _fp4_dequant_kernel, self.grid, (*self.operands, out), self.consts)
+
+
 def _dequantize_rows(packed: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool, k: int,
                      out: Tensor) -> None:
     """Weight rows (packed bytes, scale bytes) dequantized into ``out`` [rows, k]."""
-    words = _as_words(packed)
-    n, kw = words.shape
-    cfg = DEQUANT_BLOCK
-    grid = (cdiv(n, cfg["BLOCK_N"]), cdiv(kw, cfg["BKW"]))
-    consts = dict(N=n, K=k, KW=kw, stride_wn=words.stride(0), stride_sn=s_bytes.stride(0),
-                  stride_on=out.stride(0), IS_NV=is_nv, TS_ROWS=is_nv and ts.numel() > 1,
-                  USE_ASM=not _interpreting(), **cfg)
-    tensors = (words, s_bytes, ts, out)
-    direct_launch(("dequant", out.device.index, out.dtype, tuple(consts.items())),
-                  _fp4_dequant_kernel, grid, tensors, consts)
+    _DequantLaunch(packed, s_bytes, ts, is_nv, k, out.dtype, out.stride(0))(out)
 
 
 def fp4_dequantize(packed: Tensor, scales: Tensor, tensor_scale: Tensor | None, k: int,
@@ -914,53 +930,73 @@ def fp4_dequantize(packed: Tensor, scales: Tensor, tensor_scale: Tensor | None, 
     return out
 
 
+def _slices(packed: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool, k: int, dtype: torch.dtype,
+            rows: int | None) -> list[tuple[int, int, _DequantLaunch]]:
+    """(first row, end row, its dequantization) for each slice of ``rows`` weight rows
+    (default :func:`_chunk_rows`) of the chunked path, into a contiguous buffer."""
+    n = packed.shape[0]
+    rows = rows or _chunk_rows(n, k)
+    per_row_ts = is_nv and ts.numel() > 1
+    return [(r0, min(n, r0 + rows),
+             _DequantLaunch(packed[r0:r0 + rows], s_bytes[r0:r0 + rows],
+                            ts[r0:r0 + rows] if per_row_ts else ts, is_nv, k, dtype, k))
+            for r0 in range(0, n, rows)]
+
+
+def _multiply(x: Tensor, part: Tensor, bias: Tensor | None, out: Tensor) -> None:
+    """``out`` = x @ part.T (+ bias), by cuBLAS."""
+    if bias is None:
+        torch.mm(x, part.T, out=out)
+    else:
+        torch.addmm(bias, x, part.T, out=out)
+
+
 @functools.lru_cache(maxsize=16)
 def _side_stream(index: int) -> torch.cuda.Stream:
     return torch.cuda.Stream(device=index)
 
 
-def _chunked(x: Tensor, packed: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool, k: int,
-             bias: Tensor | None, out: Tensor, rows: int | None, overlap: bool) -> Tensor:
-    """Large M: dequantize ``rows`` weight rows at a time into a bf16/fp16 buffer (Triton,
-    memory-bound) and let cuBLAS multiply each slice into its output columns.
+def _chunked(x: Tensor, slices: list[tuple[int, int, _DequantLaunch]], bias: Tensor | None,
+             out: Tensor, overlap: bool) -> Tensor:
+    """Large M: dequantize the weight a slice at a time (``slices``, :func:`_slices`) into a
+    bf16/fp16 buffer (Triton, memory-bound) and let cuBLAS multiply each slice into its
+    output columns.
 
-    Only a slice or two of the weight ever exists in bf16 (64 MiB at most: it stays in L2
-    for cuBLAS to read back), so this is cuBLAS speed plus a streaming pass. With
-    ``overlap`` the next slice is dequantized on a side stream into a second buffer while
-    cuBLAS multiplies the current one (events order the two; CUDA-graph capture keeps them).
+    Only a slice or two of the weight ever exists in bf16, so this is cuBLAS speed plus a
+    streaming pass. With ``overlap`` the next slice is dequantized on a side stream into a
+    second buffer while cuBLAS multiplies the current one (events order the two; CUDA-graph
+    capture keeps them).
     """
-    n = packed.shape[0]
-    rows = rows or _chunk_rows(n, k)
-    starts = list(range(0, n, rows))
-    overlap = overlap and len(starts) > 1 and x.device.type == "cuda"
-    bufs = [torch.empty((min(rows, n), k), dtype=x.dtype, device=x.device)
-            for _ in range(2 if overlap else 1)]
+    rows = slices[0][1] - slices[0][0]
+    k = x.shape[1]
+    overlap = overlap and len(slices) > 1 and x.device.type == "cuda"
+    bufs = [torch.empty((rows, k), dtype=x.dtype, device=x.device) for _ in range(1 + overlap)]
+    whole = len(slices) == 1
 
     def dequantize(i: int) -> Tensor:
-        r0, r1 = starts[i], min(n, starts[i] + rows)
+        r0, r1, launch = slices[i]
         part = bufs[i % len(bufs)][: r1 - r0]
-        _dequantize_rows(packed[r0:r1], s_bytes[r0:r1], ts[r0:r1] if is_nv and ts.numel() > 1 else ts,
-                         is_nv, k, part)
+        launch(part)
         return part
 
     def multiply(i: int, part: Tensor) -> None:
-        r0, r1 = starts[i], min(n, starts[i] + rows)
-        if bias is None:
-            torch.mm(x, part.T, out=out[:, r0:r1])
+        r0, r1, _ = slices[i]
+        if whole:
+            _multiply(x, part, bias, out)
         else:
-            torch.addmm(bias[r0:r1], x, part.T, out=out[:, r0:r1])
+            _multiply(x, part, None if bias is None else bias[r0:r1], out[:, r0:r1])
 
     if not overlap:
-        for i in range(len(starts)):
+        for i in range(len(slices)):
             multiply(i, dequantize(i))
         return out
     main = torch.cuda.current_stream(x.device)
     side = _side_stream(_index(x.device))
     side.wait_stream(main)  # the packed weight and the buffers are ready
-    ready = [torch.cuda.Event() for _ in starts]
-    used = [torch.cuda.Event() for _ in starts]
+    ready = [torch.cuda.Event() for _ in slices]
+    used = [torch.cuda.Event() for _ in slices]
     parts = []
-    for i in range(len(starts)):
+    for i in range(len(slices)):
         with torch.cuda.stream(side):
             if i >= 2:
                 side.wait_event(used[i - 2])  # cuBLAS is done with this buffer
@@ -971,7 +1007,7 @@ def _chunked(x: Tensor, packed: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool
             multiply(i - 1, parts[i - 1])
             used[i - 1].record(main)
     main.wait_event(ready[-1])
-    multiply(len(starts) - 1, parts[-1])
+    multiply(len(slices) - 1, parts[-1])
     return out
 
 
@@ -1256,10 +1292,10 @@ class MatProduct:
             kernel = _settled_large_kernel(_large_key(device, n, k, m, self.dtype, self.scales.dtype,
                                                       self.has_bias)) or "chunked"
         if kernel == "chunked":
-            packed = _packed_rows(self.packed)
+            slices = _slices(_packed_rows(self.packed), s_bytes, ts, is_nv, k, self.dtype, None)
 
             def chunked(x: Tensor, bias: Tensor | None, result: Tensor) -> None:
-                _chunked(x, packed, s_bytes, ts, is_nv, k, bias, result, None, True)
+                _chunked(x, slices, bias, result, False)
 
             return chunked
         words = _as_words(self.packed)
@@ -1328,8 +1364,8 @@ def fp4_matmul(
     if m == 0 or n == 0:
         return result
     if kernel == "chunked":
-        return _chunked(x, _packed_rows(packed), s_bytes, ts, is_nv, k, bias, result, chunk_rows,
-                        overlap)
+        slices = _slices(_packed_rows(packed), s_bytes, ts, is_nv, k, x.dtype, chunk_rows)
+        return _chunked(x, slices, bias, result, overlap)
     fn, grid, consts, split = _dot_launch(kernel, m, k, words, s_bytes, ts, is_nv, x.dtype,
                                           bias is not None, x.device, config, split_k, use_asm,
                                           x.stride(0))
