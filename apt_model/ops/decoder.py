@@ -18,13 +18,13 @@ in the last bit of a few values (its fp32 sum of squares is added in another ord
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from apt_model.ops.triton_launch import triton_runs_on
 
 __all__ = ["fused_here", "fused_rms_norm", "fused_rotary", "fused_silu_mul", "rms_norm", "rotary",
            "rotate_half", "silu_mul"]
@@ -33,19 +33,11 @@ _HALF_DTYPES = (torch.bfloat16, torch.float16)
 _PLAIN = (Tensor, torch.nn.Parameter)  # not subclasses such as fake tensors
 
 
-@functools.cache
-def _kernels() -> ModuleType | None:
-    """The Triton kernels, imported on first use; None without Triton."""
-    if importlib.util.find_spec("triton") is None:
-        return None
+def _kernels() -> ModuleType:
+    """The Triton kernels (imported on first use, where :func:`triton_runs_on` holds)."""
     import apt_model.ops.triton_decoder as triton_decoder
 
     return triton_decoder
-
-
-@functools.cache
-def _device_runs_triton(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= (8, 0) and _kernels() is not None
 
 
 def fused_here(*tensors: Tensor) -> bool:
@@ -58,7 +50,7 @@ def fused_here(*tensors: Tensor) -> bool:
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     return all(type(t) in _PLAIN and t.device == first.device for t in tensors) and \
-        _device_runs_triton(first.device.index)
+        triton_runs_on(first.device.index)
 
 
 def fused_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor | None:

@@ -20,12 +20,15 @@ microseconds a call on the host.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import torch
 from torch import Tensor
 
 from apt_model import env
 
-__all__ = ["cdiv", "direct_launch", "interpreting", "next_pow2"]
+__all__ = ["cdiv", "direct_launch", "interpreting", "next_pow2", "triton_runs_on"]
 
 _DIRECT: dict[tuple, tuple] = {}
 # Triton versions whose C launcher takes (grid x, y, z, stream, function, cooperative grid,
@@ -42,6 +45,14 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(v: int) -> int:
     """The least power of two >= ``v`` (1 for ``v`` <= 1)."""
     return 1 << max(0, (v - 1).bit_length())
+
+
+@functools.cache
+def triton_runs_on(index: int) -> bool:
+    """Whether this package's Triton kernels run on CUDA device ``index``: Triton installed,
+    compute capability 8.0 or newer."""
+    return importlib.util.find_spec("triton") is not None and \
+        torch.cuda.get_device_capability(index) >= (8, 0)
 
 
 def interpreting() -> bool:

@@ -3,9 +3,10 @@ memory-efficient kernels), and the fused linear + cross-entropy loss.
 
 Modules that expose ``attn_implementation`` (APT's attention) are switched from "eager" to
 "sdpa". Hugging Face models are switched to "vb_sdpa": their SDPA path, except that under
-autocast query/key/value are brought to the autocast dtype first. (Hugging Face applies
+autocast query/key/value are brought to the autocast dtype first (Hugging Face applies
 rotary embeddings in the hidden states' dtype, fp32 under autocast, which would keep SDPA
-off its flash kernel.)
+off its flash kernel), and that one new token per sequence on CUDA attends through
+:func:`~apt_model.ops.decode_attention.decode_attention` (decoding, eager and compiled).
 """
 
 from __future__ import annotations
@@ -17,11 +18,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from apt_model.ops.decode_attention import decode_attention
+
 HF_IMPLEMENTATION = "vb_sdpa"
 
 
 def _is_hf_model(model: nn.Module) -> bool:
     return hasattr(getattr(model, "config", None), "_attn_implementation")
+
+
+# Arguments of Hugging Face's attention functions that the one-token kernel does not compute.
+_NOT_DECODE_KERNEL = ("softcap", "position_bias", "s_aux", "sinks")
 
 
 def _vb_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -32,6 +39,11 @@ def _vb_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: t
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         query, key, value = (t.to(dtype) for t in (query, key, value))
+    if not kwargs.get("dropout") and not kwargs.get("output_attentions") \
+            and all(kwargs.get(name) is None for name in _NOT_DECODE_KERNEL):
+        out = decode_attention(query, key, value, attention_mask, kwargs.get("scaling"))
+        if out is not None:
+            return out, None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
