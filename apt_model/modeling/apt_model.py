@@ -46,6 +46,7 @@ from apt_model.errors import VBConfigError
 from apt_model.i18n import tr
 from apt_model.modeling import decoding
 from apt_model.modeling.kv_cache import KVCache, LayerKVCache, StaticKVCache, StaticLayerKVCache
+from apt_model.ops.decode_attention import decode_attention
 from apt_model.ops.linear_cross_entropy import linear_cross_entropy
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -282,7 +283,13 @@ class APTAttention(nn.Module):
         # eligible. A single decode query may see every cached key: no mask at all. Only a
         # multi-token chunk after a prefix needs an explicit mask, because SDPA's is_causal
         # aligns the triangle to the top-left corner, not to the end of the keys.
+        # One decode query over a static cache on CUDA: the one-token kernel, which reads the
+        # cache in place (None where it does not apply).
         if mask is not None:
+            if q.shape[2] == 1 and not dropout_p:
+                out = decode_attention(q, k, v, mask[None, None])
+                if out is not None:
+                    return out.transpose(1, 2)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         q_len = q.shape[2]
         if past == 0:
