@@ -59,6 +59,18 @@ def test_left_to_the_caller_off_cuda_and_for_other_shapes():
     assert decode_attention(torch.randn(1, 4, 3, 32), k, v, None) is None
 
 
+def test_the_op_compiles_whole_graph():
+    """The op inside ``torch.compile(fullgraph=True)`` (its fake kernel gives the shapes; on
+    the CPU it runs the formula): no graph break, the formula's values."""
+    torch._dynamo.reset()
+    q, k, v = torch.randn(2, 4, 1, 32), torch.randn(2, 2, 9, 32), torch.randn(2, 2, 9, 32)
+    mask = torch.rand(1, 1, 1, 9) > 0.5
+    op = torch.ops.apt_model.decode_attention
+    compiled = torch.compile(lambda *a: op(*a) * 2.0, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, mask, 0.2),
+                               decode_attention_reference(q, k, v, mask, 0.2) * 2.0)
+
+
 @needs_interpreter
 def test_kernels_in_the_interpreter():
     """The kernel on the CPU through Triton's interpreter, in fp32: grouped heads, each mask
