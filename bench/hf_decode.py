@@ -15,6 +15,8 @@ Variants (each in a fresh subprocess, the same seeded bf16 model built on the ca
                  fp4=False)``): what the loop gives without FP4, to tell the two apart
   bnb-4bit       transformers' ``BitsAndBytesConfig(load_in_4bit=True)`` (NF4, bf16 compute),
                  loaded by ``from_pretrained`` from the same weights saved to /dev/shm; eager
+  bnb-static     the same, then as bf16-static (HF's static recipe compiles the step with
+                 bitsandbytes' layers in it)
 For APT xl, "eager" is ``APTModel.generate`` as is and "static" adds
 ``static_cache=True, cuda_graph=True, compile_step=True`` (its best bf16 configuration).
 
@@ -63,7 +65,8 @@ from variants import (
 from apt_model.storage import module_nbytes
 
 MODELS = ("llama-1b", "llama-8b", "llama-8b-thin", "apt-xl")
-VARIANTS = ("bf16-eager", "bf16-static", "vb-eager", "vb-static", "bf16-graphed", "bnb-4bit")
+VARIANTS = ("bf16-eager", "bf16-static", "vb-eager", "vb-static", "bf16-graphed", "bnb-4bit",
+            "bnb-static")
 
 # Llama-3.2-1B and Llama-3-8B shapes (their published configs, minus the weights).
 LLAMA_SHAPES = {
@@ -273,7 +276,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     device = torch.device("cuda")
     variant = args.variant
     bandwidth = read_bandwidth()  # before the model: the peak below is the model's
-    if variant == "bnb-4bit":
+    if variant.startswith("bnb-"):
         if args.model == "apt-xl":
             return {"variant": variant, "skipped": "bitsandbytes loads Hugging Face models only"}
         try:
@@ -294,7 +297,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     else:
         model = build_llama(args.model, device)
         vocab = model.config.vocab_size
-    if variant == "bnb-4bit":
+    if variant.startswith("bnb-"):
         model = _bnb_llama(model, device)  # the bf16 copy is freed here
         torch.cuda.empty_cache()
     if variant.startswith("vb-"):
