@@ -39,12 +39,12 @@ def test_defaults_and_mode_table():
     assert resolved.config.mode == "balanced" and not resolved.config.enabled
     assert all(src == "default" or src.startswith("mode:") for src in resolved.sources.values())
     # fp4, fused attention, fused loss, bf16 autocast, checkpointing, offloaded optimizer,
-    # graphed decoding
+    # graphed decoding, one-token decode attention
     expected = {
-        "full": (True, True, True, True, True, True, False),
-        "speed": (True, False, False, False, False, False, True),
-        "memory": (False, True, True, True, True, False, False),
-        "balanced": (False, True, True, True, False, False, False),
+        "full": (True, True, True, True, True, True, False, True),
+        "speed": (True, False, False, False, False, False, True, True),
+        "memory": (False, True, True, True, True, False, False, True),
+        "balanced": (False, True, True, True, False, False, False, True),
     }
     for mode, flags in expected.items():
         cfg = config.VBConfig(mode=mode)
@@ -177,7 +177,7 @@ def test_enable_disable_get_config(monkeypatch):
     assert vb.is_enabled() and cfg["mode"] == "memory"
     assert cfg["effective"] == {"fp4": False, "fused_attention": True, "fused_loss": True,
                                 "mixed_precision": True, "gradient_checkpointing": True, "offload_optimizer": False,
-                                "graphed_decode": False}
+                                "graphed_decode": False, "decode_attention": True}
     assert vb.explain_config()["mode"] == ("memory", "env:VB_MODE")
     vb.enable_speed_mode(verbose=False)
     assert vb.get_config()["mode"] == "speed" and vb.explain_config()["mode"][1] == "argument"

@@ -213,3 +213,29 @@ def test_cuda_apt_static_decoding_attends_through_the_kernel(monkeypatch):
         want = model.generate(prompt, 20, do_sample=False, static_cache=True)
     assert torch.equal(got, want)
     assert torch.equal(graphed, want)
+
+
+def test_speed_mode_routes_sdpa_models_to_the_kernel_and_restore_undoes_it():
+    """Speed mode moves a Hugging Face model on SDPA to "vb_sdpa" and marks its attention
+    modules; ``decode_attention=False`` leaves it alone; ``vb.restore`` gives it back."""
+    transformers = pytest.importorskip("transformers")
+    import apt_model.optimization.vb_global as vb
+    from apt_model.optimization.attention import DECODE_ATTR
+
+    def llama():
+        config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, attn_implementation="sdpa")
+        return transformers.LlamaForCausalLM(config)
+
+    def marked(model):
+        return sum(getattr(m, DECODE_ATTR, False) for m in model.modules())
+
+    model = llama()
+    vb.optimize(model, mode="speed", fp4=False, verbose=False)
+    assert model.config._attn_implementation == "vb_sdpa" and marked(model) == 2
+    vb.restore(model)
+    assert model.config._attn_implementation == "sdpa" and marked(model) == 0
+    off = llama()
+    vb.optimize(off, mode="speed", fp4=False, decode_attention=False, verbose=False)
+    assert off.config._attn_implementation == "sdpa" and marked(off) == 0

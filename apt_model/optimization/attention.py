@@ -5,7 +5,8 @@ Modules that expose ``attn_implementation`` (APT's attention) are switched from 
 "sdpa". Hugging Face models are switched to "vb_sdpa": their SDPA path, except that under
 autocast query/key/value are brought to the autocast dtype first (Hugging Face applies
 rotary embeddings in the hidden states' dtype, fp32 under autocast, which would keep SDPA
-off its flash kernel), and that one new token per sequence on CUDA attends through
+off its flash kernel), and that where ``use_decode_attention`` marked the attention modules
+one new token per sequence on CUDA attends through
 :func:`~apt_model.ops.decode_attention.decode_attention` (decoding, eager and compiled).
 """
 
@@ -31,6 +32,10 @@ def _is_hf_model(model: nn.Module) -> bool:
 _NOT_DECODE_KERNEL = ("softcap", "position_bias", "s_aux", "sinks")
 
 
+# Set on an attention module whose decoding takes the one-token kernel (``use_decode_attention``).
+DECODE_ATTR = "_vb_decode_attention"
+
+
 def _vb_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
              attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -39,7 +44,8 @@ def _vb_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: t
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         query, key, value = (t.to(dtype) for t in (query, key, value))
-    if not kwargs.get("dropout") and not kwargs.get("output_attentions") \
+    if getattr(module, DECODE_ATTR, False) and not kwargs.get("dropout") \
+            and not kwargs.get("output_attentions") \
             and all(kwargs.get(name) is None for name in _NOT_DECODE_KERNEL):
         out = decode_attention(query, key, value, attention_mask, kwargs.get("scaling"))
         if out is not None:
@@ -68,7 +74,34 @@ def _switch_hf_model(model: nn.Module) -> int:
             model.set_attn_implementation(name)
     if model.config._attn_implementation not in (HF_IMPLEMENTATION, "sdpa"):
         return 0
-    return sum(type(m).__name__.endswith("Attention") for m in model.modules())
+    return len(_attention_modules(model))
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if type(m).__name__.endswith("Attention")]
+
+
+def use_decode_attention(model: nn.Module) -> Callable[[], None]:
+    """Let a Hugging Face model's SDPA attention decode one token through the one-token
+    kernel: a model on "sdpa" moves to "vb_sdpa" (the same SDPA for everything else) and its
+    attention modules are marked. (APT's SDPA path takes the kernel by itself.) Returns the
+    undo of the marks; the implementation goes back with ``remember_implementations``."""
+    if not _is_hf_model(model):
+        return lambda: None
+    if model.config._attn_implementation == "sdpa" and _register_hf_implementation():
+        with contextlib.suppress(ValueError, ImportError, AttributeError, KeyError):
+            model.set_attn_implementation(HF_IMPLEMENTATION)
+    if model.config._attn_implementation != HF_IMPLEMENTATION:
+        return lambda: None
+    marked = _attention_modules(model)
+    for module in marked:
+        setattr(module, DECODE_ATTR, True)
+
+    def unmark() -> None:
+        for module in marked:
+            module.__dict__.pop(DECODE_ATTR, None)
+
+    return unmark
 
 
 def _switch(model: nn.Module, attribute: str, known: tuple[str, ...], target: str) -> int:

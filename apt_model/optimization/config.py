@@ -33,6 +33,7 @@ class ModeSpec:
     gradient_checkpointing: bool
     offload_optimizer: bool  # fp32 masters and AdamW state in host RAM, on an accelerator
     graphed_decode: bool  # Hugging Face generate(): greedy decoding as a CUDA-graph replay a token
+    decode_attention: bool  # SDPA attention decodes one token through the one-token kernel
 
 
 # fused_loss rides with fused attention: both are fused kernels that cut activation memory.
@@ -41,13 +42,17 @@ class ModeSpec:
 # smallest weights for serving); then everything. ``auto_estimate`` takes the first that fits.
 MODES: dict[str, ModeSpec] = {
     "balanced": ModeSpec(fp4=False, fused_attention=True, fused_loss=True, mixed_precision=True,
-                         gradient_checkpointing=False, offload_optimizer=False, graphed_decode=False),
+                         gradient_checkpointing=False, offload_optimizer=False, graphed_decode=False,
+                         decode_attention=True),
     "memory": ModeSpec(fp4=False, fused_attention=True, fused_loss=True, mixed_precision=True,
-                       gradient_checkpointing=True, offload_optimizer=False, graphed_decode=False),
+                       gradient_checkpointing=True, offload_optimizer=False, graphed_decode=False,
+                       decode_attention=True),
     "speed": ModeSpec(fp4=True, fused_attention=False, fused_loss=False, mixed_precision=False,
-                      gradient_checkpointing=False, offload_optimizer=False, graphed_decode=True),
+                      gradient_checkpointing=False, offload_optimizer=False, graphed_decode=True,
+                      decode_attention=True),
     "full": ModeSpec(fp4=True, fused_attention=True, fused_loss=True, mixed_precision=True,
-                     gradient_checkpointing=True, offload_optimizer=True, graphed_decode=False),
+                     gradient_checkpointing=True, offload_optimizer=True, graphed_decode=False,
+                     decode_attention=True),
 }
 
 MOST_AGGRESSIVE = next(reversed(MODES))  # what auto_estimate falls back to when no mode fits
@@ -102,6 +107,7 @@ class VBConfig:
     gradient_checkpointing: bool | None = None
     offload_optimizer: bool | None = None
     graphed_decode: bool | None = None
+    decode_attention: bool | None = None
     fp4_format: str = "nvfp4"
     fp4_skip: tuple[str, ...] = ("lm_head", "*.lm_head")
     fp4_min_features: int = 64

@@ -16,6 +16,7 @@ from apt_model.i18n import tr
 from apt_model.optimization import graphed_decode
 from apt_model.optimization.attention import (
     remember_implementations,
+    use_decode_attention,
     use_fused_attention,
     use_fused_loss,
 )
@@ -28,7 +29,7 @@ from apt_model.optimization.wrapping import unwrap
 
 REPORT_ATTR = "_vb_report"
 _COMPARED_SWITCHES = ("fp4", "fused_attention", "fused_loss", "mixed_precision", "gradient_checkpointing",
-                      "graphed_decode")
+                      "graphed_decode", "decode_attention")
 
 
 @dataclass
@@ -107,6 +108,8 @@ def optimize(model: nn.Module, config: VBConfig) -> OptimizationReport:
         undo.append(unfuse_ops)
     undo.append(remember_implementations(model))
     attention = use_fused_attention(model) if config.switch("fused_attention") else 0
+    if config.switch("decode_attention"):
+        undo.append(use_decode_attention(model))
     fused_losses = use_fused_loss(model) if config.switch("fused_loss") else 0
     blocks = apply_checkpointing(model, config.checkpoint_blocks) if config.switch("gradient_checkpointing") else []
     undo.extend(functools.partial(unwrap, block) for block in blocks)
