@@ -895,7 +895,7 @@ class _DequantLaunch:
     """The dequantization of some weight rows (packed bytes, scale bytes) into a buffer of
     ``dtype`` with row stride ``stride_on``, worked out once: call it with the buffer."""
 
-    __slots__ = ("operands", "key", "grid", "consts")
+    __slots__ = ("operands", "key", "grid", "consts", "direct")
 
     def __init__(self, packed: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool, k: int,
                  dtype: torch.dtype, stride_on: int) -> None:
@@ -908,9 +908,19 @@ class _DequantLaunch:
                            USE_ASM=not _interpreting(), **cfg)
         self.operands = (words, s_bytes, ts)
         self.key = ("dequant", packed.device.index, dtype, tuple(self.consts.items()))
+        self.direct: tuple | None = None  # the compiled kernel's runner, once known
 
     def __call__(self, out: Tensor) -> None:
-        direct_launch(self.key, _fp4_dequant_kernel, self.grid, (*self.operands, out), self.consts)
+        direct = self.direct
+        if direct is not None and out.data_ptr() % 16 == 0:  # as at the first launch
+            runner, tail = direct
+            runner(*self.operands, out, *tail)
+            return
+        direct = direct_launch(self.key, _fp4_dequant_kernel, self.grid, (*self.operands, out),
+                               self.consts)
+        if direct is not None and out.data_ptr() % 16 == 0 \
+                and all(t.data_ptr() % 16 == 0 for t in self.operands):
+            self.direct = direct
 
 
 def _dequantize_rows(packed: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool, k: int,
@@ -943,8 +953,12 @@ def _slices(packed: Tensor, s_bytes: Tensor, ts: Tensor, is_nv: bool, k: int, dt
             for r0 in range(0, n, rows)]
 
 
-def _multiply(x: Tensor, part: Tensor, bias: Tensor | None, out: Tensor) -> None:
-    """``out`` = x @ part.T (+ bias), by cuBLAS."""
+def _multiply(x: Tensor, part: Tensor, bias: Tensor | None, out: Tensor, r0: int, r1: int) -> None:
+    """Output columns [r0, r1) = x @ part.T (+ bias's), by cuBLAS (the whole ``out`` when the
+    slice is all of it)."""
+    if r1 - r0 != out.shape[1]:
+        out = out[:, r0:r1]
+        bias = None if bias is None else bias[r0:r1]
     if bias is None:
         torch.mm(x, part.T, out=out)
     else:
@@ -968,46 +982,30 @@ def _chunked(x: Tensor, slices: list[tuple[int, int, _DequantLaunch]], bias: Ten
     capture keeps them).
     """
     rows = slices[0][1] - slices[0][0]
-    k = x.shape[1]
-    overlap = overlap and len(slices) > 1 and x.device.type == "cuda"
-    bufs = [torch.empty((rows, k), dtype=x.dtype, device=x.device) for _ in range(1 + overlap)]
-    whole = len(slices) == 1
-
-    def dequantize(i: int) -> Tensor:
-        r0, r1, launch = slices[i]
-        part = bufs[i % len(bufs)][: r1 - r0]
-        launch(part)
-        return part
-
-    def multiply(i: int, part: Tensor) -> None:
-        r0, r1, _ = slices[i]
-        if whole:
-            _multiply(x, part, bias, out)
-        else:
-            _multiply(x, part, None if bias is None else bias[r0:r1], out[:, r0:r1])
-
-    if not overlap:
-        for i in range(len(slices)):
-            multiply(i, dequantize(i))
+    buf = torch.empty((rows, x.shape[1]), dtype=x.dtype, device=x.device)
+    if not (overlap and len(slices) > 1 and x.device.type == "cuda"):
+        for r0, r1, launch in slices:
+            part = buf if r1 - r0 == rows else buf[: r1 - r0]
+            launch(part)
+            _multiply(x, part, bias, out, r0, r1)
         return out
+    bufs = (buf, torch.empty_like(buf))
     main = torch.cuda.current_stream(x.device)
     side = _side_stream(_index(x.device))
     side.wait_stream(main)  # the packed weight and the buffers are ready
     ready = [torch.cuda.Event() for _ in slices]
     used = [torch.cuda.Event() for _ in slices]
     parts = []
-    for i in range(len(slices)):
+    for i, (r0, r1, launch) in enumerate(slices):
         with torch.cuda.stream(side):
             if i >= 2:
                 side.wait_event(used[i - 2])  # cuBLAS is done with this buffer
-            parts.append(dequantize(i))
+            parts.append(bufs[i % 2][: r1 - r0])
+            launch(parts[i])
             ready[i].record(side)
-        if i >= 1:
-            main.wait_event(ready[i - 1])
-            multiply(i - 1, parts[i - 1])
-            used[i - 1].record(main)
-    main.wait_event(ready[-1])
-    multiply(len(slices) - 1, parts[-1])
+        main.wait_event(ready[i])
+        _multiply(x, parts[i], bias, out, r0, r1)
+        used[i].record(main)
     return out
 
 
