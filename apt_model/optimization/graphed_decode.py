@@ -147,12 +147,6 @@ def _logits(model: nn.Module, ids: Tensor, cache: Any, position: Tensor, **extra
                  position_ids=position.expand(ids.shape[0], -1), use_cache=True, **extra).logits
 
 
-def _next_token(model: nn.Module, ids: Tensor, cache: Any, position: Tensor) -> Tensor:
-    """The greedy next token [batch, 1] after ``ids`` (the decode step, compiled whole: the
-    argmax over the vocabulary too, which eagerly is one slow single-row reduction)."""
-    return _logits(model, ids, cache, position)[:, -1].argmax(dim=-1, keepdim=True)
-
-
 class GraphedDecoder:
     """The ``generate`` :func:`attach` installs, with the steps it keeps."""
 
@@ -161,14 +155,14 @@ class GraphedDecoder:
         self.hf_generate: Callable[..., Any] = type(model).generate.__get__(model)
         self.steps: OrderedDict[tuple[int, int], _Step] = OrderedDict()
         self.failed: str | None = None
-        self._step_fn: Callable[[Tensor, Any, Tensor], Tensor] | None = None  # compiled _next_token
+        self._forward: Callable[[Tensor, Any, Tensor], Tensor] | None = None
         self._weights_at: tuple[int, ...] = ()  # where the captured steps read the weights
         self._keep_one = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def __getstate__(self) -> dict[str, Any]:
         """Copied (``copy.deepcopy`` of the model) without its graphs, caches and compiled step,
         which the copy makes again at its first call."""
-        return dict(self.__dict__, steps=OrderedDict(), _step_fn=None, _weights_at=())
+        return dict(self.__dict__, steps=OrderedDict(), _forward=None, _weights_at=())
 
     def forget_stale_steps(self) -> None:
         """Drop the captured steps when a weight or buffer of the model has moved (``.to()``,
@@ -277,10 +271,11 @@ class GraphedDecoder:
     def _capture(self, step: _Step, batch: int, device: torch.device) -> None:
         """Warm the compiled step up on a side stream (the cache filled by a one-token prompt),
         then capture one step into a CUDA graph."""
-        next_token = self._compiled_step()
+        forward = self._compiled_forward()
 
         def decode_step() -> None:
-            token = next_token(step.token, step.cache, step.position)
+            logits = forward(step.token, step.cache, step.position)
+            token = logits[:, -1].argmax(dim=-1, keepdim=True)
             step.token.copy_(token)
             step.tokens.index_copy_(1, step.index, token)
             step.position.add_(1)
@@ -299,8 +294,8 @@ class GraphedDecoder:
             decode_step()
         step.graph = graph
 
-    def _compiled_step(self) -> Callable[[Tensor, Any, Tensor], Tensor]:
-        if self._step_fn is None:
-            self._step_fn = torch.compile(functools.partial(_next_token, self.model), fullgraph=True,
+    def _compiled_forward(self) -> Callable[[Tensor, Any, Tensor], Tensor]:
+        if self._forward is None:
+            self._forward = torch.compile(functools.partial(_logits, self.model), fullgraph=True,
                                           dynamic=False)
-        return self._step_fn
+        return self._forward
