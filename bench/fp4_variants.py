@@ -3,8 +3,8 @@
     python bench/fp4_variants.py --json variants.json
 
 Each row pins one kernel of ``apt_model.fp4.triton_matmul.fp4_matmul`` through a
-``KernelPlan`` ("gemv", "small", "gemm" with a config, or "chunked" with a slice size, with
-or without overlap; ``apt_model.fp4.kernel_plan.plan`` says what runs by default), checks it
+``KernelPlan`` ("gemv", "small", "gemm" with a config, or "chunked" with a slice size;
+``apt_model.fp4.kernel_plan.plan`` says what runs by default), checks it
 against fp64 on the timing input, then times it next to bf16 cuBLAS on the same input: up to
 ``--graph-max-m`` rows by CUDA-graph replay (``fp4_linear.bench_graph``: kernels of a few
 microseconds, whose launch gaps ``do_bench`` would count), above that by
@@ -31,7 +31,7 @@ def _c(bn, bk, w, st, pf, **kw):
 
 
 def _variants(m: int) -> list[tuple[str, dict | None, int | None]]:
-    """(kernel, config, chunked (rows, overlap)) to try at ``m`` rows."""
+    """(kernel, config, chunked slice rows) to try at ``m`` rows."""
     small = [("small", _c(bn, bk, w, st, pf, GROUP_M=1, SWAP=sw), None)
              for bn, bk, w, st, sw, pf in (
                  (64, 256, 4, 3, False, False), (64, 256, 4, 4, False, False),
@@ -52,7 +52,7 @@ def _variants(m: int) -> list[tuple[str, dict | None, int | None]]:
                    (256, 128, 128, 8, 3, False), (128, 128, 128, 4, 3, False),
                    (256, 128, 64, 8, 3, True), (128, 256, 64, 8, 3, False),
                    (256, 256, 64, 8, 3, False), (128, 64, 64, 4, 4, False))]
-    chunked = [("chunked", None, (r, o)) for r in (None, 2048, 4096, 8192) for o in (False, True)]
+    chunked = [("chunked", None, r) for r in (None, 2048, 4096, 8192)]
     if m == 1:
         gemv = [("gemv", _c(bn, bk, w, 1, pf), None) for bn, bk, w, pf in (
             (16, 1024, 8, 1), (32, 1024, 4, 0), (32, 2048, 8, 0), (16, 2048, 8, 1),
@@ -107,12 +107,11 @@ def main() -> int:
                 for kern, cfg, chunk in _variants(m):
                     if args.kernels and kern not in args.kernels.split(","):
                         continue
-                    rows_, overlap = chunk or (None, True)
-                    name = f"{kern} {cfg}" if cfg else f"{kern} rows={rows_} overlap={overlap}"
+                    name = f"{kern} {cfg}" if cfg else f"{kern} rows={chunk}"
                     try:
                         out = torch.full((m, n), float("nan"), device=dev, dtype=x.dtype)
 
-                        plan = KernelPlan(kern, config=cfg, chunk_rows=rows_, overlap=overlap)
+                        plan = KernelPlan(kern, config=cfg, chunk_rows=chunk)
 
                         def run(x=x, q=q, k=k, plan=plan, out=out):
                             return fp4_matmul(x, q.packed, q.scales, q.tensor_scale, k,

@@ -158,9 +158,8 @@ class KernelPlan:
     None: the autotuned one, or the fixed one where :func:`fixed_config` gives it.
     ``split_k``: how many programs share the reduction over K ("gemv", "small", "gemm");
     None: derived from the layer's size and the GPU's multiprocessor count.
-    ``chunk_rows`` and ``overlap`` shape the "chunked" path: weight rows dequantized per
-    cuBLAS call (None: ``triton_matmul.CHUNK_BYTES`` of bf16 at a time) and whether the next slice is dequantized
-    on a side stream meanwhile.
+    ``chunk_rows``: weight rows the "chunked" path dequantizes per cuBLAS call (None:
+    ``triton_matmul.CHUNK_BYTES`` of bf16 at a time).
     ``use_asm``: the PTX decode (True) or the plain-Triton one (False); None: PTX except
     under the interpreter.
     """
@@ -169,7 +168,6 @@ class KernelPlan:
     config: dict | None = None
     split_k: int | None = None
     chunk_rows: int | None = None
-    overlap: bool = True
     use_asm: bool | None = None
 
     def __post_init__(self) -> None:

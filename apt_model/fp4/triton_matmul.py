@@ -20,9 +20,9 @@ configs live in :mod:`apt_model.fp4.kernel_plan`; :func:`fp4_matmul` takes a
   traffic, hence the tensor cores; the compiler pipelines the weight loads.
 * large M: ``gemm``, a tiled matmul with the weight tile dequantized in registers,
   stored to shared memory by the compiler and fed to ``tl.dot`` in bf16 (fp16 for fp16
-  activations with NVFP4), fp32 accumulation; or ``chunked``: a 64 MiB slice of weight
-  rows at a time dequantized by Triton (the next slice on a side stream while cuBLAS
-  multiplies the current one). The first call per shape times both and keeps the
+  activations with NVFP4), fp32 accumulation; or ``chunked``: a slice of weight rows
+  (``CHUNK_BYTES`` of bf16) at a time dequantized by Triton, then multiplied by cuBLAS.
+  The first call per shape times both and keeps the
   faster (:func:`_large_kernel`; :func:`~apt_model.fp4.kernel_plan.chosen_large_kernels`).
 
 Dequantization (``_ASM_DECODE``): one PTX block turns a packed int32 word (8 E2M1 codes)
@@ -965,47 +965,20 @@ def _multiply(x: Tensor, part: Tensor, bias: Tensor | None, out: Tensor, r0: int
         torch.addmm(bias, x, part.T, out=out)
 
 
-@functools.lru_cache(maxsize=16)
-def _side_stream(index: int) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device=index)
-
-
 def _chunked(x: Tensor, slices: list[tuple[int, int, _DequantLaunch]], bias: Tensor | None,
-             out: Tensor, overlap: bool) -> Tensor:
+             out: Tensor) -> Tensor:
     """Large M: dequantize the weight a slice at a time (``slices``, :func:`_slices`) into a
     bf16/fp16 buffer (Triton, memory-bound) and let cuBLAS multiply each slice into its
-    output columns.
-
-    Only a slice or two of the weight ever exists in bf16, so this is cuBLAS speed plus a
-    streaming pass. With ``overlap`` the next slice is dequantized on a side stream into a
-    second buffer while cuBLAS multiplies the current one (events order the two; CUDA-graph
-    capture keeps them).
+    output columns: cuBLAS speed plus a streaming pass, with one slice of the weight in bf16
+    at a time. (Dequantizing the next slice on a side stream while cuBLAS multiplies gained
+    nothing at 512 rows and -4% to +5% at 4096 on an H200: BENCHMARKS.md.)
     """
     rows = slices[0][1] - slices[0][0]
     buf = torch.empty((rows, x.shape[1]), dtype=x.dtype, device=x.device)
-    if not (overlap and len(slices) > 1 and x.device.type == "cuda"):
-        for r0, r1, launch in slices:
-            part = buf if r1 - r0 == rows else buf[: r1 - r0]
-            launch(part)
-            _multiply(x, part, bias, out, r0, r1)
-        return out
-    bufs = (buf, torch.empty_like(buf))
-    main = torch.cuda.current_stream(x.device)
-    side = _side_stream(_index(x.device))
-    side.wait_stream(main)  # the packed weight and the buffers are ready
-    ready = [torch.cuda.Event() for _ in slices]
-    used = [torch.cuda.Event() for _ in slices]
-    parts = []
-    for i, (r0, r1, launch) in enumerate(slices):
-        with torch.cuda.stream(side):
-            if i >= 2:
-                side.wait_event(used[i - 2])  # cuBLAS is done with this buffer
-            parts.append(bufs[i % 2][: r1 - r0])
-            launch(parts[i])
-            ready[i].record(side)
-        main.wait_event(ready[i])
-        _multiply(x, parts[i], bias, out, r0, r1)
-        used[i].record(main)
+    for r0, r1, launch in slices:
+        part = buf if r1 - r0 == rows else buf[: r1 - r0]
+        launch(part)
+        _multiply(x, part, bias, out, r0, r1)
     return out
 
 
@@ -1293,7 +1266,7 @@ class MatProduct:
             slices = _slices(_packed_rows(self.packed), s_bytes, ts, is_nv, k, self.dtype, None)
 
             def chunked(x: Tensor, bias: Tensor | None, result: Tensor) -> None:
-                _chunked(x, slices, bias, result, False)
+                _chunked(x, slices, bias, result)
 
             return chunked
         words = _as_words(self.packed)
@@ -1338,10 +1311,9 @@ def fp4_matmul(
         raise RuntimeError("fp4_matmul needs Triton")
     if plan is None:
         kernel = config = use_asm = split_k = chunk_rows = None
-        overlap = True
     else:
         kernel, config, use_asm = plan.kernel, plan.config, plan.use_asm
-        split_k, chunk_rows, overlap = plan.split_k, plan.chunk_rows, plan.overlap
+        split_k, chunk_rows = plan.split_k, plan.chunk_rows
     m = x.shape[0]
     n = packed.shape[0]
     if x.stride(-1) != 1:
@@ -1363,7 +1335,7 @@ def fp4_matmul(
         return result
     if kernel == "chunked":
         slices = _slices(_packed_rows(packed), s_bytes, ts, is_nv, k, x.dtype, chunk_rows)
-        return _chunked(x, slices, bias, result, overlap)
+        return _chunked(x, slices, bias, result)
     fn, grid, consts, split = _dot_launch(kernel, m, k, words, s_bytes, ts, is_nv, x.dtype,
                                           bias is not None, x.device, config, split_k, use_asm,
                                           x.stride(0))
