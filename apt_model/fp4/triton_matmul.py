@@ -61,7 +61,7 @@ from apt_model.fp4.kernel_plan import (
     kernel_for,
 )
 from apt_model.fp4.kernel_plan import interpreting as _interpreting
-from apt_model.ops.triton_launch import cdiv, direct_launch, next_pow2
+from apt_model.ops.triton_launch import cdiv, direct_launch, next_pow2, sm_count
 
 try:  # Triton is optional: the package must import on CPU-only and NPU machines.
     import triton
@@ -797,11 +797,6 @@ def _index(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-@functools.lru_cache(maxsize=16)
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
@@ -817,7 +812,7 @@ def _split_k(n: int, kw: int, device: torch.device, kernel: str, tile_words: int
     if device.type != "cuda" or kernel == "gemm":
         return 1
     tiles = cdiv(n, 32)
-    sms = _sm_count(_index(device))
+    sms = sm_count(_index(device))
     if tiles >= sms:
         return 1
     return max(1, min(cdiv(2 * sms, tiles), kw // (2 * tile_words), 16))
@@ -1031,7 +1026,7 @@ def fp4_grad_input(
     if split_n is None:
         split_n = 1
         if grad.device.type == "cuda":
-            split_n = max(1, min(cdiv(2 * _sm_count(_index(grad.device)), tiles),
+            split_n = max(1, min(cdiv(2 * sm_count(_index(grad.device)), tiles),
                                  n // (4 * cfg["BLOCK_N"])))
     n_split = cdiv(cdiv(n, split_n), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     split_n = cdiv(n, n_split) if n else 1

@@ -60,10 +60,10 @@ def _decode_attention_op(query: Tensor, key: Tensor, value: Tensor, mask: Tensor
 @_decode_attention_op.register_kernel("cuda")
 def _decode_attention_cuda(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
                            scale: float) -> Tensor:
-    batch, heads, _, d = query.shape
-    out = torch.empty((batch, 1, heads, d), dtype=query.dtype, device=query.device)
     if not triton_runs_on(query.device.index):  # reached from a compiled graph
         return decode_attention_reference(query, key, value, mask, scale)
+    batch, heads, _, d = query.shape
+    out = torch.empty((batch, 1, heads, d), dtype=query.dtype, device=query.device)
     _kernels().decode_attention_into(query, key, value, mask, scale, out.view(batch, heads, d))
     return out
 

@@ -13,12 +13,10 @@ without Triton it imports, and launching a kernel fails.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
-from apt_model.ops.triton_launch import cdiv, direct_launch, next_pow2
+from apt_model.ops.triton_launch import cdiv, direct_launch, next_pow2, sm_count
 
 try:  # Triton is optional: every module of the package imports without it
     import triton
@@ -36,7 +34,7 @@ BLOCK_S = 64  # cache positions per loop step
 
 @_jit
 def _attend_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, part_ptr,
-                   H, G, S, D, qk_scale,
+                   H, G, S, D, qk_scale, log2e,
                    sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, sm_h, sm_s,
                    MASK: tl.constexpr, STEPS: tl.constexpr, SPLIT: tl.constexpr,
                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -71,7 +69,7 @@ def _attend_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, part_ptr,
             valid = valid & (keep != 0)
         if MASK == 2:
             add = tl.load(m_ptr + b * sm_b + h * sm_h + rows * sm_s, mask=s_mask, other=0.0)
-            scores = scores + add.to(tl.float32) * 1.4426950408889634
+            scores = scores + add.to(tl.float32) * log2e
         scores = tl.where(valid, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing to attend to yet
@@ -111,15 +109,10 @@ def _merge_kernel(part_ptr, o_ptr, D, SPLIT: tl.constexpr, BLOCK_D: tl.constexpr
     tl.store(o_ptr + bh * D + offs_d, out.to(o_ptr.dtype.element_ty), mask=d_mask)
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _split(rows: int, steps: int, index: int | None) -> int:
     """Cache slices per (sequence, head): enough programs for two per multiprocessor,
     at least one loop step each, a power of two (the merge loads them as one vector)."""
-    programs = 2 * (_sm_count(index) if index is not None else 8)
+    programs = 2 * (sm_count(index) if index is not None else 8)
     want = max(1, min(steps, cdiv(programs, rows)))
     return 1 << (want.bit_length() - 1)
 
@@ -151,7 +144,7 @@ def decode_attention_into(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, 
     block_d = next_pow2(d)
     part = (torch.empty((batch * heads, split, d + 2), dtype=torch.float32, device=q.device)
             if split > 1 else out)
-    consts = dict(H=heads, G=heads // kv_heads, S=seq, D=d, qk_scale=scale * LOG2E,
+    consts = dict(H=heads, G=heads // kv_heads, S=seq, D=d, qk_scale=scale * LOG2E, log2e=LOG2E,
                   sq_b=q.stride(0), sq_h=q.stride(1), sk_b=k.stride(0), sk_h=k.stride(1),
                   sk_s=k.stride(2), sv_b=v.stride(0), sv_h=v.stride(1), sv_s=v.stride(2),
                   sm_b=sm[0], sm_h=sm[1], sm_s=sm[2], MASK=kind, STEPS=per_split, SPLIT=split,

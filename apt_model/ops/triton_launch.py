@@ -28,7 +28,7 @@ from torch import Tensor
 
 from apt_model import env
 
-__all__ = ["cdiv", "direct_launch", "interpreting", "next_pow2", "triton_runs_on"]
+__all__ = ["cdiv", "direct_launch", "interpreting", "next_pow2", "sm_count", "triton_runs_on"]
 
 _DIRECT: dict[tuple, tuple] = {}
 # Triton versions whose C launcher takes (grid x, y, z, stream, function, cooperative grid,
@@ -53,6 +53,12 @@ def triton_runs_on(index: int) -> bool:
     compute capability 8.0 or newer."""
     return importlib.util.find_spec("triton") is not None and \
         torch.cuda.get_device_capability(index) >= (8, 0)
+
+
+@functools.cache
+def sm_count(index: int) -> int:
+    """CUDA device ``index``'s multiprocessor count (grids sized to fill the GPU)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def interpreting() -> bool:
