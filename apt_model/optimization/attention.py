@@ -65,13 +65,18 @@ def _register_hf_implementation() -> bool:
     return True
 
 
+def _try_implementation(model: nn.Module, name: str) -> None:
+    """Switch a Hugging Face model to attention ``name`` where it accepts it (else unchanged)."""
+    with contextlib.suppress(ValueError, ImportError, AttributeError, KeyError):
+        model.set_attn_implementation(name)
+
+
 def _switch_hf_model(model: nn.Module) -> int:
     target = HF_IMPLEMENTATION if _register_hf_implementation() else "sdpa"
     for name in (target, "sdpa"):
         if model.config._attn_implementation in (target, name):
             break
-        with contextlib.suppress(ValueError, ImportError, AttributeError, KeyError):
-            model.set_attn_implementation(name)
+        _try_implementation(model, name)
     if model.config._attn_implementation not in (HF_IMPLEMENTATION, "sdpa"):
         return 0
     return len(_attention_modules(model))
@@ -89,8 +94,7 @@ def use_decode_attention(model: nn.Module) -> Callable[[], None]:
     if not _is_hf_model(model):
         return lambda: None
     if model.config._attn_implementation == "sdpa" and _register_hf_implementation():
-        with contextlib.suppress(ValueError, ImportError, AttributeError, KeyError):
-            model.set_attn_implementation(HF_IMPLEMENTATION)
+        _try_implementation(model, HF_IMPLEMENTATION)
     if model.config._attn_implementation != HF_IMPLEMENTATION:
         return lambda: None
     marked = _attention_modules(model)
