@@ -16,6 +16,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from apt_model.fp4.format import FP4_FORMATS, quantize_fp4
 from apt_model.fp4.kernel_plan import (
@@ -751,13 +752,16 @@ def test_dequantize_is_the_reference_bit_for_bit(fmt, dtype):
 @pytest.mark.parametrize("bias", [True, False])
 def test_chunked_path(fmt, dtype, bias):
     """Large M via per-slice dequantization + cuBLAS: slices and a ragged last slice, every
-    output column written, the same bits as one slice."""
+    output column written, each within a rounding of cuBLAS over the whole dequantized
+    weight (not bit for bit: cuBLAS may sum a 64-row slice in another order than 328 rows)."""
     seed = _seed()
     x, w, b = _problem(70, 328, 1040, fmt, dtype, "cuda", bias=bias)
-    out = _run_poisoned(x, w, b, kernel="chunked", chunk_rows=64)
-    assert _rel(out, _ref64(x, w, b)) <= 1e-2, seed
-    torch.testing.assert_close(out, _run_poisoned(x, w, b, kernel="chunked", chunk_rows=512),
-                               rtol=0, atol=0)
+    whole = F.linear(x, w.dequantize(dtype), b)
+    for rows in (64, 512):
+        out = _run_poisoned(x, w, b, kernel="chunked", chunk_rows=rows)
+        assert _rel(out, _ref64(x, w, b)) <= 1e-2, (seed, rows)
+        torch.testing.assert_close(out, whole, rtol=8e-3 if dtype == torch.bfloat16 else 2e-3,
+                                   atol=1e-3 * whole.abs().max().item(), msg=f"{seed} {rows}")
 
 
 @needs_triton

@@ -46,6 +46,7 @@ from apt_model.errors import VBConfigError
 from apt_model.i18n import tr
 from apt_model.modeling import decoding
 from apt_model.modeling.kv_cache import KVCache, LayerKVCache, StaticKVCache, StaticLayerKVCache
+from apt_model.ops.argmax import argmax_last
 from apt_model.ops.decode_attention import decode_attention
 from apt_model.ops.linear_cross_entropy import linear_cross_entropy
 
@@ -553,7 +554,7 @@ class APTModel(nn.Module):
               generator: torch.Generator | None) -> Tensor:
         """Choose one token per row from last-position logits (B, vocab)."""
         if not do_sample or temperature == 0:
-            return logits.argmax(dim=-1)
+            return argmax_last(logits)
         logits = logits.float() / temperature
         if top_k is not None and top_k < logits.shape[-1]:
             kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]

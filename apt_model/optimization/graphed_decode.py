@@ -9,7 +9,8 @@ config's static or dynamic cache. Any other call goes to Hugging Face's ``genera
 
 A taken call runs the prompt through the model's forward into a ``StaticCache`` kept between
 calls, then each new token is one replay of a CUDA graph of the decode step: the forward
-(compiled by ``torch.compile`` with ``fullgraph=True``), the argmax, and the token and cache
+(compiled by ``torch.compile`` with ``fullgraph=True``), the argmax (in two reductions,
+:func:`~apt_model.ops.argmax.argmax_last`), and the token and cache
 position advanced on the device. The host issues one replay a token and synchronizes only every
 ``EOS_CHECK_EVERY`` tokens, to look for end-of-sequence tokens (never without an
 ``eos_token_id``). Hugging Face's greedy loop instead runs its Python, its guards and a host
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from apt_model.i18n import tr
+from apt_model.ops.argmax import argmax_last
 
 ATTR = "_vb_graphed_decode"
 EOS_CHECK_EVERY = 16
@@ -241,7 +243,7 @@ class GraphedDecoder:
         position = torch.arange(prompt, device=ids.device)
         extra = {"logits_to_keep": 1} if self._keep_one else {}
         logits = _logits(self.model, ids, step.cache, position, **extra)
-        first = logits[:, -1].argmax(dim=-1, keepdim=True)
+        first = argmax_last(logits[:, -1])[:, None]
         step.token.copy_(first)
         step.tokens[:, :1].copy_(first)
         step.position.fill_(prompt)
@@ -275,7 +277,7 @@ class GraphedDecoder:
 
         def decode_step() -> None:
             logits = forward(step.token, step.cache, step.position)
-            token = logits[:, -1].argmax(dim=-1, keepdim=True)
+            token = argmax_last(logits[:, -1])[:, None]
             step.token.copy_(token)
             step.tokens.index_copy_(1, step.index, token)
             step.position.add_(1)
