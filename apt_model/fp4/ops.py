@@ -46,6 +46,7 @@ from apt_model.fp4.format import (
     quantize_fp4,
 )
 from apt_model.fp4.kernel_plan import SMALL_MAX_M
+from apt_model.ops.triton_launch import triton_runs_on
 
 __all__ = [
     "fp4_fake_quantize",
@@ -85,7 +86,7 @@ def triton_available(device: torch.device | str) -> bool:
 
     Needs a CUDA device of compute capability 8.0+ (the kernels use bf16x2 FMAs), an
     importable Triton, and ``VB_FP4_TRITON`` not set to 0. Asking about a CUDA device
-    imports the kernels (and Triton) on a machine with CUDA; other devices import nothing.
+    imports nothing (the kernels and Triton are imported at their first launch).
     """
     device = torch.device(device)
     if device.type != "cuda":
@@ -100,8 +101,7 @@ def _triton_runs(index: int | None, switch: str | None) -> bool:
     on = None if switch is None else env.parse_switch(switch)
     if on is False or not torch.cuda.is_available():
         return False
-    kernels = _matmul_kernels()
-    return kernels.HAS_TRITON and kernels.device_arch(torch.device("cuda", index)) >= (8, 0)
+    return triton_runs_on(torch.cuda.current_device() if index is None else index)
 
 
 def _weight(packed: Tensor, scales: Tensor, tensor_scale: Tensor, fmt_code: int,

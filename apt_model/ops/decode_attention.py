@@ -21,11 +21,10 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from apt_model.ops.triton_launch import triton_runs_on
+from apt_model.ops.triton_launch import HALF_DTYPES, triton_runs_on
 
 __all__ = ["decode_attention", "decode_attention_reference"]
 
-_HALF_DTYPES = (torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 256
 
 
@@ -71,6 +70,8 @@ def _decode_attention_cuda(query: Tensor, key: Tensor, value: Tensor, mask: Tens
 @_decode_attention_op.register_fake
 def _decode_attention_fake(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
                            scale: float) -> Tensor:
+    """The op's output for tracing (torch.compile's fake tensors): [B, 1, H, D] in
+    ``query``'s dtype and device, no values."""
     batch, heads, _, d = query.shape
     return query.new_empty((batch, 1, heads, d))
 
@@ -82,7 +83,7 @@ def _takes(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> bo
     broadcast over batch and heads or not, and nothing to differentiate."""
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4 or query.shape[2] != 1:
         return False
-    if not query.is_cuda or query.dtype not in _HALF_DTYPES:
+    if not query.is_cuda or query.dtype not in HALF_DTYPES:
         return False
     batch, heads, _, d = query.shape
     if key.shape != value.shape or key.shape[0] != batch or key.shape[3] != d or d > MAX_HEAD_DIM \

@@ -24,12 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from apt_model.ops.triton_launch import triton_runs_on
+from apt_model.ops.triton_launch import HALF_DTYPES, triton_runs_on
 
 __all__ = ["fused_here", "fused_rms_norm", "fused_rotary", "fused_silu_mul", "rms_norm", "rotary",
            "rotate_half", "silu_mul"]
 
-_HALF_DTYPES = (torch.bfloat16, torch.float16)
 _PLAIN = (Tensor, torch.nn.Parameter)  # not subclasses such as fake tensors
 
 
@@ -108,7 +107,7 @@ def _rotary_fusable(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> bool:
     if k.shape[0] != batch or k.shape[2:] != (seq, d) or cos.shape[1:] != (seq, d) \
             or cos.shape[0] not in (1, batch) or d % 2 or not q.numel() or not k.numel():
         return False
-    if not all(t.dtype == q.dtype for t in (k, cos, sin)) or q.dtype not in _HALF_DTYPES:
+    if not all(t.dtype == q.dtype for t in (k, cos, sin)) or q.dtype not in HALF_DTYPES:
         return False
     return all(t.stride(-1) == 1 for t in (q, k, cos, sin)) and cos.stride() == sin.stride()
 
@@ -116,7 +115,7 @@ def _rotary_fusable(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> bool:
 def fused_silu_mul(gate: Tensor, up: Tensor) -> Tensor | None:
     """:func:`silu_mul` by the kernel, or None where the kernel does not take these inputs."""
     if not (fused_here(gate, up) and gate.shape == up.shape and gate.dtype == up.dtype
-            and gate.dtype in _HALF_DTYPES and gate.numel()):
+            and gate.dtype in HALF_DTYPES and gate.numel()):
         return None
     n = gate.shape[-1]
     try:  # rows of one stride each (e.g. the halves of one gate/up product)

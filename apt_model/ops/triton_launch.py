@@ -28,7 +28,10 @@ from torch import Tensor
 
 from apt_model import env
 
-__all__ = ["cdiv", "direct_launch", "interpreting", "next_pow2", "sm_count", "triton_runs_on"]
+__all__ = ["HALF_DTYPES", "cdiv", "direct_launch", "interpreting", "next_pow2", "sm_count",
+           "triton_runs_on"]
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)  # the 16-bit dtypes the decoding kernels take
 
 _DIRECT: dict[tuple, tuple] = {}
 # Triton versions whose C launcher takes (grid x, y, z, stream, function, cooperative grid,
