@@ -59,7 +59,7 @@ def test_speed_mode_gpt2_compiles_whole(frozen):
 
 def test_fused_groups_stay_one_product_in_compiled_graphs():
     """Inside ``torch.compile`` a frozen Llama's q/k/v and gate/up groups each run as one FP4
-    op (4 a decoder layer, not 7); the members' columns pass through the module's dict, which
+    op (4 a decoder layer, not 7, the down projection's making silu(gate) * up itself); the members' columns pass through the module's dict, which
     is empty again after the call, so a second call reuses the graph (no recompile), and the
     logits equal eager ones bit for bit. A member given another tensor than its group's first
     member runs alone, with the same result as eagerly."""
@@ -87,8 +87,11 @@ def test_fused_groups_stay_one_product_in_compiled_graphs():
         for _ in range(2):
             assert torch.equal(compiled(x, use_cache=False).logits, eager)
     assert len(graphs) == 1 and not fp4_layer.TRACED_GROUP_OUTPUTS
-    ops = [n for n in graphs[0].graph.nodes if n.op == "call_function" and "fp4_linear" in str(n.target)]
+    ops = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"
+           and ("fp4_linear" in str(n.target) or "fp4_fused_linear" in str(n.target))]
     assert len(ops) == 4 * config.num_hidden_layers
+    # the down projection makes silu(gate) * up itself
+    assert sum("fp4_fused_linear" in op for op in ops) == config.num_hidden_layers
 
     attn = model.model.layers[0].self_attn
     group = attn.q_proj._fused
@@ -101,3 +104,74 @@ def test_fused_groups_stay_one_product_in_compiled_graphs():
             q, k = pair(h, h.clone())
             assert torch.allclose(q, alone[0], atol=1e-5) and torch.allclose(k, alone[1], atol=1e-5)
     assert not group.active and not fp4_layer.TRACED_GROUP_OUTPUTS
+
+
+def _decode_step_graph(model: torch.nn.Module, config, device: str = "cpu",
+                       inductor: bool = False) -> tuple[torch.fx.GraphModule, torch.Tensor,
+                                                        torch.Tensor]:
+    """The Dynamo graph of ``model``'s one-token step after a prompt (static cache), and the
+    compiled (by inductor, or running the graph as traced) and eager logits of that step."""
+    transformers = pytest.importorskip("transformers")
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        if inductor:
+            from torch._inductor import compile_fx
+
+            return compile_fx.compile_fx(gm, example_inputs)
+        return gm.forward
+
+    torch._dynamo.reset()
+    prompt = torch.randint(0, 256, (1, 6), device=device)
+    token = torch.randint(0, 256, (1, 1), device=device)
+    position = torch.tensor([6], device=device)
+    logits = []
+    with torch.no_grad():
+        for run in (model, torch.compile(model, fullgraph=True, backend=backend)):
+            cache = transformers.StaticCache(config=config, max_cache_len=16)
+            model(prompt, past_key_values=cache, cache_position=torch.arange(6, device=device),
+                  use_cache=True)
+            logits.append(run(token, past_key_values=cache, cache_position=position,
+                              position_ids=position[None], use_cache=True).logits)
+    return graphs[0], logits[1], logits[0]
+
+
+def _tiny_bf16_llama(device: str = "cpu"):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM._from_config(config).eval().bfloat16().to(device)
+    vb.optimize(model, mode="speed", fp4_min_features=32, verbose=False)
+    vb.freeze_fp4(model)
+    return model, config
+
+
+def test_compiled_decode_step_makes_norms_and_silu_mul_inside_the_fp4_products():
+    """One-token steps of a frozen speed-mode Llama, compiled: each RMSNorm before an FP4 group
+    and each SiLU-mul before a down projection is made inside that product (one
+    ``fp4_fused_linear`` op), so once unused nodes are dropped, as inductor drops them, only
+    the final norm (before the bf16 lm_head) computes an rsqrt of its own; the logits are the
+    eager model's bit for bit (on CPU both run the reference formulas)."""
+    model, config = _tiny_bf16_llama()
+    graph, compiled, eager = _decode_step_graph(model, config)
+    assert torch.equal(compiled, eager)
+    graph.graph.eliminate_dead_code()
+    targets = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+    fused = [n for n in graph.graph.nodes if "fp4_fused_linear" in str(n.target)]
+    assert len(fused) == 3 * config.num_hidden_layers
+    assert sorted(n.args[3] for n in fused) == [1] * 2 + [2] * 4  # silu-mul, RMSNorm codes
+    assert sum("rsqrt" in t for t in targets) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_decode_step_on_cuda_is_the_eager_step():
+    """On CUDA, compiled by inductor (the norms' own kernels dropped, the fused GEMVs making
+    the rows): the eager step's logits within bf16 roundings."""
+    model, config = _tiny_bf16_llama("cuda")
+    graph, compiled, eager = _decode_step_graph(model, config, "cuda", inductor=True)
+    assert sum("fp4_fused_linear" in str(n.target) for n in graph.graph.nodes) == 6
+    torch.testing.assert_close(compiled.float(), eager.float(), rtol=2e-2,
+                               atol=2e-2 * eager.abs().max().item())

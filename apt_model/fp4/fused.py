@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from apt_model.fp4.format import FP4Weight
 from apt_model.fp4.kernel_plan import SMALL_MAX_M
 from apt_model.fp4.layer import FP4Linear, moved_uncast, written
-from apt_model.fp4.ops import fp4_linear, fp4_linear_tensors
+from apt_model.fp4.ops import fp4_fused_linear_tensors, fp4_linear, fp4_linear_tensors
 
 __all__ = ["FusedFP4Projections"]
 
@@ -175,14 +175,21 @@ class FusedFP4Projections(nn.Module):
             pending.input, pending.outputs = None, []
         return out
 
-    def traced_product(self, x: Tensor) -> list[Tensor] | None:
+    def traced_product(self, x: Tensor, norm: tuple | None = None) -> list[Tensor] | None:
         """Inside ``torch.compile``: the members' outputs for ``x`` (in the compute dtype), as
-        columns of one product, or None where the members run alone (as :meth:`take`)."""
+        columns of one product, or None where the members run alone (as :meth:`take`).
+        ``norm`` (input, weight, eps): ``x`` is that RMSNorm's output, which the product
+        makes itself from the input (:func:`~apt_model.fp4.ops.fp4_fused_linear`)."""
         buffers = self._buffers
         if not _fuses(self, buffers, x):
             return None
-        out = fp4_linear_tensors(x, buffers["packed"], buffers["scales"], buffers["tensor_scale"],
-                                 self.in_features, buffers["bias"])
+        if norm is not None:
+            out = fp4_fused_linear_tensors("rms_norm", norm[0], norm[1], buffers["packed"],
+                                           buffers["scales"], buffers["tensor_scale"],
+                                           self.in_features, buffers["bias"], norm[2])
+        else:
+            out = fp4_linear_tensors(x, buffers["packed"], buffers["scales"],
+                                     buffers["tensor_scale"], self.in_features, buffers["bias"])
         return list(out.split_with_sizes(self.sizes, dim=-1))
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> FusedFP4Projections:

@@ -46,7 +46,10 @@ from torch import nn
 
 from apt_model.fp4.format import FP4Weight
 from apt_model.fp4.ops import (
+    FUSED_STEPS,
     fp4_fake_quantize,
+    fp4_fused_linear,
+    fp4_fused_linear_tensors,
     fp4_grad_input,
     fp4_linear,
     fp4_linear_tensors,
@@ -54,6 +57,8 @@ from apt_model.fp4.ops import (
     triton_available,
 )
 from apt_model.i18n import tr
+from apt_model.ops.decoder import rms_norm, silu_mul
+from apt_model.ops.triton_launch import HALF_DTYPES
 
 __all__ = [
     "FUSED_TRAIN_MAX_ROWS",
@@ -70,6 +75,7 @@ __all__ = [
     "is_conv1d",
     "linear_features",
     "moved_uncast",
+    "note_traced_rms_norm",
     "retie",
     "straight_through_fp4",
     "tied_groups",
@@ -91,6 +97,33 @@ PACKED_BUFFERS = {"packed": "weight_packed", "scales": "weight_scales",
 # object of a group is reached through two members: a compiled graph guards on every path
 # it read an object through, each call, and on their being the same object.
 TRACED_GROUP_OUTPUTS: dict[int, list] = {}
+
+# Inside torch.compile: the attribute of a traced RMSNorm output naming its (input, weight,
+# eps) (``note_traced_rms_norm``).
+_TRACED_NORM_ATTR = "_vb_rms_norm"
+
+
+def note_traced_rms_norm(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                         eps: float) -> None:
+    """Inside ``torch.compile``: ``out`` is ``rms_norm(x, weight, eps)``. A frozen FP4 layer
+    (or fused group) given ``out`` as its one row then makes the norm inside its GEMV from
+    ``x`` (:func:`~apt_model.fp4.ops.fp4_fused_linear`), so the compiled graph drops the
+    norm's own kernel where nothing else reads ``out``. The note is an attribute of the
+    traced tensor: it leaves no state behind the call."""
+    setattr(out, _TRACED_NORM_ATTR, (x, weight, eps))
+
+
+def _traced_norm_of(given: torch.Tensor, dtype: torch.dtype) -> tuple | None:
+    """The noted norm (input, weight, eps) whose output is ``given``, where the GEMV can make
+    it: one row, the input, weight and output all of ``dtype``, a 16-bit one."""
+    entry = getattr(given, _TRACED_NORM_ATTR, None)
+    if entry is None:
+        return None
+    x, weight, eps = entry
+    if dtype in HALF_DTYPES and given.dtype == x.dtype == weight.dtype == dtype \
+            and given.numel() == given.shape[-1] and weight.shape == given.shape[-1:]:
+        return x, weight, eps
+    return None
 
 
 def _conv1d_class() -> type[nn.Module] | None:
@@ -398,6 +431,34 @@ class FP4Linear(nn.Module):
                 return out
         return fp4_linear(x, self.packed_weight(), self._parameters.get("bias"))
 
+    def fused_forward(self, step: str, x: torch.Tensor, u: torch.Tensor,
+                      eps: float = 0.0) -> torch.Tensor:
+        """``self(step(x, u))`` for a step of :data:`~apt_model.fp4.ops.FUSED_STEPS`
+        (``silu_mul(x, u)``, ``rms_norm(x, u, eps)``), the step made inside this layer's
+        product (:func:`~apt_model.fp4.ops.fp4_fused_linear`) where the layer is frozen, in
+        no fused group and without hooks, nothing needs a gradient and ``x`` and ``u`` are in
+        the dtype it computes in; elsewhere the step, then this layer as usual."""
+        if self._fusable_step(x, u):
+            bias = self._parameters.get("bias")
+            if torch.compiler.is_compiling():
+                buffers = self._buffers
+                return fp4_fused_linear_tensors(step, x, u, buffers["weight_packed"],
+                                                buffers["weight_scales"],
+                                                buffers.get("weight_tensor_scale"),
+                                                self.in_features, bias, eps)
+            return fp4_fused_linear(step, x, u, self.packed_weight(), bias, eps)
+        if step not in FUSED_STEPS:
+            raise ValueError(f"unknown step {step!r} (one of {sorted(FUSED_STEPS)})")
+        return self(silu_mul(x, u) if step == "silu_mul" else rms_norm(x, u, eps))
+
+    def _fusable_step(self, x: torch.Tensor, u: torch.Tensor) -> bool:
+        if not self.frozen or self._fused is not None or self._forward_hooks \
+                or self._forward_pre_hooks or torch.is_autocast_enabled(x.device.type):
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or u.requires_grad):
+            return False
+        return x.dtype == u.dtype == self._compute_dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._parameters.get("weight") is None:  # frozen
             if torch.is_grad_enabled() and self.training:  # no guard on training under no_grad
@@ -455,19 +516,24 @@ def _traced_frozen_forward(layer: FP4Linear, x: torch.Tensor) -> torch.Tensor:
     reaches the group, the others take their columns from ``TRACED_GROUP_OUTPUTS``."""
     given = x
     x = _activations_in(x, layer._compute_dtype)
+    norm = _traced_norm_of(given, layer._compute_dtype)
     key = layer._fused_key
     if key:
-        out = _traced_member_output(layer, key, given, x)
+        out = _traced_member_output(layer, key, given, x, norm)
         if out is not None:
             return out
     buffers = layer._buffers
+    if norm is not None:
+        return fp4_fused_linear_tensors("rms_norm", norm[0], norm[1], buffers["weight_packed"],
+                                        buffers["weight_scales"], buffers.get("weight_tensor_scale"),
+                                        layer.in_features, layer._parameters.get("bias"), norm[2])
     return fp4_linear_tensors(x, buffers["weight_packed"], buffers["weight_scales"],
                               buffers.get("weight_tensor_scale"), layer.in_features,
                               layer._parameters.get("bias"))
 
 
 def _traced_member_output(layer: FP4Linear, key: int, given: torch.Tensor,
-                          x: torch.Tensor) -> torch.Tensor | None:
+                          x: torch.Tensor, norm: tuple | None) -> torch.Tensor | None:
     """Inside ``torch.compile``: group member ``layer``'s columns of its group's product for
     the tensor it was ``given``, the first member computing the product, or None where the
     member must run alone (the group does not fuse this input, or the first member did not
@@ -480,7 +546,7 @@ def _traced_member_output(layer: FP4Linear, key: int, given: torch.Tensor,
             layer._fused.active = False  # the members do not share their input; they run alone
             del TRACED_GROUP_OUTPUTS[key]
             return None
-        outputs = layer._fused.traced_product(x)
+        outputs = layer._fused.traced_product(x, norm)
         if outputs is None:
             return None
         entry = TRACED_GROUP_OUTPUTS[key] = [given, outputs, len(outputs)]

@@ -46,10 +46,14 @@ from apt_model.fp4.format import (
     quantize_fp4,
 )
 from apt_model.fp4.kernel_plan import SMALL_MAX_M
-from apt_model.ops.triton_launch import triton_runs_on
+from apt_model.ops.decoder import rms_norm, silu_mul
+from apt_model.ops.triton_launch import HALF_DTYPES, triton_runs_on
 
 __all__ = [
     "fp4_fake_quantize",
+    "FUSED_STEPS",
+    "fp4_fused_linear",
+    "fp4_fused_linear_tensors",
     "fp4_grad_input",
     "fp4_linear",
     "fp4_linear_reference",
@@ -144,6 +148,45 @@ def _fp4_linear_cuda(x: Tensor, packed: Tensor, scales: Tensor, tensor_scale: Te
 @_fp4_linear_op.register_fake
 def _fp4_linear_fake(x: Tensor, packed: Tensor, scales: Tensor, tensor_scale: Tensor,
                      fmt_code: int, k: int, bias: Tensor | None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+# The steps a one-row product can make its row with, in the same launch (the kernels'
+# ``PRE_*`` codes): ``silu_mul(x, u)`` (a gated MLP's down projection reading gate and up) and
+# ``rms_norm(x, u, eps)`` (the norm before a projection).
+FUSED_STEPS = {"silu_mul": 1, "rms_norm": 2}
+
+
+def _step_reference(step: int, x: Tensor, u: Tensor, eps: float) -> Tensor:
+    return silu_mul(x, u) if step == FUSED_STEPS["silu_mul"] else rms_norm(x, u, eps)
+
+
+@torch.library.custom_op("apt_model::fp4_fused_linear", mutates_args=())
+def _fp4_fused_linear_op(x: Tensor, u: Tensor, eps: float, step: int, packed: Tensor,
+                         scales: Tensor, tensor_scale: Tensor, fmt_code: int, k: int,
+                         bias: Tensor | None) -> Tensor:
+    """``fp4_linear(step(x, u), W, bias)``; default (non-CUDA): the two in turn."""
+    return fp4_linear_reference(_step_reference(step, x, u, eps),
+                                _weight(packed, scales, tensor_scale, fmt_code, k), bias)
+
+
+@_fp4_fused_linear_op.register_kernel("cuda")
+def _fp4_fused_linear_cuda(x: Tensor, u: Tensor, eps: float, step: int, packed: Tensor,
+                           scales: Tensor, tensor_scale: Tensor, fmt_code: int, k: int,
+                           bias: Tensor | None) -> Tensor:
+    """CUDA: one row through the GEMV making its row itself, else the two in turn."""
+    w = _weight(packed, scales, tensor_scale, fmt_code, k)
+    product = _fused_row_product(x, u, w, bias, step, eps)
+    if product is not None:
+        return product(x.view(1, k), bias, u=u).view(*x.shape[:-1], packed.shape[0])
+    return _fp4_linear_cuda(_step_reference(step, x, u, eps), packed, scales, tensor_scale,
+                            fmt_code, k, bias)
+
+
+@_fp4_fused_linear_op.register_fake
+def _fp4_fused_linear_fake(x: Tensor, u: Tensor, eps: float, step: int, packed: Tensor,
+                           scales: Tensor, tensor_scale: Tensor, fmt_code: int, k: int,
+                           bias: Tensor | None) -> Tensor:
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
@@ -318,6 +361,45 @@ def fp4_linear_tensors(x: Tensor, packed: Tensor, scales: Tensor, tensor_scale: 
     return _fp4_linear_op(x, packed, scales, tensor_scale, _FMT_CODES[fmt], k, bias)
 
 
+def fp4_fused_linear(step: str, x: Tensor, u: Tensor, w: FP4Weight, bias: Tensor | None = None,
+                     eps: float = 0.0) -> Tensor:
+    """``fp4_linear(step(x, u), w, bias)`` for a step of ``FUSED_STEPS``: ``silu_mul(x, u)``
+    (gate ``x``, up ``u``, same shape) or ``rms_norm(x, u, eps)`` (norm weight ``u`` [K]).
+
+    For one row of bf16 / fp16 on CUDA (``u`` of x's dtype) the GEMV makes the row itself:
+    one launch for the step and the product, the same values as the two in turn (the norm's
+    sum of squares may be added in another order). Elsewhere the two run in turn. For
+    inference only: no gradient flows through the fused op.
+    """
+    code = _step_code(step, x, w.shape[-1])
+    if type(x) is Tensor and x.is_cuda and not torch.compiler.is_compiling():
+        product = _fused_row_product(x, u, w, bias, code, eps)
+        if product is not None:  # eager: the prepared product, without the op's dispatch
+            return product(x.view(1, -1), bias, u=u).view(*x.shape[:-1], w.packed.shape[0])
+    return _fp4_fused_linear_op(x, u, float(eps), code, w.packed, w.scales, _tensor_scale_arg(w),
+                                _FMT_CODES[w.fmt], w.shape[-1], bias)
+
+
+def fp4_fused_linear_tensors(step: str, x: Tensor, u: Tensor, packed: Tensor, scales: Tensor,
+                             tensor_scale: Tensor | None, k: int, bias: Tensor | None = None,
+                             eps: float = 0.0) -> Tensor:
+    """:func:`fp4_fused_linear` over a packed weight's tensors (as :func:`fp4_linear_tensors`),
+    as one op: for compiled graphs."""
+    fmt = "nvfp4" if scales.dtype == torch.float8_e4m3fn else "mxfp4"
+    if tensor_scale is None:
+        tensor_scale = scales.new_empty(0, dtype=torch.float32)
+    return _fp4_fused_linear_op(x, u, float(eps), _step_code(step, x, k), packed, scales,
+                                tensor_scale, _FMT_CODES[fmt], k, bias)
+
+
+def _step_code(step: str, x: Tensor, k: int) -> int:
+    if step not in FUSED_STEPS:
+        raise ValueError(f"fp4_fused_linear: unknown step {step!r} (one of {sorted(FUSED_STEPS)})")
+    if x.shape[-1] != k:
+        raise ValueError(f"fp4_linear: x has {x.shape[-1]} features, the weight expects {k}")
+    return FUSED_STEPS[step]
+
+
 # Prepared products of several rows kept per weight, one per row count (prompt length),
 # at most this many: a server's varied prompt lengths must not grow them without bound.
 _MAT_PRODUCTS_KEPT = 16
@@ -352,4 +434,28 @@ def _row_product(x: Tensor, w: FP4Weight, bias: Tensor | None):
             return None
         product = w.kernels[key] = _matmul_kernels().RowProduct(
             w.packed, w.scales, w.tensor_scale, w.shape[-1], x.dtype, bias is not None)
+    return product
+
+
+def _fused_row_product(x: Tensor, u: Tensor, w: FP4Weight, bias: Tensor | None, step: int,
+                       eps: float):
+    """The one-row product making its row by ``step`` (kept in ``w.kernels``), or None where
+    it does not take these inputs: one contiguous bf16 / fp16 CUDA row, ``u`` of its dtype
+    and k values (contiguous), a bias of its dtype or none, nothing to differentiate, the
+    fused kernels running here."""
+    k = w.shape[-1]
+    if not (x.dtype in HALF_DTYPES and x.numel() == k and u.dtype == x.dtype and u.numel() == k
+            and x.is_contiguous() and u.is_contiguous() and u.device == x.device
+            and (bias is None or bias.dtype == x.dtype)):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or u.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return None
+    key = ("row", x.dtype, bias is not None, env.get(env.FP4_TRITON), step, float(eps))
+    product = w.kernels.get(key)
+    if product is None:
+        if not triton_available(x.device):
+            return None
+        product = w.kernels[key] = _matmul_kernels().RowProduct(
+            w.packed, w.scales, w.tensor_scale, k, x.dtype, bias is not None, pre=step, eps=eps)
     return product

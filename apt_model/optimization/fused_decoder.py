@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import _disable_current_modes
 
+from apt_model.fp4.layer import FP4Linear, note_traced_rms_norm
 from apt_model.ops.decoder import (
     fused_here,
     fused_rms_norm,
@@ -129,21 +130,33 @@ def _is_silu_mlp(module: nn.Module) -> bool:
 
 def _norm_forward(original: Callable, eps_name: str) -> Callable:
     def forward(self: nn.Module, hidden_states: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            out = original(self, hidden_states)
+            if not torch.is_grad_enabled():  # a frozen FP4 product reading out may make it
+                note_traced_rms_norm(out, hidden_states, self.weight, getattr(self, eps_name))
+            return out
         fused = fused_rms_norm(hidden_states, self.weight, getattr(self, eps_name))
         return fused if fused is not None else original(self, hidden_states)
 
     return forward
 
 
+def _frozen_fp4(module: nn.Module) -> bool:
+    return isinstance(module, FP4Linear) and module.frozen
+
+
 def _mlp_forward(original: Callable) -> Callable:
     def forward(self: nn.Module, x: Tensor) -> Tensor:
-        if not fused_here(x):
+        down = self.down_proj
+        if not (fused_here(x) or (torch.compiler.is_compiling() and _frozen_fp4(down))):
             return original(self, x)
         gate, up = self.gate_proj(x), self.up_proj(x)
+        if _frozen_fp4(down):  # silu(gate) * up made inside the down projection's product
+            return down.fused_forward("silu_mul", gate, up)
         hidden = fused_silu_mul(gate, up)
         if hidden is None:
             hidden = self.act_fn(gate) * up
-        return self.down_proj(hidden)
+        return down(hidden)
 
     return forward
 
