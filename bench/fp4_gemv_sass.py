@@ -33,9 +33,9 @@ _DIVISIBLE = {"N", "K", "KW", "stride_pn", "stride_sn", "K_SPLIT"}
 
 
 def compile_gemv(arch: int, block_n: int, block_k: int, warps: int, prefetch: int, fmt: str,
-                 pre: int = 0):
+                 norm: bool = False):
     """The GEMV's compiled kernel for ``arch`` (e.g. 90), one config, bf16 rows, no bias,
-    its row made by ``pre`` (``triton_matmul.PRE_*``)."""
+    normalizing its row (RMSNorm) with ``norm``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -43,7 +43,7 @@ def compile_gemv(arch: int, block_n: int, block_k: int, warps: int, prefetch: in
     fn = triton_matmul._fp4_gemv_kernel
     consts = dict(IS_NV=fmt == "nvfp4", HAS_BIAS=False, SPLIT_K=1, USE_ASM=True,
                   HW_E4M3=arch >= 89, PDL=arch >= 90, TS_ROWS=False, PREFETCH=prefetch,
-                  PRE=pre, INTERP=False, BLOCK_N=block_n, BLOCK_K=block_k, M_KEY=1)
+                  NORM=norm, INTERP=False, BLOCK_N=block_n, BLOCK_K=block_k, M_KEY=1)
     names = fn.arg_names
     unknown = set(names) - set(consts) - set(_POINTERS) - _DIVISIBLE - {"EPS"}
     signature = {n: "constexpr" if n in consts else "fp32" if n == "EPS" else _POINTERS.get(n, "i32")
@@ -77,8 +77,7 @@ def main() -> int:
     p.add_argument("--fmt", default="nvfp4", choices=("nvfp4", "mxfp4"))
     p.add_argument("--configs", default="16,1024,8,1;32,1024,4,0;32,2048,8,0;16,2048,8,1",
                    help="BLOCK_N,BLOCK_K,num_warps,PREFETCH;...")
-    p.add_argument("--pre", type=int, default=0, choices=(0, 1, 2),
-                   help="the row as given (0), silu(x) * u (1), RMSNorm (2)")
+    p.add_argument("--norm", action="store_true", help="the GEMV normalizing its row (RMSNorm)")
     p.add_argument("--sass", help="folder for each config's SASS")
     p.add_argument("--json")
     args = p.parse_args()
@@ -88,7 +87,7 @@ def main() -> int:
     rows = []
     for spec in args.configs.split(";"):
         block_n, block_k, warps, prefetch = (int(v) for v in spec.split(","))
-        kernel = compile_gemv(args.arch, block_n, block_k, warps, prefetch, args.fmt, args.pre)
+        kernel = compile_gemv(args.arch, block_n, block_k, warps, prefetch, args.fmt, args.norm)
         sass = kernel.asm["sass"]
         if args.sass:
             os.makedirs(args.sass, exist_ok=True)

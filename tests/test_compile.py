@@ -59,7 +59,7 @@ def test_speed_mode_gpt2_compiles_whole(frozen):
 
 def test_fused_groups_stay_one_product_in_compiled_graphs():
     """Inside ``torch.compile`` a frozen Llama's q/k/v and gate/up groups each run as one FP4
-    op (4 a decoder layer, not 7, the down projection's making silu(gate) * up itself); the members' columns pass through the module's dict, which
+    op (4 a decoder layer, not 7); the members' columns pass through the module's dict, which
     is empty again after the call, so a second call reuses the graph (no recompile), and the
     logits equal eager ones bit for bit. A member given another tensor than its group's first
     member runs alone, with the same result as eagerly."""
@@ -87,11 +87,8 @@ def test_fused_groups_stay_one_product_in_compiled_graphs():
         for _ in range(2):
             assert torch.equal(compiled(x, use_cache=False).logits, eager)
     assert len(graphs) == 1 and not fp4_layer.TRACED_GROUP_OUTPUTS
-    ops = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"
-           and ("fp4_linear" in str(n.target) or "fp4_fused_linear" in str(n.target))]
+    ops = [n for n in graphs[0].graph.nodes if n.op == "call_function" and "fp4_linear" in str(n.target)]
     assert len(ops) == 4 * config.num_hidden_layers
-    # the down projection makes silu(gate) * up itself
-    assert sum("fp4_fused_linear" in op for op in ops) == config.num_hidden_layers
 
     attn = model.model.layers[0].self_attn
     group = attn.q_proj._fused
@@ -149,29 +146,28 @@ def _tiny_bf16_llama(device: str = "cpu"):
     return model, config
 
 
-def test_compiled_decode_step_makes_norms_and_silu_mul_inside_the_fp4_products():
+def test_compiled_decode_step_makes_the_norms_inside_the_fp4_products():
     """One-token steps of a frozen speed-mode Llama, compiled: each RMSNorm before an FP4 group
-    and each SiLU-mul before a down projection is made inside that product (one
-    ``fp4_fused_linear`` op), so once unused nodes are dropped, as inductor drops them, only
-    the final norm (before the bf16 lm_head) computes an rsqrt of its own; the logits are the
-    eager model's bit for bit (on CPU both run the reference formulas)."""
+    is made inside that product (one ``fp4_rms_norm_linear`` op), so once unused nodes are
+    dropped, as inductor drops them, only the final norm (before the bf16 lm_head) computes an
+    rsqrt of its own; the logits are the eager model's bit for bit (on CPU both run the
+    reference formulas)."""
     model, config = _tiny_bf16_llama()
     graph, compiled, eager = _decode_step_graph(model, config)
     assert torch.equal(compiled, eager)
     graph.graph.eliminate_dead_code()
     targets = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
-    fused = [n for n in graph.graph.nodes if "fp4_fused_linear" in str(n.target)]
-    assert len(fused) == 3 * config.num_hidden_layers
-    assert sorted(n.args[3] for n in fused) == [1] * 2 + [2] * 4  # silu-mul, RMSNorm codes
+    assert sum("fp4_rms_norm_linear" in t for t in targets) == 2 * config.num_hidden_layers
+    assert sum("fp4_linear" in t for t in targets) == 2 * config.num_hidden_layers  # o, down
     assert sum("rsqrt" in t for t in targets) == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_decode_step_on_cuda_is_the_eager_step():
-    """On CUDA, compiled by inductor (the norms' own kernels dropped, the fused GEMVs making
-    the rows): the eager step's logits within bf16 roundings."""
+    """On CUDA, compiled by inductor (the norms' own kernels dropped, the GEMVs normalizing
+    their rows): the eager step's logits within bf16 roundings."""
     model, config = _tiny_bf16_llama("cuda")
     graph, compiled, eager = _decode_step_graph(model, config, "cuda", inductor=True)
-    assert sum("fp4_fused_linear" in str(n.target) for n in graph.graph.nodes) == 6
+    assert sum("fp4_rms_norm_linear" in str(n.target) for n in graph.graph.nodes) == 4
     torch.testing.assert_close(compiled.float(), eager.float(), rtol=2e-2,
                                atol=2e-2 * eager.abs().max().item())

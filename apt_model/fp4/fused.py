@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from apt_model.fp4.format import FP4Weight
 from apt_model.fp4.kernel_plan import SMALL_MAX_M
 from apt_model.fp4.layer import FP4Linear, moved_uncast, written
-from apt_model.fp4.ops import fp4_fused_linear_tensors, fp4_linear, fp4_linear_tensors
+from apt_model.fp4.ops import fp4_linear, fp4_linear_tensors, fp4_rms_norm_linear_tensors
 
 __all__ = ["FusedFP4Projections"]
 
@@ -179,14 +179,14 @@ class FusedFP4Projections(nn.Module):
         """Inside ``torch.compile``: the members' outputs for ``x`` (in the compute dtype), as
         columns of one product, or None where the members run alone (as :meth:`take`).
         ``norm`` (input, weight, eps): ``x`` is that RMSNorm's output, which the product
-        makes itself from the input (:func:`~apt_model.fp4.ops.fp4_fused_linear`)."""
+        makes itself from the input (:func:`~apt_model.fp4.ops.fp4_rms_norm_linear`)."""
         buffers = self._buffers
         if not _fuses(self, buffers, x):
             return None
         if norm is not None:
-            out = fp4_fused_linear_tensors("rms_norm", norm[0], norm[1], buffers["packed"],
-                                           buffers["scales"], buffers["tensor_scale"],
-                                           self.in_features, buffers["bias"], norm[2])
+            out = fp4_rms_norm_linear_tensors(*norm, buffers["packed"], buffers["scales"],
+                                              buffers["tensor_scale"], self.in_features,
+                                              buffers["bias"])
         else:
             out = fp4_linear_tensors(x, buffers["packed"], buffers["scales"],
                                      buffers["tensor_scale"], self.in_features, buffers["bias"])

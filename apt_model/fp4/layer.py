@@ -46,18 +46,15 @@ from torch import nn
 
 from apt_model.fp4.format import FP4Weight
 from apt_model.fp4.ops import (
-    FUSED_STEPS,
     fp4_fake_quantize,
-    fp4_fused_linear,
-    fp4_fused_linear_tensors,
     fp4_grad_input,
     fp4_linear,
     fp4_linear_tensors,
     fp4_quantize,
+    fp4_rms_norm_linear_tensors,
     triton_available,
 )
 from apt_model.i18n import tr
-from apt_model.ops.decoder import rms_norm, silu_mul
 from apt_model.ops.triton_launch import HALF_DTYPES
 
 __all__ = [
@@ -107,7 +104,7 @@ def note_traced_rms_norm(out: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
                          eps: float) -> None:
     """Inside ``torch.compile``: ``out`` is ``rms_norm(x, weight, eps)``. A frozen FP4 layer
     (or fused group) given ``out`` as its one row then makes the norm inside its GEMV from
-    ``x`` (:func:`~apt_model.fp4.ops.fp4_fused_linear`), so the compiled graph drops the
+    ``x`` (:func:`~apt_model.fp4.ops.fp4_rms_norm_linear`), so the compiled graph drops the
     norm's own kernel where nothing else reads ``out``. The note is an attribute of the
     traced tensor: it leaves no state behind the call."""
     setattr(out, _TRACED_NORM_ATTR, (x, weight, eps))
@@ -431,34 +428,6 @@ class FP4Linear(nn.Module):
                 return out
         return fp4_linear(x, self.packed_weight(), self._parameters.get("bias"))
 
-    def fused_forward(self, step: str, x: torch.Tensor, u: torch.Tensor,
-                      eps: float = 0.0) -> torch.Tensor:
-        """``self(step(x, u))`` for a step of :data:`~apt_model.fp4.ops.FUSED_STEPS`
-        (``silu_mul(x, u)``, ``rms_norm(x, u, eps)``), the step made inside this layer's
-        product (:func:`~apt_model.fp4.ops.fp4_fused_linear`) where the layer is frozen, in
-        no fused group and without hooks, nothing needs a gradient and ``x`` and ``u`` are in
-        the dtype it computes in; elsewhere the step, then this layer as usual."""
-        if self._fusable_step(x, u):
-            bias = self._parameters.get("bias")
-            if torch.compiler.is_compiling():
-                buffers = self._buffers
-                return fp4_fused_linear_tensors(step, x, u, buffers["weight_packed"],
-                                                buffers["weight_scales"],
-                                                buffers.get("weight_tensor_scale"),
-                                                self.in_features, bias, eps)
-            return fp4_fused_linear(step, x, u, self.packed_weight(), bias, eps)
-        if step not in FUSED_STEPS:
-            raise ValueError(f"unknown step {step!r} (one of {sorted(FUSED_STEPS)})")
-        return self(silu_mul(x, u) if step == "silu_mul" else rms_norm(x, u, eps))
-
-    def _fusable_step(self, x: torch.Tensor, u: torch.Tensor) -> bool:
-        if not self.frozen or self._fused is not None or self._forward_hooks \
-                or self._forward_pre_hooks or torch.is_autocast_enabled(x.device.type):
-            return False
-        if torch.is_grad_enabled() and (x.requires_grad or u.requires_grad):
-            return False
-        return x.dtype == u.dtype == self._compute_dtype
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._parameters.get("weight") is None:  # frozen
             if torch.is_grad_enabled() and self.training:  # no guard on training under no_grad
@@ -524,9 +493,9 @@ def _traced_frozen_forward(layer: FP4Linear, x: torch.Tensor) -> torch.Tensor:
             return out
     buffers = layer._buffers
     if norm is not None:
-        return fp4_fused_linear_tensors("rms_norm", norm[0], norm[1], buffers["weight_packed"],
-                                        buffers["weight_scales"], buffers.get("weight_tensor_scale"),
-                                        layer.in_features, layer._parameters.get("bias"), norm[2])
+        return fp4_rms_norm_linear_tensors(*norm, buffers["weight_packed"], buffers["weight_scales"],
+                                           buffers.get("weight_tensor_scale"), layer.in_features,
+                                           layer._parameters.get("bias"))
     return fp4_linear_tensors(x, buffers["weight_packed"], buffers["weight_scales"],
                               buffers.get("weight_tensor_scale"), layer.in_features,
                               layer._parameters.get("bias"))
@@ -537,7 +506,8 @@ def _traced_member_output(layer: FP4Linear, key: int, given: torch.Tensor,
     """Inside ``torch.compile``: group member ``layer``'s columns of its group's product for
     the tensor it was ``given``, the first member computing the product, or None where the
     member must run alone (the group does not fuse this input, or the first member did not
-    run on the same tensor). A product whose columns were not all taken when the first
+    run on the same tensor). ``norm``: ``given`` is that noted RMSNorm's output, which the
+    group's product then makes itself. A product whose columns were not all taken when the first
     member runs again stops the group for good, as eagerly (:meth:`FusedFP4Projections.take`)."""
     index = layer._fused_index
     entry = TRACED_GROUP_OUTPUTS.get(key)

@@ -46,19 +46,18 @@ from apt_model.fp4.format import (
     quantize_fp4,
 )
 from apt_model.fp4.kernel_plan import SMALL_MAX_M
-from apt_model.ops.decoder import rms_norm, silu_mul
+from apt_model.ops.decoder import rms_norm
 from apt_model.ops.triton_launch import HALF_DTYPES, triton_runs_on
 
 __all__ = [
     "fp4_fake_quantize",
-    "FUSED_STEPS",
-    "fp4_fused_linear",
-    "fp4_fused_linear_tensors",
     "fp4_grad_input",
     "fp4_linear",
     "fp4_linear_reference",
     "fp4_linear_tensors",
     "fp4_quantize",
+    "fp4_rms_norm_linear",
+    "fp4_rms_norm_linear_tensors",
     "triton_available",
 ]
 
@@ -151,42 +150,33 @@ def _fp4_linear_fake(x: Tensor, packed: Tensor, scales: Tensor, tensor_scale: Te
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
-# The steps a one-row product can make its row with, in the same launch (the kernels'
-# ``PRE_*`` codes): ``silu_mul(x, u)`` (a gated MLP's down projection reading gate and up) and
-# ``rms_norm(x, u, eps)`` (the norm before a projection).
-FUSED_STEPS = {"silu_mul": 1, "rms_norm": 2}
-
-
-def _step_reference(step: int, x: Tensor, u: Tensor, eps: float) -> Tensor:
-    return silu_mul(x, u) if step == FUSED_STEPS["silu_mul"] else rms_norm(x, u, eps)
-
-
-@torch.library.custom_op("apt_model::fp4_fused_linear", mutates_args=())
-def _fp4_fused_linear_op(x: Tensor, u: Tensor, eps: float, step: int, packed: Tensor,
-                         scales: Tensor, tensor_scale: Tensor, fmt_code: int, k: int,
-                         bias: Tensor | None) -> Tensor:
-    """``fp4_linear(step(x, u), W, bias)``; default (non-CUDA): the two in turn."""
-    return fp4_linear_reference(_step_reference(step, x, u, eps),
+@torch.library.custom_op("apt_model::fp4_rms_norm_linear", mutates_args=())
+def _fp4_rms_norm_linear_op(x: Tensor, norm_weight: Tensor, eps: float, packed: Tensor,
+                            scales: Tensor, tensor_scale: Tensor, fmt_code: int, k: int,
+                            bias: Tensor | None) -> Tensor:
+    """``fp4_linear(rms_norm(x, norm_weight, eps), W, bias)``; default (non-CUDA): the two in
+    turn."""
+    return fp4_linear_reference(rms_norm(x, norm_weight, eps),
                                 _weight(packed, scales, tensor_scale, fmt_code, k), bias)
 
 
-@_fp4_fused_linear_op.register_kernel("cuda")
-def _fp4_fused_linear_cuda(x: Tensor, u: Tensor, eps: float, step: int, packed: Tensor,
-                           scales: Tensor, tensor_scale: Tensor, fmt_code: int, k: int,
-                           bias: Tensor | None) -> Tensor:
-    """CUDA: one row through the GEMV making its row itself, else the two in turn."""
+@_fp4_rms_norm_linear_op.register_kernel("cuda")
+def _fp4_rms_norm_linear_cuda(x: Tensor, norm_weight: Tensor, eps: float, packed: Tensor,
+                              scales: Tensor, tensor_scale: Tensor, fmt_code: int, k: int,
+                              bias: Tensor | None) -> Tensor:
+    """CUDA: one row through the GEMV normalizing it, else the two in turn."""
     w = _weight(packed, scales, tensor_scale, fmt_code, k)
-    product = _fused_row_product(x, u, w, bias, step, eps)
+    product = _norm_row_product(x, norm_weight, w, bias, eps)
     if product is not None:
-        return product(x.view(1, k), bias, u=u).view(*x.shape[:-1], packed.shape[0])
-    return _fp4_linear_cuda(_step_reference(step, x, u, eps), packed, scales, tensor_scale,
+        return product(x.view(1, k), bias, u=norm_weight).view(*x.shape[:-1], packed.shape[0])
+    return _fp4_linear_cuda(rms_norm(x, norm_weight, eps), packed, scales, tensor_scale,
                             fmt_code, k, bias)
 
 
-@_fp4_fused_linear_op.register_fake
-def _fp4_fused_linear_fake(x: Tensor, u: Tensor, eps: float, step: int, packed: Tensor,
-                           scales: Tensor, tensor_scale: Tensor, fmt_code: int, k: int,
-                           bias: Tensor | None) -> Tensor:
+@_fp4_rms_norm_linear_op.register_fake
+def _fp4_rms_norm_linear_fake(x: Tensor, norm_weight: Tensor, eps: float, packed: Tensor,
+                              scales: Tensor, tensor_scale: Tensor, fmt_code: int, k: int,
+                              bias: Tensor | None) -> Tensor:
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
@@ -330,9 +320,7 @@ def fp4_linear(x: Tensor, w: FP4Weight, bias: Tensor | None = None) -> Tensor:
     ``w`` is 2-D (N, K) or its leading dims are flattened into N. Traces through
     ``torch.compile(fullgraph=True)`` as one op.
     """
-    k = w.shape[-1]
-    if x.shape[-1] != k:
-        raise ValueError(f"fp4_linear: x has {x.shape[-1]} features, the weight expects {k}")
+    k = _checked_features(x, w.shape[-1])
     eager = type(x) is Tensor and x.is_cuda and not torch.compiler.is_compiling() and not (
         torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
     if eager and x.is_contiguous() and x.numel():  # the weight's prepared product
@@ -353,51 +341,48 @@ def fp4_linear_tensors(x: Tensor, packed: Tensor, scales: Tensor, tensor_scale: 
     """``fp4_linear`` over a packed weight's tensors, its format told by the scales' dtype
     (float8 e4m3: NVFP4, uint8 E8M0: MXFP4), as one op: for compiled graphs, where every
     Python attribute an :class:`FP4Weight` carries would be one more guard checked each call."""
-    if x.shape[-1] != k:
-        raise ValueError(f"fp4_linear: x has {x.shape[-1]} features, the weight expects {k}")
     fmt = "nvfp4" if scales.dtype == torch.float8_e4m3fn else "mxfp4"
     if tensor_scale is None:
         tensor_scale = scales.new_empty(0, dtype=torch.float32)
-    return _fp4_linear_op(x, packed, scales, tensor_scale, _FMT_CODES[fmt], k, bias)
+    return _fp4_linear_op(x, packed, scales, tensor_scale, _FMT_CODES[fmt],
+                          _checked_features(x, k), bias)
 
 
-def fp4_fused_linear(step: str, x: Tensor, u: Tensor, w: FP4Weight, bias: Tensor | None = None,
-                     eps: float = 0.0) -> Tensor:
-    """``fp4_linear(step(x, u), w, bias)`` for a step of ``FUSED_STEPS``: ``silu_mul(x, u)``
-    (gate ``x``, up ``u``, same shape) or ``rms_norm(x, u, eps)`` (norm weight ``u`` [K]).
+def fp4_rms_norm_linear(x: Tensor, norm_weight: Tensor, eps: float, w: FP4Weight,
+                        bias: Tensor | None = None) -> Tensor:
+    """``fp4_linear(rms_norm(x, norm_weight, eps), w, bias)``: Hugging Face Llama's RMSNorm
+    of ``x`` [..., K] (weight [K]), then the product.
 
-    For one row of bf16 / fp16 on CUDA (``u`` of x's dtype) the GEMV makes the row itself:
-    one launch for the step and the product, the same values as the two in turn (the norm's
-    sum of squares may be added in another order). Elsewhere the two run in turn. For
-    inference only: no gradient flows through the fused op.
+    For one row of bf16 / fp16 on CUDA (``norm_weight`` of x's dtype) the GEMV normalizes the
+    row itself, in one launch, without the formula's two roundings to x's dtype between its
+    steps (the results agree within those roundings). Elsewhere the two run in turn. For
+    inference only: no gradient flows through the op.
     """
-    code = _step_code(step, x, w.shape[-1])
+    k = _checked_features(x, w.shape[-1])
     if type(x) is Tensor and x.is_cuda and not torch.compiler.is_compiling():
-        product = _fused_row_product(x, u, w, bias, code, eps)
+        product = _norm_row_product(x, norm_weight, w, bias, eps)
         if product is not None:  # eager: the prepared product, without the op's dispatch
-            return product(x.view(1, -1), bias, u=u).view(*x.shape[:-1], w.packed.shape[0])
-    return _fp4_fused_linear_op(x, u, float(eps), code, w.packed, w.scales, _tensor_scale_arg(w),
-                                _FMT_CODES[w.fmt], w.shape[-1], bias)
+            return product(x.view(1, k), bias, u=norm_weight).view(*x.shape[:-1], w.packed.shape[0])
+    return _fp4_rms_norm_linear_op(x, norm_weight, float(eps), w.packed, w.scales,
+                                   _tensor_scale_arg(w), _FMT_CODES[w.fmt], k, bias)
 
 
-def fp4_fused_linear_tensors(step: str, x: Tensor, u: Tensor, packed: Tensor, scales: Tensor,
-                             tensor_scale: Tensor | None, k: int, bias: Tensor | None = None,
-                             eps: float = 0.0) -> Tensor:
-    """:func:`fp4_fused_linear` over a packed weight's tensors (as :func:`fp4_linear_tensors`),
-    as one op: for compiled graphs."""
+def fp4_rms_norm_linear_tensors(x: Tensor, norm_weight: Tensor, eps: float, packed: Tensor,
+                                scales: Tensor, tensor_scale: Tensor | None, k: int,
+                                bias: Tensor | None = None) -> Tensor:
+    """:func:`fp4_rms_norm_linear` over a packed weight's tensors (as
+    :func:`fp4_linear_tensors`), as one op: for compiled graphs."""
     fmt = "nvfp4" if scales.dtype == torch.float8_e4m3fn else "mxfp4"
     if tensor_scale is None:
         tensor_scale = scales.new_empty(0, dtype=torch.float32)
-    return _fp4_fused_linear_op(x, u, float(eps), _step_code(step, x, k), packed, scales,
-                                tensor_scale, _FMT_CODES[fmt], k, bias)
+    return _fp4_rms_norm_linear_op(x, norm_weight, float(eps), packed, scales, tensor_scale,
+                                   _FMT_CODES[fmt], _checked_features(x, k), bias)
 
 
-def _step_code(step: str, x: Tensor, k: int) -> int:
-    if step not in FUSED_STEPS:
-        raise ValueError(f"fp4_fused_linear: unknown step {step!r} (one of {sorted(FUSED_STEPS)})")
+def _checked_features(x: Tensor, k: int) -> int:
     if x.shape[-1] != k:
         raise ValueError(f"fp4_linear: x has {x.shape[-1]} features, the weight expects {k}")
-    return FUSED_STEPS[step]
+    return k
 
 
 # Prepared products of several rows kept per weight, one per row count (prompt length),
@@ -437,25 +422,25 @@ def _row_product(x: Tensor, w: FP4Weight, bias: Tensor | None):
     return product
 
 
-def _fused_row_product(x: Tensor, u: Tensor, w: FP4Weight, bias: Tensor | None, step: int,
-                       eps: float):
-    """The one-row product making its row by ``step`` (kept in ``w.kernels``), or None where
-    it does not take these inputs: one contiguous bf16 / fp16 CUDA row, ``u`` of its dtype
-    and k values (contiguous), a bias of its dtype or none, nothing to differentiate, the
-    fused kernels running here."""
+def _norm_row_product(x: Tensor, norm_weight: Tensor, w: FP4Weight, bias: Tensor | None,
+                      eps: float):
+    """The one-row product normalizing its row (kept in ``w.kernels``), or None where it does
+    not take these inputs: one contiguous bf16 / fp16 CUDA row, a contiguous norm weight of
+    its dtype and width, a bias of its dtype or none, nothing to differentiate, the fused
+    kernels running here."""
     k = w.shape[-1]
-    if not (x.dtype in HALF_DTYPES and x.numel() == k and u.dtype == x.dtype and u.numel() == k
-            and x.is_contiguous() and u.is_contiguous() and u.device == x.device
-            and (bias is None or bias.dtype == x.dtype)):
+    if not (x.dtype in HALF_DTYPES and x.numel() == k and norm_weight.dtype == x.dtype
+            and norm_weight.numel() == k and x.is_contiguous() and norm_weight.is_contiguous()
+            and norm_weight.device == x.device and (bias is None or bias.dtype == x.dtype)):
         return None
-    if torch.is_grad_enabled() and (x.requires_grad or u.requires_grad
+    if torch.is_grad_enabled() and (x.requires_grad or norm_weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return None
-    key = ("row", x.dtype, bias is not None, env.get(env.FP4_TRITON), step, float(eps))
+    key = ("row", x.dtype, bias is not None, env.get(env.FP4_TRITON), "rms_norm", float(eps))
     product = w.kernels.get(key)
     if product is None:
         if not triton_available(x.device):
             return None
         product = w.kernels[key] = _matmul_kernels().RowProduct(
-            w.packed, w.scales, w.tensor_scale, k, x.dtype, bias is not None, pre=step, eps=eps)
+            w.packed, w.scales, w.tensor_scale, k, x.dtype, bias is not None, norm=True, eps=eps)
     return product

@@ -69,7 +69,7 @@ try:  # Triton is optional: the package must import on CPU-only and NPU machines
 except ImportError:  # pragma: no cover - depends on the machine
     triton = None
     tl = None
-try:  # libdevice's accurate exp and rsqrt (silu and RMSNorm as PyTorch computes them)
+try:  # libdevice's rsqrt (the RMSNorm as PyTorch computes it)
     from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover - depends on the machine
     libdevice = None
@@ -386,41 +386,17 @@ if HAS_TRITON:
                     + _word_dot(w1, b0[None, :], b1[None, :], b2[None, :], b3[None, :])) * 2.0**-14
 
     @triton.jit
-    def _row_groups(x_ptr, u_ptr, inv_rms, kw, kw_end, K, G: tl.constexpr, PRE: tl.constexpr,
-                    INTERP: tl.constexpr):
+    def _row_groups(x_ptr, u_ptr, kw, kw_end, K, G: tl.constexpr, NORM: tl.constexpr):
         """The row's values [G, 16] (fp32) of the 16-groups of word columns ``kw`` on
-        (zero past ``kw_end`` and past ``K``): by ``PRE`` (``PRE_*``), ``x`` as stored,
-        ``silu(x) * u``, or the RMSNorm ``u * (x * inv_rms)`` with weight ``u``, each step
-        rounded to x's dtype as PyTorch rounds it (silu as CUDA's accurate ``expf`` and an
-        IEEE division)."""
+        (zero past ``kw_end`` and past ``K``), and with ``NORM`` the norm weight's there
+        (else the row again)."""
         grp = kw // 2 + tl.arange(0, G)
         k = 16 * grp[:, None] + tl.arange(0, 16)[None, :]
         mask = (grp < kw_end // 2)[:, None] & (k < K)
         x = tl.load(x_ptr + k, mask=mask, other=0.0).to(tl.float32)
-        if PRE == 0:
-            return x
-        dt = x_ptr.dtype.element_ty
-        u = tl.load(u_ptr + k, mask=mask, other=0.0).to(tl.float32)
-        if PRE == 1:
-            if INTERP:  # the interpreter has no libdevice
-                act = x / (1.0 + tl.exp(-x))
-            else:
-                act = tl.math.div_rn(x, 1.0 + libdevice.exp(-x))
-            return (act.to(dt).to(tl.float32) * u).to(dt).to(tl.float32)
-        return (u * (x * inv_rms).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-
-    @triton.jit
-    def _inv_rms(x_ptr, K, EPS, INTERP: tl.constexpr, BLOCK: tl.constexpr):
-        """``rsqrt(mean(x^2) + EPS)`` of the row ``x`` [K], the squares summed in fp32."""
-        offs = tl.arange(0, BLOCK)
-        sq = tl.zeros((BLOCK,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK):
-            v = tl.load(x_ptr + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-            sq += v * v
-        variance = tl.sum(sq, axis=0) / K
-        if INTERP:
-            return tl.math.rsqrt(variance + EPS)
-        return libdevice.rsqrt(variance + EPS)
+        if NORM:
+            return x, tl.load(u_ptr + k, mask=mask, other=0.0).to(tl.float32)
+        return x, x
 
     @triton.jit
     def _row_pairs(xv, G: tl.constexpr):
@@ -476,7 +452,7 @@ if HAS_TRITON:
         N, K, KW, stride_pn, stride_sn, K_SPLIT, M_KEY, EPS,
         IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
         USE_ASM: tl.constexpr, HW_E4M3: tl.constexpr, PDL: tl.constexpr, TS_ROWS: tl.constexpr,
-        PREFETCH: tl.constexpr, PRE: tl.constexpr, INTERP: tl.constexpr,
+        PREFETCH: tl.constexpr, NORM: tl.constexpr, INTERP: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """out[0, n] = sum_k x[0, k] w[n, k] for one activation row ``x``.
@@ -495,10 +471,10 @@ if HAS_TRITON:
         last program of each N tile adds them up into ``o`` (``_split_fixup``; the tile
         counters at ``count_ptr`` are zero before the launch and after it): still one
         launch, and the same sum as a separate kernel adding the rows in order.
-        ``PRE`` makes the row from the inputs of the step before the product
-        (``_row_groups``): ``PRE_SILU_MUL`` the gated MLP's ``silu(x) * u``, ``PRE_RMS_NORM``
-        the RMSNorm of ``x`` with weight ``u`` and epsilon ``EPS`` (every program sums the
-        whole row's squares itself first), so that step needs no launch of its own.
+        With ``NORM`` (unsplit only) the row is the RMSNorm of ``x`` with weight ``u_ptr``
+        and epsilon ``EPS``: the program multiplies the weight by ``u * x``, sums ``x^2``
+        over the row as it goes, and scales its sums by ``rsqrt(mean(x^2) + EPS)`` at the
+        end, so the norm needs no launch of its own and adds no wait before the first tile.
         """
         BKW: tl.constexpr = BLOCK_K // 8
         G: tl.constexpr = BKW // 2
@@ -520,22 +496,22 @@ if HAS_TRITON:
                                          stride_pn, stride_sn, BLOCK_N, BKW, WPB, SRUN)
         if PDL:
             gdc_wait()
-        inv_rms = 1.0
-        if PRE == 2:
-            inv_rms = _inv_rms(x_ptr, K, EPS, INTERP, 1024)
+        if NORM:
+            squares = tl.zeros((G, 16), dtype=tl.float32)
         if PREFETCH >= 1:
-            xv = _row_groups(x_ptr, u_ptr, inv_rms, kw_start, kw_end, K, G, PRE, INTERP)
+            xv, uv = _row_groups(x_ptr, u_ptr, kw_start, kw_end, K, G, NORM)
         for kw in range(kw_start, kw_start + K_SPLIT, BKW):
             kw = tl.multiple_of(kw, BKW)  # splits start on whole tiles: vector weight loads
             if PREFETCH == 0:  # left to the compiler's pipeliner (num_stages)
                 pk_cur, sc_cur = _load_weight_tile(p_ptr, s_ptr, offs_n, n_mask, kw, kw_end,
                                                    stride_pn, stride_sn, BLOCK_N, BKW, WPB, SRUN)
-                xv_cur = _row_groups(x_ptr, u_ptr, inv_rms, kw, kw_end, K, G, PRE, INTERP)
+                xv_cur, uv_cur = _row_groups(x_ptr, u_ptr, kw, kw_end, K, G, NORM)
             else:
                 pk_cur = pk
                 sc_cur = sc
                 xv_cur = xv
-                xv = _row_groups(x_ptr, u_ptr, inv_rms, kw + BKW, kw_end, K, G, PRE, INTERP)
+                uv_cur = uv
+                xv, uv = _row_groups(x_ptr, u_ptr, kw + BKW, kw_end, K, G, NORM)
             if PREFETCH >= 2:
                 pk = pk2
                 sc = sc2
@@ -544,6 +520,9 @@ if HAS_TRITON:
             elif PREFETCH == 1:
                 pk, sc = _load_weight_tile(p_ptr, s_ptr, offs_n, n_mask, kw + BKW, kw_end,
                                            stride_pn, stride_sn, BLOCK_N, BKW, WPB, SRUN)
+            if NORM:
+                squares += xv_cur * xv_cur
+                xv_cur = xv_cur * uv_cur
             pairs, xs = _row_pairs(xv_cur, G)
             # The block scales at their true values (no 2^-J): the products below then stay
             # within a factor 192 of the contributions to the output, whatever x's range.
@@ -555,6 +534,12 @@ if HAS_TRITON:
                 f = tl.reshape(tl.broadcast_to(f[:, :, None], (BLOCK_N, NBLK, 2)), (BLOCK_N, G))
             acc += _group_dots(pk_cur, pairs, USE_ASM, BLOCK_N, G) * (f * xs[None, :])
         sums = tl.sum(acc, axis=1)[None, :]
+        if NORM:
+            variance = tl.sum(tl.sum(squares, axis=1), axis=0) / K
+            if INTERP:  # the interpreter has no libdevice
+                sums = sums * tl.math.rsqrt(variance + EPS)
+            else:
+                sums = sums * libdevice.rsqrt(variance + EPS)
         one = tl.arange(0, 1)
         if SPLIT_K == 1:
             _epilogue(sums, ts_ptr, b_ptr, o_ptr, one, offs_n, one < 1, n_mask, 0, pid_k, IS_NV,
@@ -747,7 +732,7 @@ if HAS_TRITON:
     GEMM_CONFIGS = [_cfg(c) for c in candidate_configs("gemm")]
 
     _KEY = ["M_KEY", "N", "K", "IS_NV", "HAS_BIAS", "SPLIT_K"]
-    _gemv_tuned = triton.autotune(GEMV_CONFIGS, key=[*_KEY, "PRE"])(
+    _gemv_tuned = triton.autotune(GEMV_CONFIGS, key=[*_KEY, "NORM"])(
         _fp4_gemv_kernel)
     _small_tuned = triton.autotune(SMALL_CONFIGS, key=_KEY)(
         _fp4_dot_kernel)
@@ -1131,17 +1116,14 @@ def _split_counters(index: int, stream: int, tiles: int, keep: bool) -> Tensor:
     return torch.zeros(tiles, dtype=torch.int32, device=device)
 
 
-# What the GEMV computes its row from (``_row_groups``): the row as given, ``silu(x) * u``
-# (a gated MLP's down projection reading gate and up), or the RMSNorm of x with weight u.
-PRE_PLAIN, PRE_SILU_MUL, PRE_RMS_NORM = 0, 1, 2
-
-
 class RowProduct:
     """``x @ dequant(W).T (+ bias)`` for one activation row ``x`` [1, k] of one dtype: the
     "gemv" plan for one weight, worked out once (split-K, config, kernel constants). With
-    ``pre`` (``PRE_SILU_MUL``, ``PRE_RMS_NORM``) the row is first made from ``x`` and a
-    second input ``u`` [k] of x's dtype, in the same launch: ``silu(x) * u``, or the RMSNorm
-    ``u * (x * rsqrt(mean(x^2) + eps))`` as Hugging Face's Llama computes it.
+    ``norm`` the row is first normalized, in the same launch: the product is that of the
+    RMSNorm ``u * x * rsqrt(mean(x^2) + eps)`` of ``x`` with weight ``u`` [k] (x's dtype),
+    computed without rounding between its steps (Hugging Face's formula rounds ``x *
+    rsqrt(...)`` and the product with ``u`` to x's dtype: the results agree within those
+    roundings); such a product is never split over K.
 
     :func:`fp4_matmul` builds one per one-row call; :func:`apt_model.fp4.ops.fp4_linear`
     keeps one per weight and activation dtype (``FP4Weight.kernels``), so that a decode step
@@ -1153,7 +1135,7 @@ class RowProduct:
     def __init__(self, packed: Tensor, scales: Tensor, tensor_scale: Tensor | None, k: int,
                  x_dtype: torch.dtype, has_bias: bool, *, config: dict | None = None,
                  use_asm: bool | None = None, split_k: int | None = None,
-                 pre: int = PRE_PLAIN, eps: float = 0.0) -> None:
+                 norm: bool = False, eps: float = 0.0) -> None:
         is_nv, self.s_bytes, self.ts = _scale_operands(scales, tensor_scale)
         self.words = _as_words(packed)
         self.dtype, self.device = x_dtype, packed.device
@@ -1164,14 +1146,14 @@ class RowProduct:
             use_asm = not _interpreting()
         if config is None:
             config = fixed_config("gemv", 1)
-        self.split, k_split = _k_splits(n, kw, self.device, "gemv", config, split_k)
+        self.split, k_split = _k_splits(n, kw, self.device, "gemv", config, 1 if norm else split_k)
         arch = device_arch(self.device)
         pdl = arch >= (9, 0) and use_asm and gdc_wait is not None
         meta = _config_meta(config)
         consts = dict(N=n, K=k, KW=kw, stride_pn=self.words.stride(0),
                       stride_sn=self.s_bytes.stride(0), K_SPLIT=k_split, M_KEY=1, EPS=float(eps),
                       IS_NV=is_nv, HAS_BIAS=has_bias, SPLIT_K=self.split, USE_ASM=use_asm,
-                      TS_ROWS=self.ts.numel() > 1, HW_E4M3=arch >= (8, 9), PDL=pdl, PRE=pre,
+                      TS_ROWS=self.ts.numel() > 1, HW_E4M3=arch >= (8, 9), PDL=pdl, NORM=norm,
                       INTERP=_interpreting(), **meta)
         # unsplit, the partial sums and counters operands are the result (x's dtype)
         sums, counts = (torch.float32, torch.int32) if self.split > 1 else (x_dtype, x_dtype)
@@ -1200,9 +1182,9 @@ class RowProduct:
 
     def __call__(self, x: Tensor, bias: Tensor | None, out: Tensor | None = None,
                  u: Tensor | None = None) -> Tensor:
-        """The product for ``x`` (contiguous [1, k] of the dtype given), the second input ``u``
-        (contiguous, k values of that dtype; with ``pre`` only) and ``bias`` (that dtype too,
-        or None), into ``out`` ([1, N]) when given."""
+        """The product for ``x`` (contiguous [1, k] of the dtype given), the norm weight ``u``
+        (contiguous, k values of that dtype; with ``norm`` only) and ``bias`` (that dtype
+        too, or None), into ``out`` ([1, N]) when given."""
         device = self.device
         if u is None:
             u = x

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import _disable_current_modes
 
-from apt_model.fp4.layer import FP4Linear, note_traced_rms_norm
+from apt_model.fp4.layer import note_traced_rms_norm
 from apt_model.ops.decoder import (
     fused_here,
     fused_rms_norm,
@@ -141,22 +141,15 @@ def _norm_forward(original: Callable, eps_name: str) -> Callable:
     return forward
 
 
-def _frozen_fp4(module: nn.Module) -> bool:
-    return isinstance(module, FP4Linear) and module.frozen
-
-
 def _mlp_forward(original: Callable) -> Callable:
     def forward(self: nn.Module, x: Tensor) -> Tensor:
-        down = self.down_proj
-        if not (fused_here(x) or (torch.compiler.is_compiling() and _frozen_fp4(down))):
+        if not fused_here(x):
             return original(self, x)
         gate, up = self.gate_proj(x), self.up_proj(x)
-        if _frozen_fp4(down):  # silu(gate) * up made inside the down projection's product
-            return down.fused_forward("silu_mul", gate, up)
         hidden = fused_silu_mul(gate, up)
         if hidden is None:
             hidden = self.act_fn(gate) * up
-        return down(hidden)
+        return self.down_proj(hidden)
 
     return forward
 
